@@ -1,0 +1,65 @@
+# Two commands for a fresh Debian/Ubuntu machine with Python 3.10+:
+#   make demo   - venv, package, Fashion-MNIST, demo bench with the speed-up table
+#   make test   - venv, dev extras, the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# Where the CPU build of torch comes from when this machine's pip cannot find it locally.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint venv torch install install-dev data clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+venv: $(PY)
+
+# On a machine without a GPU: the CPU build of torch (a plain `torch` requirement pulls a multi-GB
+# CUDA build). First from pip's configured local wheels, then from PyTorch's CPU index.
+torch: $(PY)
+ifeq ($(HAS_GPU),1)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch
+else
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$(TORCH_VERSION)') else 1)" 2>/dev/null \
+	  || $(PIP) install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+	  || $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX)
+	@$(PY) -c "import torch; print('torch', torch.__version__, '(CPU build)')"
+endif
+
+install: torch
+	$(PIP) install -q -e .
+
+install-dev: torch
+	$(PIP) install -q -e ".[dev]"
+
+# Fashion-MNIST: Debian's package when apt can install it; otherwise the loader finds
+# ../shared/data, $$LIGHTNING_SPEEDUP_DATA, the user cache, or downloads the official files.
+data:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null && echo "sudo -n") ); \
+	  ($$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+	   || ($$SUDO apt-get update -qq >/dev/null 2>&1 && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) \
+	  && echo "installed Debian's dataset-fashion-mnist" \
+	  || echo "apt could not install dataset-fashion-mnist; the loader will look elsewhere or download"; \
+	fi
+	@if [ -z "$$LIGHTNING_SPEEDUP_DATA" ] && [ -d ../shared/data ]; then echo "also found ../shared/data"; fi
+
+demo: install data
+	@export LIGHTNING_SPEEDUP_DATA=$${LIGHTNING_SPEEDUP_DATA:-$$( [ -d ../shared/data ] && realpath ../shared/data )}; \
+	$(VENV)/bin/lightning-speedup demo
+
+test: install-dev
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install-dev
+	$(VENV)/bin/ruff check lightning_speedup tests benchmarks
+	$(VENV)/bin/ruff format --check lightning_speedup tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,21 @@
+"""lightning_speedup: callbacks, strategies and precision plugins that make Lightning training faster.
+
+Importing this package is cheap (no Ray, no bitsandbytes) and registers the project's strategy
+strings with Lightning's ``StrategyRegistry``. Heavy optional parts are imported on first use:
+``lightning_speedup.tune`` (Ray Tune) and ``lightning_speedup.quantization`` kernels (bitsandbytes).
+"""
+
+from __future__ import annotations
+
+from lightning_speedup._registry import register_strategies, registered_strategy, strategy_names
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "__version__",
+    "register_strategies",
+    "registered_strategy",
+    "strategy_names",
+]
+
+register_strategies()

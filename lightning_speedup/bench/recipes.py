@@ -1,0 +1,132 @@
+"""Recipes: declarative descriptions of how to train a task, so techniques are added by editing data.
+
+A :class:`Recipe` names the Trainer arguments (precision, strategy, extra kwargs), the optimizer and
+its learning rate, the callbacks, the data pipeline and model switches (``channels_last``,
+``compile``). ``per_task`` overrides any field for one task. Later features extend the ``speedup``
+recipe or register ablations with :func:`register_recipe`; nothing copies a training script.
+
+Callbacks are listed as factories ``(RunContext) -> Callback`` so each run gets fresh instances.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Callback
+
+    from lightning_speedup.bench.tasks import RunContext
+
+CallbackFactory = Callable[["RunContext"], "Callback"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train. ``None`` fields take the task's default (DESIGN.md's baseline)."""
+
+    name: str
+    description: str
+    precision: str = "32-true"
+    batch_size: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    compile: bool = False
+    channels_last: bool = False
+    data: str = "baseline"
+    num_workers: int = 4
+    callbacks: tuple[CallbackFactory, ...] = ()
+    strategy: str | None = None
+    trainer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    per_task: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def for_task(self, task: str) -> Recipe:
+        """This recipe with the overrides for ``task`` applied."""
+        overrides = dict(self.per_task.get(task, {}))
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"Recipe {self.name!r} overrides unknown fields {sorted(unknown)} for task {task!r}.")
+        return dataclasses.replace(self, per_task={}, **overrides) if overrides else self
+
+    def extended(self, name: str | None = None, description: str | None = None, **changes: Any) -> Recipe:
+        """A copy with ``changes``; ``callbacks=`` replaces, ``extra_callbacks=`` appends."""
+        extra = tuple(changes.pop("extra_callbacks", ()))
+        if extra:
+            changes["callbacks"] = tuple(changes.get("callbacks", self.callbacks)) + extra
+        return dataclasses.replace(
+            self, name=name or self.name, description=description or self.description, **changes
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly description for reports."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "callbacks":
+                value = [getattr(c, "__name__", type(c).__name__) for c in value]
+            elif isinstance(value, Mapping):
+                value = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in value.items()}
+            out[f.name] = value
+        return out
+
+
+_RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe, replace: bool = False) -> Recipe:
+    """Add ``recipe`` to the registry; ``replace=True`` lets a feature extend an existing recipe."""
+    if recipe.name in _RECIPES and not replace:
+        raise ValueError(f"A recipe named {recipe.name!r} exists; pass replace=True to redefine it.")
+    _RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def available_recipes() -> list[str]:
+    return sorted(_RECIPES)
+
+
+def get_recipe(name: str) -> Recipe:
+    """The registered recipe ``name``; an unknown name lists the known ones and the closest match."""
+    try:
+        return _RECIPES[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _RECIPES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"Unknown recipe {name!r}.{hint} Available recipes: {', '.join(available_recipes())}. "
+            "List them with `lightning-speedup list`."
+        ) from None
+
+
+BASELINE = register_recipe(
+    Recipe(
+        name="baseline",
+        description=(
+            "Vanilla Lightning as a typical user writes it: fp32, per-sample CPU augmentation in the "
+            "Dataset, DataLoader(batch_size=128, shuffle=True, num_workers=4), Adam 1e-3 constant "
+            "(AdamW 1e-3 for the LM), no compile, validation every epoch."
+        ),
+    )
+)
+
+# What Lightning and PyTorch themselves offer, before any lightning_speedup technique.
+SPEEDUP = register_recipe(
+    Recipe(
+        name="speedup",
+        description=(
+            "Lightning's own levers: bf16-mixed autocast, channels_last, torch.compile (CUDA only), "
+            "cudnn.benchmark, batch 512 with the LR scaled by sqrt(4) = 2x."
+        ),
+        precision="bf16-mixed",
+        batch_size=512,
+        lr=2e-3,
+        compile=True,
+        channels_last=True,
+        trainer_kwargs={"benchmark": True},
+        per_task={"char-lm": {"batch_size": 128, "lr": 1e-3, "channels_last": False}},
+    )
+)

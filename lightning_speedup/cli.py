@@ -1,0 +1,147 @@
+"""`lightning-speedup`: the command-line entry point (bench, demo, list).
+
+Exit status: 0 when every recipe reached its target, 3 when one did not (or a run failed),
+2 for bad input (unknown task or recipe, a target out of range, an output folder in use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NOT_REACHED = 0, 2, 3
+
+# The demo's reduced budget on a CPU: about 3-4 minutes for both recipes on 2 cores. ResNet-9 at a
+# quarter of its width (width 16, 0.4M parameters), 10k training / 2k test images, 4 epochs.
+CPU_DEMO = {"train_subset": 10_000, "val_subset": 2_000, "max_epochs": 4, "target": 0.80, "width": 16}
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="fashion-mnist or char-lm (see `lightning-speedup list`)")
+    p.add_argument("--recipe", action="append", dest="recipes", default=[], metavar="NAME",
+                   help="a recipe to run; repeat it; the first is the reference of the speed-up column")  # fmt: skip
+    p.add_argument("--target", type=float, default=None, help="quality target (default: the task's)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per recipe (default 1)")
+    p.add_argument("--max-epochs", type=int, default=None, help="epoch budget per run (default: the task's)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default bench-out/TASK-DATE)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.add_argument("--data", default=None, help="data folder (fashion-mnist) or text file (char-lm)")
+    p.add_argument("--train-subset", type=int, default=None, help="train on this many samples (quick runs)")
+    p.add_argument("--val-subset", type=int, default=None, help="validate on this many samples")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator (default auto)")
+    p.add_argument("--no-stop", action="store_true", help="keep training after the target is reached")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-speedup",
+        description="Measure how much faster Lightning trains with lightning_speedup (time to target).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench = sub.add_parser("bench", help="time-to-target of recipes on a task; writes report.json/.md/.png")
+    _add_bench_args(bench)
+    demo = sub.add_parser("demo", help="baseline vs speedup on Fashion-MNIST (reduced budget on a CPU)")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default demo-out)")
+    demo.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
+    demo.add_argument("--data", default=None, help="Fashion-MNIST folder (default: search)")
+    demo.add_argument("--seeds", type=int, default=1)
+    sub.add_parser("list", help="list tasks and recipes")
+    return parser
+
+
+def _list() -> int:
+    from lightning_speedup.bench import TASKS, available_recipes, get_recipe
+
+    print("tasks:")
+    for t in TASKS.values():
+        print(f"  {t.name:<14} {t.description}")
+    print("recipes:")
+    for name in available_recipes():
+        print(f"  {name:<14} {get_recipe(name).description}")
+    return EXIT_OK
+
+
+def _bench(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
+    from lightning_speedup.bench.report import check_out_dir, table, write_report
+    from lightning_speedup.bench.runner import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        task=args.task, recipes=args.recipes, seeds=args.seeds, target=args.target, max_epochs=args.max_epochs,
+        data_path=args.data, train_subset=args.train_subset, val_subset=args.val_subset,
+        model_kwargs=model_kwargs or {}, accelerator=args.accelerator, stop_at_target=not args.no_stop,
+    )  # fmt: skip
+    cfg.resolve()  # unknown names and bad numbers fail here, before anything is written
+    out = args.out or Path("bench-out") / f"{args.task}-{datetime.now():%Y%m%d-%H%M%S}"
+    check_out_dir(out, args.overwrite)
+    results, meta = run_bench(cfg, out)
+    rows = write_report(results, meta, out)
+    print()
+    print(table(rows, meta))
+    print(f"\nreport: {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}")
+    return EXIT_OK if all(r["all_reached"] for r in rows) else EXIT_NOT_REACHED
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    ns = argparse.Namespace(
+        task="fashion-mnist", recipes=["baseline", "speedup"], seeds=args.seeds, target=None, max_epochs=None,
+        out=args.out, overwrite=args.overwrite, data=args.data, train_subset=None, val_subset=None,
+        accelerator="auto", no_stop=False,
+    )  # fmt: skip
+    model_kwargs = {}
+    if torch.cuda.is_available():
+        print(f"demo: full Fashion-MNIST task on {torch.cuda.get_device_name(0)}")
+    else:
+        c = CPU_DEMO
+        print(
+            f"demo: no GPU, so a reduced budget that runs in a few minutes on a CPU: ResNet-9 at width "
+            f"{c['width']}, {c['train_subset']} training / {c['val_subset']} test images, at most "
+            f"{c['max_epochs']} epochs, target val_acc {c['target']}. torch.compile is skipped on CPU. "
+            "Run it on a GPU for the real numbers."
+        )
+        ns.train_subset, ns.val_subset, ns.max_epochs, ns.target = (
+            c["train_subset"], c["val_subset"], c["max_epochs"], c["target"],
+        )  # fmt: skip
+        model_kwargs = {"width": c["width"]}
+    if ns.out.exists() and ns.overwrite:
+        import shutil
+
+        for name in ("report.json", "report.md", "report.png", "runs"):
+            target = ns.out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    return _bench(ns, model_kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LIGHTNING_SPEEDUP_LOGLEVEL", "WARNING"))
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from lightning_speedup.data import DataError
+
+    try:
+        if args.command == "list":
+            return _list()
+        if args.command == "demo":
+            return _demo(args)
+        return _bench(args)
+    except (ValueError, FileExistsError, DataError) as err:
+        print(f"lightning-speedup: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_NOT_REACHED", "EXIT_OK", "build_parser", "main"]

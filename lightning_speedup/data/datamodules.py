@@ -1,0 +1,216 @@
+"""LightningDataModules for the reference tasks, in the shape a typical Lightning user writes them.
+
+``FashionMNISTDataModule(augment=True, output="float")`` is the baseline pipeline of DESIGN.md:
+per-sample CPU augmentation (random crop with 2-pixel padding, horizontal flip) inside a ``Dataset``,
+then normalisation, fed by a ``DataLoader`` with worker processes. ``output="uint8"`` hands out raw
+uint8 images with no CPU work, for pipelines that augment and convert on the GPU (4x fewer bytes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_speedup.data.datasets import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    FashionMNIST,
+    TextCorpus,
+    load_fashion_mnist,
+    load_text_corpus,
+)
+
+
+class AugmentedImages(Dataset):
+    """Per-sample CPU augmentation, one image at a time, as torchvision-style pipelines do it."""
+
+    def __init__(
+        self, images: Tensor, labels: Tensor, augment: bool, output: str, padding: int = 2
+    ) -> None:
+        self.images, self.labels = images, labels  # (N, H, W) uint8, (N,) int64
+        self.augment, self.output, self.padding = augment, output, padding
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        img = self.images[i].unsqueeze(0)  # (1, H, W) uint8
+        if self.augment:
+            p = self.padding
+            h, w = img.shape[-2:]
+            padded = torch.nn.functional.pad(img, (p, p, p, p))
+            dy, dx = torch.randint(0, 2 * p + 1, (2,)).tolist()
+            img = padded[:, dy : dy + h, dx : dx + w]
+            if torch.rand(()) < 0.5:
+                img = img.flip(-1)
+        if self.output == "uint8":
+            return img.contiguous(), self.labels[i]
+        x = (img.float() / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+        return x, self.labels[i]
+
+
+def _subset(n: int, size: int | None, seed: int) -> Tensor:
+    if size is None or size >= n:
+        return torch.arange(n)
+    if size < 1:
+        raise ValueError(f"Subset size must be >= 1, got {size}.")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+
+
+class FashionMNISTDataModule(L.LightningDataModule):
+    """Fashion-MNIST: 60k train / 10k test (the test set is the validation set, as in the literature).
+
+    Args:
+        data_dir: folder with the IDX files; ``None`` searches as ``find_fashion_mnist`` documents.
+        batch_size: batch size of both loaders.
+        num_workers: DataLoader worker processes.
+        augment: per-sample random crop (padding 2) and horizontal flip on the CPU, training only.
+        output: ``"float"`` normalised float32 (B, 1, 28, 28); ``"uint8"`` raw uint8 (B, 1, 28, 28).
+        train_subset / val_subset: use a fixed random subset of this many samples (for quick runs).
+        seed: seed of the subset choice.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        augment: bool = True,
+        output: Literal["float", "uint8"] = "float",
+        train_subset: int | None = None,
+        val_subset: int | None = None,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if output not in ("float", "uint8"):
+            raise ValueError(f"output must be 'float' or 'uint8', got {output!r}.")
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}.")
+        self.data_dir, self.batch_size, self.num_workers = data_dir, batch_size, num_workers
+        self.augment, self.output = augment, output
+        self.train_subset, self.val_subset, self.seed = train_subset, val_subset, seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.data: FashionMNIST | None = None
+
+    def prepare_data(self) -> None:
+        load_fashion_mnist(self.data_dir)  # finds or downloads once, on rank 0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is None:
+            self.data = load_fashion_mnist(self.data_dir)
+        d = self.data
+        tr = _subset(len(d.train_labels), self.train_subset, self.seed)
+        va = _subset(len(d.test_labels), self.val_subset, self.seed + 1)
+        self.train_set = AugmentedImages(d.train_images[tr], d.train_labels[tr], self.augment, self.output)
+        self.val_set = AugmentedImages(d.test_images[va], d.test_labels[va], False, self.output)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+class RandomWindows(Dataset):
+    """``samples_per_epoch`` random (x, y) windows of a token stream; y is x shifted by one."""
+
+    def __init__(self, ids: Tensor, block_size: int, samples_per_epoch: int) -> None:
+        if len(ids) <= block_size + 1:
+            raise ValueError(f"The token stream ({len(ids)}) must be longer than block_size+1 ({block_size + 1}).")
+        self.ids, self.block_size, self.n = ids, block_size, samples_per_epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        start = int(torch.randint(0, len(self.ids) - self.block_size - 1, ()))
+        chunk = self.ids[start : start + self.block_size + 1]
+        return chunk[:-1], chunk[1:]
+
+
+class ConsecutiveWindows(Dataset):
+    """Non-overlapping windows covering the stream once, for a deterministic validation loss."""
+
+    def __init__(self, ids: Tensor, block_size: int, max_windows: int | None = None) -> None:
+        n = (len(ids) - 1) // block_size
+        self.ids, self.block_size = ids, block_size
+        self.n = n if max_windows is None else min(n, max_windows)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        s = i * self.block_size
+        chunk = self.ids[s : s + self.block_size + 1]
+        return chunk[:-1], chunk[1:]
+
+
+class CharLMDataModule(L.LightningDataModule):
+    """Character-level LM data: random training windows, the last 10% of the text for validation.
+
+    One "epoch" is ``samples_per_epoch`` random windows (default: as many windows as fit in the
+    training text, i.e. about one pass over its characters).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        block_size: int = 256,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        samples_per_epoch: int | None = None,
+        val_windows: int | None = None,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if block_size < 1 or batch_size < 1:
+            raise ValueError(f"block_size and batch_size must be >= 1, got {block_size}, {batch_size}.")
+        self.path, self.block_size, self.batch_size = Path(path), block_size, batch_size
+        self.num_workers, self.samples_per_epoch, self.val_windows = num_workers, samples_per_epoch, val_windows
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.corpus: TextCorpus | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        self.setup()
+        assert self.corpus is not None
+        return self.corpus.vocab_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.corpus is None:
+            self.corpus = load_text_corpus(self.path)
+        n = self.samples_per_epoch or len(self.corpus.train_ids) // self.block_size
+        self.train_set = RandomWindows(self.corpus.train_ids, self.block_size, n)
+        self.val_set = ConsecutiveWindows(self.corpus.val_ids, self.block_size, self.val_windows)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,61 @@
+"""Shared fixtures and the hardware markers.
+
+``gpu`` tests need one CUDA GPU and ``multigpu`` tests two; both are skipped elsewhere and run on the
+device machine with ``pytest -m "gpu or multigpu"``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The shared data folder sits beside the checkout (../shared/data); `.data/` inside the repo is where
+# it is copied for the device machine.
+_DATA_CANDIDATES = [REPO_ROOT.parent / "shared" / "data", REPO_ROOT / ".data"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    n_gpus = torch.cuda.device_count()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_multi = pytest.mark.skip(reason="needs two or more CUDA GPUs")
+    for item in items:
+        if "gpu" in item.keywords and n_gpus < 1:
+            item.add_marker(skip_gpu)
+        if "multigpu" in item.keywords and n_gpus < 2:
+            item.add_marker(skip_multi)
+
+
+def _find_shared(sub: str) -> Path | None:
+    env = os.environ.get("LIGHTNING_SPEEDUP_TEST_DATA")
+    roots = ([Path(env)] if env else []) + _DATA_CANDIDATES
+    for root in roots:
+        if (root / sub).exists():
+            return root / sub
+    return None
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    """The real Fashion-MNIST IDX files (../shared/data/fashion-mnist)."""
+    path = _find_shared("fashion-mnist")
+    if path is None:
+        pytest.fail("Fashion-MNIST not found in ../shared/data or .data; the tests need the real files.")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    """The real Tiny Shakespeare text (../shared/data/tinyshakespeare/input.txt)."""
+    path = _find_shared("tinyshakespeare/input.txt")
+    if path is None:
+        pytest.fail("Tiny Shakespeare not found in ../shared/data or .data; the tests need the real file.")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed() -> None:
+    torch.manual_seed(0)
