@@ -35,7 +35,7 @@ def register_strategies(registry: Any = None) -> list[str]:
     Safe to call more than once. Returns the aliases the project's classes own in ``registry``.
     """
     if registry is None:
-        from lightning.pytorch.strategies import StrategyRegistry as registry  # noqa: N813
+        from lightning.pytorch.strategies import StrategyRegistry as registry
 
     names: list[str] = []
     for cls in _STRATEGY_CLASSES:

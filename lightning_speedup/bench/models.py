@@ -146,8 +146,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: Tensor) -> Tensor:
-        B, T = idx.shape
-        if T > self.cfg.block_size:
+        _, T = idx.shape  # (B, T)
+        if self.cfg.block_size < T:
             raise ValueError(f"Sequence length {T} exceeds the model's block_size {self.cfg.block_size}.")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)

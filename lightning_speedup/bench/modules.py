@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_speedup.bench.models import GPT, GPTConfig, ResNet9
 
@@ -25,7 +26,9 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
-def make_optimizer(name: str, params: Any, lr: float, weight_decay: float, **kwargs: Any) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, params: Any, lr: float, weight_decay: float, **kwargs: Any
+) -> torch.optim.Optimizer:
     try:
         cls = OPTIMIZERS[name]
     except KeyError:
@@ -46,12 +49,16 @@ class _CompilableModule(L.LightningModule):
         self.compile_model = compile
         self._forward: Callable[[Tensor], Tensor] | None = None
 
+    @override
     def configure_model(self) -> None:
+        # Compile the bound forward, not the module: a compiled module assigned here would register as
+        # a child and add `_orig_mod.` keys to every checkpoint.
         if self.compile_model and self._forward is None:
-            self._forward = torch.compile(self.net)
+            self._forward = torch.compile(self.net.forward)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
-        return (self._forward or self.net)(x)
+        return self.net(x) if self._forward is None else self._forward(x)
 
 
 class ImageClassifier(_CompilableModule):
@@ -137,4 +144,6 @@ class CharLM(_CompilableModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
         kwargs = {"betas": tuple(hp.betas)} if hp.optimizer in ("adam", "adamw") else {}
-        return make_optimizer(hp.optimizer, self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, **kwargs)
+        return make_optimizer(
+            hp.optimizer, self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, **kwargs
+        )

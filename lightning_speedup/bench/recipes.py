@@ -39,6 +39,7 @@ class Recipe:
     channels_last: bool = False
     data: str = "baseline"
     num_workers: int = 4
+    drop_last: bool = False
     callbacks: tuple[CallbackFactory, ...] = ()
     strategy: str | None = None
     trainer_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -49,7 +50,9 @@ class Recipe:
         overrides = dict(self.per_task.get(task, {}))
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"Recipe {self.name!r} overrides unknown fields {sorted(unknown)} for task {task!r}.")
+            raise ValueError(
+                f"Recipe {self.name!r} overrides unknown fields {sorted(unknown)} for task {task!r}."
+            )
         return dataclasses.replace(self, per_task={}, **overrides) if overrides else self
 
     def extended(self, name: str | None = None, description: str | None = None, **changes: Any) -> Recipe:
@@ -118,13 +121,15 @@ SPEEDUP = register_recipe(
     Recipe(
         name="speedup",
         description=(
-            "Lightning's own levers: bf16-mixed autocast, channels_last, torch.compile (CUDA only), "
-            "cudnn.benchmark, batch 512 with the LR scaled by sqrt(4) = 2x."
+            "Lightning's own levers: bf16-mixed autocast, channels_last, torch.compile (CUDA only; the last "
+            "partial training batch dropped so it compiles once), cudnn.benchmark, batch 512 with the LR "
+            "scaled by sqrt(4) = 2x (the LM keeps batch 128)."
         ),
         precision="bf16-mixed",
         batch_size=512,
         lr=2e-3,
         compile=True,
+        drop_last=True,
         channels_last=True,
         trainer_kwargs={"benchmark": True},
         per_task={"char-lm": {"batch_size": 128, "lr": 1e-3, "channels_last": False}},

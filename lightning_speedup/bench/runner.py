@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -146,7 +147,11 @@ def run_one(
                 warnings.filterwarnings("ignore", pattern)
             trainer = L.Trainer(
                 max_epochs=max_epochs,
-                callbacks=[*callbacks, timer, _Progress(label or f"{recipe_name} seed={seed}", task.metric, max_epochs, echo)],
+                callbacks=[
+                    *callbacks,
+                    timer,
+                    _Progress(label or f"{recipe_name} seed={seed}", task.metric, max_epochs, echo),
+                ],
                 logger=CSVLogger(str(run_dir), name="", version=""),
                 enable_checkpointing=False,
                 enable_progress_bar=False,
@@ -167,29 +172,80 @@ def run_one(
     return RunResult(task=task.name, recipe=recipe_name, seed=seed, error=error, **s)
 
 
+_RESUME_KEYS = ("task", "target", "max_epochs", "train_subset", "val_subset", "model_kwargs")
+
+
+def _check_resumable(out_dir: Path, meta: dict[str, Any]) -> None:
+    saved_path = out_dir / "bench.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    diff = [k for k in _RESUME_KEYS if saved.get(k) != meta.get(k)]
+    if diff:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} there, {meta.get(k)!r} now" for k in diff)
+        raise ValueError(
+            f"--resume: {out_dir} holds a bench with different settings ({changes}). "
+            "Use the same arguments, or another --out."
+        )
+
+
 def run_bench(
-    cfg: BenchConfig, out_dir: Path, echo: Callable[[str], None] = print
-) -> tuple[list[RunResult], dict[str, Any]]:
-    """Every recipe x seed, interleaved by seed so that drifts of a shared machine hit all recipes alike."""
+    cfg: BenchConfig,
+    out_dir: Path,
+    echo: Callable[[str], None] = print,
+    resume: bool = False,
+    time_budget_s: float | None = None,
+) -> tuple[list[RunResult], dict[str, Any], bool]:
+    """Every recipe x seed, interleaved by seed so that drifts of a shared machine hit all recipes alike.
+
+    Each finished run is saved at once as ``runs/RECIPE-seedN.json``. With ``resume`` those runs are
+    loaded instead of rerun. With ``time_budget_s`` no new run starts once that much time has passed.
+    Returns the results, the metadata, and whether every planned run is done.
+    """
     task, recipes, target, max_epochs = cfg.resolve()
     env = environment()
     plan = [(seed, name) for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for name in recipes]
+    meta = _meta(cfg, task, recipes, target, max_epochs, env)
+    if resume:
+        _check_resumable(out_dir, meta)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps({k: meta[k] for k in _RESUME_KEYS}, indent=2) + "\n")
     echo(
         f"bench {task.name}: {len(recipes)} recipe(s) x {cfg.seeds} seed(s) = {len(plan)} runs, target "
         f"{task.metric} {'>=' if task.mode == 'max' else '<='} {target}, at most {max_epochs} epochs, on "
         f"{env['gpu'] or 'CPU'}"
     )
     results = []
+    t_start = time.perf_counter()
     for i, (seed, name) in enumerate(plan, 1):
         label = f"[{i}/{len(plan)}] {name} seed={seed}"
+        saved = out_dir / "runs" / f"{name}-seed{seed}.json"
+        if resume and saved.exists():
+            results.append(RunResult(**json.loads(saved.read_text())))
+            echo(f"{label}: done earlier, loaded from {saved}")
+            continue
+        if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+            echo(
+                f"time budget of {time_budget_s:.0f}s used: {len(plan) - i + 1} run(s) left; rerun with --resume"
+            )
+            return results, meta, False
         echo(label)
         run_dir = out_dir / "runs" / f"{name}-seed{seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
         res = run_one(cfg, name, seed, run_dir, echo=echo, label=label)
+        saved.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
         shown = f"{res.time_to_target_s:.1f}s" if res.reached else "not reached"
-        echo(f"  -> {shown} (best {task.metric} {res.best_metric}, {res.epochs} epochs, {res.total_s:.1f}s total)")
+        echo(
+            f"  -> {shown} (best {task.metric} {res.best_metric}, {res.epochs} epochs, {res.total_s:.1f}s total)"
+        )
         results.append(res)
-    meta = {
+    return results, meta, True
+
+
+def _meta(
+    cfg: BenchConfig, task: Task, recipes: list[str], target: float, max_epochs: int, env: dict[str, Any]
+) -> dict[str, Any]:
+    return {
         "task": task.name,
         "task_description": task.description,
         "metric": task.metric,
@@ -203,4 +259,3 @@ def run_bench(
         "model_kwargs": cfg.model_kwargs,
         "environment": env,
     }
-    return results, meta

@@ -115,6 +115,7 @@ def _fashion_baseline(ctx: RunContext) -> tuple[L.LightningDataModule, list[Call
         train_subset=ctx.train_subset,
         val_subset=ctx.val_subset,
         seed=ctx.seed,
+        drop_last=ctx.recipe.drop_last,
     )
     return dm, []
 
@@ -201,4 +202,6 @@ def get_task(name: str) -> Task:
     except KeyError:
         close = difflib.get_close_matches(name, TASKS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown task {name!r}.{hint} Available tasks: {', '.join(sorted(TASKS))}.") from None
+        raise ValueError(
+            f"Unknown task {name!r}.{hint} Available tasks: {', '.join(sorted(TASKS))}."
+        ) from None

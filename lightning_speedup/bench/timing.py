@@ -122,7 +122,9 @@ class TimeToTarget(Callback):
         self._val_s_in_epoch = 0.0
 
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if len(self.step_times) < 50:  # a few dozen steps give the median; later steps run unsynchronised
             self._step_t0 = self._now(trainer)
 

@@ -29,9 +29,7 @@ from lightning_speedup.data.datasets import (
 class AugmentedImages(Dataset):
     """Per-sample CPU augmentation, one image at a time, as torchvision-style pipelines do it."""
 
-    def __init__(
-        self, images: Tensor, labels: Tensor, augment: bool, output: str, padding: int = 2
-    ) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, augment: bool, output: str, padding: int = 2) -> None:
         self.images, self.labels = images, labels  # (N, H, W) uint8, (N,) int64
         self.augment, self.output, self.padding = augment, output, padding
 
@@ -54,6 +52,20 @@ class AugmentedImages(Dataset):
         return x, self.labels[i]
 
 
+def make_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool, shuffle: bool, drop_last: bool
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        drop_last=drop_last,
+    )
+
+
 def _subset(n: int, size: int | None, seed: int) -> Tensor:
     if size is None or size >= n:
         return torch.arange(n)
@@ -73,6 +85,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         output: ``"float"`` normalised float32 (B, 1, 28, 28); ``"uint8"`` raw uint8 (B, 1, 28, 28).
         train_subset / val_subset: use a fixed random subset of this many samples (for quick runs).
         seed: seed of the subset choice.
+        drop_last: drop the last incomplete training batch (one batch shape, so ``torch.compile`` compiles
+            once); validation always sees every sample.
     """
 
     def __init__(
@@ -86,16 +100,20 @@ class FashionMNISTDataModule(L.LightningDataModule):
         val_subset: int | None = None,
         seed: int = 0,
         pin_memory: bool | None = None,
+        drop_last: bool = False,
     ) -> None:
         super().__init__()
         if output not in ("float", "uint8"):
             raise ValueError(f"output must be 'float' or 'uint8', got {output!r}.")
         if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}.")
+            raise ValueError(
+                f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}."
+            )
         self.data_dir, self.batch_size, self.num_workers = data_dir, batch_size, num_workers
         self.augment, self.output = augment, output
         self.train_subset, self.val_subset, self.seed = train_subset, val_subset, seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.drop_last = drop_last
         self.data: FashionMNIST | None = None
 
     def prepare_data(self) -> None:
@@ -110,21 +128,13 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.train_set = AugmentedImages(d.train_images[tr], d.train_labels[tr], self.augment, self.output)
         self.val_set = AugmentedImages(d.test_images[va], d.test_labels[va], False, self.output)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(
+            self.train_set, self.batch_size, self.num_workers, self.pin_memory, True, self.drop_last
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return make_loader(self.val_set, self.batch_size, self.num_workers, self.pin_memory, False, False)
 
 
 class RandomWindows(Dataset):
@@ -132,7 +142,9 @@ class RandomWindows(Dataset):
 
     def __init__(self, ids: Tensor, block_size: int, samples_per_epoch: int) -> None:
         if len(ids) <= block_size + 1:
-            raise ValueError(f"The token stream ({len(ids)}) must be longer than block_size+1 ({block_size + 1}).")
+            raise ValueError(
+                f"The token stream ({len(ids)}) must be longer than block_size+1 ({block_size + 1})."
+            )
         self.ids, self.block_size, self.n = ids, block_size, samples_per_epoch
 
     def __len__(self) -> int:
@@ -182,7 +194,11 @@ class CharLMDataModule(L.LightningDataModule):
         if block_size < 1 or batch_size < 1:
             raise ValueError(f"block_size and batch_size must be >= 1, got {block_size}, {batch_size}.")
         self.path, self.block_size, self.batch_size = Path(path), block_size, batch_size
-        self.num_workers, self.samples_per_epoch, self.val_windows = num_workers, samples_per_epoch, val_windows
+        self.num_workers, self.samples_per_epoch, self.val_windows = (
+            num_workers,
+            samples_per_epoch,
+            val_windows,
+        )
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.corpus: TextCorpus | None = None
 
@@ -196,21 +212,14 @@ class CharLMDataModule(L.LightningDataModule):
         if self.corpus is None:
             self.corpus = load_text_corpus(self.path)
         n = self.samples_per_epoch or len(self.corpus.train_ids) // self.block_size
+        n = max(self.batch_size, n - n % self.batch_size)
         self.train_set = RandomWindows(self.corpus.train_ids, self.block_size, n)
         self.val_set = ConsecutiveWindows(self.corpus.val_ids, self.block_size, self.val_windows)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=False)
+        # Windows are already random: no shuffle. Every training batch is full (samples_per_epoch is
+        # rounded to whole batches), so a compiled model sees one shape.
+        return make_loader(self.train_set, self.batch_size, self.num_workers, self.pin_memory, False, True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return make_loader(self.val_set, self.batch_size, self.num_workers, self.pin_memory, False, False)

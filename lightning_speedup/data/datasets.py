@@ -238,9 +238,13 @@ def load_text_corpus(path: str | Path, val_fraction: float = 0.1) -> TextCorpus:
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text ({err}); convert it to UTF-8 first.") from err
     if len(text) < 1000:
-        raise DataError(f"{path} holds only {len(text)} characters; a character-LM corpus needs at least 1000.")
+        raise DataError(
+            f"{path} holds only {len(text)} characters; a character-LM corpus needs at least 1000."
+        )
     chars = tuple(sorted(set(text)))
     index = {c: i for i, c in enumerate(chars)}
     ids = torch.tensor([index[c] for c in text], dtype=torch.long)
     n_train = int(len(ids) * (1.0 - val_fraction))
-    return TextCorpus(chars=chars, train_ids=ids[:n_train].clone(), val_ids=ids[n_train:].clone(), source=path)
+    return TextCorpus(
+        chars=chars, train_ids=ids[:n_train].clone(), val_ids=ids[n_train:].clone(), source=path
+    )
