@@ -64,7 +64,9 @@ def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     )
     lines = [header]
     for r in rows:
-        if r["all_reached"]:
+        if r["runs"] == 0:
+            ttt = "not run yet"
+        elif r["all_reached"]:
             ttt = f"{r['ttt_median_s']:.1f} s ({r['ttt_min_s']:.1f}-{r['ttt_max_s']:.1f})"
         elif r["errors"]:
             ttt = f"failed ({len(r['errors'])}/{r['runs']} runs)"
