@@ -15,7 +15,7 @@ for task in "$@"; do
   if [ "$left" -le 0 ]; then echo "no time left for $task"; rc=4; break; fi
   args=(--task "$task" --recipe baseline --recipe speedup --seeds "$seeds" --out "$state" --time-budget "$left")
   [ -f "$state/bench.json" ] && args+=(--resume)
-  lightning-speedup bench "${args[@]}" 2>&1 | grep -v -i -E "warning|warn\(|^\s*$"
+  lightning-speedup bench "${args[@]}" 2>&1 | grep --line-buffered -v -i -E "warning|warn\(|^\s*$"
   r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
   [ -n "${OUT:-}" ] && tar czf "$OUT/$task.tgz" -C .bench-state "$task"
 done
