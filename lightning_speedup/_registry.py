@@ -19,7 +19,8 @@ _STRATEGY_CLASSES: list[type] = []
 
 def registered_strategy(cls: _T) -> _T:
     """Class decorator: add a Lightning ``Strategy`` subclass to the project's strategy strings."""
-    if not callable(getattr(cls, "register_strategies", None)):
+    # Defined on the class itself: an inherited one would register the parent's aliases, not ours.
+    if "register_strategies" not in vars(cls):
         raise TypeError(
             f"{cls.__name__} must define a classmethod `register_strategies(cls, strategy_registry)` "
             "that calls `strategy_registry.register(name, cls, description=..., **init_params)` per alias."

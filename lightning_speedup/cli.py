@@ -37,6 +37,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="data folder (fashion-mnist) or text file (char-lm)")
     p.add_argument("--train-subset", type=int, default=None, help="train on this many samples (quick runs)")
     p.add_argument("--val-subset", type=int, default=None, help="validate on this many samples")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model argument for quick runs, e.g. width=16 (ResNet-9) or n_layer=2")  # fmt: skip
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (default auto)")
     p.add_argument("--no-stop", action="store_true", help="keep training after the target is reached")
 
@@ -70,14 +72,34 @@ def _list() -> int:
     return EXIT_OK
 
 
+def parse_model_args(pairs: Sequence[str]) -> dict[str, object]:
+    """``["width=16", "dropout=0.0"]`` -> ``{"width": 16, "dropout": 0.0}`` (ints, floats, else strings)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--model-arg expects KEY=VALUE (e.g. width=16), got {pair!r}.")
+        value: object = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        out[key] = value
+    return out
+
+
 def _bench(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
     from lightning_speedup.bench.report import check_out_dir, table, write_report
     from lightning_speedup.bench.runner import BenchConfig, run_bench
 
+    if model_kwargs is None:
+        model_kwargs = parse_model_args(getattr(args, "model_arg", []))
     cfg = BenchConfig(
         task=args.task, recipes=args.recipes, seeds=args.seeds, target=args.target, max_epochs=args.max_epochs,
         data_path=args.data, train_subset=args.train_subset, val_subset=args.val_subset,
-        model_kwargs=model_kwargs or {}, accelerator=args.accelerator, stop_at_target=not args.no_stop,
+        model_kwargs=model_kwargs, accelerator=args.accelerator, stop_at_target=not args.no_stop,
     )  # fmt: skip
     cfg.resolve()  # unknown names and bad numbers fail here, before anything is written
     out = args.out or Path("bench-out") / f"{args.task}-{datetime.now():%Y%m%d-%H%M%S}"

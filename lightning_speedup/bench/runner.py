@@ -50,6 +50,11 @@ class BenchConfig:
             raise ValueError("Give at least one --recipe (e.g. --recipe baseline --recipe speedup).")
         for name in self.recipes:
             get_recipe(name).for_task(task.name)
+        twice = sorted({n for n in self.recipes if list(self.recipes).count(n) > 1})
+        if twice:
+            raise ValueError(f"Recipe(s) {twice} listed more than once; use --seeds for repeats.")
+        task.check_model_kwargs(self.model_kwargs)
+        task.locate_data(self.data_path)  # missing data fails here, with the places tried and the fixes
         target = task.default_target if self.target is None else self.target
         task.check_target(target)
         if self.seeds < 1:

@@ -8,6 +8,7 @@ pipeline registers it here instead of writing a new script.
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from lightning.pytorch import Callback
 
 from lightning_speedup.bench.modules import CharLM, ImageClassifier
 from lightning_speedup.bench.recipes import Recipe
-from lightning_speedup.data import CharLMDataModule, DataError, FashionMNISTDataModule
+from lightning_speedup.data import CharLMDataModule, DataError, FashionMNISTDataModule, find_fashion_mnist
 from lightning_speedup.data.datasets import ENV_VAR
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class Task:
     default_max_epochs: int
     defaults: dict[str, Any]
     build_module: Callable[[RunContext, L.LightningDataModule], L.LightningModule]
+    module_class: type[L.LightningModule]
+    locate_data: Callable[[str | None], Path]
     pipelines: dict[str, PipelineBuilder] = field(default_factory=dict)
 
     def register_pipeline(self, name: str, builder: PipelineBuilder, replace: bool = False) -> None:
@@ -83,6 +86,16 @@ class Task:
             raise ValueError(
                 f"Target {target} is outside the range of {self.metric} for task {self.name!r} "
                 f"([{lo}, {hi}]). Pass --target within that range (the default is {self.default_target})."
+            )
+
+    def check_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
+        recipe_owned = {"self", "compile", "channels_last", "optimizer", "lr", "weight_decay", "vocab_size"}
+        allowed = set(inspect.signature(self.module_class).parameters) - recipe_owned
+        unknown = sorted(set(model_kwargs) - allowed)
+        if unknown:
+            raise ValueError(
+                f"Unknown model argument(s) {unknown} for task {self.name!r}; "
+                f"{self.module_class.__name__} accepts {sorted(allowed)}."
             )
 
     def reached(self, value: float, target: float) -> bool:
@@ -177,6 +190,8 @@ FASHION_MNIST = Task(
     default_max_epochs=30,
     defaults={"batch_size": 128, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
     build_module=_fashion_module,
+    module_class=ImageClassifier,
+    locate_data=find_fashion_mnist,
     pipelines={"baseline": _fashion_baseline},
 )
 
@@ -190,6 +205,8 @@ CHAR_LM = Task(
     default_max_epochs=120,
     defaults={"batch_size": 128, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01},
     build_module=_charlm_module,
+    module_class=CharLM,
+    locate_data=_default_text_path,
     pipelines={"baseline": _charlm_baseline},
 )
 

@@ -1,0 +1,80 @@
+"""Recipes are declarative and resolved per task; unknown names fail with a useful message."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+from lightning.pytorch.callbacks import LearningRateMonitor
+
+from lightning_speedup.bench import RunContext, get_recipe, get_task, register_recipe
+from lightning_speedup.bench.recipes import _RECIPES, Recipe
+from lightning_speedup.bench.runner import BenchConfig, build_trainer_parts
+
+
+def test_baseline_matches_design() -> None:
+    task = get_task("fashion-mnist")
+    r = get_recipe("baseline").for_task("fashion-mnist")
+    assert r.precision == "32-true" and not r.compile and r.num_workers == 4 and r.data == "baseline"
+    assert task.setting(r, "batch_size") == 128 and task.setting(r, "lr") == 1e-3
+    assert task.setting(r, "optimizer") == "adam"
+    lm = get_task("char-lm")
+    assert lm.setting(get_recipe("baseline").for_task("char-lm"), "optimizer") == "adamw"
+
+
+def test_speedup_per_task_overrides() -> None:
+    fm = get_recipe("speedup").for_task("fashion-mnist")
+    lm = get_recipe("speedup").for_task("char-lm")
+    assert fm.precision == lm.precision == "bf16-mixed" and fm.compile and fm.channels_last
+    assert fm.batch_size == 512 and lm.batch_size == 128 and not lm.channels_last
+
+
+def test_unknown_names_suggest_the_closest() -> None:
+    with pytest.raises(
+        ValueError, match=r"Unknown recipe 'speedpu'.*'speedup'.*Available recipes: .*baseline"
+    ):
+        get_recipe("speedpu")
+    with pytest.raises(ValueError, match=r"Unknown task 'fashion'.*fashion-mnist"):
+        get_task("fashion")
+
+
+def test_register_extend_and_build(fashion_mnist_dir) -> None:  # type: ignore[no-untyped-def]
+    base = get_recipe("baseline")
+    with pytest.raises(ValueError, match="exists"):
+        register_recipe(base)
+    extended = base.extended(
+        name="test-lrmonitor",
+        extra_callbacks=(lambda ctx: LearningRateMonitor(),),
+        trainer_kwargs={"benchmark": True},
+    )
+    register_recipe(extended)
+    try:
+        task = get_task("fashion-mnist")
+        ctx = RunContext(task=task, recipe=extended, seed=0, data_path=str(fashion_mnist_dir))
+        module, _, callbacks, kwargs = build_trainer_parts(task, ctx)
+        assert isinstance(module, L.LightningModule) and module.hparams.lr == 1e-3
+        assert any(isinstance(c, LearningRateMonitor) for c in callbacks)
+        assert kwargs["precision"] == "32-true" and kwargs["benchmark"] is True
+        assert extended.summary()["callbacks"] == ["<lambda>"]
+    finally:
+        del _RECIPES["test-lrmonitor"]
+
+
+def test_bad_overrides_and_pipeline() -> None:
+    bad = Recipe(name="x", description="x", per_task={"fashion-mnist": {"nonsense": 1}})
+    with pytest.raises(ValueError, match="unknown fields"):
+        bad.for_task("fashion-mnist")
+    task = get_task("fashion-mnist")
+    ctx = RunContext(task=task, recipe=Recipe(name="y", description="y", data="teleport"), seed=0)
+    with pytest.raises(ValueError, match=r"data pipeline 'teleport'.*Available: baseline"):
+        task.pipeline(ctx)
+
+
+def test_bench_config_validates_before_running() -> None:
+    with pytest.raises(ValueError, match="outside the range"):
+        BenchConfig(task="char-lm", recipes=["baseline"], target=-1).resolve()
+    with pytest.raises(ValueError, match="at least one"):
+        BenchConfig(task="char-lm", recipes=[]).resolve()
+    with pytest.raises(ValueError, match="seeds"):
+        BenchConfig(task="char-lm", recipes=["baseline"], seeds=0).resolve()
+    with pytest.raises(ValueError, match=r"Unknown model argument\(s\) \['depth'\]"):
+        BenchConfig(task="fashion-mnist", recipes=["baseline"], model_kwargs={"depth": 3}).resolve()

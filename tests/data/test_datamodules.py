@@ -1,0 +1,80 @@
+"""The reference-task data modules: batch shapes, dtypes, augmentation, splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_speedup.data import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    CharLMDataModule,
+    FashionMNISTDataModule,
+    load_text_corpus,
+)
+
+
+def test_fashion_float_batches_are_normalised(fashion_mnist_dir: Path) -> None:
+    dm = FashionMNISTDataModule(fashion_mnist_dir, batch_size=64, num_workers=0, augment=False)
+    dm.setup()
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    raw = dm.data.test_images[:64].float().div(255)  # type: ignore[union-attr]
+    torch.testing.assert_close(x[:, 0], (raw - FASHION_MNIST_MEAN) / FASHION_MNIST_STD)
+
+
+def test_fashion_uint8_output_and_subsets(fashion_mnist_dir: Path) -> None:
+    dm = FashionMNISTDataModule(
+        fashion_mnist_dir, batch_size=100, num_workers=0, augment=False, output="uint8",
+        train_subset=1000, val_subset=300, drop_last=True,
+    )  # fmt: skip
+    dm.setup()
+    assert len(dm.train_set) == 1000 and len(dm.val_set) == 300
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.dtype == torch.uint8 and x.shape == (100, 1, 28, 28)
+    assert len(dm.train_dataloader()) == 10 and len(dm.val_dataloader()) == 3
+
+
+def test_fashion_cpu_augmentation_is_crop_and_flip(fashion_mnist_dir: Path) -> None:
+    dm = FashionMNISTDataModule(
+        fashion_mnist_dir, num_workers=0, augment=True, output="uint8", train_subset=64
+    )
+    dm.setup()
+    img = dm.train_set.images[0]  # (28, 28)
+    padded = torch.nn.functional.pad(img, (2, 2, 2, 2))
+    crops = {
+        (dy, dx, flip): (padded[dy : dy + 28, dx : dx + 28].flip(-1) if flip else padded[dy : dy + 28, dx : dx + 28])
+        for dy in range(5) for dx in range(5) for flip in (False, True)
+    }  # fmt: skip
+    seen = set()
+    for _ in range(200):
+        out = dm.train_set[0][0][0]
+        match = [k for k, v in crops.items() if torch.equal(v, out)]
+        assert match, "every augmented image is one of the 50 crop/flip variants"
+        seen.add(match[0])
+    assert len(seen) > 20  # offsets and flips vary from sample to sample
+
+
+def test_fashion_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="output must be"):
+        FashionMNISTDataModule(output="float16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batch_size"):
+        FashionMNISTDataModule(batch_size=0)
+
+
+def test_charlm_windows_and_validation_coverage(shakespeare_path: Path) -> None:
+    dm = CharLMDataModule(
+        shakespeare_path, block_size=64, batch_size=32, num_workers=0, samples_per_epoch=100
+    )
+    dm.setup()
+    assert dm.vocab_size == 65
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 64) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one token
+    assert len(dm.train_dataloader()) == 3  # 100 windows rounded down to whole batches of 32
+    corpus = load_text_corpus(shakespeare_path)
+    val = torch.cat([xb.reshape(-1) for xb, _ in dm.val_dataloader()])
+    assert len(val) == (len(corpus.val_ids) - 1) // 64 * 64
+    assert torch.equal(val, corpus.val_ids[: len(val)])  # validation windows are the val split, in order

@@ -1,0 +1,56 @@
+"""The package: cheap import, strategy-string registration through one mechanism."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+
+import lightning_speedup
+from lightning_speedup import _registry
+
+
+def test_import_is_cheap() -> None:
+    code = (
+        "import sys, lightning_speedup; "
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('ray', 'bitsandbytes', 'optuna')]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, f"import lightning_speedup pulled in {proc.stdout}"
+
+
+def test_version() -> None:
+    assert lightning_speedup.__version__
+
+
+def test_registered_strategy_reaches_lightning() -> None:
+    @_registry.registered_strategy
+    class _TestStrategy(SingleDeviceStrategy):
+        @classmethod
+        def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+            strategy_registry.register("ls_test_single", cls, description="test alias", device="cpu")
+
+    try:
+        names = lightning_speedup.register_strategies()
+        assert "ls_test_single" in names
+        assert lightning_speedup.register_strategies() == names  # idempotent
+        trainer = L.Trainer(strategy="ls_test_single", accelerator="cpu", logger=False)
+        assert isinstance(trainer.strategy, _TestStrategy)
+        with pytest.raises(ValueError, match="ls_test_singel"):
+            L.Trainer(strategy="ls_test_singel", accelerator="cpu")
+    finally:
+        _registry._STRATEGY_CLASSES.remove(_TestStrategy)
+        StrategyRegistry.remove("ls_test_single")
+
+
+def test_decorator_requires_register_strategies() -> None:
+    with pytest.raises(TypeError, match="register_strategies"):
+
+        @_registry.registered_strategy
+        class _NoAliases(SingleDeviceStrategy):
+            pass
