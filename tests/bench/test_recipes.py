@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning_speedup.bench import RunContext, get_recipe, get_task, register_recipe
 from lightning_speedup.bench.recipes import _RECIPES, Recipe
 from lightning_speedup.bench.runner import BenchConfig, build_trainer_parts
+from lightning_speedup.data import DataError
 
 
 def test_baseline_matches_design() -> None:
@@ -69,12 +70,14 @@ def test_bad_overrides_and_pipeline() -> None:
         task.pipeline(ctx)
 
 
-def test_bench_config_validates_before_running() -> None:
+def test_bench_config_validates_before_running(shakespeare_path, tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="outside the range"):
-        BenchConfig(task="char-lm", recipes=["baseline"], target=-1).resolve()
+        BenchConfig(task="char-lm", recipes=["baseline"], target=-1, data_path=str(shakespeare_path)).resolve()
+    with pytest.raises(DataError, match="char-lm needs a UTF-8 text file"):
+        BenchConfig(task="char-lm", recipes=["baseline"], data_path=str(tmp_path / "none.txt")).resolve()
     with pytest.raises(ValueError, match="at least one"):
         BenchConfig(task="char-lm", recipes=[]).resolve()
     with pytest.raises(ValueError, match="seeds"):
-        BenchConfig(task="char-lm", recipes=["baseline"], seeds=0).resolve()
+        BenchConfig(task="char-lm", recipes=["baseline"], seeds=0, data_path=str(shakespeare_path)).resolve()
     with pytest.raises(ValueError, match=r"Unknown model argument\(s\) \['depth'\]"):
         BenchConfig(task="fashion-mnist", recipes=["baseline"], model_kwargs={"depth": 3}).resolve()
