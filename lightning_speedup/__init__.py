@@ -7,12 +7,38 @@ strings with Lightning's ``StrategyRegistry``. Heavy optional parts are imported
 
 from __future__ import annotations
 
+from lightning_speedup import augment
 from lightning_speedup._registry import register_strategies, registered_strategy, strategy_names
+from lightning_speedup.data import (
+    DataStallMonitor,
+    DeviceResidentDataModule,
+    GPUAugment,
+    GPUPrefetcher,
+)
+from lightning_speedup.schedules import (
+    LRRangeTest,
+    LRScheduleCallback,
+    OneCycle,
+    RangeTestDivergedError,
+    WarmupCosine,
+    WarmupStableDecay,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DataStallMonitor",
+    "DeviceResidentDataModule",
+    "GPUAugment",
+    "GPUPrefetcher",
+    "LRRangeTest",
+    "LRScheduleCallback",
+    "OneCycle",
+    "RangeTestDivergedError",
+    "WarmupCosine",
+    "WarmupStableDecay",
     "__version__",
+    "augment",
     "register_strategies",
     "registered_strategy",
     "strategy_names",

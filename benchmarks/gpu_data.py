@@ -1,0 +1,326 @@
+"""Keep the GPU busy (issue 4): training throughput and data-wait fraction of three input pipelines.
+
+Fashion-MNIST, ResNet-9 ``ImageClassifier``, bf16-mixed, one GPU, Adam 1e-3:
+
+  a_baseline        FashionMNISTDataModule(augment=True, output="float", num_workers=4): per-sample CPU
+                    crop+flip+normalise in the workers, float32 batches copied on the compute stream
+  b_prefetch_gpuaug FashionMNISTDataModule(augment=False, output="uint8", num_workers=4) + GPUPrefetcher(2)
+                    + GPUAugment(RandomCrop(28, padding=2), RandomHorizontalFlip(), Normalize(mean, std))
+  c_resident_gpuaug DeviceResidentDataModule (uint8 on the GPU) + the same GPUAugment
+  d_compute / d_compute_prefetch
+                    the prefetcher's cost where data is not the bottleneck: uint8 DataLoader + GPUAugment
+                    at a large batch (default 2048), without and with GPUPrefetcher(2)
+
+Each run is a fresh Trainer and model; the clock covers ``--steps`` training steps after ``--warmup``
+steps (cuDNN autotuning, worker start-up), synchronised at both ends. Images/s counts the images of
+those steps; the data-wait fraction is DataStallMonitor's (CUDA events on the compute stream) over the
+same steps. Configurations are interleaved (a b c d d' a b c d d' ...) and each number is the median of
+``--repeats`` runs. Expected runtime on one H100: about 2 minutes with the defaults (under 3 even if
+the baseline runs as slowly as 20k images/s).
+
+Goals of the issue: c >= 5x a in images/s; data wait < 5% in b and c; the prefetcher costs <= 2% in d.
+
+Run on the device (carry [".data", ".whl"]):
+    source benchmarks/device_env.sh && python benchmarks/gpu_data.py --out $OUT/gpu_data.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from lightning_speedup.bench.env import environment
+from lightning_speedup.bench.modules import ImageClassifier
+from lightning_speedup.data import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    FashionMNISTDataModule,
+    load_fashion_mnist,
+)
+from lightning_speedup.data.augment import Normalize, RandomCrop, RandomHorizontalFlip
+from lightning_speedup.data.datasets import FashionMNIST
+from lightning_speedup.data.gpu_augment import GPUAugment
+from lightning_speedup.data.prefetch import GPUPrefetcher
+from lightning_speedup.data.resident import DeviceResidentDataModule
+from lightning_speedup.data.stall import DataStallMonitor
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gpu_data.json"
+
+
+class StepClock(L.Callback):
+    """Wall time and images of training steps [warmup, warmup + steps), synchronised at both ends."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps = warmup, steps
+        self.batch = 0
+        self.images = 0
+        self.t0 = self.t1 = 0.0
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.batch == self.warmup:
+            self._sync(pl_module)
+            self.t0 = time.perf_counter()
+        if self.warmup <= self.batch < self.warmup + self.steps:
+            self.images += int(batch[0].shape[0])
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.batch += 1
+        if self.batch == self.warmup + self.steps:
+            self._sync(pl_module)
+            self.t1 = time.perf_counter()
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / (self.t1 - self.t0) if self.t1 > self.t0 else float("nan")
+
+
+@dataclass
+class Config:
+    name: str
+    description: str
+    batch_size: int
+    make: Callable[[FashionMNIST, argparse.Namespace, int], tuple[L.LightningDataModule, list[L.Callback]]]
+
+
+def gpu_augment(seed: int) -> GPUAugment:
+    return GPUAugment(
+        RandomCrop(28, padding=2),
+        RandomHorizontalFlip(),
+        Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+        seed=seed,
+    )
+
+
+class PreloadedFashionMNIST(FashionMNISTDataModule):
+    """The reference data module with the IDX files parsed once per process instead of once per run."""
+
+    def __init__(self, data: FashionMNIST, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.data = data
+
+    @override
+    def prepare_data(self) -> None:
+        pass
+
+
+def loader_module(
+    data: FashionMNIST, args: argparse.Namespace, batch_size: int, **kwargs: Any
+) -> FashionMNISTDataModule:
+    return PreloadedFashionMNIST(data, batch_size=batch_size, num_workers=args.workers, **kwargs)
+
+
+def make_baseline(
+    data: FashionMNIST, args: argparse.Namespace, seed: int
+) -> tuple[L.LightningDataModule, list[L.Callback]]:
+    return loader_module(data, args, args.batch_size, augment=True, output="float"), []
+
+
+def make_prefetch(
+    data: FashionMNIST, args: argparse.Namespace, seed: int
+) -> tuple[L.LightningDataModule, list[L.Callback]]:
+    dm = loader_module(data, args, args.batch_size, augment=False, output="uint8")
+    return dm, [GPUPrefetcher(depth=2), gpu_augment(seed)]
+
+
+def make_resident(
+    data: FashionMNIST, args: argparse.Namespace, seed: int
+) -> tuple[L.LightningDataModule, list[L.Callback]]:
+    dm = DeviceResidentDataModule(
+        train=(data.train_images.unsqueeze(1), data.train_labels), batch_size=args.batch_size, seed=seed
+    )
+    return dm, [gpu_augment(seed)]
+
+
+def make_compute(prefetch: bool) -> Callable[..., tuple[L.LightningDataModule, list[L.Callback]]]:
+    def make(
+        data: FashionMNIST, args: argparse.Namespace, seed: int
+    ) -> tuple[L.LightningDataModule, list[L.Callback]]:
+        dm = loader_module(data, args, args.compute_batch_size, augment=False, output="uint8")
+        return dm, ([GPUPrefetcher(depth=2)] if prefetch else []) + [gpu_augment(seed)]
+
+    return make
+
+
+def configs(args: argparse.Namespace) -> list[Config]:
+    bs, cbs = args.batch_size, args.compute_batch_size
+    return [
+        Config("a_baseline", "DataLoader, per-sample CPU aug, float32", bs, make_baseline),
+        Config("b_prefetch_gpuaug", "DataLoader uint8 + GPUPrefetcher + GPUAugment", bs, make_prefetch),
+        Config("c_resident_gpuaug", "device-resident uint8 + GPUAugment", bs, make_resident),
+        Config("d_compute", f"DataLoader uint8 + GPUAugment, batch {cbs}", cbs, make_compute(False)),
+        Config("d_compute_prefetch", f"same + GPUPrefetcher, batch {cbs}", cbs, make_compute(True)),
+    ]
+
+
+def run_one(config: Config, data: FashionMNIST, args: argparse.Namespace, seed: int) -> dict[str, float]:
+    L.seed_everything(seed, verbose=False)
+    dm, extra = config.make(data, args, seed)
+    steps = args.steps if config.batch_size == args.batch_size else args.compute_steps
+    clock = StepClock(args.warmup, steps)
+    # The monitor comes before GPUAugment so augmentation counts as compute, not as data wait.
+    monitor = DataStallMonitor(warmup_steps=args.warmup, log=False)
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_steps=args.warmup + steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        benchmark=True,
+        callbacks=[clock, monitor, *extra],
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(ImageClassifier(), dm)
+    summary = monitor.summary()
+    result = {
+        "images_per_s": clock.images_per_s,
+        "wait_fraction": summary["wait_fraction"],
+        "mean_wait_ms": summary["mean_wait_ms"],
+        "mean_step_ms": summary["mean_step_ms"],
+        "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20
+        if torch.cuda.is_available()
+        else float("nan"),
+    }
+    del trainer, dm, extra
+    gc.collect()  # shuts down the persistent DataLoader workers of this run
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def gpu_name() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--data-dir", default=None, help="Fashion-MNIST folder (default: the loader's search)"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--compute-batch-size", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=300, help="timed steps at --batch-size")
+    parser.add_argument("--compute-steps", type=int, default=60, help="timed steps at --compute-batch-size")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerator", default="gpu", help="'cpu' only for a plumbing check")
+    parser.add_argument("--precision", default="bf16-mixed")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these configurations")
+    args = parser.parse_args()
+
+    started = time.time()
+    data = load_fashion_mnist(args.data_dir)
+    chosen = [c for c in configs(args) if args.only is None or c.name in args.only]
+    runs: dict[str, list[dict[str, float]]] = {c.name: [] for c in chosen}
+    for repeat in range(args.repeats):
+        for config in chosen:  # interleaved: a b c d d' a b c d d' ...
+            result = run_one(config, data, args, args.seed + repeat)
+            runs[config.name].append(result)
+            print(
+                f"[{time.time() - started:6.1f}s] repeat {repeat} {config.name:20s} "
+                f"{result['images_per_s']:10,.0f} img/s  wait {result['wait_fraction']:6.1%}",
+                flush=True,
+            )
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name]) if runs.get(name) else float("nan")
+
+    medians = {
+        name: {
+            key: median(name, key)
+            for key in ("images_per_s", "wait_fraction", "mean_wait_ms", "mean_step_ms", "peak_mem_mb")
+        }
+        for name in runs
+    }
+    ips = {name: m["images_per_s"] for name, m in medians.items()}
+    derived = {
+        "speedup_b_over_a": ips.get("b_prefetch_gpuaug", float("nan")) / ips.get("a_baseline", float("nan")),
+        "speedup_c_over_a": ips.get("c_resident_gpuaug", float("nan")) / ips.get("a_baseline", float("nan")),
+        "prefetch_cost_compute_bound": 1
+        - ips.get("d_compute_prefetch", float("nan")) / ips.get("d_compute", float("nan")),
+    }
+    goals = {
+        "c_at_least_5x_a": derived["speedup_c_over_a"] >= 5,
+        "wait_below_5pct_b": medians.get("b_prefetch_gpuaug", {}).get("wait_fraction", float("nan")) < 0.05,
+        "wait_below_5pct_c": medians.get("c_resident_gpuaug", {}).get("wait_fraction", float("nan")) < 0.05,
+        "prefetch_cost_at_most_2pct": derived["prefetch_cost_compute_bound"] <= 0.02,
+    }
+    env = environment()
+    env["nvidia_smi_gpu"] = gpu_name()
+    record = {
+        "benchmark": "gpu_data",
+        "issue": 4,
+        "env": env,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "seeds": [args.seed + r for r in range(args.repeats)],
+        "configs": {c.name: {"description": c.description, "batch_size": c.batch_size} for c in chosen},
+        "runs": runs,
+        "medians": medians,
+        "derived": derived,
+        "goals": goals,
+        "wall_s": time.time() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2, default=str))
+
+    print(f"\n{env['nvidia_smi_gpu'] or env['gpu'] or 'CPU'} | torch {env['torch']} | lightning {env['lightning']} "
+          f"| median of {args.repeats} | {record['wall_s']:.0f}s | {args.out}")  # fmt: skip
+    print(
+        f"{'config':20s} {'batch':>6s} {'img/s':>10s} {'vs a':>6s} {'wait':>7s} {'wait ms':>8s} {'step ms':>8s}"
+    )
+    base = ips.get("a_baseline", float("nan"))
+    for c in chosen:
+        m = medians[c.name]
+        print(
+            f"{c.name:20s} {c.batch_size:6d} {m['images_per_s']:10,.0f} {m['images_per_s'] / base:5.2f}x "
+            f"{m['wait_fraction']:7.1%} {m['mean_wait_ms']:8.2f} {m['mean_step_ms']:8.2f}"
+        )
+    print(
+        f"prefetcher cost (compute-bound): {derived['prefetch_cost_compute_bound']:+.1%}   goals: "
+        + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in goals.items())
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Run batched per-sample augmentation on the device, inside the training loop.
+
+Lightning has no place for augmentation that runs after the batch reaches the GPU except the
+LightningModule's own ``on_after_batch_transfer`` hook, which a callback cannot set. This callback uses
+``on_train_batch_start``: Lightning calls it with the batch already on the device (after
+``batch_to_device``) and then passes *the same batch object* to ``training_step``. The callback replaces
+the image (and, for MixUp/CutMix, label) tensors inside that object: by item assignment in a list,
+dict or mutable dataclass, and by swapping the tensors' contents (``torch.utils.swap_tensors``) inside
+an immutable tuple. No Lightning internals are touched. (A custom ``Strategy.batch_to_device`` would
+also work but a callback cannot swap the user's strategy, and wrapping the loader as the prefetcher does
+would run before the batch reaches the device when there is no prefetcher.) The ops are the batched,
+per-sample ops of :mod:`lightning_speedup.data.augment` (airbench-style GPU augmentation).
+
+Randomness is reproducible and checkpointable: before every training batch the generator is re-seeded
+from ``(seed, global rank, batch counter)``, so DDP ranks draw different streams and the only state is
+the seed and the counter, identical on every rank, which a checkpoint saved by rank 0 restores exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_speedup.data.augment import Compose, ImageOp, MixOp, batch_seed
+
+__all__ = ["GPUAugment"]
+
+Key = int | str
+
+
+def _get(batch: Any, key: Key, role: str) -> Any:
+    try:
+        if isinstance(batch, Tensor):
+            raise TypeError
+        if isinstance(key, int):
+            if not isinstance(batch, Sequence) or isinstance(batch, str):
+                raise TypeError
+            return batch[key]
+        if isinstance(batch, Mapping):
+            return batch[key]
+        if dataclasses.is_dataclass(batch) or hasattr(batch, key):
+            return getattr(batch, key)
+        raise TypeError
+    except (TypeError, KeyError, IndexError, AttributeError):
+        what = f"shape {tuple(batch.shape)}" if isinstance(batch, Tensor) else type(batch).__name__
+        raise ValueError(
+            f"GPUAugment could not find the {role} at {role}_key={key!r} in a batch of type {what}. "
+            f"Batches must be sequences like (images, labels) (use int keys) or dicts/dataclasses (use str keys); "
+            f"set GPUAugment(..., image_key=..., label_key=...) to match your collate output."
+        ) from None
+
+
+def _set(batch: Any, key: Key, value: Tensor, role: str) -> None:
+    old = _get(batch, key, role)
+    if old is value:
+        return
+    if isinstance(batch, (list, MutableMapping)):
+        batch[key] = value
+        return
+    if dataclasses.is_dataclass(batch) and not type(batch).__dataclass_params__.frozen:  # type: ignore[attr-defined]
+        setattr(batch, key, value)  # type: ignore[arg-type]
+        return
+    # Immutable container (tuple, namedtuple, frozen dataclass): the container object is what reaches
+    # training_step, so the tensor object inside it takes the new contents.
+    try:
+        torch.utils.swap_tensors(old, value)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"GPUAugment cannot replace the {role} inside an immutable {type(batch).__name__} batch: {err}. "
+            "Return a list or dict from your collate_fn (torch's default_collate already returns lists)."
+        ) from err
+
+
+class GPUAugment(Callback):
+    """Apply batched per-sample augmentation to training batches on the device.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[
+            ls.GPUPrefetcher(depth=2),   # batches arrive on the GPU as uint8
+            ls.GPUAugment(ls.augment.RandomCrop(28, padding=2), ls.augment.RandomHorizontalFlip(),
+                          ls.augment.Normalize(0.286, 0.353)),
+        ])
+
+    Random ops apply to training batches only. The deterministic ops (``ToDtype``, ``Normalize``,
+    ``ChannelsLast``) also apply, in order, to validation, test and predict batches when
+    ``convert_eval`` is true, so a pipeline that ships uint8 images converts them the same way
+    everywhere. Outputs pass through the precision plugin's ``convert_input`` (as Lightning does for
+    the batch before transfer), so a ``"bf16-true"`` run gets bf16 images.
+
+    Callback order matters only relative to other callbacks that read the batch in
+    ``on_train_batch_start``: they see it augmented if they come after this one. In a tuple batch the
+    image tensor object itself takes the augmented contents, so a loader must hand out fresh tensors
+    for every batch (DataLoader, the prefetcher and the resident module do); list and dict batches
+    (``default_collate``'s output) just get new entries.
+
+    Args:
+        *ops: ops from :mod:`lightning_speedup.augment`, applied in order.
+        seed: seed of the augmentation stream; ``None`` draws one from torch's global RNG at setup
+            (so ``seed_everything`` fixes it) and broadcasts rank 0's value.
+        image_key: where the images ``(B, C, H, W)`` are in the batch: an index for tuples/lists, a
+            key for dicts, an attribute name for dataclasses.
+        label_key: where the labels are; needed only by MixUp/CutMix (which replace them by soft labels).
+        convert_eval: apply the deterministic ops to evaluation batches too.
+
+    Raises:
+        ValueError: no ops, a mixing op with ``label_key=None``, or a seed that is not an int.
+        TypeError: an op that is not from :mod:`lightning_speedup.augment` (or a subclass of its bases).
+    """
+
+    def __init__(
+        self,
+        *ops: ImageOp,
+        seed: int | None = None,
+        image_key: Key = 0,
+        label_key: Key | None = 1,
+        convert_eval: bool = True,
+    ) -> None:
+        if not ops:
+            raise ValueError(
+                "GPUAugment needs at least one op, e.g. GPUAugment(ls.augment.RandomCrop(28, padding=2))."
+            )
+        self.pipeline = Compose(*ops)
+        if self.pipeline.needs_labels and label_key is None:
+            mixers = [type(op).__name__ for op in ops if isinstance(op, MixOp)]
+            raise ValueError(
+                f"{', '.join(mixers)} mixes labels, so label_key must say where they are; got None."
+            )
+        for name, key in (("image_key", image_key), ("label_key", label_key)):
+            if key is not None and (isinstance(key, bool) or not isinstance(key, (int, str))):
+                raise ValueError(
+                    f"{name} must be an int (tuple/list index) or a str (dict key/attribute); got {key!r}."
+                )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None; got {seed!r}.")
+        self.eval_pipeline = self.pipeline.deterministic() if convert_eval else None
+        self._init_seed = seed
+        self.seed: int | None = seed
+        self.image_key, self.label_key = image_key, label_key
+        self.step = 0
+        self._rank = 0
+        self._generator: torch.Generator | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(ops=repr(self.pipeline), image_key=self.image_key)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.seed is None:
+            drawn = int(torch.randint(0, 2**62, (1,)).item())
+            self.seed = int(trainer.strategy.broadcast(drawn, src=0))
+        self._rank = trainer.global_rank
+        self._generator = torch.Generator(device=trainer.strategy.root_device)
+
+    def augment(
+        self,
+        batch: Any,
+        generator: torch.Generator | None = None,
+        pipeline: Compose | None = None,
+        convert: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        """Apply ``pipeline`` (default: all ops) to ``batch`` in place; ``convert`` post-processes each output."""
+        pipeline = pipeline or self.pipeline
+        images = _get(batch, self.image_key, "image")
+        labels = _get(batch, self.label_key, "label") if pipeline.needs_labels else None
+        out, out_labels = pipeline(images, labels, generator)
+        _set(batch, self.image_key, convert(out) if convert else out, "image")
+        if out_labels is not None and self.label_key is not None:
+            _set(batch, self.label_key, convert(out_labels) if convert else out_labels, "label")
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._generator is None or self.seed is None:
+            raise RuntimeError("GPUAugment.setup() has not run; add the callback to the Trainer's callbacks.")
+        self._generator.manual_seed(batch_seed(self.seed, self._rank, self.step))
+        self.step += 1
+        self.augment(batch, self._generator, convert=trainer.precision_plugin.convert_input)
+
+    def _convert_eval(self, trainer: L.Trainer, batch: Any) -> None:
+        if self.eval_pipeline is not None:
+            self.augment(batch, pipeline=self.eval_pipeline, convert=trainer.precision_plugin.convert_input)
+
+    @override
+    def on_validation_batch_start(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._convert_eval(trainer, batch)
+
+    @override
+    def on_test_batch_start(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._convert_eval(trainer, batch)
+
+    @override
+    def on_predict_batch_start(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._convert_eval(trainer, batch)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "step": self.step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = state_dict["seed"]
+        self.step = state_dict["step"]

@@ -1,0 +1,308 @@
+"""GPU data path on a real CUDA device: exactness and memory of the prefetcher, and what the monitor sees.
+
+Run on the device machine: ``pytest -m gpu tests/data/test_gpu_data_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import namedtuple
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from lightning_speedup.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTDataModule
+from lightning_speedup.data.augment import Compose, Cutout, MixUp, Normalize, RandomCrop, RandomHorizontalFlip
+from lightning_speedup.data.gpu_augment import GPUAugment
+from lightning_speedup.data.prefetch import GPUPrefetcher, PrefetchLoader
+from lightning_speedup.data.resident import DeviceResidentDataModule, ResidentBatches
+from lightning_speedup.data.stall import DataStallMonitor
+
+pytestmark = pytest.mark.gpu
+
+
+def gpu_trainer(**kwargs: Any) -> L.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="gpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+class SmallCNN(L.LightningModule):
+    """Conv-BN-ReLU with strided convs (no max-pool, whose backward has no deterministic CUDA kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 10),
+        )  # fmt: skip
+        self.devices_before_transfer: set[str] = set()
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self.devices_before_transfer.add(batch[0].device.type)
+        return batch
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        assert batch[0].is_cuda and batch[0].dtype == torch.float32
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def _fit_fashion(fashion_mnist_dir: Path, prefetch: bool) -> SmallCNN:
+    L.seed_everything(0, verbose=False)
+    dm = FashionMNISTDataModule(
+        fashion_mnist_dir,
+        batch_size=64,
+        num_workers=2,
+        augment=False,
+        output="uint8",
+        train_subset=200 * 64,
+        val_subset=512,
+    )
+    model = SmallCNN()
+    callbacks: list[L.Callback] = [
+        GPUAugment(RandomCrop(28, padding=2), RandomHorizontalFlip(), Cutout(6),
+                   Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD), seed=1),
+    ]  # fmt: skip
+    if prefetch:
+        callbacks.insert(0, GPUPrefetcher(depth=2))
+    trainer = gpu_trainer(max_steps=200, callbacks=callbacks, deterministic=True, limit_val_batches=2)
+    trainer.fit(model, dm)
+    assert isinstance(trainer.train_dataloader, PrefetchLoader) == prefetch
+    return model
+
+
+def test_prefetcher_gives_bitwise_identical_weights(fashion_mnist_dir: Path) -> None:
+    plain = _fit_fashion(fashion_mnist_dir, prefetch=False)
+    prefetched = _fit_fashion(fashion_mnist_dir, prefetch=True)
+    assert plain.devices_before_transfer == {"cpu"} and prefetched.devices_before_transfer == {"cuda"}
+    for (name, a), b in zip(plain.state_dict().items(), prefetched.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+class PinnedBatches(Dataset):
+    """``n`` distinct batches built once in pinned host memory; item i is batch i."""
+
+    def __init__(self, n: int, shape: tuple[int, ...], classes: int = 10) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = [torch.randn(shape, generator=g).pin_memory() for _ in range(n)]
+        self.y = [torch.randint(0, classes, shape[:1], generator=g).pin_memory() for _ in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i], self.y[i]
+
+
+class MLP(L.LightningModule):
+    def __init__(self, width: int, depth: int, classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(width, classes))
+        self.allocated: list[int] = []
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x.flatten(1)), y)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.allocated.append(torch.cuda.memory_allocated())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def test_prefetcher_memory_does_not_grow_over_2000_steps() -> None:
+    loader = DataLoader(PinnedBatches(100, (256, 1024)), batch_size=None, shuffle=False, num_workers=0)
+    model = MLP(1024, 1)
+    gpu_trainer(max_steps=2000, callbacks=[GPUPrefetcher(depth=3)]).fit(model, loader)
+    allocated = model.allocated
+    assert len(allocated) == 2000
+    early, late = max(allocated[100:600]), max(allocated[1500:])
+    # A leak of the copies would add a batch (1 MiB) per step; allow two batches of jitter in flight.
+    batch_bytes = 256 * 1024 * 4 + 256 * 8
+    assert late <= early + 2 * batch_bytes, f"allocated memory grew from {early:,} to {late:,} bytes"
+
+
+def test_monitor_reports_a_slow_loader() -> None:
+    class SlowLoader(PinnedBatches):
+        def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+            time.sleep(0.03)  # a loader that cannot keep up with a 1-layer MLP
+            return super().__getitem__(i)
+
+    monitor = DataStallMonitor(warmup_steps=3, window=10, log=False)
+    loader = DataLoader(SlowLoader(20, (256, 1024)), batch_size=None)
+    gpu_trainer(max_epochs=1, callbacks=[monitor]).fit(MLP(1024, 1), loader)
+    assert monitor._use_cuda and monitor.warned
+    summary = monitor.summary()
+    assert summary["steps"] == 17 and summary["wait_fraction"] > 0.5 and summary["mean_wait_ms"] > 25
+
+
+def _calibrate_depth(batch_shape: tuple[int, int], width: int) -> int:
+    """Layers of an MLP whose bf16 step takes about twice as long as copying one batch to the GPU."""
+    host = torch.randn(batch_shape).pin_memory()
+    layer = nn.Linear(width, width).cuda()
+    x = torch.randn(batch_shape, device="cuda")
+    start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+    for _ in range(3):  # warm up, then time the last round
+        start.record()
+        host.to("cuda", non_blocking=True)
+        mid.record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            layer(x).float().sum().backward()
+        end.record()
+        torch.cuda.synchronize()
+    copy_ms, layer_ms = start.elapsed_time(mid), mid.elapsed_time(end)
+    return max(1, min(64, math.ceil(2 * copy_ms / layer_ms)))
+
+
+def _wait_fraction(data: PinnedBatches, prefetch: bool, depth: int) -> float:
+    loader = DataLoader(data, batch_size=None)
+    monitor = DataStallMonitor(warmup_steps=10, log=False)
+    callbacks: list[L.Callback] = [monitor] + ([GPUPrefetcher(depth=2)] if prefetch else [])
+    gpu_trainer(max_epochs=6, precision="bf16-mixed", callbacks=callbacks).fit(
+        MLP(data.x[0].shape[1], depth), loader
+    )
+    return monitor.summary()["wait_fraction"]
+
+
+def test_monitor_sees_the_copy_and_the_prefetcher_hides_it() -> None:
+    # Copy-heavy batches (128 MiB) and a step about twice as long as their copy: on the compute stream
+    # the copy is about a third of step time; on a side stream it overlaps the previous step.
+    shape = (8192, 4096)
+    depth = _calibrate_depth(shape, shape[1])
+    data = PinnedBatches(8, shape)
+    plain = _wait_fraction(data, prefetch=False, depth=depth)
+    prefetched = _wait_fraction(data, prefetch=True, depth=depth)
+    assert plain > 0.15, plain
+    assert prefetched < 0.05 and prefetched < plain / 4, (plain, prefetched)
+
+
+def test_ops_on_cuda_are_reproducible_and_resident_data_stays_on_device(fashion_mnist_dir: Path) -> None:
+    images = torch.randint(0, 256, (512, 1, 28, 28), dtype=torch.uint8, device="cuda")
+    labels = torch.randint(0, 10, (512,), device="cuda")
+    pipe = Compose(RandomCrop(28, padding=2), RandomHorizontalFlip(), Normalize(0.286, 0.353), MixUp(0.4, 10))
+    runs = [pipe(images, labels, torch.Generator(device="cuda").manual_seed(3)) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+    dm = DeviceResidentDataModule.from_fashion_mnist(fashion_mnist_dir, batch_size=500)
+    model = SmallCNN()
+    aug = GPUAugment(
+        RandomCrop(28, padding=2), RandomHorizontalFlip(), Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    )
+    trainer = gpu_trainer(max_epochs=1, limit_val_batches=2, callbacks=[aug])
+    trainer.fit(model, dm)
+    assert dm.resident and isinstance(trainer.train_dataloader, ResidentBatches)
+    assert trainer.train_dataloader.device.type == "cuda" and model.devices_before_transfer == {"cuda"}
+
+
+Pair = namedtuple("Pair", ["image", "label"])
+
+
+@dataclass
+class Meta:
+    ids: Tensor
+    note: str
+
+
+class NestedUint8(Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = torch.full((1, 28, 28), i, dtype=torch.uint8)
+        return {"pair": Pair(image, torch.tensor(i)), "meta": Meta(torch.tensor([i, -i]), "n")}
+
+
+def collate_nested(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    # default_collate does not know dataclasses; the DataLoader's pin thread leaves them unpinned, so
+    # this also exercises the prefetcher's own pinning.
+    return {
+        "pair": default_collate([s["pair"] for s in samples]),
+        "meta": Meta(torch.stack([s["meta"].ids for s in samples]), "n"),
+    }
+
+
+class NestedCheck(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(28 * 28, 10)
+        self.checked = 0
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # The prefetcher already moved every tensor, kept every container type and every dtype.
+        assert type(batch["pair"]) is Pair and type(batch["meta"]) is Meta and batch["meta"].note == "n"
+        assert batch["pair"].image.is_cuda and batch["pair"].image.dtype == torch.uint8
+        assert batch["meta"].ids.is_cuda and batch["meta"].ids.dtype == torch.int64
+        self.checked += 1
+        return batch
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        image, label = batch["pair"]
+        assert torch.equal(batch["meta"].ids[:, 0], label)
+        assert torch.equal(image[:, 0, 0, 0].long(), label % 256)
+        return F.cross_entropy(self.net(image.flatten(1).float()), label % 10)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_prefetcher_moves_nested_batches_and_keeps_uint8() -> None:
+    loader = DataLoader(
+        NestedUint8(), batch_size=16, pin_memory=True, num_workers=2, collate_fn=collate_nested
+    )
+    model = NestedCheck()
+    trainer = gpu_trainer(max_epochs=2, callbacks=[GPUPrefetcher(depth=2)])
+    trainer.fit(model, loader, loader)
+    assert model.checked == 2 * (4 + 4)  # train and validation batches both came through the prefetcher
+    assert "process_dataloader" not in vars(trainer.strategy)  # restored at teardown
+
+
+class DDPPrefetchModel(NestedCheck):
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out = out
+        self.seen: list[int] = []
+        self.devices: set[str] = set()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self.seen.extend(batch["pair"].label.tolist())
+        self.devices.add(str(batch["pair"].image.device))
+        return super().training_step(batch, batch_idx)
+
+    def on_train_end(self) -> None:
+        torch.save(
+            {"seen": self.seen, "devices": sorted(self.devices)}, f"{self.out}/rank{self.global_rank}.pt"
+        )
+
+
+@pytest.mark.multigpu
+def test_prefetcher_under_ddp_uses_each_ranks_device(tmp_path: Path) -> None:
+    loader = DataLoader(NestedUint8(), batch_size=8, pin_memory=True, collate_fn=collate_nested)
+    trainer = gpu_trainer(max_epochs=1, devices=2, strategy="ddp_spawn", callbacks=[GPUPrefetcher(depth=2)])
+    trainer.fit(DDPPrefetchModel(str(tmp_path)), loader)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["devices"] == ["cuda:0"] and r1["devices"] == ["cuda:1"]
+    assert not set(r0["seen"]) & set(r1["seen"]) and set(r0["seen"]) | set(r1["seen"]) == set(range(64))

@@ -1,0 +1,198 @@
+"""GPUPrefetcher and PrefetchLoader on the CPU: nested batch types, pass-through, the Lightning hook-in."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, defaultdict, namedtuple
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_speedup.data.prefetch import (
+    GPUPrefetcher,
+    PrefetchLoader,
+    _install_dataloader_wrapper,
+    iter_tensors,
+    map_tensors,
+)
+
+Pair = namedtuple("Pair", ["left", "right"])
+
+
+@dataclass
+class Sample:
+    image: Tensor
+    meta: dict[str, Any]
+    name: str = "x"
+
+
+@dataclass(frozen=True)
+class Frozen:
+    value: Tensor
+    extra: list[Tensor] = field(default_factory=list)
+
+
+def nested_batch() -> dict[str, Any]:
+    default: defaultdict[str, Tensor] = defaultdict(lambda: torch.zeros(1))
+    default["d"] = torch.arange(3)
+    return {
+        "tuple": (torch.ones(2), 3, "label"),
+        "list": [torch.zeros(2, 2), [torch.full((1,), 7.0)]],
+        "named": Pair(torch.arange(4), None),
+        "sample": Sample(torch.ones(1, 2, 2), {"id": torch.tensor([5])}),
+        "frozen": Frozen(torch.tensor(1.5), [torch.tensor(2)]),
+        "ordered": OrderedDict(a=torch.tensor([1, 2])),
+        "default": default,
+    }
+
+
+def test_map_tensors_rebuilds_every_container_type() -> None:
+    batch = nested_batch()
+    out = map_tensors(batch, lambda t: t + 1)
+    assert type(out["tuple"]) is tuple and out["tuple"][1:] == (3, "label")
+    torch.testing.assert_close(out["tuple"][0], torch.full((2,), 2.0))
+    assert type(out["list"]) is list and torch.equal(out["list"][1][0], torch.full((1,), 8.0))
+    assert type(out["named"]) is Pair and out["named"].right is None
+    assert torch.equal(out["named"].left, torch.arange(1, 5))
+    assert type(out["sample"]) is Sample and out["sample"].name == "x"
+    assert torch.equal(out["sample"].meta["id"], torch.tensor([6]))
+    assert type(out["frozen"]) is Frozen and torch.equal(out["frozen"].extra[0], torch.tensor(3))
+    assert type(out["ordered"]) is OrderedDict and type(out["default"]) is defaultdict
+    assert torch.equal(out["default"]["d"], torch.arange(1, 4))
+    assert torch.equal(out["default"]["missing"], torch.zeros(1))  # default_factory kept
+    # The input is untouched (new containers, new dataclass instances).
+    assert torch.equal(batch["sample"].image, torch.ones(1, 2, 2)) and out["sample"] is not batch["sample"]
+    assert len(list(iter_tensors(batch))) == 10
+    ids = [id(t) for t in iter_tensors(map_tensors(batch, lambda t: t))]
+    assert ids == [id(t) for t in iter_tensors(batch)]  # same visiting order, identity fn keeps tensors
+
+
+def test_cpu_prefetch_loader_is_a_pass_through() -> None:
+    batches = [nested_batch() for _ in range(3)]
+    loader = PrefetchLoader(batches, "cpu", depth=2)
+    out = list(loader)
+    assert len(out) == 3 and all(a is b for a, b in zip(out, batches))
+    assert len(loader) == 3
+
+
+def test_prefetch_loader_forwards_dataloader_attributes() -> None:
+    dataset = TensorDataset(torch.arange(10.0))
+    dataloader = DataLoader(dataset, batch_size=4)
+    loader = PrefetchLoader(dataloader, "cpu")
+    assert loader.dataset is dataset and loader.batch_size == 4 and loader.sampler is dataloader.sampler
+    assert len(loader) == 3
+
+    def init_fn(worker_id: int) -> None:
+        pass
+
+    loader.worker_init_fn = init_fn  # what Lightning's seed_everything(workers=True) does
+    assert dataloader.worker_init_fn is init_fn
+    with pytest.raises(AttributeError):
+        _ = loader.no_such_attribute
+    # Not resumable mid-epoch: a stateful loader's position runs `depth` batches ahead of the loop.
+    assert not hasattr(PrefetchLoader(StatefulLoader(), "cpu"), "state_dict")
+
+
+class StatefulLoader(list):
+    def state_dict(self) -> dict[str, int]:
+        return {"position": 0}
+
+
+@pytest.mark.parametrize("depth", [0, -1, 1.5, True])
+def test_depth_must_be_a_positive_int(depth: Any) -> None:
+    with pytest.raises(ValueError, match="depth must be an int >= 1"):
+        GPUPrefetcher(depth=depth)
+    with pytest.raises(ValueError, match="depth"):
+        PrefetchLoader([], "cpu", depth=depth)
+
+
+class NestedDataset(Dataset):
+    def __init__(self, n: int) -> None:
+        self.x = torch.randn(n, 8, generator=torch.Generator().manual_seed(0))
+        self.y = torch.arange(n) % 2
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"inputs": Pair(self.x[i], self.x[i] * 2), "target": self.y[i], "tag": "s"}
+
+
+class NestedModel(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(16, 2)
+        self.seen: list[type] = []
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self.seen.append(type(batch["inputs"]))
+        x = torch.cat([batch["inputs"].left, batch["inputs"].right], dim=1)
+        return F.cross_entropy(self.net(x), batch["target"])
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.seen.append(type(batch["inputs"]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(callbacks: list[L.Callback], **loader_kwargs: Any) -> tuple[NestedModel, L.Trainer]:
+    L.seed_everything(0, verbose=False)
+    model = NestedModel()
+    loader = DataLoader(NestedDataset(24), batch_size=8, **loader_kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, callbacks=callbacks, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(model, loader, loader)
+    return model, trainer
+
+
+def test_callback_is_a_logged_no_op_on_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    baseline, _ = fit([])
+    prefetcher = GPUPrefetcher(depth=2)
+    with caplog.at_level(logging.INFO, logger="lightning_speedup.data.prefetch"):
+        model, trainer = fit([prefetcher])
+    messages = [r.getMessage() for r in caplog.records if r.name == "lightning_speedup.data.prefetch"]
+    assert messages == ["GPUPrefetcher: the accelerator is cpu, not CUDA; batches pass through unchanged."]
+    assert not prefetcher.active and "process_dataloader" not in vars(trainer.strategy)
+    assert isinstance(trainer.train_dataloader, DataLoader)
+    assert set(model.seen) == {Pair} and len(model.seen) == 2 * (3 + 3)
+    for a, b in zip(baseline.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_loader_wrapping_hooks_in_after_lightning_prepares_the_loaders() -> None:
+    # The CUDA path's hook-in point, exercised on the CPU with the pass-through loader: every train and
+    # val loader Lightning builds goes through the wrapper, after Lightning's own processing, and the
+    # strategy is restored afterwards.
+    L.seed_everything(0, verbose=False)
+    model = NestedModel()
+    wrapped: list[object] = []
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=1,
+    )  # fmt: skip
+    original = trainer.strategy.process_dataloader
+
+    def wrap(loader: object) -> object:
+        wrapped.append(loader)
+        return PrefetchLoader(loader, "cpu")  # type: ignore[arg-type]
+
+    uninstall = _install_dataloader_wrapper(trainer.strategy, wrap)
+    loader = DataLoader(NestedDataset(24), batch_size=8, shuffle=True)
+    trainer.fit(model, loader, DataLoader(NestedDataset(16), batch_size=8))
+    assert isinstance(trainer.train_dataloader, PrefetchLoader) and isinstance(
+        trainer.val_dataloaders, PrefetchLoader
+    )
+    assert all(isinstance(w, DataLoader) for w in wrapped) and len(wrapped) == 2
+    assert len(model.seen) == 1 + 2 * (3 + 2)  # one sanity-check batch, then 2 epochs of 3 train + 2 val
+    uninstall()
+    assert "process_dataloader" not in vars(trainer.strategy)
+    assert trainer.strategy.process_dataloader == original

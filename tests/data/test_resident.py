@@ -1,0 +1,200 @@
+"""Device-resident data: exact epoch coverage, sharding, the over-budget path, and a real 2-process DDP run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_speedup.data.augment import RandomCrop, RandomHorizontalFlip
+from lightning_speedup.data.gpu_augment import GPUAugment
+from lightning_speedup.data.prefetch import _install_dataloader_wrapper
+from lightning_speedup.data.resident import DeviceResidentDataModule, ResidentBatches
+
+
+def ids(n: int) -> tuple[Tensor, Tensor]:
+    """Images whose every pixel is the sample id, and labels equal to the id."""
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
+    return images, torch.arange(n)
+
+
+def test_epoch_covers_every_sample_exactly_once() -> None:
+    x, y = ids(103)
+    batches = ResidentBatches((x, y), batch_size=10, shuffle=True, seed=1)
+    assert len(batches) == 11
+    epochs = []
+    for _ in range(3):
+        seen = torch.cat([b[1] for b in batches])
+        assert torch.equal(seen.sort().values, torch.arange(103))
+        epochs.append(seen)
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+    # Images travel with their labels.
+    for xb, yb in batches:
+        assert torch.equal(xb[:, 0, 0, 0].long(), yb)
+    # Order is a function of (seed, epoch) only.
+    again = ResidentBatches((x, y), batch_size=10, shuffle=True, seed=1)
+    assert torch.equal(torch.cat([b[1] for b in again]), epochs[0])
+
+
+@pytest.mark.parametrize("n, world", [(96, 3), (100, 3)])
+def test_ranks_partition_the_epoch(n: int, world: int) -> None:
+    x, y = ids(n)
+    per_rank = [
+        torch.cat([b[1] for b in ResidentBatches((x, y), 8, seed=2, rank=r, world_size=world)])
+        for r in range(world)
+    ]
+    assert len({len(p) for p in per_rank}) == 1  # equal length on every rank (no DDP hang)
+    seen = torch.cat(per_rank)
+    assert set(seen.tolist()) == set(range(n))
+    assert len(seen) - n == (-n) % world  # only the DistributedSampler-style padding repeats
+
+
+def test_drop_last_and_bad_arguments() -> None:
+    x, y = ids(50)
+    batches = ResidentBatches((x, y), batch_size=16, drop_last=True, shuffle=False)
+    assert len(batches) == 3 and all(len(b[0]) == 16 for b in batches)
+    assert [len(b[0]) for b in ResidentBatches((x, y), batch_size=16)] == [16, 16, 16, 2]
+    with pytest.raises(ValueError, match=r"same number of samples.*\(50, 1, 4, 4\).*\(49,\)"):
+        ResidentBatches((x, y[:49]), batch_size=4)
+    with pytest.raises(ValueError, match="no batch"):
+        ResidentBatches((x, y), batch_size=64, drop_last=True)
+    with pytest.raises(ValueError, match="batch_size"):
+        ResidentBatches((x, y), batch_size=0)
+    with pytest.raises(ValueError, match="tuple of tensors"):
+        DeviceResidentDataModule(x)  # type: ignore[arg-type]
+
+
+def test_budget_smaller_than_one_batch_is_an_error() -> None:
+    x, y = ids(50)  # one sample: 16 float32 pixels + one int64 label = 72 bytes
+    with pytest.raises(
+        ValueError, match=r"budget_bytes=100 is smaller than one training batch: 8 samples.*576 bytes"
+    ):
+        DeviceResidentDataModule((x, y), batch_size=8, budget_bytes=100)
+
+
+class IdModel(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(16, 2)
+        self.seen: list[list[int]] = []
+        self.val_seen: list[int] = []
+
+    def on_train_epoch_start(self) -> None:
+        self.seen.append([])
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        self.seen[-1].extend(y.tolist())
+        return F.cross_entropy(self.net(x.flatten(1).float()), y % 2)
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
+        self.val_seen.extend(batch[1].tolist())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def cpu_trainer(**kwargs: Any) -> L.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def test_resident_module_in_lightning_reshuffles_each_epoch() -> None:
+    x, y = ids(60)
+    dm = DeviceResidentDataModule((x, y), (x[:20], y[:20]), batch_size=12)
+    model = IdModel()
+    trainer = cpu_trainer(max_epochs=3)
+    trainer.fit(model, dm)
+    assert dm.resident and isinstance(trainer.train_dataloader, ResidentBatches)
+    assert len(model.seen) == 3
+    for epoch in model.seen:
+        assert sorted(epoch) == list(range(60))
+    assert model.seen[0] != model.seen[1] != model.seen[2]  # trainer.current_epoch reaches the loader
+    assert model.val_seen == list(range(20)) * 3
+
+
+def test_over_budget_warns_and_uses_a_dataloader() -> None:
+    x, y = ids(60)
+    dm = DeviceResidentDataModule((x, y), batch_size=12, budget_bytes=1000)
+    model = IdModel()
+    with pytest.warns(UserWarning, match=r"needs 0.0 MiB but the budget on cpu is 0.0 MiB.*DataLoader"):
+        cpu_trainer(max_epochs=1).fit(model, dm)
+    assert dm.resident is False
+    assert sorted(model.seen[0]) == list(range(60))
+
+
+def test_from_fashion_mnist_loads_uint8_images(fashion_mnist_dir: Path) -> None:
+    dm = DeviceResidentDataModule.from_fashion_mnist(fashion_mnist_dir, batch_size=256)
+    images, labels = dm.train_tensors
+    assert images.shape == (60_000, 1, 28, 28) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    assert dm.val_tensors is not None and dm.val_tensors[0].shape == (10_000, 1, 28, 28)
+    assert dm.data_bytes == 70_000 * (784 + 8)
+
+
+# -- real DDP (gloo, 2 processes) -------------------------------------------------------------------
+
+
+class DDPProbe(L.Callback):
+    """Records, per rank, the sampler of every loader Lightning hands to the prefetcher's hook-in point."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.samplers: list[str] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        def record(loader: object) -> object:
+            self.samplers.append(type(getattr(loader, "sampler", None)).__name__)
+            return loader
+
+        self.uninstall = _install_dataloader_wrapper(trainer.strategy, record)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        pl_module.augmented.append(batch[0].clone())  # type: ignore[attr-defined]
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.uninstall()
+        record = {"seen": pl_module.seen, "augmented": pl_module.augmented, "samplers": self.samplers}  # type: ignore[attr-defined]
+        torch.save(record, self.out / f"rank{trainer.global_rank}.pt")
+
+
+class DDPDataModule(DeviceResidentDataModule):
+    def val_dataloader(self) -> DataLoader:
+        x, y = self.train_tensors
+        return DataLoader(list(zip(x, y)), batch_size=8)
+
+
+class DDPModel(IdModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.augmented: list[Tensor] = []
+
+
+def test_ddp_shards_resident_data_and_draws_rank_specific_augmentation(tmp_path: Path) -> None:
+    x, y = ids(64)
+    # 64 identical images, so any difference between ranks comes from the augmentation.
+    x = torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4).expand(64, 1, 4, 4).contiguous()
+    dm = DDPDataModule((x, y), batch_size=8)
+    probe = DDPProbe(tmp_path)
+    aug = GPUAugment(RandomCrop(4, padding=2), RandomHorizontalFlip(), seed=5)
+    # The probe comes after GPUAugment, so it records augmented batches.
+    trainer = cpu_trainer(max_epochs=1, devices=2, strategy="ddp_fork", callbacks=[aug, probe])
+    trainer.fit(DDPModel(), dm)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    seen0, seen1 = set(r0["seen"][0]), set(r1["seen"][0])
+    assert not seen0 & seen1 and seen0 | seen1 == set(range(64))
+    # The resident loader is not a DataLoader (passes through); the val DataLoader got Lightning's sampler.
+    assert r0["samplers"] == r1["samplers"] == ["NoneType", DistributedSampler.__name__]
+    assert len(r0["augmented"]) == len(r1["augmented"]) == 4
+    for a, b in zip(r0["augmented"], r1["augmented"]):
+        assert a.shape == b.shape == (8, 1, 4, 4) and not torch.equal(a, b)

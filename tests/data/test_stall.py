@@ -1,0 +1,130 @@
+"""DataStallMonitor with the host clock: slow loaders show up as wait, slow compute does not."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_speedup.data.prefetch import PrefetchLoader
+from lightning_speedup.data.resident import ResidentBatches
+from lightning_speedup.data.stall import DataStallMonitor, StepTiming, stall_advice
+
+# Sleeps are lower bounds of what the monitor must measure, so the assertions hold on a loaded machine.
+LOAD_S = 0.05  # per batch, in the loader
+COMPUTE_S = 0.1  # per step, in training_step
+
+
+class SlowBatches(Dataset):
+    """Each item is a whole batch (DataLoader(batch_size=None)) that takes ``delay`` seconds to load."""
+
+    def __init__(self, n: int, delay: float) -> None:
+        self.n, self.delay = n, delay
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        time.sleep(self.delay)
+        return torch.randn(4, 8), torch.arange(4) % 2
+
+
+class Model(L.LightningModule):
+    def __init__(self, compute_s: float = 0.0, val_s: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Linear(8, 2)
+        self.compute_s, self.val_s = compute_s, val_s
+        self.val_calls = 0
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        time.sleep(self.compute_s)
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.val_calls += 1
+        time.sleep(self.val_s)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def run(
+    monitor: DataStallMonitor, load_s: float, compute_s: float, steps: int = 12, **kwargs: Any
+) -> L.Trainer:
+    loader = DataLoader(SlowBatches(steps, load_s), batch_size=None)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[monitor], **kwargs,
+    )  # fmt: skip
+    trainer.fit(Model(compute_s), loader)
+    return trainer
+
+
+def test_slow_loader_is_reported_as_wait_and_warned_once() -> None:
+    monitor = DataStallMonitor(threshold=0.05, window=5, warmup_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = run(monitor, load_s=LOAD_S, compute_s=0.0)
+    stall = [str(w.message) for w in caught if "DataStallMonitor" in str(w.message)]
+    assert len(stall) == 1
+    assert "num_workers=0" in stall[0] and "GPUAugment" in stall[0] and "DeviceResidentDataModule" in stall[0]
+    summary = monitor.summary()
+    assert summary["steps"] == 10 and summary["mean_wait_ms"] >= LOAD_S * 1e3
+    assert all(t.wait >= LOAD_S for t in monitor.history)  # the sleep is a lower bound of the wait
+    assert {"data/wait_ms", "data/wait_fraction"} <= set(trainer.callback_metrics)
+    assert trainer.callback_metrics["data/wait_ms"] >= LOAD_S * 1e3
+
+
+def test_slow_compute_is_not_wait() -> None:
+    monitor = DataStallMonitor(threshold=0.5, window=5, warmup_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(monitor, load_s=0.0, compute_s=COMPUTE_S, steps=8)
+    assert not any("DataStallMonitor" in str(w.message) for w in caught) and not monitor.warned
+    assert len(monitor.history) == 6 and all(t.compute >= COMPUTE_S for t in monitor.history)
+    assert monitor.summary()["median_fraction"] < 0.5
+
+
+def test_validation_time_is_not_counted_as_wait() -> None:
+    monitor = DataStallMonitor(warmup_steps=0, log=False)
+    loader = DataLoader(SlowBatches(6, 0.0), batch_size=None)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[monitor], val_check_interval=2,
+    )  # fmt: skip
+    model = Model(val_s=0.25)
+    trainer.fit(model, loader, DataLoader(SlowBatches(1, 0.0), batch_size=None))
+    assert model.val_calls == 3 and len(monitor.history) == 6
+    assert all(t.wait < 0.25 for t in monitor.history)
+
+
+def test_advice_names_the_loader_settings() -> None:
+    loader = DataLoader(SlowBatches(2, 0.0), batch_size=None, num_workers=0, pin_memory=False)
+    tips = stall_advice([PrefetchLoader(loader, "cpu")], torch.device("cuda"), prefetching=False)
+    text = " | ".join(tips)
+    assert "num_workers=0" in text and "pin_memory=True" in text and "GPUPrefetcher" in text
+    assert stall_advice({"a": loader}, torch.device("cpu"), prefetching=False)[0].startswith("the DataLoader")
+    resident = ResidentBatches((torch.zeros(4, 1),), batch_size=2)
+    assert "already live on the device" in stall_advice(resident, torch.device("cpu"), True)[0]
+    assert StepTiming(0, 1.0, 3.0).fraction == 0.25
+
+
+def test_bad_arguments() -> None:
+    for kwargs in (
+        {"threshold": 0.0},
+        {"threshold": 1.5},
+        {"window": 0},
+        {"warmup_steps": -1},
+        {"timing": "gpu"},
+    ):
+        with pytest.raises(ValueError):
+            DataStallMonitor(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"timing='cuda'.*needs a CUDA device"):
+        run(DataStallMonitor(timing="cuda"), load_s=0.0, compute_s=0.0, steps=1)

@@ -1,0 +1,265 @@
+"""Schedule callbacks in real Lightning runs on CPU: torch equality, run length, resume, logging, errors."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_speedup.schedules import LRRangeTest, OneCycle, WarmupCosine, WarmupStableDecay
+from lightning_speedup.schedules.functional import warmup_cosine, warmup_stable_decay
+from tests.schedules.common import (
+    Recorder,
+    Regressor,
+    assert_close_sequences,
+    make_trainer,
+    regression_loader,
+    single_thread,  # noqa: F401 (autouse fixture)
+    torch_one_cycle_reference,
+)
+
+# ------------------------------------------------------------------------------------------------
+# step-by-step equality with torch.optim.lr_scheduler.OneCycleLR
+# ------------------------------------------------------------------------------------------------
+
+CASES = {
+    "sgd-cos-two-phase": ("sgd", (0.05,), {"max_lr": 0.3}),
+    "adam-linear-three-phase-per-group": (
+        "adam",
+        (1e-3, 1e-3),
+        {
+            "max_lr": [0.01, 0.02],
+            "anneal_strategy": "linear",
+            "three_phase": True,
+            "pct_start": 0.25,
+            "div_factor": 10.0,
+            "final_div_factor": 100.0,
+            "base_momentum": [0.8, 0.85],
+            "max_momentum": [0.9, 0.95],
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_cycle_matches_torch_every_step(case: str) -> None:
+    optimizer, group_lrs, kwargs = CASES[case]
+    recorder = Recorder()
+    callback = OneCycle(**kwargs)
+    trainer = make_trainer(
+        max_epochs=2, callbacks=[recorder, callback]
+    )  # recorder first: order must not matter
+    trainer.fit(Regressor(optimizer, group_lrs), regression_loader(n_batches=10))
+    assert callback.schedule_total_steps == 20
+    expected = torch_one_cycle_reference(optimizer, group_lrs, 20, **kwargs)
+    assert_close_sequences(recorder.of(0), expected)
+
+
+@pytest.mark.parametrize("accumulate", [2, 4])
+def test_gradient_accumulation_steps_once_per_optimizer_step(accumulate: int) -> None:
+    recorder, callback = Recorder(), OneCycle(max_lr=0.2)
+    trainer = make_trainer(max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[recorder, callback])
+    trainer.fit(Regressor("sgd"), regression_loader(n_batches=10))
+    total = math.ceil(10 / accumulate) * 2  # Lightning steps on the epoch's last batch too
+    assert callback.schedule_total_steps == total == trainer.global_step
+    assert callback.steps_taken == [total]
+    assert_close_sequences(recorder.of(0), torch_one_cycle_reference("sgd", (0.1,), total, max_lr=0.2))
+
+
+@pytest.mark.parametrize(
+    ("trainer_kwargs", "total"),
+    [({"max_epochs": 3, "limit_train_batches": 4}, 12), ({"max_epochs": 5, "max_steps": 7}, 7)],
+)
+def test_run_length_follows_the_trainer(trainer_kwargs: dict[str, Any], total: int) -> None:
+    recorder, callback = Recorder(), OneCycle(max_lr=0.2, pct_start=0.25)
+    trainer = make_trainer(callbacks=[recorder, callback], **trainer_kwargs)
+    trainer.fit(Regressor("sgd"), regression_loader(n_batches=10))
+    assert callback.schedule_total_steps == total == len(recorder.records)
+    expected = torch_one_cycle_reference("sgd", (0.1,), total, max_lr=0.2, pct_start=0.25)
+    assert_close_sequences(recorder.of(0), expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# groups, several optimizers, the warmup schedules
+# ------------------------------------------------------------------------------------------------
+
+
+class TwoOptimizers(Regressor):
+    """Manual optimization: SGD with two groups on body/head plus Adam on a separate scale parameter."""
+
+    def __init__(self) -> None:
+        super().__init__("sgd", (0.02, 0.002))
+        self.automatic_optimization = False
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        sgd, adam = self.optimizers()  # type: ignore[misc]
+        loss = torch.nn.functional.mse_loss(self(x) * self.scale, y)
+        sgd.zero_grad()
+        adam.zero_grad()
+        self.manual_backward(loss)
+        sgd.step()
+        if batch_idx % 2 == 0:  # the second optimizer steps every other batch only
+            adam.step()
+
+    def configure_optimizers(self) -> Any:
+        sgd = torch.optim.SGD(
+            [{"params": self.body.parameters()}, {"params": self.head.parameters(), "lr": 0.002}],
+            lr=0.02,
+            momentum=0.9,
+        )
+        return [sgd, torch.optim.Adam([self.scale], lr=0.01)]
+
+
+def test_groups_keep_their_ratio_and_each_optimizer_has_its_own_clock() -> None:
+    recorder, callback = Recorder(), WarmupCosine(peak_lr=0.1, warmup=0.2, cycle_momentum=True)
+    trainer = make_trainer(max_epochs=2, callbacks=[recorder, callback])
+    trainer.fit(TwoOptimizers(), regression_loader(n_batches=10))
+    total = 20
+    # Largest base LR (0.02) peaks at 0.1; the others keep their ratio to it.
+    assert callback.peak_lrs == [[0.1, pytest.approx(0.01)], [pytest.approx(0.05)]]
+    assert callback.steps_taken == [20, 10]
+    for opt_index, peaks in enumerate(callback.peak_lrs):
+        got = recorder.of(opt_index)
+        for t, (lrs, moms) in enumerate(got):
+            fraction = warmup_cosine(t, total, warmup=0.2)
+            assert lrs == pytest.approx([p * fraction for p in peaks], abs=1e-15)
+            assert moms == pytest.approx([0.95 - 0.1 * fraction] * len(peaks), abs=1e-15)
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
+def test_warmup_stable_decay_uses_each_groups_own_lr_as_peak(shape: str) -> None:
+    recorder = Recorder()
+    callback = WarmupStableDecay(warmup=0.1, decay=0.3, decay_shape=shape, min_lr_ratio=0.05)  # type: ignore[arg-type]
+    trainer = make_trainer(max_epochs=2, callbacks=[recorder, callback])
+    trainer.fit(Regressor("adam", (1e-3, 4e-3)), regression_loader(n_batches=10))
+    for t, (lrs, moms) in enumerate(recorder.of(0)):
+        f = warmup_stable_decay(t, 20, warmup=0.1, decay=0.3, decay_shape=shape, min_lr_ratio=0.05)  # type: ignore[arg-type]
+        assert lrs == [1e-3 * f, 4e-3 * f]
+        assert moms == [0.9, 0.9]  # momentum cycling is off by default for the warmup schedules
+
+
+# ------------------------------------------------------------------------------------------------
+# exact resume
+# ------------------------------------------------------------------------------------------------
+
+
+def test_resume_from_mid_training_checkpoint_is_exact(tmp_path: Path) -> None:
+    def run(ckpt: str | None) -> tuple[Recorder, Regressor, ModelCheckpoint]:
+        torch.manual_seed(1)
+        model, recorder = Regressor("adam", (1e-3,)), Recorder()
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+        callbacks = [recorder, OneCycle(max_lr=0.05, pct_start=0.4), checkpoint]
+        trainer = make_trainer(max_epochs=4, callbacks=callbacks, enable_checkpointing=True)
+        trainer.fit(model, regression_loader(n_batches=6), ckpt_path=ckpt)
+        return recorder, model, checkpoint
+
+    full, full_model, _ = run(None)
+    mid = tmp_path / "ckpt" / "epoch=1-step=12.ckpt"  # after 2 of 4 epochs: 12 of 24 steps, past the peak
+    assert mid.exists()
+    state = torch.load(mid, weights_only=False)["callbacks"]
+    (one_cycle_state,) = [v for k, v in state.items() if k.startswith("OneCycle")]
+    assert one_cycle_state["steps"] == [12] and one_cycle_state["total_steps"] == 24
+
+    resumed, resumed_model, _ = run(str(mid))
+    assert len(resumed.records) == 12
+    assert resumed.records == full.records[12:]  # identical floats, LR and betas
+    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# logging next to LearningRateMonitor
+# ------------------------------------------------------------------------------------------------
+
+
+def test_logged_values_match_learning_rate_monitor(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path, name="run")
+    callbacks = [LearningRateMonitor(log_momentum=True), OneCycle(max_lr=0.2)]
+    trainer = make_trainer(max_epochs=1, callbacks=callbacks, logger=logger, log_every_n_steps=1)
+    trainer.fit(Regressor("sgd"), regression_loader(n_batches=10))
+    rows = list(csv.DictReader((Path(logger.log_dir) / "metrics.csv").read_text().splitlines()))
+    ours = {int(r["step"]): float(r["schedule/lr-SGD"]) for r in rows if r.get("schedule/lr-SGD")}
+    monitor = {int(r["step"]): float(r["lr-SGD"]) for r in rows if r.get("lr-SGD")}
+    momentum = {
+        int(r["step"]): float(r["schedule/momentum-SGD"]) for r in rows if r.get("schedule/momentum-SGD")
+    }
+    expected = torch_one_cycle_reference("sgd", (0.1,), 10, max_lr=0.2)
+    assert sorted(ours) == list(range(10)) and ours == monitor
+    assert [ours[t] for t in range(10)] == [e[0][0] for e in expected]
+    assert [momentum[t] for t in range(10)] == [e[1][0] for e in expected]
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: clear errors, before any training step
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: OneCycle(max_lr=0.1, pct_start=0.0), r"pct_start must be in \(0, 1\)"),
+        (lambda: OneCycle(max_lr=0.1, pct_start=1.0), r"pct_start must be in \(0, 1\)"),
+        (lambda: OneCycle(max_lr=0.1, pct_start=-0.2), r"pct_start must be in \(0, 1\)"),
+        (lambda: OneCycle(max_lr=0.0), "max_lr must be a finite number > 0"),
+        (lambda: OneCycle(max_lr=-1e-3), "max_lr must be a finite number > 0"),
+        (lambda: OneCycle(max_lr=[1e-3, 0.0]), r"max_lr\[1\] must be a finite number > 0"),
+        (lambda: OneCycle(max_lr="best"), "max_lr must be a number"),
+        (lambda: OneCycle(max_lr=0.1, div_factor=0), "div_factor must be a finite number > 0"),
+        (lambda: OneCycle(max_lr=0.1, base_momentum=1.2), r"base_momentum must be in \[0, 1\)"),
+        (lambda: OneCycle(max_lr=0.1, three_phase=True, pct_start=0.7), "at most 0.5"),
+        (lambda: OneCycle(max_lr=0.1, range_test=LRRangeTest()), "only runs for max_lr='auto'"),
+        (lambda: WarmupCosine(peak_lr=-1.0), "peak_lr must be a finite number > 0"),
+        (lambda: WarmupCosine(warmup=1.0), r"warmup must be in \[0, 1\)"),
+        (lambda: WarmupStableDecay(warmup=0.3, decay=0.8), r"warmup \+ decay must be at most 1"),
+        (lambda: WarmupStableDecay(decay_shape="exp"), "decay_shape must be one of"),  # type: ignore[arg-type]
+        (lambda: LRRangeTest(min_lr=0.0), "min_lr must be a finite number > 0"),
+        (lambda: LRRangeTest(min_lr=1.0, max_lr=0.1), "must be below max_lr"),
+    ],
+)
+def test_bad_arguments_are_rejected_at_construction(make: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("model", "callback", "trainer_kwargs", "match"),
+    [
+        (Regressor(), OneCycle(max_lr=0.1), {"max_epochs": -1}, "train forever"),
+        (
+            Regressor(scheduler=True),
+            OneCycle(max_lr=0.1),
+            {},
+            r"returns a learning-rate scheduler \(StepLR\)",
+        ),
+        (
+            Regressor(),
+            WarmupCosine(peak_lr=[0.1, 0.2]),
+            {},
+            "has 2 values but the optimizers have 1 param groups",
+        ),
+        (
+            Regressor(),
+            OneCycle(max_lr=0.1, pct_start=0.05),
+            {},
+            "phase 1 of 2 has length 0",
+        ),  # 0.05 * 20 == 1
+        (Regressor("adagrad"), OneCycle(max_lr=0.1), {}, "has neither. Pass cycle_momentum=False"),
+        (Regressor(group_lrs=(0.0,)), OneCycle(max_lr=0.1), {}, "built with lr <= 0"),
+    ],
+)
+def test_bad_runs_fail_before_the_first_step(
+    model: Regressor, callback: L.Callback, trainer_kwargs: dict[str, Any], match: str
+) -> None:
+    trainer = make_trainer(callbacks=[callback], **trainer_kwargs)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model, regression_loader(n_batches=10))
+    assert model.training_steps == 0 and trainer.global_step == 0

@@ -1,0 +1,169 @@
+"""The LR range test on real Fashion-MNIST: exact restore, a sane choice, files, and clear failures."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_speedup.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+from lightning_speedup.schedules import LRRangeTest, OneCycle, RangeTestDivergedError, WarmupCosine
+from tests.schedules.common import Regressor, make_trainer, regression_loader, single_thread  # noqa: F401
+from tests.schedules.test_callbacks import TwoOptimizers
+
+
+@pytest.fixture(scope="module")
+def fashion_loader(fashion_mnist_dir: Path) -> DataLoader:
+    data = load_fashion_mnist(fashion_mnist_dir)
+    x = (data.train_images[:1024].float().unsqueeze(1) / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    return DataLoader(TensorDataset(x, data.train_labels[:1024]), batch_size=64, shuffle=True)
+
+
+class SmallNet(L.LightningModule):
+    """Conv + BatchNorm + Dropout, so the sweep changes weights, running stats and RNG state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, stride=2, padding=1),  # (B, 8, 14, 14)
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Dropout(0.2),
+            nn.Linear(8 * 14 * 14, 10),
+        )
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+class Snapshot(L.Callback):
+    """Placed before the schedule: takes one real Adam step (so the optimizer has state to lose), then
+    snapshots model, optimizer and RNG in on_fit_start."""
+
+    def __init__(self, batch: tuple[Tensor, Tensor]) -> None:
+        self.batch = batch
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _ = trainer.estimated_stepping_batches  # Lightning's data setup draws from the RNG; get it done first
+        opt = trainer.optimizers[0]
+        x, y = self.batch
+        F.cross_entropy(pl_module.net(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.model = copy.deepcopy(pl_module.state_dict())
+        self.optimizer = copy.deepcopy(opt.state_dict())
+        self.rng = torch.get_rng_state()
+        self.training = [m.training for m in pl_module.modules()]
+
+
+class Verify(L.Callback):
+    """Placed after the schedule: everything must be as the snapshot saw it."""
+
+    def __init__(self, snapshot: Snapshot, schedule: OneCycle) -> None:
+        self.snapshot, self.schedule, self.checked = snapshot, schedule, False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        opt = trainer.optimizers[0]
+        assert _equal(pl_module.state_dict(), self.snapshot.model)
+        state, saved = opt.state_dict(), self.snapshot.optimizer
+        assert len(state["state"]) == len(list(pl_module.parameters()))
+        assert _equal(state["state"], saved["state"])
+        # The schedule owns lr and betas[0] and has just written its step-0 values; the rest is untouched.
+        (group,), (saved_group,) = state["param_groups"], saved["param_groups"]
+        assert (group["lr"], group["betas"][0]) == (
+            pytest.approx(self.schedule.peak_lrs[0][0] / 25, rel=1e-12),
+            0.95,
+        )
+        assert group["betas"][1] == saved_group["betas"][1]
+        assert _equal(
+            {k: v for k, v in group.items() if k not in ("lr", "betas")},
+            {k: v for k, v in saved_group.items() if k not in ("lr", "betas")},
+        )
+        assert all(p.grad is None for p in pl_module.parameters())
+        assert torch.equal(torch.get_rng_state(), self.snapshot.rng)
+        assert [m.training for m in pl_module.modules()] == self.snapshot.training
+        self.checked = True
+
+
+def test_range_test_restores_everything_and_training_matches_an_explicit_run(
+    fashion_loader: DataLoader, tmp_path: Path
+) -> None:
+    settings = LRRangeTest(min_lr=1e-5, max_lr=10.0, num_steps=40)
+
+    def run(max_lr: Any, logger: Any = False) -> tuple[SmallNet, OneCycle, Verify]:
+        torch.manual_seed(3)
+        model, snapshot = SmallNet(), Snapshot(fashion_loader.dataset[:64])
+        schedule = OneCycle(max_lr=max_lr, range_test=settings if max_lr == "auto" else None)
+        verify = Verify(snapshot, schedule)
+        trainer = make_trainer(max_epochs=1, callbacks=[snapshot, schedule, verify], logger=logger)
+        trainer.fit(model, fashion_loader)
+        return model, schedule, verify
+
+    logger = CSVLogger(tmp_path, name="auto")
+    auto_model, auto, verified = run("auto", logger)
+    assert verified.checked
+    result = auto.range_test_result
+    assert result is not None and len(result.losses) > 20
+    assert 1e-4 < result.lr < 1.0 and result.lr == pytest.approx(result.suggestion.lr_at_minimum / 4)
+    assert auto.peak_lrs == [[result.lr]]
+
+    # Training after the test is bit-identical to a run that was given the chosen LR directly.
+    explicit_model, _, _ = run(result.lr)
+    for a, b in zip(auto_model.state_dict().values(), explicit_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+    log_dir = Path(logger.log_dir)
+    assert (log_dir / "lr_range_test.png").stat().st_size > 1000
+    curve = json.loads((log_dir / "lr_range_test.json").read_text())
+    assert curve["lr"] == result.lr and len(curve["losses"]) == len(result.losses)
+    rows = list(csv.DictReader((log_dir / "metrics.csv").read_text().splitlines()))
+    assert [float(r["schedule/range_test_lr"]) for r in rows if r.get("schedule/range_test_lr")] == [
+        result.lr
+    ]
+
+
+def test_range_test_that_diverges_immediately_raises_and_restores(tmp_path: Path) -> None:
+    model = Regressor("adam", (1e-3,))
+    before = copy.deepcopy(model.state_dict())
+    schedule = WarmupCosine(peak_lr="auto", range_test=LRRangeTest(min_lr=1e3, max_lr=1e6, num_steps=20))
+    trainer = make_trainer(callbacks=[schedule])
+    with pytest.raises(RangeTestDivergedError, match="diverged immediately") as err:
+        trainer.fit(model, regression_loader(n_batches=10))
+    assert "min_lr=10" in str(err.value)  # names the way out
+    assert trainer.global_step == 0
+    assert _equal(model.state_dict(), before)
+
+
+def test_range_test_refuses_manual_optimization() -> None:
+    model = TwoOptimizers()
+    trainer = make_trainer(callbacks=[OneCycle(max_lr="auto")])
+    with pytest.raises(ValueError, match="needs automatic optimization"):
+        trainer.fit(model, regression_loader(n_batches=10))
+    assert trainer.global_step == 0
