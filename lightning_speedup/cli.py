@@ -65,10 +65,10 @@ def _list() -> int:
 
     print("tasks:")
     for t in TASKS.values():
-        print(f"  {t.name:<14} {t.description}")
+        print(f"  {t.name:<18} {t.description}")
     print("recipes:")
     for name in available_recipes():
-        print(f"  {name:<14} {get_recipe(name).description}")
+        print(f"  {name:<18} {get_recipe(name).description}")
     return EXIT_OK
 
 

@@ -40,6 +40,7 @@ class Recipe:
     data: str = "baseline"
     num_workers: int = 4
     drop_last: bool = False
+    max_epochs: int | None = None  # the recipe's own epoch budget (a schedule's length); None: the task's
     callbacks: tuple[CallbackFactory, ...] = ()
     strategy: str | None = None
     trainer_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -133,5 +134,55 @@ SPEEDUP = register_recipe(
         channels_last=True,
         trainer_kwargs={"benchmark": True},
         per_task={"char-lm": {"batch_size": 128, "lr": 1e-3, "channels_last": False}},
+    )
+)
+
+
+# --- Candidate recipes of the feature issues, registered so the bench can measure them. Whether one of
+# them joins `speedup` is decided by the measured numbers (docs/methods/), not here.
+
+
+def _one_cycle(max_lr: float) -> CallbackFactory:
+    def one_cycle(ctx: RunContext) -> Callback:
+        from lightning_speedup.schedules import OneCycle
+
+        return OneCycle(max_lr=max_lr)
+
+    one_cycle.__name__ = f"OneCycle(max_lr={max_lr:g})"
+    return one_cycle
+
+
+register_recipe(
+    BASELINE.extended(
+        name="baseline-onecycle",
+        description="baseline with a per-step OneCycle schedule (max_lr 3e-3, 10 epochs; LM: 2e-3, 40 epochs).",
+        callbacks=(_one_cycle(3e-3),),
+        max_epochs=10,
+        per_task={"char-lm": {"callbacks": (_one_cycle(2e-3),), "max_epochs": 40}},
+    )
+)
+register_recipe(
+    SPEEDUP.extended(
+        name="speedup-onecycle",
+        description="speedup with a per-step OneCycle schedule (max_lr 4e-3, 10 epochs; LM: 2e-3, 40 epochs).",
+        callbacks=(_one_cycle(4e-3),),
+        max_epochs=10,
+        per_task={
+            "char-lm": {**SPEEDUP.per_task["char-lm"], "callbacks": (_one_cycle(2e-3),), "max_epochs": 40}
+        },
+    )
+)
+register_recipe(
+    SPEEDUP.extended(
+        name="speedup-gpu-data",
+        description="speedup fed raw uint8 batches, copied by GPUPrefetcher on a side stream and augmented by GPUAugment.",
+        data="gpu",
+    )
+)
+register_recipe(
+    SPEEDUP.extended(
+        name="speedup-resident",
+        description="speedup with the data set resident in GPU memory, shuffled and batched there, GPUAugment.",
+        data="resident",
     )
 )

@@ -133,8 +133,16 @@ def run_one(
     label: str = "",
 ) -> RunResult:
     """One fit of one recipe with one seed; failures are caught and reported, never hidden."""
-    task, _, target, max_epochs = cfg.resolve()
+    task, _, target, default_epochs = cfg.resolve()
     recipe = get_recipe(recipe_name).for_task(task.name)
+    # An explicit --max-epochs applies to every recipe; otherwise a recipe's own budget (a schedule's
+    # length), else the task's.
+    max_epochs = cfg.max_epochs or recipe.max_epochs or default_epochs
+    if recipe.compile:
+        # Each run compiles as a fresh process would: without this, runs after the first reuse the
+        # in-memory graphs of dynamo and show almost no warm-up. (Inductor's on-disk cache stays, as
+        # it does for a user who trains twice.)
+        torch._dynamo.reset()
     L.seed_everything(seed, workers=True, verbose=False)
     ctx = RunContext(
         task=task, recipe=recipe, seed=seed, data_path=cfg.data_path, train_subset=cfg.train_subset,

@@ -133,6 +133,52 @@ def _fashion_baseline(ctx: RunContext) -> tuple[L.LightningDataModule, list[Call
     return dm, []
 
 
+def _gpu_augment(ctx: RunContext) -> Callback:
+    from lightning_speedup import augment
+    from lightning_speedup.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, GPUAugment
+
+    return GPUAugment(
+        augment.RandomCrop(28, padding=2),
+        augment.RandomHorizontalFlip(),
+        augment.Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+        seed=ctx.seed,
+    )
+
+
+def _fashion_gpu(ctx: RunContext) -> tuple[L.LightningDataModule, list[Callback]]:
+    """uint8 batches from the usual DataLoader (no CPU work), side-stream copies, GPU augmentation."""
+    from lightning_speedup.data import GPUPrefetcher
+
+    dm = FashionMNISTDataModule(
+        data_dir=ctx.data_path,
+        batch_size=ctx.task.setting(ctx.recipe, "batch_size"),
+        num_workers=ctx.recipe.num_workers,
+        augment=False,
+        output="uint8",
+        train_subset=ctx.train_subset,
+        val_subset=ctx.val_subset,
+        seed=ctx.seed,
+        drop_last=ctx.recipe.drop_last,
+        pin_memory=False,  # GPUPrefetcher pins on its own
+    )
+    return dm, [GPUPrefetcher(depth=2), _gpu_augment(ctx)]
+
+
+def _fashion_resident(ctx: RunContext) -> tuple[L.LightningDataModule, list[Callback]]:
+    """The whole data set in GPU memory as uint8, shuffled and batched there, GPU augmentation."""
+    from lightning_speedup.data import DeviceResidentDataModule
+
+    dm = DeviceResidentDataModule.from_fashion_mnist(
+        ctx.data_path,
+        batch_size=ctx.task.setting(ctx.recipe, "batch_size"),
+        drop_last=ctx.recipe.drop_last,
+        seed=ctx.seed,
+    )
+    if ctx.train_subset or ctx.val_subset:
+        raise ValueError("The resident pipeline uses the whole data set; drop --train-subset/--val-subset.")
+    return dm, [_gpu_augment(ctx)]
+
+
 def _default_text_path(data_path: str | None) -> Path:
     """``data_path`` may be the text file, or a folder holding ``tinyshakespeare/input.txt``."""
     roots = [Path(data_path)] if data_path else []
@@ -192,7 +238,7 @@ FASHION_MNIST = Task(
     build_module=_fashion_module,
     module_class=ImageClassifier,
     locate_data=find_fashion_mnist,
-    pipelines={"baseline": _fashion_baseline},
+    pipelines={"baseline": _fashion_baseline, "gpu": _fashion_gpu, "resident": _fashion_resident},
 )
 
 CHAR_LM = Task(

@@ -113,3 +113,11 @@ def test_console_script_installed() -> None:
     assert exe.exists(), "pip install -e . installs the lightning-speedup command"
     proc = subprocess.run([str(exe), "list"], capture_output=True, text=True, env={**os.environ}, check=False)
     assert proc.returncode == 0 and "recipes:" in proc.stdout
+
+
+def test_gpu_data_recipe_trains_end_to_end_on_cpu(fashion_mnist_dir: Path, tmp_path: Path) -> None:
+    """On a CPU the prefetcher passes batches through and GPUAugment runs on the CPU tensors."""
+    rc = _bench(fashion_mnist_dir, tmp_path / "g", "--recipe", "speedup-gpu-data", "--target", "0.05")
+    assert rc == EXIT_OK
+    run = json.loads((tmp_path / "g" / "report.json").read_text())["runs"][0]
+    assert run["reached"] and run["error"] is None

@@ -72,7 +72,9 @@ def test_bad_overrides_and_pipeline() -> None:
 
 def test_bench_config_validates_before_running(shakespeare_path, tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="outside the range"):
-        BenchConfig(task="char-lm", recipes=["baseline"], target=-1, data_path=str(shakespeare_path)).resolve()
+        BenchConfig(
+            task="char-lm", recipes=["baseline"], target=-1, data_path=str(shakespeare_path)
+        ).resolve()
     with pytest.raises(DataError, match="char-lm needs a UTF-8 text file"):
         BenchConfig(task="char-lm", recipes=["baseline"], data_path=str(tmp_path / "none.txt")).resolve()
     with pytest.raises(ValueError, match="at least one"):
@@ -81,3 +83,41 @@ def test_bench_config_validates_before_running(shakespeare_path, tmp_path) -> No
         BenchConfig(task="char-lm", recipes=["baseline"], seeds=0, data_path=str(shakespeare_path)).resolve()
     with pytest.raises(ValueError, match=r"Unknown model argument\(s\) \['depth'\]"):
         BenchConfig(task="fashion-mnist", recipes=["baseline"], model_kwargs={"depth": 3}).resolve()
+
+
+@pytest.mark.parametrize("task_name", ["fashion-mnist", "char-lm"])
+def test_every_registered_recipe_builds(task_name: str, fashion_mnist_dir, shakespeare_path) -> None:  # type: ignore[no-untyped-def]
+    from lightning_speedup.bench import available_recipes
+
+    task = get_task(task_name)
+    data = str(fashion_mnist_dir if task_name == "fashion-mnist" else shakespeare_path)
+    for name in available_recipes():
+        recipe = get_recipe(name).for_task(task_name)
+        if recipe.data not in task.pipelines:
+            continue  # a pipeline this task does not have (e.g. resident images for the LM)
+        ctx = RunContext(task=task, recipe=recipe, seed=0, data_path=data)
+        module, dm, callbacks, kwargs = build_trainer_parts(task, ctx)
+        assert isinstance(module, L.LightningModule) and isinstance(dm, L.LightningDataModule), name
+        assert kwargs["precision"] == recipe.precision
+        assert len(callbacks) >= len(recipe.callbacks)
+
+
+def test_gpu_data_recipes_wire_the_pipeline(fashion_mnist_dir) -> None:  # type: ignore[no-untyped-def]
+    from lightning_speedup.data import DeviceResidentDataModule, GPUAugment, GPUPrefetcher
+
+    task = get_task("fashion-mnist")
+    ctx = RunContext(
+        task=task, recipe=get_recipe("speedup-gpu-data"), seed=0, data_path=str(fashion_mnist_dir)
+    )
+    _, dm, callbacks, _ = build_trainer_parts(task, ctx)
+    assert dm.output == "uint8" and not dm.augment  # type: ignore[attr-defined]
+    assert [type(c) for c in callbacks] == [GPUPrefetcher, GPUAugment]
+    ctx = RunContext(
+        task=task, recipe=get_recipe("speedup-resident"), seed=0, data_path=str(fashion_mnist_dir)
+    )
+    _, dm, callbacks, _ = build_trainer_parts(task, ctx)
+    assert isinstance(dm, DeviceResidentDataModule) and [type(c) for c in callbacks] == [GPUAugment]
+    ctx.train_subset = 100
+    with pytest.raises(ValueError, match="whole data set"):
+        build_trainer_parts(task, ctx)
+    assert get_recipe("speedup-onecycle").for_task("char-lm").batch_size == 128  # keeps speedup's LM override
