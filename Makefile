@@ -21,15 +21,20 @@ $(PY):
 venv: $(PY)
 
 # On a machine without a GPU: the CPU build of torch (a plain `torch` requirement pulls a multi-GB
-# CUDA build). First from pip's configured local wheels, then from PyTorch's CPU index.
+# CUDA build). First a CPU wheel from pip's configured local wheels (then its dependencies from the
+# usual index), else PyTorch's CPU index; then check that a CPU build is what got installed.
 torch: $(PY)
 ifeq ($(HAS_GPU),1)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch
 else
-	@$(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$(TORCH_VERSION)') else 1)" 2>/dev/null \
-	  || $(PIP) install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
-	  || $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX)
-	@$(PY) -c "import torch; print('torch', torch.__version__, '(CPU build)')"
+	@if ! $(PY) -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$(TORCH_VERSION)') else 1)" 2>/dev/null; then \
+	  if $(PIP) install -q --no-deps --no-index "torch==$(TORCH_VERSION)" 2>/dev/null; then \
+	    $(PIP) install -q "torch==$(TORCH_VERSION)"; \
+	  else \
+	    $(PIP) install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
+	  fi; \
+	fi
+	@$(PY) -W ignore -c "import torch, sys; cpu = torch.version.cuda is None; print('torch', torch.__version__, '(CPU build)' if cpu else '(CUDA build!)'); sys.exit(0 if cpu else 1)"
 endif
 
 install: torch
