@@ -7,7 +7,7 @@ strings with Lightning's ``StrategyRegistry``. Heavy optional parts are imported
 
 from __future__ import annotations
 
-from lightning_speedup import augment
+from lightning_speedup import augment, quantization
 from lightning_speedup._registry import register_strategies, registered_strategy, strategy_names
 from lightning_speedup.data import (
     DataStallMonitor,
@@ -15,6 +15,7 @@ from lightning_speedup.data import (
     GPUAugment,
     GPUPrefetcher,
 )
+from lightning_speedup.quantization import QATPrecision
 from lightning_speedup.schedules import (
     LRRangeTest,
     LRScheduleCallback,
@@ -34,11 +35,13 @@ __all__ = [
     "LRRangeTest",
     "LRScheduleCallback",
     "OneCycle",
+    "QATPrecision",
     "RangeTestDivergedError",
     "WarmupCosine",
     "WarmupStableDecay",
     "__version__",
     "augment",
+    "quantization",
     "register_strategies",
     "registered_strategy",
     "strategy_names",
