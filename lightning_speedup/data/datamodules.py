@@ -21,6 +21,7 @@ from lightning_speedup.data.datasets import (
     FASHION_MNIST_STD,
     FashionMNIST,
     TextCorpus,
+    find_fashion_mnist,
     load_fashion_mnist,
     load_text_corpus,
 )
@@ -117,7 +118,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.data: FashionMNIST | None = None
 
     def prepare_data(self) -> None:
-        load_fashion_mnist(self.data_dir)  # finds or downloads once, on rank 0
+        find_fashion_mnist(self.data_dir)  # finds or downloads once, on rank 0; setup reads the files
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:

@@ -1,0 +1,190 @@
+"""Lightning adapter: report every validation's metrics to Ray Tune and keep the best weights only.
+
+After each validation (the sanity check excluded) the callback sends every scalar in
+``trainer.callback_metrics`` plus ``epoch``, ``step`` and ``fit_time_s`` to ``ray.tune.report``, so
+schedulers such as ASHA (Li et al., 2020) can stop a weak trial between epochs. A checkpoint goes
+along only when the tuned value improved, and it holds weights and hyper-parameters only (no
+optimizer state), which keeps sweeps of many trials from filling the disk; Tune keeps one per trial.
+
+With a :class:`~lightning_speedup.tune.TimeToTarget` objective the callback also scores each report
+(see :mod:`lightning_speedup.tune.objective`) and stops the trial at the first validation that reaches
+the target. Time spent talking to Tune and writing checkpoints is excluded from the measured wall time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+from typing_extensions import override
+
+from lightning_speedup.tune.objective import TimeToTarget
+
+CHECKPOINT_FILE = "model.ckpt"
+
+# report(metrics, checkpoint_dir or None); the default sends to the Ray Tune session of the trial.
+Reporter = Callable[[dict[str, float], "str | None"], None]
+
+
+class MetricNotReportedError(ValueError):
+    """The tuned metric was not among the metrics a trial logged; the message lists those it did log."""
+
+
+def _ray_report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+    from ray import tune
+
+    checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    tune.report(metrics, checkpoint=checkpoint)
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar entries of Lightning's ``callback_metrics`` as Python floats (tensors of one element)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                continue
+            out[key] = float(value.detach().float().cpu().item())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
+class TuneReportCallback(Callback):
+    """Reports metrics to Ray Tune after each validation and checkpoints the best weights.
+
+    ``tune_lightning`` adds this callback to every trial; use it directly only in a hand-written Tune
+    trainable.
+
+    Args:
+        metric: the tuned logged metric (e.g. ``"val_acc"``); ignored when ``objective`` is given.
+        mode: ``"max"`` or ``"min"`` for ``metric``.
+        objective: optional :class:`TimeToTarget`; the trial then reports ``"time_to_target_s"``
+            (to minimise) and stops once the target is reached.
+        checkpoint: send a weights-only checkpoint to Tune whenever the tuned value improves.
+        report: where to send ``(metrics, checkpoint_dir)``; default: ``ray.tune.report`` of the trial.
+
+    Raises:
+        ValueError: empty ``metric`` or ``mode`` not in {"max", "min"}.
+        MetricNotReportedError: at the first validation, when the metric the sweep needs was not logged.
+    """
+
+    def __init__(
+        self,
+        metric: str,
+        mode: str = "max",
+        objective: TimeToTarget | None = None,
+        checkpoint: bool = True,
+        report: Reporter | None = None,
+    ) -> None:
+        if objective is None and (not isinstance(metric, str) or not metric):
+            raise ValueError(f"metric must be a non-empty logged metric name, got {metric!r}.")
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
+        self.objective = objective
+        self.source_metric = objective.metric if objective else metric
+        self.tuned_key = TimeToTarget.key if objective else metric
+        self.tuned_mode = "min" if objective else mode
+        self.checkpoint = checkpoint
+        self._report = report or _ray_report
+        self._t0: float | None = None
+        self._excluded_s = 0.0
+        self._best_source: float | None = None
+        self._best_tuned: float | None = None
+        self._reached_at_s: float | None = None
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._t0 = time.perf_counter()
+            self._excluded_s = 0.0
+            self._best_source = self._best_tuned = self._reached_at_s = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        elapsed = None if self._t0 is None else time.perf_counter() - self._t0 - self._excluded_s
+        return {
+            "best_source": self._best_source,
+            "best_tuned": self._best_tuned,
+            "reached_at_s": self._reached_at_s,
+            "elapsed_s": elapsed,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callback state after setup(), so the clock continues from the saved time.
+        self._best_source = state_dict["best_source"]
+        self._best_tuned = state_dict["best_tuned"]
+        self._reached_at_s = state_dict["reached_at_s"]
+        if state_dict["elapsed_s"] is not None:
+            self._t0 = time.perf_counter() - state_dict["elapsed_s"]
+            self._excluded_s = 0.0
+
+    def _better(self, a: float, b: float | None, mode: str) -> bool:
+        if math.isnan(a):
+            return False
+        return b is None or math.isnan(b) or (a > b if mode == "max" else a < b)
+
+    def _fraction_done(self, trainer: L.Trainer) -> float:
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            return 1.0
+        return min(1.0, max(trainer.global_step, 1) / total)
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        assert self._t0 is not None, "setup(stage='fit') runs before any validation of fit"
+        elapsed = time.perf_counter() - self._t0 - self._excluded_s
+        metrics = scalar_metrics(trainer.callback_metrics)
+        if self.source_metric not in metrics:
+            raise MetricNotReportedError(
+                f"The sweep tunes {self.source_metric!r}, but this trial logged no such metric by the end of "
+                f"validation; it logged {sorted(metrics) or 'nothing'}. Pass one of these as "
+                f"{'TimeToTarget(metric=...)' if self.objective else 'metric='}, or log it in "
+                f"validation_step with self.log({self.source_metric!r}, value)."
+            )
+        value = metrics[self.source_metric]
+        if self._better(value, self._best_source, self.objective.mode if self.objective else self.tuned_mode):
+            self._best_source = value
+        metrics.update(
+            epoch=float(trainer.current_epoch), step=float(trainer.global_step), fit_time_s=elapsed
+        )
+
+        stop = False
+        if self.objective is not None:
+            if self._reached_at_s is None and self.objective.reached(value):
+                self._reached_at_s = elapsed
+            fraction = self._fraction_done(trainer)
+            if self._reached_at_s is not None:
+                score, reached = self._reached_at_s, True
+            else:
+                score, reached = self.objective.score(elapsed, self._best_source, fraction)
+            metrics[TimeToTarget.key] = score
+            metrics[TimeToTarget.reached_key] = float(reached)
+            metrics[TimeToTarget.projected_key] = elapsed / max(fraction, 1e-6)
+            stop = reached and self.objective.stop_at_target
+
+        tuned = metrics[self.tuned_key]
+        improved = self._better(tuned, self._best_tuned, self.tuned_mode)
+        if improved:
+            self._best_tuned = tuned
+
+        t_report = time.perf_counter()
+        if self.checkpoint and improved:
+            with tempfile.TemporaryDirectory(prefix="tune_ckpt_") as tmp:
+                trainer.save_checkpoint(os.path.join(tmp, CHECKPOINT_FILE), weights_only=True)
+                self._report(metrics, tmp)
+        else:
+            self._report(metrics, None)
+        self._excluded_s += time.perf_counter() - t_report
+        if stop:
+            trainer.should_stop = True

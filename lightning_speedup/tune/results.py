@@ -1,0 +1,276 @@
+"""What a sweep returns: the best configuration, one row per trial, every report, and two plots.
+
+Built from Ray Tune's ``ResultGrid`` (kept as ``result_grid`` for anything not covered here). The best
+trial is the one with the best value of the tuned metric in *any* of its reports (a trial that ASHA
+stopped early still counts with what it reached); with a :class:`TimeToTarget` objective, only trials
+that reached the target compete on time, and the penalised score ranks the rest only when none did.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from ray.tune import Checkpoint, ResultGrid
+
+from lightning_speedup.tune.callback import CHECKPOINT_FILE
+from lightning_speedup.tune.objective import TimeToTarget
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+# Columns Ray adds to every report; history() keeps the useful ones, dataframe() none of them.
+_RAY_KEYS = {
+    "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "date", "hostname", "node_ip",
+    "pid", "time_since_restore", "iterations_since_restore", "time_this_iter_s",
+}  # fmt: skip
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _trial_statuses(grid: ResultGrid) -> dict[str, str]:
+    """Each trial's state: ``finished`` (ran to its end or was stopped by the scheduler or the
+    objective), ``error``, or ``unfinished`` (pending or running when the sweep stopped).
+
+    Ray's ``ResultGrid`` does not expose trial states; they are read from its ``ExperimentAnalysis``
+    (private attribute, checked against Ray 2.60).
+    """
+    names = {"TERMINATED": "finished", "ERROR": "error"}
+    analysis = getattr(grid, "_experiment_analysis", None)
+    trials = getattr(analysis, "trials", None) or []
+    return {t.trial_id: names.get(t.status, "unfinished") for t in trials}
+
+
+@dataclass
+class TuneResults:
+    """Results of :func:`~lightning_speedup.tune.tune_lightning`.
+
+    Attributes:
+        best_config: the configuration (as passed to ``build``) of the best trial; ``None`` if no trial
+            reported anything.
+        best_metric: its best value of the tuned metric (``"time_to_target_s"`` with an objective).
+        best_trial_id: Ray's id of the best trial.
+        best_checkpoint: Tune checkpoint with the best trial's weights (file ``model.ckpt``), or ``None``.
+        reached_target: with an objective, whether any trial reached the target; otherwise ``None``.
+        metric / mode: what the sweep optimised.
+        path: the sweep's directory (``storage_path/name``); pass the same name with ``resume=True``.
+        complete: ``False`` when the sweep stopped before all its trials (``num_samples`` per grid
+            point) finished, e.g. it was interrupted; resume it with ``resume=True``.
+        result_grid: Ray Tune's ``ResultGrid``.
+    """
+
+    result_grid: ResultGrid
+    metric: str
+    mode: str
+    num_trials: int
+    searched: list[str]
+    objective: TimeToTarget | None = None
+    path: str = ""
+    best_config: dict[str, Any] | None = field(init=False, default=None)
+    best_metric: float | None = field(init=False, default=None)
+    best_trial_id: str | None = field(init=False, default=None)
+    best_checkpoint: Checkpoint | None = field(init=False, default=None)
+    reached_target: bool | None = field(init=False, default=None)
+    complete: bool = field(init=False, default=True)
+
+    def __post_init__(self) -> None:
+        finished = self.result_grid.num_terminated + self.result_grid.num_errors
+        self.complete = finished >= self.num_trials
+        self._statuses = _trial_statuses(self.result_grid)
+        self._histories: dict[str, pd.DataFrame] = {}
+        self._results: dict[str, Any] = {}
+        started: dict[str, float] = {}
+        for result in self.result_grid:
+            trial_id = self._trial_id(result)
+            self._results[trial_id] = result
+            df = result.metrics_dataframe
+            started[trial_id] = math.inf
+            if df is not None and self.metric in df.columns and len(df):
+                self._histories[trial_id] = df
+                if "timestamp" in df.columns:
+                    started[trial_id] = float(df["timestamp"].iloc[0]) - float(df["time_total_s"].iloc[0])
+        # Ray lists a resumed sweep's trials in no particular order; show them in the order they started.
+        self._order = sorted(self._results, key=lambda t: started[t])
+        self._pick_best()
+
+    @staticmethod
+    def _trial_id(result: Any) -> str:
+        if result.metrics and "trial_id" in result.metrics:
+            return str(result.metrics["trial_id"])
+        # A trial that never reported: its folder is named trial_<id> (see sweep._trial_dirname).
+        return str(result.path).rstrip("/").rsplit("/", 1)[-1].removeprefix("trial_")
+
+    def _trial_best(self, df: pd.DataFrame) -> float:
+        values = pd.to_numeric(df[self.metric], errors="coerce").dropna()
+        if self.objective is not None and TimeToTarget.reached_key in df.columns:
+            reached = df.loc[values.index, TimeToTarget.reached_key] > 0
+            if reached.any():
+                values = values[reached]
+        if values.empty:
+            return math.nan
+        return float(values.max() if self.mode == "max" else values.min())
+
+    def _trial_reached(self, df: pd.DataFrame) -> bool:
+        return bool(
+            self.objective is not None and (df.get(TimeToTarget.reached_key, pd.Series([0])) > 0).any()
+        )
+
+    def _pick_best(self) -> None:
+        candidates = [(tid, self._trial_best(df)) for tid, df in self._histories.items()]
+        candidates = [(tid, v) for tid, v in candidates if not math.isnan(v)]
+        if self.objective is not None:
+            reached = [(tid, v) for tid, v in candidates if self._trial_reached(self._histories[tid])]
+            self.reached_target = bool(reached)
+            if reached:
+                candidates = reached
+            elif candidates:
+                log.warning(
+                    "No trial reached %s %s %s; the best trial is the one with the lowest penalised score.",
+                    self.objective.metric,
+                    ">=" if self.objective.mode == "max" else "<=",
+                    self.objective.target,
+                )
+        if not candidates:
+            return
+        sign = 1.0 if self.mode == "max" else -1.0
+        # max() keeps the first of equal values: the earliest trial wins a tie.
+        trial_id, value = max(candidates, key=lambda c: sign * c[1])
+        result = self._results[trial_id]
+        self.best_trial_id, self.best_metric = trial_id, value
+        self.best_config = dict(result.config or {})
+        self.best_checkpoint = result.checkpoint
+
+    @property
+    def best_checkpoint_path(self) -> str | None:
+        """Local path of the best weights (``LightningModule.load_from_checkpoint`` reads it), if any."""
+        if self.best_checkpoint is None:
+            return None
+        return f"{self.best_checkpoint.path}/{CHECKPOINT_FILE}"
+
+    @property
+    def errors(self) -> list[BaseException]:
+        """The exceptions of the trials that failed."""
+        return list(self.result_grid.errors)
+
+    def dataframe(self) -> pd.DataFrame:
+        """One row per trial, in start order: ``trial_id``, ``status`` (``finished``, ``error``,
+        ``unfinished``), ``config/...``, the best and the last value of the tuned metric, ``iterations``
+        (validations reported), ``time_s`` (trial wall time), ``error``."""
+        rows = []
+        for trial_id in self._order:
+            result, df = self._results[trial_id], self._histories.get(trial_id)
+            row: dict[str, Any] = {"trial_id": trial_id, "status": self._statuses.get(trial_id, "unknown")}
+            row.update({f"config/{k}": v for k, v in _flatten(result.config or {}).items()})
+            if df is not None:
+                row[self.metric] = self._trial_best(df)
+                row[f"last_{self.metric}"] = float(df[self.metric].iloc[-1])
+                if self.objective is not None:
+                    row[TimeToTarget.reached_key] = self._trial_reached(df)
+                    source = pd.to_numeric(df.get(self.objective.metric), errors="coerce")
+                    if source is not None and not source.dropna().empty:
+                        row[self.objective.metric] = float(
+                            source.max() if self.objective.mode == "max" else source.min()
+                        )
+                row["iterations"] = int(df["training_iteration"].max())
+                row["time_s"] = float(df["time_total_s"].iloc[-1])
+            else:
+                row[self.metric] = math.nan
+            row["error"] = None if result.error is None else f"{type(result.error).__name__}: {result.error}"
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def history(self) -> pd.DataFrame:
+        """Every report of every trial: ``trial_id``, ``trial`` (start order), ``training_iteration``,
+        every logged metric, ``time_total_s`` and ``config/...``."""
+        frames = []
+        for number, trial_id in enumerate(self._order):
+            df = self._histories.get(trial_id)
+            if df is None:
+                continue
+            df = df.drop(columns=[c for c in df.columns if c in _RAY_KEYS]).copy()
+            df["trial_id"], df["trial"] = trial_id, number
+            frames.append(df)
+        if not frames:
+            return pd.DataFrame(columns=["trial_id", "trial", "training_iteration", self.metric])
+        return pd.concat(frames, ignore_index=True)
+
+    def _searched_config(self) -> dict[str, Any]:
+        flat = _flatten(self.best_config or {})
+        return {k: flat[k] for k in self.searched if k in flat}
+
+    def plot(self, axes: tuple[Axes, Axes] | None = None) -> Figure:
+        """Two panels: the tuned metric per validation for every trial (best trial highlighted), and
+        each trial's best value in start order with the running best. Returns the figure."""
+        import matplotlib.pyplot as plt
+
+        if axes is None:
+            fig, (ax_curves, ax_trials) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+        else:
+            ax_curves, ax_trials = axes
+            fig = ax_curves.figure
+        from matplotlib.ticker import MaxNLocator
+
+        for trial_id, df in self._histories.items():
+            best = trial_id == self.best_trial_id
+            # Markers too: a trial stopped after one validation is a single point.
+            ax_curves.plot(
+                df["training_iteration"], df[self.metric], marker="o", ms=4 if best else 3,
+                color="C3" if best else "0.6", lw=2.0 if best else 1.0, zorder=3 if best else 1,
+                label=f"best trial {trial_id}" if best else None,
+            )  # fmt: skip
+        ax_curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_trials.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_curves.set_xlabel("validation (training_iteration)")
+        ax_curves.set_ylabel(self.metric)
+        ax_curves.set_title(f"{self.metric} per trial")
+        if self.best_trial_id is not None:
+            ax_curves.legend(loc="best")
+
+        numbers, values = [], []
+        for number, trial_id in enumerate(self._order):
+            if trial_id in self._histories:
+                value = self._trial_best(self._histories[trial_id])
+                if not math.isnan(value):
+                    numbers.append(number)
+                    values.append(value)
+        ax_trials.scatter(numbers, values, color="C0", label="trial's best", zorder=2)
+        running: list[float] = []
+        for v in values:
+            running.append(v if not running else (max if self.mode == "max" else min)(running[-1], v))
+        ax_trials.step(numbers, running, where="post", color="C1", label="best so far")
+        if self.best_trial_id in self._order and self.best_metric is not None:
+            ax_trials.scatter(
+                [self._order.index(self.best_trial_id)], [self.best_metric], marker="*", s=200,
+                color="C3", zorder=3, label="best trial",
+            )  # fmt: skip
+        ax_trials.set_xlabel("trial (start order)")
+        ax_trials.set_ylabel(f"best {self.metric}")
+        ax_trials.set_title("search progress")
+        ax_trials.legend(loc="best")
+        if self.best_config is not None:
+            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in
+                              self._searched_config().items())  # fmt: skip
+            fig.suptitle(f"best {self.metric} = {self.best_metric:.4g} with {shown}", fontsize=10)
+        return fig
+
+    def __repr__(self) -> str:
+        status = "complete" if self.complete else "INCOMPLETE (resume with resume=True)"
+        return (
+            f"TuneResults({len(self.result_grid)} trials, {status}, best {self.metric}={self.best_metric}, "
+            f"best_config={self._searched_config()}, path={self.path!r})"
+        )

@@ -1,0 +1,456 @@
+"""``tune_lightning``: one call that runs a hyper-parameter sweep of a Lightning model on a Ray cluster.
+
+Ray Tune (Liaw et al., 2018) runs the trials, on a local cluster (bound to localhost) or on the
+cluster at ``address``; each trial is a function trainable (``ray.tune.Tuner`` with a function and
+``ray.tune.report``, Ray's current API) that trains one Lightning ``Trainer`` on one device. Searchers,
+the ASHA scheduler and the time-to-target objective are in their own modules; this one validates the
+whole request before any trial starts, wires the parts together, and handles resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune import Callback as TuneCallback
+from ray.tune import CheckpointConfig, FailureConfig, ResumeConfig, RunConfig, TuneConfig
+from ray.tune.execution.placement_groups import PlacementGroupFactory
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
+
+from lightning_speedup.tune.callback import MetricNotReportedError
+from lightning_speedup.tune.cluster import check_resources, init_ray, normalize_resources, trial_slots
+from lightning_speedup.tune.objective import TimeToTarget
+from lightning_speedup.tune.results import TuneResults
+from lightning_speedup.tune.searchers import (
+    check_scheduler,
+    check_searcher,
+    check_searcher_dependencies,
+    default_concurrency,
+    default_n_initial,
+    make_scheduler,
+    make_searcher,
+)
+from lightning_speedup.tune.space import grid_size, validate_search_space
+from lightning_speedup.tune.trial import Build, check_trainer_kwargs, run_trial
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "tune_lightning.json"
+_SNAPSHOT_WARN_ENV = "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"
+DEFAULT_STORAGE = "~/ray_results"
+
+# Trials that raised MetricNotReportedError, by experiment path. A module global rather than state on
+# the monitor callback: Ray pickles run callbacks into the sweep's state and restores copies on resume.
+_ABORTS: dict[str, str] = {}
+_ABORTS_LOCK = threading.Lock()
+
+
+class SweepAbortedError(RuntimeError):
+    """Raised inside Ray's controller to end a sweep that cannot succeed (the cause is re-raised)."""
+
+
+class _SweepMonitor(TuneCallback):
+    """Ends the sweep at the first trial that did not log the tuned metric: every other trial would too."""
+
+    def __init__(self, experiment_path: str) -> None:
+        self.experiment_path = experiment_path
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        cause = getattr(_trial_exception(trial), "cause", None)
+        if isinstance(cause, MetricNotReportedError):
+            with _ABORTS_LOCK:
+                _ABORTS[self.experiment_path] = str(cause)
+            raise SweepAbortedError(str(cause))
+
+
+def _trial_exception(trial: Any) -> BaseException | None:
+    """The exception a failed trial raised (a ``RayTaskError`` whose ``cause`` is the original).
+
+    Read from the trial's local error file: at ``on_trial_error`` time Ray has written it there but not
+    yet synced it to the storage that ``Trial.get_pickled_error`` reads (checked against Ray 2.60).
+    """
+    from ray import cloudpickle
+
+    path = getattr(trial, "pickled_error_file", None)
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        error = cloudpickle.load(f)
+    return error if isinstance(error, BaseException) else None
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _describe(part: Any) -> str | None:
+    return part if part is None or isinstance(part, str) else type(part).__name__
+
+
+def _settings(
+    metric: str,
+    mode: str,
+    num_samples: int,
+    searcher: Any,
+    scheduler: Any,
+    seed: int | None,
+    objective: TimeToTarget | None,
+    searched: list[str],
+    trainer_kwargs: Mapping[str, Any],
+    request: Mapping[str, float],
+) -> dict[str, Any]:
+    """What a resumed sweep must agree on with the sweep it continues (JSON-able)."""
+    return {
+        "metric": metric,
+        "mode": mode,
+        "num_samples": num_samples,
+        "searcher": _describe(searcher),
+        "scheduler": _describe(scheduler),
+        "seed": seed,
+        "objective": repr(objective),
+        "searched": sorted(searched),
+        "max_epochs": trainer_kwargs.get("max_epochs"),
+        "max_steps": trainer_kwargs.get("max_steps"),
+        "resources": dict(request),
+    }
+
+
+def _check_resume_settings(path: Path, settings: dict[str, Any]) -> None:
+    file = path / SETTINGS_FILE
+    if not file.exists():
+        return
+    saved = json.loads(file.read_text())
+    diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    if diff:
+        lines = "; ".join(f"{k}: was {old!r}, now {new!r}" for k, (old, new) in diff.items())
+        raise ValueError(
+            f"resume=True: the sweep at {path} was started with other settings ({lines}). Resume it with "
+            "the settings it was started with, or start a new sweep under another name."
+        )
+
+
+def _validate_int(name: str, value: Any, minimum: int, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}."
+        )
+
+
+def tune_lightning(
+    build: Build,
+    search_space: Mapping[str, Any],
+    metric: str | None = None,
+    mode: str | None = None,
+    num_samples: int = 16,
+    *,
+    searcher: str | Searcher = "bayes",
+    scheduler: str | TrialScheduler | None = "asha",
+    resources_per_trial: Mapping[str, float] | None = None,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    objective: TimeToTarget | None = None,
+    storage_path: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    seed: int | None = None,
+    max_concurrent: int | None = None,
+    n_initial: int | None = None,
+    address: str | None = None,
+    checkpoint: bool = True,
+    tune_callbacks: Sequence[TuneCallback] = (),
+    verbose: int = 1,
+) -> TuneResults:
+    """Search ``search_space`` for the configuration whose Lightning training scores best.
+
+    Example::
+
+        from ray import tune
+        from lightning_speedup.tune import tune_lightning
+
+        def build(config):
+            return MyModule(lr=config["lr"]), MyData(batch_size=config["batch_size"])
+
+        results = tune_lightning(
+            build,
+            {"lr": tune.loguniform(1e-4, 1e-1), "batch_size": tune.choice([128, 256, 512])},
+            metric="val_acc", mode="max", num_samples=32,
+            resources_per_trial={"cpu": 2, "gpu": 0.25}, trainer_kwargs={"max_epochs": 10},
+        )
+        results.best_config; results.dataframe(); results.plot()
+
+    Args:
+        build: ``build(config) -> (LightningModule, LightningDataModule)``, called inside each trial
+            with a sampled configuration; it may return a third element, a list of per-trial Lightning
+            callbacks (e.g. ``[OneCycle(max_lr=config["max_lr"])]``). Runs on a Ray worker, so it must
+            be picklable (a function defined in a notebook or script is).
+        search_space: Ray Tune search space (see :mod:`lightning_speedup.tune.space`); constants are
+            passed to ``build`` unchanged.
+        metric: the logged validation metric to optimise (e.g. ``"val_acc"``). Leave out with ``objective``.
+        mode: ``"max"`` or ``"min"``. Leave out with ``objective``.
+        num_samples: number of trials.
+        searcher: ``"bayes"`` (Gaussian-process BO, default), ``"tpe"``, ``"random"``, or a Ray ``Searcher``.
+        scheduler: ``"asha"`` (stop weak trials early, default), ``None`` (run all to the end), or a Ray
+            ``TrialScheduler``. ``"asha"`` needs ``trainer_kwargs["max_epochs"]``.
+        resources_per_trial: e.g. ``{"cpu": 2, "gpu": 0.25}`` (default ``{"cpu": 1}``). A fraction of a
+            GPU shares one GPU between trials; a trial never spans several devices.
+        trainer_kwargs: arguments of ``lightning.Trainer`` for every trial (not ``accelerator``,
+            ``devices``, ``num_nodes``: the resources decide those). Trials default to no logger, no
+            progress bar, no model summary and no Lightning checkpoints.
+        objective: :class:`TimeToTarget` to tune for the fastest time to a quality target instead.
+        storage_path: where sweeps are stored (default ``~/ray_results``; a URI such as ``s3://...``
+            works too). The sweep lives in ``storage_path/name``.
+        name: the sweep's name (default: ``tune_lightning_<date>-<time>``); needed to resume.
+        resume: continue the sweep ``storage_path/name``: finished trials are kept, trials that were
+            running restart from their first epoch with the same configuration, the rest run. When
+            there is nothing to resume, a new sweep starts (logged).
+        seed: seeds the searcher and every trial (all trials start from the same weights and data order).
+        max_concurrent: trials run at once (default: see ``searchers.default_concurrency``).
+        n_initial: random trials before ``"bayes"``/``"tpe"`` model anything (default ``num_samples // 4``
+            clipped to 2..10).
+        address: Ray cluster to join (``"ray://host:10001"``, ``"host:6379"``); default: the one this
+            process is connected to, ``RAY_ADDRESS``, or a new local cluster.
+        checkpoint: keep each trial's best weights (weights-only, one per trial).
+        tune_callbacks: extra ``ray.tune.Callback`` objects (loggers, ...). Ray stores them with the
+            sweep: a resumed sweep uses those it was started with.
+        verbose: Ray Tune's verbosity (0 silent, 1 experiment summary, 2 trial results). A local
+            cluster started by this call forwards the trials' own output only with ``verbose=2``.
+
+    Returns:
+        :class:`TuneResults` with ``best_config``, ``best_metric``, ``dataframe()``, ``plot()``.
+
+    Raises:
+        ValueError: unknown searcher or scheduler; an empty or malformed search space; metric/mode
+            missing or given together with ``objective``; bad counts, seed or trainer arguments; a sweep
+            of this name exists and ``resume`` is False; resumed settings differ from the saved ones.
+        InsufficientResourcesError: no node of the cluster can host ``resources_per_trial``.
+        MetricNotReportedError: the first trial finished a validation without logging the tuned
+            metric (the message lists the metrics it did log); the sweep stops there.
+        RuntimeError: every trial failed (the first failure is chained).
+    """
+    # ---- everything that needs no cluster is checked first ----
+    if not callable(build):
+        raise TypeError(
+            f"build must be a function config -> (LightningModule, LightningDataModule), got {build!r}."
+        )
+    check_searcher(searcher)
+    check_searcher_dependencies(searcher)
+    check_scheduler(scheduler)
+    searcher_name = searcher if isinstance(searcher, str) else "random"
+    searched = validate_search_space(search_space, searcher_name)
+    if objective is not None:
+        if not isinstance(objective, TimeToTarget):
+            raise TypeError(f"objective must be a TimeToTarget(...) or None, got {objective!r}.")
+        if metric is not None or mode is not None:
+            raise ValueError(
+                f"objective={objective!r} decides what the sweep optimises (minimise "
+                f"{TimeToTarget.key!r}); leave metric and mode out. The quality metric is "
+                f"objective.metric={objective.metric!r}."
+            )
+        tuned_metric, tuned_mode = TimeToTarget.key, "min"
+    else:
+        if not isinstance(metric, str) or not metric:
+            raise ValueError(
+                f"metric must name a logged validation metric such as 'val_acc', got {metric!r}."
+            )
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min' for metric {metric!r}, got {mode!r}.")
+        tuned_metric, tuned_mode = metric, mode
+    _validate_int("num_samples", num_samples, 1, allow_none=False)
+    _validate_int("max_concurrent", max_concurrent, 1)
+    _validate_int("n_initial", n_initial, 1)
+    _validate_int("seed", seed, 0)
+    _validate_int("verbose", verbose, 0, allow_none=False)
+    request = normalize_resources(resources_per_trial)
+    trainer_kwargs = check_trainer_kwargs(trainer_kwargs, request["GPU"])
+    if (
+        objective is not None
+        and trainer_kwargs.get("max_epochs") is None
+        and trainer_kwargs.get("max_steps") is None
+    ):
+        raise ValueError(
+            "objective=TimeToTarget needs a finite step budget to project a trial's full run time: set "
+            "trainer_kwargs['max_epochs'] or trainer_kwargs['max_steps']."
+        )
+    scheduler_obj = make_scheduler(scheduler, trainer_kwargs)
+    if name is not None and (not isinstance(name, str) or not name or "/" in name or name in (".", "..")):
+        raise ValueError(f"name must be a plain directory name (no '/'), got {name!r}.")
+    if resume and name is None:
+        raise ValueError(
+            "resume=True needs the name of the sweep to resume (and its storage_path if not the default); "
+            "the results of the earlier call show it as results.path."
+        )
+    for cb in tune_callbacks:
+        if not isinstance(cb, TuneCallback):
+            raise TypeError(f"tune_callbacks must hold ray.tune.Callback objects, got {cb!r}.")
+
+    storage = str(storage_path) if storage_path is not None else DEFAULT_STORAGE
+    if not _is_uri(storage):
+        storage = str(Path(storage).expanduser().resolve())
+    name = name or time.strftime("tune_lightning_%Y%m%d-%H%M%S")
+    experiment_path = f"{storage.rstrip('/')}/{name}"
+    settings = _settings(
+        tuned_metric, tuned_mode, num_samples, searcher, scheduler, seed, objective, searched,
+        trainer_kwargs, request,
+    )  # fmt: skip
+
+    # ---- the cluster ----
+    # A cluster started here forwards the trials' output (prints, Lightning's messages) only at
+    # verbose=2; it is always in the Ray session's logs.
+    init_ray(address, log_to_driver=verbose >= 2)
+    check_resources(request)
+    slots = trial_slots(request)
+    concurrency = max_concurrent or default_concurrency(searcher_name, num_samples, slots)
+    n_init = n_initial or default_n_initial(num_samples)
+    custom = {k: v for k, v in request.items() if k not in ("CPU", "GPU") and v > 0}
+    bundle = {"CPU": request["CPU"], **({"GPU": request["GPU"]} if request["GPU"] > 0 else {}), **custom}
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            build=build,
+            trainer_kwargs=trainer_kwargs,
+            metric=tuned_metric if objective is None else objective.metric,
+            mode=tuned_mode,
+            objective=objective,
+            checkpoint=checkpoint,
+            seed=seed,
+            cpus=request["CPU"],
+            gpus=request["GPU"],
+        ),
+        PlacementGroupFactory([bundle]),
+    )
+
+    exists = tune.Tuner.can_restore(experiment_path)
+    if exists and not resume:
+        raise ValueError(
+            f"A sweep named {name!r} already exists at {experiment_path}. Pass resume=True to continue it, "
+            "or choose another name."
+        )
+    with _ABORTS_LOCK:
+        _ABORTS.pop(experiment_path, None)
+    if exists:
+        if not _is_uri(experiment_path):
+            _check_resume_settings(Path(experiment_path), settings)
+        tuner = _restore(experiment_path, trainable, search_space)
+        log.info("Resuming the sweep at %s.", experiment_path)
+    else:
+        if resume:
+            log.warning("resume=True but there is no sweep at %s yet; starting a new one.", experiment_path)
+        if not _is_uri(experiment_path):
+            Path(experiment_path).mkdir(parents=True, exist_ok=True)
+            (Path(experiment_path) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=dict(search_space),
+            tune_config=TuneConfig(
+                metric=tuned_metric,
+                mode=tuned_mode,
+                search_alg=make_searcher(searcher, seed, n_init, concurrency),
+                scheduler=scheduler_obj,
+                num_samples=num_samples,
+                trial_dirname_creator=_trial_dirname,
+                # One Ray worker per concurrent trial, reused: torch and Lightning are imported once.
+                reuse_actors=True,
+            ),
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage,
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=1 if checkpoint else None,
+                    checkpoint_score_attribute=tuned_metric,
+                    checkpoint_score_order=tuned_mode,
+                ),
+                failure_config=FailureConfig(max_failures=0),
+                callbacks=[_SweepMonitor(experiment_path), *tune_callbacks],
+                verbose=verbose,
+            ),
+        )
+    try:
+        with _quiet_forced_snapshots():
+            grid = tuner.fit()
+    except Exception:
+        with _ABORTS_LOCK:
+            aborted = _ABORTS.pop(experiment_path, None)
+        if aborted is not None:
+            raise MetricNotReportedError(aborted) from None
+        raise
+    with _ABORTS_LOCK:
+        aborted = _ABORTS.pop(experiment_path, None)
+    if aborted is not None:
+        raise MetricNotReportedError(aborted)
+
+    expected = num_samples * grid_size(search_space)
+    results = TuneResults(
+        result_grid=grid,
+        metric=tuned_metric,
+        mode=tuned_mode,
+        num_trials=expected,
+        searched=searched,
+        objective=objective,
+        path=experiment_path,
+    )
+    errors = results.errors
+    if errors and len(errors) == len(grid):
+        raise RuntimeError(
+            f"All {len(grid)} trials of the sweep at {experiment_path} failed; the first error follows."
+        ) from errors[0]
+    if errors:
+        log.warning("%d of %d trials failed; see results.dataframe()['error'].", len(errors), len(grid))
+    if not results.complete:
+        log.warning(
+            "The sweep stopped before its %d trials finished (%d did). Continue it with "
+            "tune_lightning(..., storage_path=%r, name=%r, resume=True).",
+            expected, grid.num_terminated + grid.num_errors, storage, name,
+        )  # fmt: skip
+    return results
+
+
+def _trial_dirname(trial: Any) -> str:
+    # Ray's default names a trial's folder after its whole config, paths and all.
+    return f"trial_{trial.trial_id}"
+
+
+@contextmanager
+def _quiet_forced_snapshots() -> Iterator[None]:
+    """Silence Ray's warning about experiment snapshots forced by ``num_to_keep``.
+
+    Keeping one (the best) checkpoint per trial makes Ray snapshot the sweep's state whenever a trial
+    improves, which is what makes an interrupted sweep resumable; on local disk it costs milliseconds.
+    """
+    old = os.environ.get(_SNAPSHOT_WARN_ENV)
+    os.environ[_SNAPSHOT_WARN_ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_SNAPSHOT_WARN_ENV, None)
+        else:
+            os.environ[_SNAPSHOT_WARN_ENV] = old
+
+
+def _restore(path: str, trainable: Callable[..., Any], search_space: Mapping[str, Any]) -> tune.Tuner:
+    """Ray's restore: finished and errored trials kept, unfinished ones restarted from scratch.
+
+    A trial keeps only its best weights (no optimizer state), so it cannot continue mid-run; it
+    restarts with the same configuration. ``_resume_config`` is Ray's (developer) API for exactly this
+    per-status choice; checked against Ray 2.60.
+    """
+    return tune.Tuner.restore(
+        path,
+        trainable=trainable,
+        param_space=dict(search_space),
+        _resume_config=ResumeConfig(
+            finished=ResumeConfig.ResumeType.SKIP,
+            unfinished=ResumeConfig.ResumeType.RESTART,
+            errored=ResumeConfig.ResumeType.SKIP,
+        ),
+    )

@@ -1,0 +1,247 @@
+"""Sweeps on a real local Ray cluster (started once for this module) with a tiny real Fashion-MNIST task."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+from ray import tune
+
+from lightning_speedup.tune import (
+    InsufficientResourcesError,
+    MetricNotReportedError,
+    TimeToTarget,
+    config_in_space,
+    init_ray,
+    tune_lightning,
+)
+from tests.tune.tasks import TinyMLP, build_mlp
+
+QUIET: dict[str, Any] = {"verbose": 0}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Any:
+    address = init_ray(num_cpus=2, log_to_driver=False)
+    yield address
+    ray.shutdown()
+
+
+def _markers(folder: Path) -> dict[str, int]:
+    """Trial id -> how many times build() ran for it."""
+    counts: dict[str, int] = {}
+    for p in folder.iterdir():
+        trial_id = p.name.split(".")[0]
+        counts[trial_id] = counts.get(trial_id, 0) + 1
+    return counts
+
+
+def test_local_cluster_listens_on_localhost_only(ray_cluster: str) -> None:
+    assert ray_cluster.startswith("127.0.0.1:")
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert [n["NodeManagerAddress"] for n in nodes] == ["127.0.0.1"]
+    assert ray.cluster_resources()["CPU"] == 2
+
+
+@pytest.mark.parametrize("searcher", ["bayes", "tpe", "random"])
+def test_four_trial_sweep_finds_best_reported_config(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path, searcher: str
+) -> None:
+    space = {
+        "lr": tune.loguniform(1e-4, 3e-2),
+        "hidden": tune.choice([16, 32]),
+        "data_dir": str(fashion_mnist_dir),
+    }
+    results = tune_lightning(
+        build_mlp, space, "val_acc", "max", 4, searcher=searcher, scheduler=None, seed=0, max_concurrent=2,
+        trainer_kwargs={"max_epochs": 1}, storage_path=tmp_path, name=searcher, **QUIET,
+    )  # fmt: skip
+    df, history = results.dataframe(), results.history()
+    assert results.complete and len(df) == 4 and (df["status"] == "finished").all()
+    assert history["trial_id"].nunique() == 4
+    # The best is the best value any trial reported, and its config is the config of that trial.
+    best_row = history.loc[history["val_acc"].idxmax()]
+    assert results.best_metric == pytest.approx(best_row["val_acc"], abs=0)
+    assert results.best_trial_id == best_row["trial_id"]
+    assert (
+        results.best_config["lr"] == best_row["config/lr"]
+        and results.best_config["hidden"] == best_row["config/hidden"]
+    )
+    ray_best = results.result_grid.get_best_result("val_acc", "max", scope="all")  # Ray's own pick
+    assert ray_best.config == results.best_config
+    assert config_in_space(results.best_config, space)
+    assert all(config_in_space({"lr": lr, "hidden": h, "data_dir": str(fashion_mnist_dir)}, space)
+               for lr, h in zip(df["config/lr"], df["config/hidden"]))  # fmt: skip
+    # Every logged metric reaches Tune, and the trials learned something.
+    assert {"val_acc", "val_loss", "train_loss", "epoch", "step", "fit_time_s"} <= set(history.columns)
+    assert results.best_metric > 0.5
+    # The best weights are kept (weights only) and reproduce the best metric.
+    ckpt = torch.load(results.best_checkpoint_path, weights_only=True, map_location="cpu")
+    assert "optimizer_states" not in ckpt and "state_dict" in ckpt
+    model = TinyMLP.load_from_checkpoint(results.best_checkpoint_path, map_location="cpu")
+    assert model.hparams.lr == results.best_config["lr"]
+
+
+def test_asha_stops_weak_trials(ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path) -> None:
+    good, weak = 3e-3, 1e-6  # after one epoch: val_acc ~0.7 vs ~0.1
+    space = {"lr": tune.grid_search([good, weak, weak]), "data_dir": str(fashion_mnist_dir)}
+    results = tune_lightning(
+        build_mlp, space, "val_acc", "max", 1, searcher="random", scheduler="asha", seed=0, max_concurrent=1,
+        trainer_kwargs={"max_epochs": 3}, storage_path=tmp_path, name="asha", **QUIET,
+    )  # fmt: skip
+    df = results.dataframe()
+    assert results.complete and len(df) == 3 and (df["status"] == "finished").all()
+    assert df.loc[df["config/lr"] == good, "iterations"].tolist() == [3]
+    assert df.loc[df["config/lr"] == weak, "iterations"].tolist() == [1, 1]
+    assert results.best_config["lr"] == good
+
+
+class _InterruptAfter(tune.Callback):
+    """Sends this process SIGINT (as Ctrl+C or a notebook's interrupt does) once ``n`` trials finished.
+
+    Ray stores run callbacks with the sweep and restores them on resume: the flag file keeps the
+    restored copy from interrupting again.
+    """
+
+    def __init__(self, n: int, flag: Path) -> None:
+        self.n, self.flag, self.finished = n, flag, 0
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.finished += 1
+        if self.finished >= self.n and not self.flag.exists():
+            self.flag.touch()
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_resume_after_interrupt_does_not_rerun_finished_trials(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    space = {
+        "lr": tune.loguniform(1e-4, 3e-2),
+        "data_dir": str(fashion_mnist_dir),
+        "marker_dir": str(markers),
+    }
+    kwargs: dict[str, Any] = dict(
+        searcher="tpe", scheduler=None, seed=0, max_concurrent=1, trainer_kwargs={"max_epochs": 1},
+        storage_path=tmp_path / "sweeps", name="resumable", **QUIET,
+    )  # fmt: skip
+    first = tune_lightning(
+        build_mlp,
+        space,
+        "val_acc",
+        "max",
+        4,
+        tune_callbacks=[_InterruptAfter(2, tmp_path / "flag")],
+        **kwargs,
+    )
+    assert not first.complete
+    done = first.dataframe().query("status == 'finished'")
+    assert len(done) == 2
+    before = first.history().set_index("trial_id")
+
+    with pytest.raises(ValueError, match="already exists"):
+        tune_lightning(build_mlp, space, "val_acc", "max", 4, **kwargs)
+    with pytest.raises(ValueError, match="num_samples: was 4, now 5"):
+        tune_lightning(build_mlp, space, "val_acc", "max", 5, resume=True, **kwargs)
+
+    second = tune_lightning(build_mlp, space, "val_acc", "max", 4, resume=True, **kwargs)
+    df = second.dataframe()
+    assert second.complete and len(df) == 4 and (df["status"] == "finished").all()
+    runs = _markers(markers)
+    assert set(runs) == set(df["trial_id"])
+    for trial_id in done["trial_id"]:
+        assert runs[trial_id] == 1, f"finished trial {trial_id} ran again"
+    after = second.history().set_index("trial_id")
+    for trial_id in done["trial_id"]:
+        # Same reports (same wall-clock timestamps): kept, not recomputed.
+        assert after.loc[[trial_id], "val_acc"].tolist() == before.loc[[trial_id], "val_acc"].tolist()
+        assert (
+            after.loc[[trial_id], "time_total_s"].tolist() == before.loc[[trial_id], "time_total_s"].tolist()
+        )
+    assert second.best_metric == pytest.approx(second.history()["val_acc"].max(), abs=0)
+
+
+def test_metric_no_trial_reports_stops_the_sweep_and_lists_logged_keys(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    space = {
+        "lr": tune.loguniform(1e-4, 1e-2), "log_metrics": False, "data_dir": str(fashion_mnist_dir),
+        "marker_dir": str(markers),
+    }  # fmt: skip
+    with pytest.raises(MetricNotReportedError) as info:
+        tune_lightning(
+            build_mlp, space, "val_acc", "max", 4, searcher="random", scheduler=None, max_concurrent=1,
+            trainer_kwargs={"max_epochs": 1}, storage_path=tmp_path, name="nometric", **QUIET,
+        )  # fmt: skip
+    message = str(info.value)
+    assert "'val_acc'" in message and "val_error" in message and "train_loss" in message
+    assert sum(_markers(markers).values()) == 1, "the sweep should stop at the first trial"
+
+
+@pytest.mark.parametrize(
+    ("resources", "match"),
+    [({"cpu": 64}, r"'CPU': 64\.0.*'CPU': 2\.0"), ({"cpu": 1, "gpu": 0.5}, r"'GPU': 0\.5.*'GPU': 0\.0")],
+)
+def test_unsatisfiable_resources_fail_before_any_trial(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path, resources: dict[str, float], match: str
+) -> None:
+    space = {"lr": tune.loguniform(1e-4, 1e-2), "data_dir": str(fashion_mnist_dir)}
+    with pytest.raises(InsufficientResourcesError, match=match):
+        tune_lightning(
+            build_mlp, space, "val_acc", "max", 2, resources_per_trial=resources, scheduler=None,
+            trainer_kwargs={"max_epochs": 1}, storage_path=tmp_path, name="toobig", **QUIET,
+        )  # fmt: skip
+    assert not (tmp_path / "toobig").exists()
+
+
+def test_time_to_target_scores_time_and_penalises_misses(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    objective = TimeToTarget(metric="val_acc", target=0.6, penalty=2.0)
+    space = {"lr": tune.grid_search([3e-3, 1e-6]), "data_dir": str(fashion_mnist_dir)}
+    results = tune_lightning(
+        build_mlp, space, num_samples=1, objective=objective, searcher="random", scheduler=None, seed=0,
+        max_concurrent=2, trainer_kwargs={"max_epochs": 3}, storage_path=tmp_path, name="ttt", **QUIET,
+    )  # fmt: skip
+    assert results.metric == "time_to_target_s" and results.reached_target
+    history = results.history()
+    hit = history[history["config/lr"] == 3e-3]
+    miss = history[history["config/lr"] == 1e-6]
+    # The good trial stops at its first validation at or past the target, scored by its fit time.
+    first = hit[hit["val_acc"] >= 0.6].iloc[0]
+    assert len(hit) == first["training_iteration"] and hit["reached_target"].iloc[-1] == 1
+    assert results.best_metric == pytest.approx(first["fit_time_s"])
+    assert results.best_config["lr"] == 3e-3
+    # The weak trial runs all epochs and is charged penalty * projected run time * (1 + shortfall).
+    last = miss.iloc[-1]
+    assert len(miss) == 3 and last["reached_target"] == 0
+    shortfall = (0.6 - miss["val_acc"].max()) / 0.6
+    assert last["time_to_target_s"] == pytest.approx(2.0 * last["projected_total_s"] * (1 + shortfall))
+    assert last["projected_total_s"] == pytest.approx(last["fit_time_s"], rel=1e-6)
+    assert not results.dataframe()["time_to_target_s"].isna().any()
+
+
+@pytest.mark.gpu
+def test_fractional_gpu_trials_share_the_gpu(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    """Two trials with half a GPU each run at once, each on the GPU Ray assigned (devices=1)."""
+    space = {"lr": tune.grid_search([3e-3, 1e-3]), "data_dir": str(fashion_mnist_dir)}
+    results = tune_lightning(
+        build_mlp, space, "val_acc", "max", 1, searcher="random", scheduler=None, seed=0, max_concurrent=2,
+        resources_per_trial={"cpu": 1, "gpu": 0.5}, trainer_kwargs={"max_epochs": 2, "precision": "bf16-mixed"},
+        storage_path=tmp_path, name="gpu", **QUIET,
+    )  # fmt: skip
+    history = results.history()
+    assert results.complete and history["trial_id"].nunique() == 2
+    assert (history["on_cuda"] == 1.0).all()
+    assert results.best_metric > 0.5
