@@ -30,7 +30,6 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -215,19 +214,6 @@ def run_one(config: Config, data: FashionMNIST, args: argparse.Namespace, seed: 
     return result
 
 
-def gpu_name() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.splitlines()[0] if out else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -287,7 +273,6 @@ def main() -> None:
         "prefetch_cost_at_most_2pct": derived["prefetch_cost_compute_bound"] <= 0.02,
     }
     env = environment()
-    env["nvidia_smi_gpu"] = gpu_name()
     record = {
         "benchmark": "gpu_data",
         "issue": 4,

@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -49,19 +48,6 @@ from lightning_speedup.schedules import LRRangeTest, OneCycle
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "lr_range_validation.json"
 METRIC = {"fashion-mnist": ("val_acc", "max"), "char-lm": ("val_loss", "min")}
-
-
-def gpu_name() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.splitlines()[0] if out else None
 
 
 def fashion_dir(arg: str | None) -> str | None:
@@ -246,7 +232,6 @@ def main() -> None:
 
     summary = {task: summarize(task, [r for r in runs if r["task"] == task], factors) for task in args.tasks}
     env = environment()
-    env["nvidia_smi_gpu"] = gpu_name()
     record = {
         "benchmark": "lr_range_validation",
         "issue": 3,

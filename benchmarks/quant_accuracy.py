@@ -34,7 +34,6 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -295,19 +294,6 @@ def goals(summary: dict[str, dict[str, Any]], formats: list[str]) -> dict[str, b
     return result
 
 
-def gpu_name() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.splitlines()[0] if out else None
-
-
 def _default_text() -> str:
     env = os.environ.get("LIGHTNING_SPEEDUP_DATA")
     candidates = [Path(env) / "tinyshakespeare" / "input.txt"] if env else []
@@ -365,7 +351,6 @@ def main() -> None:
     summary = {name: summarise(name, seeds, args.formats) for name, seeds in per_seed.items()}
     checks = goals(summary, args.formats)
     env = environment()
-    env["nvidia_smi_gpu"] = gpu_name()
     record = {
         "benchmark": "quant_accuracy",
         "issue": 5,

@@ -35,7 +35,6 @@ import copy
 import gc
 import json
 import statistics
-import subprocess
 import time
 import traceback
 from dataclasses import dataclass
@@ -214,19 +213,6 @@ def linear_bytes(model: nn.Module) -> int:
     return total
 
 
-def gpu_name() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.splitlines()[0] if out else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -332,7 +318,6 @@ def main() -> None:
         >= 1.3,
     }
     env = environment()
-    env["nvidia_smi_gpu"] = gpu_name()
     for entry in info.values():
         entry.pop("decode_run", None)
     record = {

@@ -44,9 +44,11 @@ def environment() -> dict[str, Any]:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-        info["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-        if info["driver"]:
-            info["driver"] = info["driver"].splitlines()[0]
+        smi = _run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
+        if smi:
+            # Every GPU of the host as nvidia-smi names it, and the driver of the first.
+            info["nvidia_smi_gpus"] = [line.split(",")[0].strip() for line in smi.splitlines()]
+            info["driver"] = smi.splitlines()[0].split(",")[-1].strip()
     repo = Path(__file__).resolve().parents[2]
     info["git_commit"] = _run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
     return info
