@@ -118,19 +118,22 @@ def _fashion_module(ctx: RunContext, dm: L.LightningDataModule) -> L.LightningMo
     )
 
 
-def _fashion_baseline(ctx: RunContext) -> tuple[L.LightningDataModule, list[Callback]]:
-    dm = FashionMNISTDataModule(
+def _fashion_datamodule(ctx: RunContext, **kwargs: Any) -> FashionMNISTDataModule:
+    return FashionMNISTDataModule(
         data_dir=ctx.data_path,
         batch_size=ctx.task.setting(ctx.recipe, "batch_size"),
         num_workers=ctx.recipe.num_workers,
-        augment=True,
-        output="float",
         train_subset=ctx.train_subset,
         val_subset=ctx.val_subset,
         seed=ctx.seed,
         drop_last=ctx.recipe.drop_last,
+        **kwargs,
     )
-    return dm, []
+
+
+def _fashion_baseline(ctx: RunContext) -> tuple[L.LightningDataModule, list[Callback]]:
+    """Per-sample CPU augmentation in the Dataset, normalised float batches."""
+    return _fashion_datamodule(ctx, augment=True, output="float"), []
 
 
 def _gpu_augment(ctx: RunContext) -> Callback:
@@ -149,18 +152,8 @@ def _fashion_gpu(ctx: RunContext) -> tuple[L.LightningDataModule, list[Callback]
     """uint8 batches from the usual DataLoader (no CPU work), side-stream copies, GPU augmentation."""
     from lightning_speedup.data import GPUPrefetcher
 
-    dm = FashionMNISTDataModule(
-        data_dir=ctx.data_path,
-        batch_size=ctx.task.setting(ctx.recipe, "batch_size"),
-        num_workers=ctx.recipe.num_workers,
-        augment=False,
-        output="uint8",
-        train_subset=ctx.train_subset,
-        val_subset=ctx.val_subset,
-        seed=ctx.seed,
-        drop_last=ctx.recipe.drop_last,
-        pin_memory=False,  # GPUPrefetcher pins on its own
-    )
+    # GPUPrefetcher pins on its own, so the DataLoader's pin thread is off.
+    dm = _fashion_datamodule(ctx, augment=False, output="uint8", pin_memory=False)
     return dm, [GPUPrefetcher(depth=2), _gpu_augment(ctx)]
 
 
