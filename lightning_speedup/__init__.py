@@ -15,6 +15,13 @@ from lightning_speedup.data import (
     GPUAugment,
     GPUPrefetcher,
 )
+from lightning_speedup.distributed import (
+    CompressedDDPStrategy,
+    DiLoCoStrategy,
+    GossipSGDStrategy,
+    LocalSGDStrategy,
+    ParameterAveragingStrategy,
+)
 from lightning_speedup.quantization import QATPrecision
 from lightning_speedup.schedules import (
     LRRangeTest,
@@ -28,13 +35,18 @@ from lightning_speedup.schedules import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CompressedDDPStrategy",
     "DataStallMonitor",
     "DeviceResidentDataModule",
+    "DiLoCoStrategy",
     "GPUAugment",
     "GPUPrefetcher",
+    "GossipSGDStrategy",
     "LRRangeTest",
     "LRScheduleCallback",
+    "LocalSGDStrategy",
     "OneCycle",
+    "ParameterAveragingStrategy",
     "QATPrecision",
     "RangeTestDivergedError",
     "WarmupCosine",

@@ -1,0 +1,575 @@
+"""Communication-efficient data parallelism on GPUs (issue 6): DDP vs each strategy, fast vs slow interconnect.
+
+Char-LM on Tiny Shakespeare scaled up so that communication matters: GPT 12 layers x 768 wide
+(about 85M parameters, 340 MB of fp32 gradients), context 256, ``--batch-size`` sequences per GPU,
+bf16-mixed, AdamW 1e-3 with 100 warm-up steps. Strategies (their string presets unless noted):
+
+  ddp                  Lightning's DDPStrategy (fp32 gradient all-reduce, overlapped with backward)
+  ddp_bf16_compress    CompressedDDPStrategy(compression="bf16")
+  ddp_powersgd         CompressedDDPStrategy(compression="powersgd", rank=4); throughput is measured in the
+                       compressed phase (start_iter=5 instead of the preset's 100)
+  local_sgd            LocalSGDStrategy(sync_every=16)
+  diloco               DiLoCoStrategy(sync_every=100, outer SGD lr 0.7, Nesterov 0.9)
+  gossip_ring          GossipSGDStrategy(topology="ring"); skipped on 2 GPUs, where it is gossip_exponential
+  gossip_exponential   GossipSGDStrategy(topology="exponential")
+  compute_only         LocalSGDStrategy(sync_every=10**9): no communication at all; its step time is the
+                       cost model's compute time C
+The averaging strategies run with consensus_every=0: the consensus distance is a diagnostic that costs an
+all-reduce of the model each time it is sampled.
+
+Two interconnects, each in its own process tree (NCCL reads its settings once per process):
+  nvlink    NCCL defaults (P2P over NVLink), NCCL_NVLS_ENABLE=0
+  sockets   NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_NVLS_ENABLE=0: traffic through the socket transport,
+            about a 25 Gb/s network on a 2xH200 host
+
+Each worker first measures NCCL all-reduce bus bandwidth (nccl-tests' busbw = algbw * 2(n-1)/n, 256 MB
+fp32) and point-to-point bandwidth (every rank sends 256 MB to its right neighbour), and records them.
+
+``--mode throughput`` (default): every configuration is a fresh Trainer and model; the clock covers a
+window of steps after 5 warm-up steps, synchronized at both ends (32 steps; one full round, 100 steps,
+for diloco; two rounds for local_sgd), on rank 0. Configurations are interleaved (a b c ... a b c ...);
+each number is the median of ``--repeats`` runs. Tokens/s counts all GPUs' tokens. Afterwards the cost
+model (lightning_speedup.distributed.costmodel) is calibrated on the measured step times and the
+expected speed-up out to 512 nodes on 10/25/100 Gb/s links is plotted next to the JSON.
+
+``--mode ttt``: time to validation loss ``--target`` (1.47): one run per strategy and interconnect,
+validation (of the exactly averaged model) every ``--eval-every`` steps on the whole validation split,
+stopping at the target or after ``--max-minutes``. Wall time counts from the start of fit.
+
+Goals of the issue: with sockets, the best strategy reaches the target >= 2x faster than DDP; with NVLink
+no strategy is more than 5% below DDP in tokens/s.
+
+Expected runtime on 2 x H100 (estimates, not yet measured): throughput mode about 3.5 minutes (both
+interconnects, 3 repeats; ``--networks sockets`` alone about 2). ttt mode: each run stops at the target
+or at ``--max-minutes``; with ``--networks sockets --strategies ddp,local_sgd,diloco --max-minutes 3``
+at most 9.5 minutes (DDP through sockets is the slow one).
+
+Run on the device (kind nvidia-h100-x2; carry [".data", ".whl"]):
+    source benchmarks/device_env.sh && python benchmarks/distributed_charlm.py --out $OUT/distributed_charlm.json
+    source benchmarks/device_env.sh && python benchmarks/distributed_charlm.py --mode ttt --networks sockets \
+        --strategies ddp,local_sgd,diloco --max-minutes 3 --out $OUT/distributed_charlm_ttt.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "distributed_charlm.json"
+NETWORKS: dict[str, dict[str, str]] = {
+    "nvlink": {"NCCL_NVLS_ENABLE": "0"},
+    "sockets": {"NCCL_NVLS_ENABLE": "0", "NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1"},
+}
+STRATEGIES = (
+    "ddp",
+    "ddp_bf16_compress",
+    "ddp_powersgd",
+    "local_sgd",
+    "diloco",
+    "gossip_ring",
+    "gossip_exponential",
+    "compute_only",
+)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("throughput", "ttt"), default="throughput")
+    p.add_argument("--networks", default="nvlink,sockets", help="comma-separated subset of nvlink,sockets")
+    p.add_argument(
+        "--strategies", default=",".join(STRATEGIES), help="comma-separated subset of " + ",".join(STRATEGIES)
+    )
+    p.add_argument("--devices", type=int, default=0, help="GPUs (0: all visible)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--n-layer", type=int, default=12)
+    p.add_argument("--n-embd", type=int, default=768)
+    p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per GPU per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--target", type=float, default=1.47)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--max-minutes", type=float, default=4.0, help="ttt: cap per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--data",
+        default=None,
+        help="Tiny Shakespeare input.txt (default: $LIGHTNING_SPEEDUP_DATA, .data, ../shared/data)",
+    )
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU/gloo dry run with a tiny model (checks the script, no numbers)",
+    )
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # network name: run as a torchrun worker
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def find_text(path: str | None) -> Path:
+    candidates = [Path(path)] if path else []
+    if os.environ.get("LIGHTNING_SPEEDUP_DATA"):
+        candidates.append(Path(os.environ["LIGHTNING_SPEEDUP_DATA"]) / "tinyshakespeare" / "input.txt")
+    root = Path(__file__).resolve().parents[1]
+    candidates += [
+        root / ".data" / "tinyshakespeare" / "input.txt",
+        root.parent / "shared" / "data" / "tinyshakespeare" / "input.txt",
+    ]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise SystemExit(f"Tiny Shakespeare not found; looked at {[str(c) for c in candidates]}. Pass --data.")
+
+
+def driver(args: argparse.Namespace) -> None:
+    import torch
+
+    from lightning_speedup.bench.env import environment
+
+    devices = args.devices or (2 if args.smoke else torch.cuda.device_count())
+    if devices < 2:
+        raise SystemExit(f"distributed_charlm needs >= 2 GPUs, found {devices}.")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "benchmark": "distributed_charlm",
+        "mode": args.mode,
+        "env": environment(),
+        "args": vars(args),
+    }
+    results["networks"], rows, ttt = {}, [], []
+    for network in args.networks.split(","):
+        if network not in NETWORKS:
+            raise SystemExit(f"Unknown network {network!r}; choose from {list(NETWORKS)}.")
+        worker_out = out.with_name(f"{out.stem}.{network}.worker.json")
+        env = {**os.environ, **NETWORKS[network], "PYTHONUNBUFFERED": "1"}
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+            __file__, *sys.argv[1:], "--worker", network, "--worker-out", str(worker_out),
+        ]  # fmt: skip
+        print(
+            f"[{network}] {' '.join(f'{k}={v}' for k, v in NETWORKS[network].items())} {' '.join(cmd)}",
+            flush=True,
+        )
+        subprocess.run(cmd, env=env, check=True)
+        part = json.loads(worker_out.read_text())
+        results["networks"][network] = part["network"]
+        results.setdefault("model", part["model"])
+        results["world_size"] = part["world_size"]
+        rows += part["throughput"]
+        ttt += part["ttt"]
+        worker_out.unlink()
+    results["throughput"] = rows
+    results["ttt"] = ttt
+    results["summary"] = summarize(rows)
+    compute = [r["step_time_s"] for r in rows if r["strategy"] == "compute_only"]
+    results["compute_s"] = statistics.median(compute) if compute else None
+    if args.mode == "throughput" and results["compute_s"]:
+        results["cost_model"] = fit_cost_model(results, out.with_suffix(".scaling.png"))
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    print_table(results)
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for network in dict.fromkeys(r["network"] for r in rows):
+        ddp = [r["step_time_s"] for r in rows if r["network"] == network and r["strategy"] == "ddp"]
+        ddp_med = statistics.median(ddp) if ddp else None
+        for strategy in dict.fromkeys(r["strategy"] for r in rows if r["network"] == network):
+            mine = [r for r in rows if r["network"] == network and r["strategy"] == strategy]
+            med = statistics.median(r["step_time_s"] for r in mine)
+            out.append(
+                {
+                    "network": network,
+                    "strategy": strategy,
+                    "step_time_s": med,
+                    "tokens_per_s": statistics.median(r["tokens_per_s"] for r in mine),
+                    "speedup_vs_ddp": ddp_med / med if ddp_med else None,
+                    "repeats": len(mine),
+                }
+            )
+    return out
+
+
+def fit_cost_model(results: dict[str, Any], png: Path) -> dict[str, Any]:
+    """Calibrate the cost model on the median step times and plot the expected scaling."""
+    from dataclasses import asdict
+
+    from lightning_speedup.distributed import costmodel as cm
+
+    medians = {(s["network"], s["strategy"]): s["step_time_s"] for s in results["summary"]}
+    rows = []
+    for r in results["throughput"]:
+        key = (r["network"], r["strategy"])
+        if key in medians and r.get("cost_model") is not None:
+            rows.append({**r, "step_time_s": medians.pop(key)})
+    workload, measurements, ratio = cm.measurements_from_results({**results, "throughput": rows})
+    cal = cm.calibrate(measurements)
+    curves = cm.plot_scaling(workload, png, cm.default_methods(ratio or 0.05), cal=cal)
+    return {
+        "calibration": asdict(cal),
+        "validation": cm.validate(measurements, cal),
+        "plot": str(png),
+        "curves": {str(k): v for k, v in curves.items()},
+    }
+
+
+def print_table(results: dict[str, Any]) -> None:
+    env = results["env"]
+    print(
+        f"\n{env.get('gpu')} x{results.get('world_size')}  torch {env['torch']}  lightning {env['lightning']}"
+    )
+    for name, net in results["networks"].items():
+        print(
+            f"  {name:<8} all-reduce busbw {net['busbw_gbytes_per_s']:.1f} GB/s, p2p {net['p2p_gbytes_per_s']:.1f} GB/s"
+        )
+    if results["summary"]:
+        print(f"{'network':<8} {'strategy':<20} {'step ms':>8} {'tokens/s':>10} {'vs ddp':>7}")
+        for s in results["summary"]:
+            vs = f"{s['speedup_vs_ddp']:.2f}x" if s["speedup_vs_ddp"] else "-"
+            print(
+                f"{s['network']:<8} {s['strategy']:<20} {s['step_time_s'] * 1e3:>8.1f} {s['tokens_per_s']:>10.0f} {vs:>7}"
+            )
+    if results.get("cost_model"):
+        print("cost model (predicted / measured step time):")
+        for v in results["cost_model"]["validation"]:
+            print(f"  {v['method']:<24} {v['link_gbps']:>7.0f} Gb/s  {v['ratio']:.2f}")
+    if results["ttt"]:
+        print(f"{'network':<8} {'strategy':<20} {'reached':>7} {'time s':>8} {'steps':>6} {'best val':>8}")
+        for t in results["ttt"]:
+            time_s = f"{t['time_s']:.1f}" if t["time_s"] is not None else "-"
+            print(
+                f"{t['network']:<8} {t['strategy']:<20} {t['reached']!s:>7} {time_s:>8} {t['steps']:>6} "
+                f"{t['best_val_loss']:>8.3f}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def worker(args: argparse.Namespace) -> None:
+    import lightning as L
+    import torch
+    import torch.distributed as dist
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch import Tensor
+    from torch.utils.data import DataLoader, Dataset
+    from typing_extensions import override
+
+    import lightning_speedup.distributed as lsd
+    from lightning_speedup.bench.models import count_parameters
+    from lightning_speedup.bench.modules import CharLM
+    from lightning_speedup.data import load_text_corpus
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if args.smoke:  # CPU/gloo dry run: same code path, tiny sizes
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+        args.n_layer, args.n_embd, args.n_head, args.block_size, args.batch_size = 1, 32, 2, 32, 4
+        args.repeats, args.window, args.warmup, args.eval_every = 1, 3, 2, 5
+    else:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    network = args.worker
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # ---- interconnect bandwidth, recorded next to every number that depends on it
+    def time_it(fn: Any, iters: int = 10) -> float:
+        for _ in range(3):
+            fn()
+        sync()
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / iters
+
+    def measure_bandwidth() -> dict[str, Any]:
+        x = torch.ones(64 * 1024 * 1024 if not args.smoke else 1024, device=device)  # 256 MB fp32
+        recv = torch.empty_like(x)
+        t_ar = time_it(lambda: dist.all_reduce(x))
+
+        def ring_p2p() -> None:
+            ops = [
+                dist.P2POp(dist.isend, x, (rank + 1) % world),
+                dist.P2POp(dist.irecv, recv, (rank - 1) % world),
+            ]
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+
+        t_p2p = time_it(ring_p2p)
+        algbw = x.numel() * 4 / t_ar / 1e9
+        return {
+            "env": NETWORKS[network],
+            "allreduce_bytes": x.numel() * 4,
+            "algbw_gbytes_per_s": algbw,
+            "busbw_gbytes_per_s": algbw * 2 * (world - 1) / world,
+            "p2p_gbytes_per_s": x.numel() * 4 / t_p2p / 1e9,
+        }
+
+    net_info = measure_bandwidth()
+
+    # ---- data: random-offset windows, distinct per rank through the DistributedSampler
+    corpus = load_text_corpus(find_text(args.data))
+    T = args.block_size
+
+    class Windows(Dataset):
+        def __init__(self, ids: Tensor, stride: int) -> None:
+            self.ids, self.stride = ids, stride
+            self.n = (len(ids) - T - 1) // stride
+
+        def __len__(self) -> int:
+            return self.n
+
+        def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+            chunk = self.ids[i * self.stride : i * self.stride + T + 1]
+            return chunk[:-1], chunk[1:]
+
+    train_set = Windows(corpus.train_ids, stride=7)  # ~143k overlapping windows
+    val_set = Windows(corpus.val_ids, stride=T)  # the whole validation split once
+
+    def loaders() -> tuple[DataLoader, DataLoader]:
+        # No worker processes: slicing a token tensor is microseconds, and workers would add start-up per run.
+        train = DataLoader(
+            train_set,
+            batch_size=args.batch_size,
+            shuffle=True,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+        )
+        val = DataLoader(val_set, batch_size=64)
+        return train, val
+
+    class BenchCharLM(CharLM):
+        """CharLM with a linear warm-up of the learning rate (100 steps)."""
+
+        @property
+        def warmup_steps(self) -> int:
+            return 100
+
+        def configure_optimizers(self) -> Any:
+            opt = super().configure_optimizers()
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / self.warmup_steps))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def make_model() -> BenchCharLM:
+        L.seed_everything(args.seed, verbose=False)
+        with device:
+            return BenchCharLM(
+                vocab_size=corpus.vocab_size, block_size=T, n_layer=args.n_layer, n_head=args.n_head,
+                n_embd=args.n_embd, dropout=0.2, lr=args.lr, betas=(0.9, 0.99),
+            )  # fmt: skip
+
+    probe = make_model()
+    num_params = count_parameters(probe)
+    model_info = {
+        "n_layer": args.n_layer,
+        "n_embd": args.n_embd,
+        "block_size": T,
+        "batch_size_per_gpu": args.batch_size,
+        "num_params": num_params,
+        "num_buckets": math.ceil(num_params * 4 / (25 * 2**20)),  # DDP's 25 MB buckets
+    }
+    del probe
+
+    def make_strategy(name: str, throughput: bool) -> tuple[Any, dict[str, Any] | None]:
+        """The strategy object and its cost-model description."""
+        if name == "ddp":
+            return DDPStrategy(), {"kind": "ddp", "label": name}
+        if name == "ddp_bf16_compress":
+            return lsd.CompressedDDPStrategy(compression="bf16"), {
+                "kind": "ddp",
+                "label": name,
+                "wire_fraction": 0.5,
+            }
+        if name == "ddp_powersgd":
+            start = 5 if throughput else 100
+            return lsd.CompressedDDPStrategy(compression="powersgd", rank=4, start_iter=start), {
+                "kind": "ddp",
+                "label": name,
+            }
+        if name == "local_sgd":
+            return lsd.LocalSGDStrategy(sync_every=16, consensus_every=0), {
+                "kind": "local_sgd",
+                "label": name,
+                "sync_every": 16,
+            }
+        if name == "diloco":
+            return lsd.DiLoCoStrategy(sync_every=100, consensus_every=0), {
+                "kind": "diloco",
+                "label": name,
+                "sync_every": 100,
+            }
+        if name == "gossip_ring":
+            return lsd.GossipSGDStrategy(topology="ring", consensus_every=0), {
+                "kind": "gossip",
+                "label": name,
+                "degree": 2,
+            }
+        if name == "gossip_exponential":
+            return lsd.GossipSGDStrategy(topology="exponential", consensus_every=0), {
+                "kind": "gossip",
+                "label": name,
+                "degree": 1,
+            }
+        if name == "compute_only":
+            return lsd.LocalSGDStrategy(sync_every=10**9, consensus_every=0), None
+        raise SystemExit(f"Unknown strategy {name!r}; choose from {list(STRATEGIES)}.")
+
+    def window_for(name: str) -> int:
+        if args.smoke:
+            return args.window
+        return {"diloco": 100, "local_sgd": max(args.window, 32)}.get(name, args.window)
+
+    class WindowTimer(Callback):
+        def __init__(self, warmup: int, window: int) -> None:
+            self.warmup, self.window = warmup, window
+            self.t0 = self.t1 = 0.0
+
+        @override
+        def on_train_batch_start(self, trainer: L.Trainer, *a: Any) -> None:
+            if trainer.global_step == self.warmup:
+                sync()
+                self.t0 = time.perf_counter()
+
+        @override
+        def on_train_batch_end(self, trainer: L.Trainer, *a: Any) -> None:
+            if trainer.global_step == self.warmup + self.window:
+                sync()
+                self.t1 = time.perf_counter()
+
+    def trainer(strategy: Any, **kw: Any) -> L.Trainer:
+        return L.Trainer(
+            accelerator=device.type, devices=world, strategy=strategy,
+            precision="bf16-mixed" if device.type == "cuda" else "32-true", logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw,
+        )  # fmt: skip
+
+    names = [s for s in args.strategies.split(",") if s]
+    if world == 2 and "gossip_ring" in names and "gossip_exponential" in names:
+        names.remove("gossip_ring")  # on two processes both graphs are "average with the other one"
+    rows: list[dict[str, Any]] = []
+    ttt_rows: list[dict[str, Any]] = []
+
+    if args.mode == "throughput":
+        for repeat in range(args.repeats):
+            for name in names:
+                strategy, cm = make_strategy(name, throughput=True)
+                window = window_for(name)
+                timer = WindowTimer(args.warmup, window)
+                train, _ = loaders()
+                t = trainer(strategy, max_steps=args.warmup + window, limit_val_batches=0, callbacks=[timer])
+                t.fit(make_model(), train)
+                step = (timer.t1 - timer.t0) / window
+                row = {
+                    "network": network, "strategy": name, "repeat": repeat, "window": window,
+                    "step_time_s": step, "tokens_per_s": world * args.batch_size * T / step, "cost_model": cm,
+                }  # fmt: skip
+                stats = getattr(t.strategy, "comm_stats", {})
+                row["comm_stats"] = stats
+                if "compression_ratio" in stats and cm is not None:
+                    cm["wire_fraction"] = row["wire_fraction"] = 1.0 / stats["compression_ratio"]
+                rows.append(row)
+                if rank == 0:
+                    print(f"[{network}] {name:<20} repeat {repeat}: {step * 1e3:.1f} ms/step", flush=True)
+                del t, strategy
+    else:
+
+        class Target(Callback):
+            def __init__(self) -> None:
+                self.t0 = 0.0
+                self.reached: tuple[float, int] | None = None
+                self.best = float("inf")
+                self.curve: list[tuple[int, float, float]] = []
+
+            @override
+            def on_fit_start(self, trainer: L.Trainer, *a: Any) -> None:
+                sync()
+                self.t0 = time.perf_counter()
+
+            @override
+            def on_validation_end(self, trainer: L.Trainer, *a: Any) -> None:
+                if trainer.sanity_checking:
+                    return
+                loss = float(trainer.callback_metrics["val_loss"])
+                elapsed = time.perf_counter() - self.t0
+                self.best = min(self.best, loss)
+                self.curve.append((trainer.global_step, elapsed, loss))
+                if loss <= args.target and self.reached is None:
+                    self.reached = (elapsed, trainer.global_step)
+                    trainer.should_stop = True
+
+        for name in names:
+            if name == "compute_only":
+                continue
+            strategy, _ = make_strategy(name, throughput=False)
+            target = Target()
+            train, val = loaders()
+            t = trainer(
+                strategy, max_steps=10 if args.smoke else 100_000, max_time={"minutes": args.max_minutes},
+                val_check_interval=args.eval_every, limit_val_batches=2 if args.smoke else None,
+                check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[target],
+            )  # fmt: skip
+            t.fit(make_model(), train, val)
+            ttt_rows.append(
+                {
+                    "network": network,
+                    "strategy": name,
+                    "reached": target.reached is not None,
+                    "time_s": target.reached[0] if target.reached else None,
+                    "steps": target.reached[1] if target.reached else t.global_step,
+                    "best_val_loss": target.best,
+                    "tokens_per_s": (world * args.batch_size * T * target.reached[1] / target.reached[0])
+                    if target.reached
+                    else None,
+                    "curve": target.curve,
+                }
+            )
+            if rank == 0:
+                print(f"[{network}] {name}: {ttt_rows[-1]}", flush=True)
+            del t, strategy
+
+    if rank == 0:
+        Path(args.worker_out).write_text(
+            json.dumps(
+                {
+                    "network": net_info,
+                    "model": model_info,
+                    "world_size": world,
+                    "throughput": rows,
+                    "ttt": ttt_rows,
+                }
+            )
+        )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli = parse_args()
+    if cli.worker:
+        worker(cli)
+    else:
+        driver(cli)
