@@ -139,20 +139,32 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
 
 class RandomWindows(Dataset):
-    """``samples_per_epoch`` random (x, y) windows of a token stream; y is x shifted by one."""
+    """``samples_per_epoch`` random (x, y) windows of a token stream; y is x shifted by one.
 
-    def __init__(self, ids: Tensor, block_size: int, samples_per_epoch: int) -> None:
+    Starts come from torch's global RNG (which Lightning seeds per worker). That RNG is seeded alike on
+    every DDP rank, so rank ``r`` of ``world_size`` shifts each draw by ``r / world_size`` of the
+    stream (circularly): ranks read different windows, each uniform over the stream, and rank 0 reads
+    exactly what a single process reads.
+    """
+
+    def __init__(
+        self, ids: Tensor, block_size: int, samples_per_epoch: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         if len(ids) <= block_size + 1:
             raise ValueError(
                 f"The token stream ({len(ids)}) must be longer than block_size+1 ({block_size + 1})."
             )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}.")
         self.ids, self.block_size, self.n = ids, block_size, samples_per_epoch
+        self.span = len(ids) - block_size - 1
+        self.offset = rank * self.span // world_size
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        start = int(torch.randint(0, len(self.ids) - self.block_size - 1, ()))
+        start = (int(torch.randint(0, self.span, ())) + self.offset) % self.span
         chunk = self.ids[start : start + self.block_size + 1]
         return chunk[:-1], chunk[1:]
 
@@ -214,7 +226,9 @@ class CharLMDataModule(L.LightningDataModule):
             self.corpus = load_text_corpus(self.path)
         n = self.samples_per_epoch or len(self.corpus.train_ids) // self.block_size
         n = max(self.batch_size, n - n % self.batch_size)
-        self.train_set = RandomWindows(self.corpus.train_ids, self.block_size, n)
+        trainer = self.trainer  # None when the module is used outside a Trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.train_set = RandomWindows(self.corpus.train_ids, self.block_size, n, rank=rank, world_size=world)
         self.val_set = ConsecutiveWindows(self.corpus.val_ids, self.block_size, self.val_windows)
 
     def train_dataloader(self) -> DataLoader:

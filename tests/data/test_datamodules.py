@@ -78,3 +78,21 @@ def test_charlm_windows_and_validation_coverage(shakespeare_path: Path) -> None:
     val = torch.cat([xb.reshape(-1) for xb, _ in dm.val_dataloader()])
     assert len(val) == (len(corpus.val_ids) - 1) // 64 * 64
     assert torch.equal(val, corpus.val_ids[: len(val)])  # validation windows are the val split, in order
+
+
+def test_charlm_ranks_read_different_windows(shakespeare_path: Path) -> None:
+    """Under DDP every rank's global RNG is seeded alike; the windows must still differ across ranks."""
+    from lightning_speedup.data.datamodules import RandomWindows
+
+    ids = load_text_corpus(shakespeare_path).train_ids
+
+    def windows(rank: int, world: int) -> list[list[int]]:
+        torch.manual_seed(0)
+        ds = RandomWindows(ids, 64, 200, rank=rank, world_size=world)
+        return [ds[i][0].tolist() for i in range(200)]
+
+    single, rank0, rank1 = windows(0, 1), windows(0, 2), windows(1, 2)
+    assert rank0 == single  # rank 0 reads exactly what one process reads
+    assert sum(a == b for a, b in zip(rank0, rank1)) == 0  # rank 1 reads other windows
+    with pytest.raises(ValueError, match="rank must be"):
+        RandomWindows(ids, 64, 10, rank=2, world_size=2)
