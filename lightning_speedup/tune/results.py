@@ -4,6 +4,12 @@ Built from Ray Tune's ``ResultGrid`` (kept as ``result_grid`` for anything not c
 trial is the one with the best value of the tuned metric in *any* of its reports (a trial that ASHA
 stopped early still counts with what it reached); with a :class:`TimeToTarget` objective, only trials
 that reached the target compete on time, and the penalised score ranks the rest only when none did.
+
+Trials are kept in the order the sweep created them, read from what Ray stores with each trial, never
+from the order of the ``ResultGrid``: Ray lists a restored sweep's trials by their last report, newest
+first, so its order changes when a sweep is resumed. Ties in the tuned metric are common (an accuracy
+on 1024 images takes only 1025 values) and go to the earliest trial, so a resumed sweep, finished or
+not, names the same best trial as the run that recorded it.
 """
 
 from __future__ import annotations
@@ -43,17 +49,45 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _grid_trials(grid: ResultGrid) -> list[Any]:
+    """Ray's ``Trial`` objects behind a ``ResultGrid``.
+
+    Ray's ``ResultGrid`` exposes neither trial states nor creation order; both are read from its
+    ``ExperimentAnalysis`` (private attribute, checked against Ray 2.60).
+    """
+    analysis = getattr(grid, "_experiment_analysis", None)
+    return list(getattr(analysis, "trials", None) or [])
+
+
 def _trial_statuses(grid: ResultGrid) -> dict[str, str]:
     """Each trial's state: ``finished`` (ran to its end or was stopped by the scheduler or the
-    objective), ``error``, or ``unfinished`` (pending or running when the sweep stopped).
-
-    Ray's ``ResultGrid`` does not expose trial states; they are read from its ``ExperimentAnalysis``
-    (private attribute, checked against Ray 2.60).
-    """
+    objective), ``error``, or ``unfinished`` (pending or running when the sweep stopped)."""
     names = {"TERMINATED": "finished", "ERROR": "error"}
-    analysis = getattr(grid, "_experiment_analysis", None)
-    trials = getattr(analysis, "trials", None) or []
-    return {t.trial_id: names.get(t.status, "unfinished") for t in trials}
+    return {t.trial_id: names.get(t.status, "unfinished") for t in _grid_trials(grid)}
+
+
+def _creation_index(experiment_tag: Any) -> int | None:
+    """The number Ray's search algorithms give each new trial of a sweep, from its ``experiment_tag``.
+
+    Both of Ray's trial generators (``SearchGenerator`` for Optuna and other searchers,
+    ``BasicVariantGenerator`` for random and grid search) tag a trial ``"<counter>"`` or
+    ``"<counter>_<sampled values>"`` from a per-sweep counter that is saved with the sweep and kept by
+    resume; ``None`` for any other tag.
+    """
+    if not isinstance(experiment_tag, str):
+        return None
+    head = experiment_tag.split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _creation_indices(grid: ResultGrid) -> dict[str, int]:
+    """Trial id -> creation number, for the trials whose tag carries one."""
+    out: dict[str, int] = {}
+    for trial in _grid_trials(grid):
+        index = _creation_index(getattr(trial, "experiment_tag", None))
+        if index is not None:
+            out[str(trial.trial_id)] = index
+    return out
 
 
 @dataclass
@@ -92,20 +126,28 @@ class TuneResults:
         finished = self.result_grid.num_terminated + self.result_grid.num_errors
         self.complete = finished >= self.num_trials
         self._statuses = _trial_statuses(self.result_grid)
+        created = _creation_indices(self.result_grid)
         self._histories: dict[str, pd.DataFrame] = {}
         self._results: dict[str, Any] = {}
         started: dict[str, float] = {}
         for result in self.result_grid:
             trial_id = self._trial_id(result)
             self._results[trial_id] = result
+            if trial_id not in created:
+                index = _creation_index((result.metrics or {}).get("experiment_tag"))
+                if index is not None:
+                    created[trial_id] = index
             df = result.metrics_dataframe
             started[trial_id] = math.inf
             if df is not None and self.metric in df.columns and len(df):
                 self._histories[trial_id] = df
                 if "timestamp" in df.columns:
                     started[trial_id] = float(df["timestamp"].iloc[0]) - float(df["time_total_s"].iloc[0])
-        # Ray lists a resumed sweep's trials in no particular order; show them in the order they started.
-        self._order = sorted(self._results, key=lambda t: started[t])
+        # The order the sweep created its trials in (see the module docstring): it depends only on what
+        # is stored with the sweep, so it is the same for the run that recorded it and for any resume.
+        # The start time (whole seconds in Ray's timestamps) and the id only order trials without a
+        # creation number.
+        self._order = sorted(self._results, key=lambda t: (created.get(t, math.inf), started[t], t))
         self._pick_best()
 
     @staticmethod
@@ -148,7 +190,9 @@ class TuneResults:
         if not candidates:
             return
         sign = 1.0 if self.mode == "max" else -1.0
-        # max() keeps the first of equal values: the earliest trial wins a tie.
+        # max() keeps the first of equal values: in creation order, the earliest trial wins a tie.
+        rank = {tid: i for i, tid in enumerate(self._order)}
+        candidates.sort(key=lambda c: rank[c[0]])
         trial_id, value = max(candidates, key=lambda c: sign * c[1])
         result = self._results[trial_id]
         self.best_trial_id, self.best_metric = trial_id, value
@@ -164,13 +208,13 @@ class TuneResults:
 
     @property
     def errors(self) -> list[BaseException]:
-        """The exceptions of the trials that failed."""
-        return list(self.result_grid.errors)
+        """The exceptions of the trials that failed, in trial order."""
+        return [e for t in self._order if (e := self._results[t].error) is not None]
 
     def dataframe(self) -> pd.DataFrame:
-        """One row per trial, in start order: ``trial_id``, ``status`` (``finished``, ``error``,
-        ``unfinished``), ``config/...``, the best and the last value of the tuned metric, ``iterations``
-        (validations reported), ``time_s`` (trial wall time), ``error``."""
+        """One row per trial, in the order the sweep sampled them: ``trial_id``, ``status``
+        (``finished``, ``error``, ``unfinished``), ``config/...``, the best and the last value of the tuned
+        metric, ``iterations`` (validations reported), ``time_s`` (trial wall time), ``error``."""
         rows = []
         for trial_id in self._order:
             result, df = self._results[trial_id], self._histories.get(trial_id)
@@ -195,7 +239,7 @@ class TuneResults:
         return pd.DataFrame(rows)
 
     def history(self) -> pd.DataFrame:
-        """Every report of every trial: ``trial_id``, ``trial`` (start order), ``training_iteration``,
+        """Every report of every trial: ``trial_id``, ``trial`` (sampling order), ``training_iteration``,
         every logged metric, ``time_total_s`` and ``config/...``."""
         frames = []
         for number, trial_id in enumerate(self._order):
@@ -215,7 +259,7 @@ class TuneResults:
 
     def plot(self, axes: tuple[Axes, Axes] | None = None) -> Figure:
         """Two panels: the tuned metric per validation for every trial (best trial highlighted), and
-        each trial's best value in start order with the running best. Returns the figure."""
+        each trial's best value in sampling order with the running best. Returns the figure."""
         import matplotlib.pyplot as plt
 
         if axes is None:
@@ -225,7 +269,10 @@ class TuneResults:
             fig = ax_curves.figure
         from matplotlib.ticker import MaxNLocator
 
-        for trial_id, df in self._histories.items():
+        for trial_id in self._order:
+            df = self._histories.get(trial_id)
+            if df is None:
+                continue
             best = trial_id == self.best_trial_id
             # Markers too: a trial stopped after one validation is a single point.
             ax_curves.plot(
@@ -258,7 +305,7 @@ class TuneResults:
                 [self._order.index(self.best_trial_id)], [self.best_metric], marker="*", s=200,
                 color="C3", zorder=3, label="best trial",
             )  # fmt: skip
-        ax_trials.set_xlabel("trial (start order)")
+        ax_trials.set_xlabel("trial (sampling order)")
         ax_trials.set_ylabel(f"best {self.metric}")
         ax_trials.set_title("search progress")
         ax_trials.legend(loc="best")

@@ -47,5 +47,10 @@ def test_tuning_sweep_notebook_runs_on_the_small_budget(
         float, re.search(r"val_acc = ([0-9.]+) \(sweep reported ([0-9.]+)\)", outputs).groups()
     )
     assert revalidated == pytest.approx(reported, abs=1e-4)
-    assert re.search(r"8 trials, best val_acc [0-9.]+, same best trial: True", outputs)
+    # Resuming the finished sweep loads it as it was recorded: the same trials, reports and best trial.
+    resumed = re.search(
+        r"8 trials, best val_acc ([0-9.]+), same best trial: True, same results: True", outputs
+    )
+    assert resumed, "the resumed sweep differs from the one it loaded"
+    assert float(resumed.group(1)) == best
     assert (tmp_path / "sweeps" / "fashion_mnist_small").is_dir()

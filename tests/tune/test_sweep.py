@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import ray
 import torch
@@ -87,18 +88,36 @@ def test_four_trial_sweep_finds_best_reported_config(
     assert model.hparams.lr == results.best_config["lr"]
 
 
-def test_asha_stops_weak_trials(ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path) -> None:
+def test_asha_stops_weak_trials_and_resume_returns_the_finished_sweep_as_recorded(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    """The two good trials are the same run (same lr, data and seed): an exact tie for the best, as is
+    common (an accuracy on 1024 images takes 1025 values). Ray lists a restored sweep's trials in
+    another order than the run that recorded them; the tie must still go to the same trial."""
     good, weak = 3e-3, 1e-6  # after one epoch: val_acc ~0.7 vs ~0.1
-    space = {"lr": tune.grid_search([good, weak, weak]), "data_dir": str(fashion_mnist_dir)}
-    results = tune_lightning(
-        build_mlp, space, "val_acc", "max", 1, searcher="random", scheduler="asha", seed=0, max_concurrent=1,
-        trainer_kwargs={"max_epochs": 3}, storage_path=tmp_path, name="asha", **QUIET,
+    space = {"lr": tune.grid_search([good, good, weak, weak]), "data_dir": str(fashion_mnist_dir)}
+    kwargs: dict[str, Any] = dict(
+        searcher="random", scheduler="asha", seed=0, max_concurrent=1, trainer_kwargs={"max_epochs": 3},
+        storage_path=tmp_path, name="asha", **QUIET,
     )  # fmt: skip
-    df = results.dataframe()
-    assert results.complete and len(df) == 3 and (df["status"] == "finished").all()
-    assert df.loc[df["config/lr"] == good, "iterations"].tolist() == [3]
+    results = tune_lightning(build_mlp, space, "val_acc", "max", 1, **kwargs)
+    df, history = results.dataframe(), results.history()
+    assert results.complete and len(df) == 4 and (df["status"] == "finished").all()
+    assert df.loc[df["config/lr"] == good, "iterations"].tolist() == [3, 3]
     assert df.loc[df["config/lr"] == weak, "iterations"].tolist() == [1, 1]
     assert results.best_config["lr"] == good
+    goods = df[df["config/lr"] == good]
+    assert goods["val_acc"].tolist() == [results.best_metric] * 2
+    assert results.best_trial_id == goods["trial_id"].iloc[0], "the earlier trial wins a tie"
+
+    for _ in range(2):  # the second resume starts from the state the first one saved
+        again = tune_lightning(build_mlp, space, "val_acc", "max", 1, resume=True, **kwargs)
+        assert again.complete
+        pd.testing.assert_frame_equal(again.dataframe(), df)
+        pd.testing.assert_frame_equal(again.history(), history)
+        assert (again.best_trial_id, again.best_metric, again.best_config, again.best_checkpoint_path) == (
+            results.best_trial_id, results.best_metric, results.best_config, results.best_checkpoint_path
+        )  # fmt: skip
 
 
 class _InterruptAfter(tune.Callback):
