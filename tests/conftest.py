@@ -7,6 +7,7 @@ device machine with ``pytest -m "gpu or multigpu"``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,15 @@ def shakespeare_path() -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic_seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rendezvous_port() -> Iterator[None]:
+    """Each multi-process test gets its own free port.
+
+    Lightning's launchers write ``MASTER_PORT`` into this process's environment and reuse it for every
+    later launch; one test's lingering store on that port then hangs the next test's ranks.
+    """
+    os.environ.pop("MASTER_PORT", None)
+    yield
+    os.environ.pop("MASTER_PORT", None)
