@@ -52,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time-to-target of recipes on a task; writes report.json/.md/.png")
     _add_bench_args(bench)
     demo = sub.add_parser("demo", help="baseline vs speedup on Fashion-MNIST (reduced budget on a CPU)")
-    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default demo-out)")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-out"),
+        help="output folder (default demo-out; the demo replaces its own earlier report there)",
+    )
     demo.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
     demo.add_argument("--data", default=None, help="Fashion-MNIST folder (default: search)")
     demo.add_argument("--seeds", type=int, default=1)
