@@ -41,7 +41,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_speedup.bench.env import environment
+from lightning_speedup.bench.env import device_label, environment
 from lightning_speedup.bench.modules import CharLM, ImageClassifier
 from lightning_speedup.data import CharLMDataModule, FashionMNISTDataModule
 from lightning_speedup.schedules import LRRangeTest, OneCycle
@@ -247,7 +247,7 @@ def main() -> None:
     args.out.write_text(json.dumps(record, indent=1, default=str))
 
     print(
-        f"\n{env['nvidia_smi_gpu'] or env['gpu'] or 'CPU'} | torch {env['torch']} | lightning {env['lightning']} "
+        f"\n{device_label(env)} | torch {env['torch']} | lightning {env['lightning']} "
         f"| {args.precision} | median of {len(args.seeds)} seeds | {record['wall_s']:.0f}s | {args.out}"
     )
     for task, s in summary.items():

@@ -43,7 +43,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_speedup.bench.env import environment
+from lightning_speedup.bench.env import device_label, environment
 from lightning_speedup.bench.modules import CharLM, ImageClassifier
 from lightning_speedup.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, load_text_corpus
 from lightning_speedup.quantization import QATPrecision, convert, evaluate, quantize, quantized_layers
@@ -366,7 +366,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2, default=str))
 
-    print(f"\n{env['nvidia_smi_gpu'] or env['gpu']} | torch {env['torch']} | lightning {env['lightning']} "
+    print(f"\n{device_label(env)} | torch {env['torch']} | lightning {env['lightning']} "
           f"| seeds {args.seeds} | {record['wall_s']:.0f}s | {args.out}")  # fmt: skip
     print(f"{'task':14s} {'format':6s} {'float':>8s} {'PTQ':>8s} {'QAT':>8s} {'recovered (of means; per seed)':>36s} "
           f"{'acc float/PTQ/QAT':>22s}")  # fmt: skip

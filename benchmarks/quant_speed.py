@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_speedup.bench.env import environment
+from lightning_speedup.bench.env import device_label, environment
 from lightning_speedup.bench.models import GPT, GPTConfig, count_parameters
 from lightning_speedup.quantization import prepare, quantize, quantized_layers, weight_bytes
 
@@ -338,7 +338,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2, default=str))
 
-    print(f"\n{env['nvidia_smi_gpu'] or env['gpu']} | torch {env['torch']} | {n_params / 1e9:.2f}B random-weight GPT "
+    print(f"\n{device_label(env)} | torch {env['torch']} | {n_params / 1e9:.2f}B random-weight GPT "
           f"| median of {args.repeats} | {record['wall_s']:.0f}s | {args.out}")  # fmt: skip
     print(
         f"{'config':20s} {'decode tok/s':>12s} {'vs bf16':>8s} {'prefill tok/s':>14s} {'vs bf16':>8s} "

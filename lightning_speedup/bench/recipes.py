@@ -172,6 +172,30 @@ register_recipe(
         },
     )
 )
+
+
+def _wsd(peak_lr: float) -> CallbackFactory:
+    def wsd(ctx: RunContext) -> Callback:
+        from lightning_speedup.schedules import WarmupStableDecay
+
+        return WarmupStableDecay(peak_lr=peak_lr, warmup=0.05, decay=0.3)
+
+    wsd.__name__ = f"WarmupStableDecay(peak_lr={peak_lr:g}, warmup=0.05, decay=0.3)"
+    return wsd
+
+
+register_recipe(
+    SPEEDUP.extended(
+        name="speedup-wsd",
+        description=(
+            "speedup with warmup-stable-decay (peak 4e-3, 5% warm-up, 1-sqrt decay over the last 30%, "
+            "10 epochs; LM: 2e-3, 40 epochs)."
+        ),
+        callbacks=(_wsd(4e-3),),
+        max_epochs=10,
+        per_task={"char-lm": {**SPEEDUP.per_task["char-lm"], "callbacks": (_wsd(2e-3),), "max_epochs": 40}},
+    )
+)
 register_recipe(
     SPEEDUP.extended(
         name="speedup-gpu-data",
