@@ -164,7 +164,9 @@ def fit(task: Task, model: L.LightningModule, steps: int, seed: int, plugin: QAT
     start = time.perf_counter()
     trainer.fit(model, train_dataloaders=task.train_batches(steps, seed))
     _sync()
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    model.to(DEVICE)  # Lightning's single-device teardown leaves the module on the CPU
+    return elapsed
 
 
 def _sync() -> None:

@@ -50,9 +50,9 @@ def environment() -> dict[str, Any]:
             info["nvidia_smi_gpus"] = [line.split(",")[0].strip() for line in smi.splitlines()]
             info["driver"] = smi.splitlines()[0].split(",")[-1].strip()
     repo = Path(__file__).resolve().parents[2]
-    # The device machine gets a copy of the working tree without .git: the launcher passes the commit.
-    info["git_commit"] = _run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"]) or os.environ.get(
-        "LIGHTNING_SPEEDUP_GIT_COMMIT"
+    # The device machine's copy of the tree may carry a stale .git: a launcher that knows passes the commit.
+    info["git_commit"] = os.environ.get("LIGHTNING_SPEEDUP_GIT_COMMIT") or _run(
+        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"]
     )
     return info
 

@@ -70,12 +70,19 @@ class Recipe:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "callbacks":
-                value = [getattr(c, "__name__", type(c).__name__) for c in value]
-            elif isinstance(value, Mapping):
-                value = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in value.items()}
-            out[f.name] = value
+            out[f.name] = _jsonable(value)
         return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Callback factories by name, mappings and sequences recursively (``per_task`` holds factories too)."""
+    if callable(value):
+        return getattr(value, "__name__", type(value).__name__)
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 _RECIPES: dict[str, Recipe] = {}
@@ -155,20 +162,21 @@ def _one_cycle(max_lr: float) -> CallbackFactory:
 register_recipe(
     BASELINE.extended(
         name="baseline-onecycle",
-        description="baseline with a per-step OneCycle schedule (max_lr 3e-3, 10 epochs; LM: 2e-3, 40 epochs).",
+        description="baseline with a per-step OneCycle schedule (max_lr 3e-3, 10 epochs; LM: 1e-3, 40 epochs).",
         callbacks=(_one_cycle(3e-3),),
         max_epochs=10,
-        per_task={"char-lm": {"callbacks": (_one_cycle(2e-3),), "max_epochs": 40}},
+        per_task={"char-lm": {"callbacks": (_one_cycle(1e-3),), "max_epochs": 40}},
     )
 )
 register_recipe(
     SPEEDUP.extended(
         name="speedup-onecycle",
-        description="speedup with a per-step OneCycle schedule (max_lr 4e-3, 10 epochs; LM: 2e-3, 40 epochs).",
+        description="speedup with a per-step OneCycle schedule (max_lr 4e-3, 10 epochs; LM: 1e-3, 40 epochs).",
         callbacks=(_one_cycle(4e-3),),
         max_epochs=10,
         per_task={
-            "char-lm": {**SPEEDUP.per_task["char-lm"], "callbacks": (_one_cycle(2e-3),), "max_epochs": 40}
+            # The LM at 2e-3 diverged in 2 of 3 seeds on the device (best val loss 1.97 and 1.63).
+            "char-lm": {**SPEEDUP.per_task["char-lm"], "callbacks": (_one_cycle(1e-3),), "max_epochs": 40}
         },
     )
 )
@@ -189,11 +197,11 @@ register_recipe(
         name="speedup-wsd",
         description=(
             "speedup with warmup-stable-decay (peak 4e-3, 5% warm-up, 1-sqrt decay over the last 30%, "
-            "10 epochs; LM: 2e-3, 40 epochs)."
+            "10 epochs; LM: 1e-3, 40 epochs)."
         ),
         callbacks=(_wsd(4e-3),),
         max_epochs=10,
-        per_task={"char-lm": {**SPEEDUP.per_task["char-lm"], "callbacks": (_wsd(2e-3),), "max_epochs": 40}},
+        per_task={"char-lm": {**SPEEDUP.per_task["char-lm"], "callbacks": (_wsd(1e-3),), "max_epochs": 40}},
     )
 )
 register_recipe(

@@ -100,6 +100,14 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"torch {env['torch']}, lightning {env['lightning']}, python {env['python']}; {env['date']}; "
         f"commit {env.get('git_commit')}.",
     ]
+    if len(meta.get("environments", [])) > 1:
+        machines = "; ".join(
+            f"{device_label(e)} (driver {e.get('driver')}, torch {e.get('torch')})"
+            for e in meta["environments"]
+        )
+        parts.append(
+            f"**The runs come from several machines** ({machines}): compare times only within one machine."
+        )
     if meta.get("train_subset") or meta.get("val_subset") or meta.get("model_kwargs"):
         parts.append(
             f"Reduced budget: train_subset={meta.get('train_subset')}, val_subset={meta.get('val_subset')}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -84,6 +85,7 @@ class RunResult:
     epochs: int
     history: list[dict[str, float]]
     error: str | None = None
+    environment: dict[str, Any] | None = None  # where the run ran (runs of one bench may span machines)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,18 +243,36 @@ def run_bench(
             echo(
                 f"time budget of {time_budget_s:.0f}s used: {len(plan) - i + 1} run(s) left; rerun with --resume"
             )
+            _environment_of_runs(meta, results)
             return results, meta, False
         echo(label)
         run_dir = out_dir / "runs" / f"{name}-seed{seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        res = run_one(cfg, name, seed, run_dir, echo=echo, label=label)
+        res = dataclasses.replace(run_one(cfg, name, seed, run_dir, echo=echo, label=label), environment=env)
         saved.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
         shown = f"{res.time_to_target_s:.1f}s" if res.reached else "not reached"
         echo(
             f"  -> {shown} (best {task.metric} {res.best_metric}, {res.epochs} epochs, {res.total_s:.1f}s total)"
         )
         results.append(res)
+    _environment_of_runs(meta, results)
     return results, meta, True
+
+
+def _machine(env: dict[str, Any]) -> tuple[Any, ...]:
+    return (env.get("gpu"), env.get("driver"), env.get("torch"), env.get("lightning"))
+
+
+def _environment_of_runs(meta: dict[str, Any], results: list[RunResult]) -> None:
+    """Describe the machine(s) the runs ran on, not the one that wrote the report (a resumed bench may
+    only load runs). Several machines are listed under ``environments`` and flagged in the report."""
+    envs = [r.environment for r in results if r.environment]
+    if not envs:
+        return
+    distinct = list({_machine(e): e for e in envs}.values())
+    meta["environment"] = envs[0]
+    if len(distinct) > 1:
+        meta["environments"] = distinct
 
 
 def _meta(

@@ -5,7 +5,8 @@ serve training (fake quantization) and deployment (:mod:`.convert` stores the co
 real kernels consume them), so a converted model computes with exactly the weights it was trained
 with. The ``nf4``/``fp4`` arithmetic mirrors bitsandbytes' reference implementation operation by
 operation (``x * (1 / absmax)``, clamp to [-1, 1], ``bucketize`` on the codebook midpoints), which
-makes it bit-exact with ``bitsandbytes.functional.quantize_4bit``/``dequantize_4bit``.
+makes it bit-exact with ``bitsandbytes.functional.quantize_4bit``/``dequantize_4bit``; for fp4 on CUDA
+it follows the CUDA kernel's decision tree instead, which breaks ties differently.
 
 Gradients: with the default ``absmax`` scales the whole quantizer is a straight-through estimator
 (Bengio et al., 2013): ``d fake_quant(w) / d w = 1``. With learnable scales (LSQ, Esser et al., 2020)
@@ -153,11 +154,27 @@ def _quantize_codebook(flat: Tensor, absmax: Tensor, spec: QuantSpec) -> Tensor:
     _, bounds, order = _codebook_tables(spec.weights, flat.device)
     block = int(spec.group_size)  # type: ignore[arg-type]
     inv = 1.0 / absmax.clamp(min=_BNB_TINY)
+    if spec.weights == "fp4" and flat.is_cuda:
+        return _fp4_cuda_kernel_codes(flat * _expand_blocks(inv, block, flat.numel()))
     scaled = torch.clamp(flat * _expand_blocks(inv, block, flat.numel()), -1, 1)
     idx = torch.bucketize(scaled, bounds, out_int32=True)
     if spec.weights != "nf4":  # nf4's codebook is already sorted; fp4's is in bit-pattern order
         idx = order[idx]
     return idx.to(torch.uint8)
+
+
+# bitsandbytes' CUDA kernel (dQuantizeFP4 in csrc/kernels.cu) quantizes fp4 by a decision tree on |x| with
+# these float32 literals (near, not at, the codebook midpoints: 0.583333f is below 7/12) and strict `>`, so
+# a tie goes to the smaller magnitude for either sign. Its CPU path (the reference above) ties towards -inf.
+_FP4_CUDA_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+_FP4_CODE_BY_MAGNITUDE = (0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011)  # 0, 1/192, 1/6, ..., 1
+
+
+def _fp4_cuda_kernel_codes(scaled: Tensor) -> Tensor:
+    thresholds = torch.tensor(_FP4_CUDA_THRESHOLDS, dtype=torch.float32, device=scaled.device)
+    codes = torch.tensor(_FP4_CODE_BY_MAGNITUDE, dtype=torch.uint8, device=scaled.device)
+    magnitude = torch.bucketize(scaled.abs(), thresholds)  # how many thresholds |x| is strictly above
+    return codes[magnitude] + (scaled < 0).to(torch.uint8) * 8
 
 
 def dequantize_weight(

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_speedup.schedules.functional import (
     SELECTION_RULES,
@@ -253,13 +254,44 @@ def _training_step_scope(trainer: pl.Trainer, pl_module: pl.LightningModule) -> 
         trainer._logger_connector.reset_results()
 
 
+def _private_loader(loader: DataLoader) -> DataLoader:
+    """A loader over the same data that shares no iterator with ``loader``.
+
+    A DataLoader with ``persistent_workers=True`` keeps one iterator for its lifetime and hands it to
+    every ``iter()``. The sweep runs after the fit loop has started iterating the training loader, so
+    sweeping the same object would advance the fit loop's own iterator: the first epoch would then
+    see only the batches the sweep left over and end without validation. The copy has the same
+    dataset, batch sampler, collate function and workers, and closes its workers when the sweep ends.
+    """
+    if not (loader.num_workers > 0 and loader.persistent_workers):
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=loader.batch_sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor,
+        persistent_workers=False,
+        pin_memory_device=loader.pin_memory_device,
+        in_order=loader.in_order,
+    )
+
+
 def _endless_batches(trainer: pl.Trainer) -> Iterator[tuple[Any, int, int]]:
     from lightning.pytorch.utilities.combined_loader import CombinedLoader
+    from lightning_utilities.core.apply_func import apply_to_collection
 
     iterables = trainer.train_dataloader
     if iterables is None:
         raise ValueError("The LR range test needs a training dataloader, and the Trainer has none.")
-    combined = CombinedLoader(iterables, mode="max_size_cycle")
+    combined = CombinedLoader(
+        apply_to_collection(iterables, DataLoader, _private_loader), mode="max_size_cycle"
+    )
     while True:
         produced = False
         for batch, batch_idx, dataloader_idx in combined:

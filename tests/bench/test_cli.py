@@ -89,6 +89,13 @@ def test_time_budget_then_resume_runs_only_what_is_left(
     assert "done earlier" in capsys.readouterr().out
     assert first.stat().st_mtime_ns == stamp  # the finished run was not redone
     assert len(json.loads((out / "report.json").read_text())["runs"]) == 2
+    # The report names the machine the runs ran on, not the one that resumed; a mix is flagged.
+    stored = json.loads(first.read_text())
+    assert stored["environment"]["cpu_count"] == os.cpu_count()
+    first.write_text(json.dumps({**stored, "environment": {**stored["environment"], "gpu": "Elsewhere GPU"}}))
+    assert _bench(fashion_mnist_dir, out, *args, "--seeds", "2", "--resume") == EXIT_OK
+    report = (out / "report.md").read_text()
+    assert "Hardware: Elsewhere GPU" in report and "several machines" in report
     # Resuming with other settings is refused.
     assert _bench(fashion_mnist_dir, out, *args, "--resume", "--max-epochs", "2") == EXIT_BAD_INPUT
 

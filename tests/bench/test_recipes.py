@@ -7,7 +7,7 @@ import pytest
 from lightning.pytorch.callbacks import LearningRateMonitor
 
 from lightning_speedup.bench import RunContext, get_recipe, get_task, register_recipe
-from lightning_speedup.bench.recipes import _RECIPES, Recipe
+from lightning_speedup.bench.recipes import _RECIPES, Recipe, available_recipes
 from lightning_speedup.bench.runner import BenchConfig, build_trainer_parts
 from lightning_speedup.data import DataError
 
@@ -121,3 +121,16 @@ def test_gpu_data_recipes_wire_the_pipeline(fashion_mnist_dir) -> None:  # type:
     with pytest.raises(ValueError, match="whole data set"):
         build_trainer_parts(task, ctx)
     assert get_recipe("speedup-onecycle").for_task("char-lm").batch_size == 128  # keeps speedup's LM override
+
+
+def test_every_registered_recipe_summarizes_to_json_for_every_task() -> None:
+    """Reports embed the summary; per-task callback factories once broke json.dumps (on the device)."""
+    import json
+
+    for name in available_recipes():
+        for task in ("fashion-mnist", "char-lm"):
+            summary = json.loads(json.dumps(get_recipe(name).for_task(task).summary()))
+            assert summary["name"] == name and isinstance(summary["callbacks"], list)
+        json.dumps(get_recipe(name).summary())
+    per_task = get_recipe("speedup-onecycle").summary()["per_task"]["char-lm"]
+    assert per_task["callbacks"] == ["OneCycle(max_lr=0.001)"]

@@ -194,9 +194,10 @@ def test_monitor_sees_the_copy_and_the_prefetcher_hides_it() -> None:
     plain = _wait_fraction(data, prefetch=False, depth=depth)
     prefetched = _wait_fraction(data, prefetch=True, depth=depth)
     assert plain > 0.15, plain
-    # On an H100 (2026-11-27) this measured 0.275 without and 0.051 with the prefetcher: the copy is
-    # hidden, what remains is the loop's own host work between steps, so the bound is relative.
-    assert prefetched < plain / 4 and prefetched < 0.10, (plain, prefetched)
+    # Measured 0.275 without and 0.051 with the prefetcher on an H100, 0.283 and 0.075 on an H200
+    # (2026-11-27): the copy is hidden, what remains is the loop's own host work between steps, which
+    # weighs more on the faster GPU. So: a small wait, and most of the plain wait gone.
+    assert prefetched < 0.10 and prefetched < plain / 3, (plain, prefetched)
 
 
 def test_ops_on_cuda_are_reproducible_and_resident_data_stays_on_device(fashion_mnist_dir: Path) -> None:

@@ -204,3 +204,23 @@ def test_blockwise_4bit_matches_bitsandbytes_cuda_kernel(fmt: str, dtype: torch.
     assert torch.equal(state.absmax, quantize_weight(w, spec)[1])
     mismatch = (ours != reference).float().mean().item()
     assert mismatch <= 1e-5, f"{mismatch:.2e} of the elements differ from bitsandbytes' CUDA kernel"
+
+
+def test_fp4_cuda_rule_follows_the_kernels_decision_tree() -> None:
+    """On CUDA, fp4 codes follow dQuantizeFP4: strict `>` on |x| against float32 literals, sign bit 8."""
+    from lightning_speedup.quantization.fake_quant import _FP4_CUDA_THRESHOLDS, _fp4_cuda_kernel_codes
+
+    def tree(x: float) -> int:  # csrc/kernels.cu, transcribed
+        sign, a = (8 if x < 0 else 0), abs(x)
+        t = [float(torch.tensor(v, dtype=torch.float32)) for v in _FP4_CUDA_THRESHOLDS]
+        if a > t[3]:
+            return sign + ((0b011 if a > t[6] else 0b010) if a > t[5] else (0b101 if a > t[4] else 0b100))
+        if a > t[1]:
+            return sign + (0b111 if a > t[2] else 0b110)
+        return sign + (0b001 if a > t[0] else 0b000)
+
+    ties = torch.tensor(_FP4_CUDA_THRESHOLDS, dtype=torch.float32)
+    x = torch.cat([ties, -ties, torch.linspace(-1, 1, 4001), torch.tensor([0.0, -0.0, 0.58333317])])
+    assert _fp4_cuda_kernel_codes(x).tolist() == [tree(float(v)) for v in x]
+    # A tie goes to the smaller magnitude for both signs; the CPU reference rounds -t towards -inf.
+    assert _fp4_cuda_kernel_codes(-ties).tolist() == [c + 8 for c in _fp4_cuda_kernel_codes(ties).tolist()]

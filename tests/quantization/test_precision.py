@@ -238,6 +238,7 @@ def test_bf16_qat_under_torch_compile_on_cuda(tmp_path: Path, fmnist: Any) -> No
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] <= 3 * 2  # (float, fake quant, frozen) x at most 2 graphs each
     assert model.net[2].fake_quant_enabled and model.net[2].scales_frozen
+    model.cuda()  # Lightning's single-device teardown moved it to the CPU
     real = convert(model.net)  # the uncompiled network: deepcopy and compiled wrappers do not mix
     x = fmnist.x_test[:256].cuda()
     model.net.eval()

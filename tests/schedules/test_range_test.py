@@ -149,6 +149,33 @@ def test_range_test_restores_everything_and_training_matches_an_explicit_run(
     ]
 
 
+class BatchesPerEpoch(L.Callback):
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.counts.append(0)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.counts[-1] += 1
+
+
+def test_range_test_leaves_a_persistent_workers_loader_epoch_whole(fashion_loader: DataLoader) -> None:
+    """A persistent-workers DataLoader hands one iterator to every ``iter()``: sweeping it would eat the
+    first epoch the fit loop had already started (found on the device: the epoch ended after the batches
+    the sweep left over, without validation)."""
+    loader = DataLoader(
+        fashion_loader.dataset, batch_size=64, shuffle=True, num_workers=1, persistent_workers=True
+    )
+    schedule = OneCycle(max_lr="auto", range_test=LRRangeTest(min_lr=1e-5, max_lr=10.0, num_steps=40))
+    counter = BatchesPerEpoch()
+    trainer = make_trainer(max_epochs=2, callbacks=[schedule, counter])
+    trainer.fit(SmallNet(), loader)
+    assert schedule.range_test_result is not None and len(schedule.range_test_result.losses) > 20
+    assert counter.counts == [len(loader), len(loader)]
+    assert trainer.global_step == 2 * len(loader)
+
+
 def test_range_test_that_diverges_immediately_raises_and_restores(tmp_path: Path) -> None:
     model = Regressor("adam", (1e-3,))
     before = copy.deepcopy(model.state_dict())
