@@ -163,12 +163,13 @@ def _fashion_resident(ctx: RunContext) -> tuple[L.LightningDataModule, list[Call
 
     dm = DeviceResidentDataModule.from_fashion_mnist(
         ctx.data_path,
+        train_subset=ctx.train_subset,
+        val_subset=ctx.val_subset,
+        subset_seed=ctx.seed,  # the subsets the DataLoader pipelines use
         batch_size=ctx.task.setting(ctx.recipe, "batch_size"),
         drop_last=ctx.recipe.drop_last,
         seed=ctx.seed,
     )
-    if ctx.train_subset or ctx.val_subset:
-        raise ValueError("The resident pipeline uses the whole data set; drop --train-subset/--val-subset.")
     return dm, [_gpu_augment(ctx)]
 
 

@@ -226,13 +226,26 @@ class DeviceResidentDataModule(L.LightningDataModule):
 
     @classmethod
     def from_fashion_mnist(
-        cls, data_dir: str | Path | None = None, **kwargs: object
+        cls,
+        data_dir: str | Path | None = None,
+        train_subset: int | None = None,
+        val_subset: int | None = None,
+        subset_seed: int = 0,
+        **kwargs: object,
     ) -> DeviceResidentDataModule:
-        """Fashion-MNIST as uint8 images ``(N, 1, 28, 28)`` and int64 labels; the test set is the validation set."""
+        """Fashion-MNIST as uint8 images ``(N, 1, 28, 28)`` and int64 labels; the test set is the validation set.
+
+        ``train_subset``/``val_subset`` keep the same fixed random subsets as
+        :class:`FashionMNISTDataModule` with ``seed=subset_seed`` (for quick runs).
+        """
+        from lightning_speedup.data.datamodules import _subset
+
         data = load_fashion_mnist(data_dir)
+        tr = _subset(len(data.train_labels), train_subset, subset_seed)
+        va = _subset(len(data.test_labels), val_subset, subset_seed + 1)
         return cls(
-            train=(data.train_images.unsqueeze(1), data.train_labels),
-            val=(data.test_images.unsqueeze(1), data.test_labels),
+            train=(data.train_images[tr].unsqueeze(1), data.train_labels[tr]),
+            val=(data.test_images[va].unsqueeze(1), data.test_labels[va]),
             **kwargs,  # type: ignore[arg-type]
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 
 from lightning_speedup.bench import RunContext, get_recipe, get_task, register_recipe
@@ -117,10 +118,23 @@ def test_gpu_data_recipes_wire_the_pipeline(fashion_mnist_dir) -> None:  # type:
     )
     _, dm, callbacks, _ = build_trainer_parts(task, ctx)
     assert isinstance(dm, DeviceResidentDataModule) and [type(c) for c in callbacks] == [GPUAugment]
-    ctx.train_subset = 100
-    with pytest.raises(ValueError, match="whole data set"):
-        build_trainer_parts(task, ctx)
-    assert get_recipe("speedup-onecycle").for_task("char-lm").batch_size == 128  # keeps speedup's LM override
+    # Subsets are the ones the DataLoader pipeline draws (same seed), so reduced runs compare like for like.
+    ctx.train_subset, ctx.val_subset = 100, 50
+    _, dm, _, _ = build_trainer_parts(task, ctx)
+    _, loader_dm, _, _ = build_trainer_parts(
+        task, RunContext(task=task, recipe=get_recipe("baseline"), seed=0, data_path=str(fashion_mnist_dir),
+                         train_subset=100, val_subset=50),
+    )  # fmt: skip
+    loader_dm.setup("fit")  # type: ignore[union-attr]
+    resident_labels, loader_labels = dm.train_tensors[1], loader_dm.train_set.labels  # type: ignore[union-attr]
+    assert len(resident_labels) == 100 and torch.equal(resident_labels, loader_labels)
+    assert len(dm.val_tensors[1]) == 50  # type: ignore[union-attr]
+    assert (
+        get_recipe("speedup-onecycle").for_task("char-lm").batch_size == 128
+    )  # keeps the levers' LM override
+    # The final recipe: resident images with OneCycle, the LM on its own pipeline with WSD.
+    fm, lm = get_recipe("speedup").for_task("fashion-mnist"), get_recipe("speedup").for_task("char-lm")
+    assert (fm.data, fm.max_epochs, lm.data, lm.max_epochs) == ("resident", 10, "baseline", 40)
 
 
 def test_every_registered_recipe_summarizes_to_json_for_every_task() -> None:
