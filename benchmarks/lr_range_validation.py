@@ -2,7 +2,8 @@
 
 For each reference task and seed:
 
-  auto     ``OneCycle(max_lr="auto")``: the LR range test (100 steps, 1e-6 -> 10, rule "minimum/4")
+  auto     ``OneCycle(max_lr="auto")``: the LR range test (100 steps, 1e-6 -> 10, the default rule: the
+           smoothed loss minimum / 2 since 2026-11-27; the first H200 run used /4)
            picks max_lr, then a short one-cycle run trains with it;
   x f      the same run with ``max_lr = auto_lr * f`` for f in ``--factors`` (default 0.25 0.5 2 4).
 
@@ -10,9 +11,10 @@ Every run is a fresh model (same seed across factors) with a fixed small budget,
 GPU, torch's OneCycleLR defaults (pct_start 0.3, div 25, final div 1e4, betas[0] cycling
 0.95 -> 0.85). The metric is the final validation metric of the run (fashion-mnist: val_acc on
 the 10k test set; char-lm: val_loss on the first ``--lm-val-windows`` windows of the validation
-text). Per factor we take the median over seeds; the rule passes when the best factor is within
-2x of the auto choice (0.5 <= f <= 2). The JSON also lists where the other candidate rules
-(minimum/10, valley, steepest, the minimum itself) would have landed relative to the best LR.
+text). Per factor we take the median (and the mean) over seeds; the rule passes when the best factor is
+within 2x of the auto choice (0.5 <= f <= 2). The JSON also lists where other candidate rules
+(minimum/2, /4, /10, the minimum itself, valley, steepest) land relative to the best LR.
+``--resummarize FILE`` recomputes that analysis for an earlier result file without training.
 
   fashion-mnist  ImageClassifier (ResNet-9, Adam), FashionMNISTDataModule(augment=False), batch 128,
                  1 epoch (469 steps)
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -143,39 +146,91 @@ def run_one(task: str, seed: int, max_lr: float | str, args: argparse.Namespace)
 
 
 def summarize(task: str, runs: list[dict[str, Any]], factors: list[float]) -> dict[str, Any]:
+    """Best factor by the median and by the mean over seeds, and where each candidate rule lands.
+
+    A rule's LR is compared with the best LR of each seed's sweep (auto LR of that seed x best factor);
+    rules are "minimum/d" for several divisors d, the minimum itself, valley and steepest.
+    """
     _, mode = METRIC[task]
     pick = max if mode == "max" else min
     by_factor = {f: [r["metric"] for r in runs if r["factor"] == f] for f in factors}
     medians = {f: statistics.median(v) for f, v in by_factor.items() if v}
+    means = {f: statistics.fmean(v) for f, v in by_factor.items() if v}
     best = pick(medians, key=medians.__getitem__)
+    best_mean = pick(means, key=means.__getitem__)
     autos = [r for r in runs if r["factor"] == 1.0]
-    # Where would the other rules have landed? Ratio of each rule's LR to the best LR of that seed.
+    divisor = (
+        autos[0]["range_test"]["lr_at_minimum"] / autos[0]["range_test"]["lr"] if autos else float("nan")
+    )
     candidates: dict[str, list[float]] = {}
     for r in autos:
-        rt, best_lr = r["range_test"], r["max_lr"] * best
+        rt = r["range_test"]
         for name, lr in {
-            "minimum/4 (auto)": rt["lr"],
+            f"auto (minimum/{divisor:.3g})": rt["lr"],
+            "minimum/2": rt["lr_at_minimum"] / 2,
+            "minimum/4": rt["lr_at_minimum"] / 4,
             "minimum/10": rt["lr_at_minimum"] / 10,
             "minimum": rt["lr_at_minimum"],
             "valley": rt["lr_valley"],
             "steepest": rt["lr_steepest"],
         }.items():
-            candidates.setdefault(name, []).append(lr / best_lr)
-    rules = {
-        name: {"median_ratio_to_best": statistics.median(v), "within_2x": 0.5 <= statistics.median(v) <= 2.0}
-        for name, v in candidates.items()
-    }
+            candidates.setdefault(name, []).append(lr / r["max_lr"])  # in units of this seed's auto LR
+
+    def landing(ratios_to_auto: list[float], best_factor: float) -> dict[str, Any]:
+        ratio = statistics.median(ratios_to_auto) / best_factor
+        nearest = min(factors, key=lambda f: abs(math.log(f / statistics.median(ratios_to_auto))))
+        return {
+            "median_ratio_to_best": ratio,
+            "within_2x": 0.5 <= ratio <= 2.0,
+            "nearest_factor": nearest,
+            "metric_at_nearest_factor": means[nearest],
+        }
+
     return {
         "metric": METRIC[task][0],
         "mode": mode,
+        "auto_rule": f"minimum/{divisor:.3g}",
         "auto_lrs": [r["max_lr"] for r in autos],
         "median_by_factor": {str(f): m for f, m in medians.items()},
+        "mean_by_factor": {str(f): m for f, m in means.items()},
         "runs_by_factor": {str(f): v for f, v in by_factor.items()},
         "best_factor": best,
+        "best_factor_by_mean": best_mean,
         "best_at_edge": best in (min(factors), max(factors)),
         "auto_within_2x_of_best": 0.5 <= best <= 2.0,
-        "rules": rules,
+        "rules": {name: landing(v, best) for name, v in candidates.items()},
+        "rules_vs_best_by_mean": {name: landing(v, best_mean) for name, v in candidates.items()},
     }
+
+
+def print_summary(record: dict[str, Any]) -> None:
+    env = record["env"]
+    print(
+        f"\n{device_label(env)} | torch {env['torch']} | lightning {env['lightning']} "
+        f"| {record['args']['precision']} | {len(record['seeds'])} seeds | {record['wall_s']:.0f}s"
+    )
+    factors = record["factors"]
+    for task, s in record["summary"].items():
+        print(
+            f"{task}: metric {s['metric']} ({s['mode']}), auto ({s['auto_rule']}) max_lr per seed "
+            + ", ".join(f"{v:.3g}" for v in s["auto_lrs"])
+        )
+        print("  factor " + " ".join(f"{f:>8g}" for f in factors))
+        print("  median " + " ".join(f"{s['median_by_factor'][str(f)]:8.4f}" for f in factors))
+        print("  mean   " + " ".join(f"{s['mean_by_factor'][str(f)]:8.4f}" for f in factors))
+        verdict = "PASS" if s["auto_within_2x_of_best"] else "FAIL"
+        edge = " (best at the edge of the sweep)" if s["best_at_edge"] else ""
+        print(
+            f"  best factor x{s['best_factor']:g} by median{edge}, x{s['best_factor_by_mean']:g} by mean: "
+            f"auto within 2x of the median's best: {verdict}"
+        )
+        print(
+            "  rules (LR / best LR by median; by mean): "
+            + ", ".join(
+                f"{k} {v['median_ratio_to_best']:.2g}; {s['rules_vs_best_by_mean'][k]['median_ratio_to_best']:.2g}"
+                for k, v in s["rules"].items()
+            )
+        )
 
 
 def main() -> None:
@@ -201,7 +256,22 @@ def main() -> None:
     parser.add_argument("--lm-block", type=int, default=256)
     parser.add_argument("--lm-val-windows", type=int, default=256)
     parser.add_argument("--smoke", action="store_true", help="tiny CPU budgets to test the script itself")
+    parser.add_argument(
+        "--resummarize",
+        type=Path,
+        default=None,
+        help="recompute the summary of an earlier result file (no training) and write it to --out",
+    )
     args = parser.parse_args()
+    if args.resummarize is not None:
+        record = json.loads(args.resummarize.read_text())
+        record["summary"] = {
+            task: summarize(task, [r for r in record["runs"] if r["task"] == task], record["factors"])
+            for task in record["summary"]
+        }
+        args.out.write_text(json.dumps(record, indent=1, default=str))
+        print_summary(record)
+        return
     args.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     if args.smoke:
         args.accelerator, args.precision, args.workers, args.range_steps = "cpu", "32-true", 0, 20
@@ -246,24 +316,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1, default=str))
 
-    print(
-        f"\n{device_label(env)} | torch {env['torch']} | lightning {env['lightning']} "
-        f"| {args.precision} | median of {len(args.seeds)} seeds | {record['wall_s']:.0f}s | {args.out}"
-    )
-    for task, s in summary.items():
-        print(
-            f"{task}: metric {s['metric']} ({s['mode']}), auto max_lr per seed "
-            + ", ".join(f"{v:.3g}" for v in s["auto_lrs"])
-        )
-        print("  factor " + " ".join(f"{f:>8g}" for f in factors))
-        print("  median " + " ".join(f"{s['median_by_factor'][str(f)]:8.4f}" for f in factors))
-        verdict = "PASS" if s["auto_within_2x_of_best"] else "FAIL"
-        edge = " (best at the edge of the sweep)" if s["best_at_edge"] else ""
-        print(f"  best factor x{s['best_factor']:g}{edge}: auto within 2x of best: {verdict}")
-        print(
-            "  other rules (median LR / best LR): "
-            + ", ".join(f"{k} {v['median_ratio_to_best']:.2g}" for k, v in s["rules"].items())
-        )
+    print_summary(record)
 
 
 if __name__ == "__main__":

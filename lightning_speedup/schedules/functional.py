@@ -355,7 +355,7 @@ def select_lr(
     losses: Sequence[float],
     *,
     rule: SelectionRule = "minimum",
-    divisor: float = 4.0,
+    divisor: float = 2.0,
     window: int | None = None,
 ) -> LRSuggestion:
     """Pick a peak LR from a range-test curve.
@@ -363,10 +363,12 @@ def select_lr(
     The curve is smoothed with a centered moving average over ``window`` points (default: a tenth
     of the curve, odd, at least 3). Rules:
 
-    * ``"minimum"`` (default): the LR at the smoothed loss minimum divided by ``divisor`` (4).
+    * ``"minimum"`` (default): the LR at the smoothed loss minimum divided by ``divisor`` (2).
       The minimum marks where larger steps stop paying off; a schedule that spends many steps near
-      its peak wants some margin below it (fastai's ``lr_min`` uses /10 on a lagging EMA, whose
-      minimum sits later, so /4 on an unlagged curve is comparable).
+      its peak wants some margin below it. /2 was chosen on the device (docs/methods/lr-schedules.md):
+      over 3 seeds it landed on the best of 5 max_lr values (1/4x to 4x) for Fashion-MNIST by mean
+      accuracy and at half the best for the char-LM; /4 was 4x too low for the LM, and fastai's /10
+      (on a lagging EMA) lower still.
     * ``"valley"``: fastai's valley rule, half-way down the longest descent.
     * ``"steepest"``: the steepest descent of the smoothed loss against log LR (Lightning's rule).
 

@@ -58,7 +58,7 @@ class LRRangeTest:
         num_steps: optimizer steps in the sweep (each uses ``accumulate_grad_batches`` batches).
         rule: how the LR is picked from the curve: ``"minimum"`` (LR at the smoothed loss minimum
             divided by ``divisor``), ``"valley"`` (fastai) or ``"steepest"`` (Lightning).
-        divisor: divisor of the ``"minimum"`` rule.
+        divisor: divisor of the ``"minimum"`` rule (2; see :func:`select_lr` for how it was chosen).
         divergence_threshold: stop once the running loss exceeds this multiple of its best value.
         smoothing: factor of the exponential average used for that stop test only.
         save_plot: write ``lr_range_test.png`` and ``lr_range_test.json`` to the trainer's log dir.
@@ -72,7 +72,7 @@ class LRRangeTest:
     max_lr: float = 10.0
     num_steps: int = 100
     rule: SelectionRule = "minimum"
-    divisor: float = 4.0
+    divisor: float = 2.0
     divergence_threshold: float = 4.0
     smoothing: float = 0.9
     save_plot: bool = True

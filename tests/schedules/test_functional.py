@@ -98,7 +98,7 @@ def test_select_lr_on_a_known_curve() -> None:
     losses = [2.0 - 0.2 * min(math.log10(lr) + 6, 4) + 3.0 * max(0.0, math.log10(lr) + 2) ** 2 for lr in lrs]
     s = select_lr(lrs, losses)
     assert s.lr_at_minimum == pytest.approx(1e-2, rel=0.5)
-    assert s.lr == pytest.approx(s.lr_at_minimum / 4)
+    assert s.lr == pytest.approx(s.lr_at_minimum / 2) and s.rule == "minimum/2"
     assert s.lr_steepest < s.lr_at_minimum and s.lr_valley < s.lr_at_minimum
     assert select_lr(lrs, losses, rule="valley").lr == s.lr_valley
     assert select_lr(lrs, losses, rule="minimum", divisor=10).lr == pytest.approx(s.lr_at_minimum / 10)

@@ -131,7 +131,7 @@ def test_range_test_restores_everything_and_training_matches_an_explicit_run(
     assert verified.checked
     result = auto.range_test_result
     assert result is not None and len(result.losses) > 20
-    assert 1e-4 < result.lr < 1.0 and result.lr == pytest.approx(result.suggestion.lr_at_minimum / 4)
+    assert 1e-4 < result.lr < 1.0 and result.lr == pytest.approx(result.suggestion.lr_at_minimum / 2)
     assert auto.peak_lrs == [[result.lr]]
 
     # Training after the test is bit-identical to a run that was given the chosen LR directly.
