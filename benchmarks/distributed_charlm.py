@@ -212,13 +212,7 @@ def fit_cost_model(results: dict[str, Any], png: Path) -> dict[str, Any]:
 
     from lightning_speedup.distributed import costmodel as cm
 
-    medians = {(s["network"], s["strategy"]): s["step_time_s"] for s in results["summary"]}
-    rows = []
-    for r in results["throughput"]:
-        key = (r["network"], r["strategy"])
-        if key in medians and r.get("cost_model") is not None:
-            rows.append({**r, "step_time_s": medians.pop(key)})
-    workload, measurements, ratio = cm.measurements_from_results({**results, "throughput": rows})
+    workload, measurements, ratio = cm.measurements_from_results(results)  # medians of the repeats
     cal = cm.calibrate(measurements)
     curves = cm.plot_scaling(workload, png, cm.default_methods(ratio or 0.05), cal=cal)
     return {

@@ -19,7 +19,9 @@ from lightning_speedup.bench.tasks import get_task
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()
     meta = json.loads((args.folder / "bench.json").read_text())

@@ -11,8 +11,10 @@ Gropp, "Optimization of Collective Communication Operations in MPICH", 2005):
 
 Per optimizer step, with ``C`` the compute time of one step on one device:
 
-- DDP (and compressed DDP, with ``S`` scaled by the wire fraction): ``C + max(0, T_ar - w C)``,
-  where ``w`` (calibrated) is the fraction of compute the bucketed all-reduce hides behind;
+- DDP (and compressed DDP, with ``S`` scaled by the wire fraction): ``C + P + max(0, T_ar - w C)``,
+  where ``w`` (calibrated) is the fraction of compute the bucketed all-reduce hides behind and ``P``
+  the compressor's own compute (PowerSGD's low-rank products and orthogonalization: ``p`` seconds
+  per million parameters, calibrated; zero for bf16 casts and for plain DDP);
 - local SGD / DiLoCo every ``H`` steps: ``C + (T_ar + o) / H`` (``o``: fixed per-sync overhead);
 - gossip: ``C + max(0, T_p2p - v C)`` with overlap, ``C + T_p2p`` without.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -100,6 +103,8 @@ class Method:
         wire_fraction: bytes on the wire relative to fp32 (bf16 0.5, int8 ~0.25, PowerSGD its measured ratio).
         degree: gossip messages per step (ring 2, one-peer exponential 1).
         overlap: gossip exchange overlapped with compute.
+        compressor: ``"powersgd"`` adds the compressor's compute time (``Calibration.powersgd_s_per_mparam``);
+            ``"none"`` (default) for everything else, bf16 casts included (their cost is in the noise).
     """
 
     kind: str
@@ -108,10 +113,13 @@ class Method:
     wire_fraction: float = 1.0
     degree: int = 2
     overlap: bool = True
+    compressor: str = "none"
 
     def __post_init__(self) -> None:
         if self.kind not in METHODS:
             raise ValueError(f"Unknown method kind {self.kind!r}; choose one of {list(METHODS)}.")
+        if self.compressor not in ("none", "powersgd"):
+            raise ValueError(f"Unknown compressor {self.compressor!r}; choose 'none' or 'powersgd'.")
         if self.sync_every < 1 or self.wire_fraction <= 0 or self.degree < 1:
             raise ValueError("sync_every and degree must be >= 1 and wire_fraction > 0.")
         if not self.label:
@@ -120,13 +128,15 @@ class Method:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Fitted constants: achieved fraction of line rate, latency scale, overlap fractions, per-sync overhead."""
+    """Fitted constants: achieved fraction of line rate, latency scale, overlap fractions, per-sync overhead,
+    and PowerSGD's compute per million parameters per step."""
 
     bandwidth_efficiency: float = 1.0
     latency_scale: float = 1.0
     ddp_overlap: float = 0.5
     gossip_overlap: float = 1.0
     sync_overhead_s: float = 0.0
+    powersgd_s_per_mparam: float = 0.0
 
 
 def allreduce_time(
@@ -159,7 +169,12 @@ def step_time(
     nbytes = workload.model_bytes * method.wire_fraction
     k = workload.num_buckets
     if method.kind == "ddp":
-        return compute + max(0.0, allreduce_time(nbytes, n, link, cal, k) - cal.ddp_overlap * compute)
+        compress = (
+            cal.powersgd_s_per_mparam * workload.num_params / 1e6 if method.compressor == "powersgd" else 0.0
+        )
+        return (
+            compute + compress + max(0.0, allreduce_time(nbytes, n, link, cal, k) - cal.ddp_overlap * compute)
+        )
     if method.kind in ("local_sgd", "diloco"):
         return compute + (allreduce_time(nbytes, n, link, cal, k) + cal.sync_overhead_s) / method.sync_every
     degree = min(method.degree, n - 1)  # small graphs fold neighbours together (a ring of 2 has one)
@@ -212,8 +227,8 @@ def calibrate(
 ) -> Calibration:
     """Fit :class:`Calibration` to measured step times (squared log error), one grid per constant in turn.
 
-    Coordinate descent over the bandwidth efficiency, the DDP and gossip overlap fractions and the
-    per-sync overhead; a constant that no measurement depends on keeps its default.
+    Coordinate descent over the bandwidth efficiency, the DDP and gossip overlap fractions, the
+    per-sync overhead and PowerSGD's compute; a constant that no measurement depends on keeps its default.
 
     Raises:
         ValueError: if ``measurements`` is empty.
@@ -228,6 +243,8 @@ def calibrate(
         grids["ddp_overlap"] = overlaps or [i / 20 for i in range(21)]
     if any(m.method.kind == "gossip" and m.method.overlap for m in measurements):
         grids["gossip_overlap"] = overlaps or [i / 20 for i in range(21)]
+    if any(m.method.compressor == "powersgd" for m in measurements):
+        grids["powersgd_s_per_mparam"] = [0.0] + [1e-6 * 1.15**i for i in range(80)]  # 1 us .. ~60 ms per M
 
     def loss(cal: Calibration) -> float:
         return sum(
@@ -265,7 +282,7 @@ def default_methods(powersgd_ratio: float = 0.05) -> list[Method]:
     return [
         Method("ddp", "ddp"),
         Method("ddp", "ddp_bf16_compress", wire_fraction=0.5),
-        Method("ddp", "ddp_powersgd", wire_fraction=powersgd_ratio),
+        Method("ddp", "ddp_powersgd", wire_fraction=powersgd_ratio, compressor="powersgd"),
         Method("local_sgd", "local_sgd (H=16)", sync_every=16),
         Method("diloco", "diloco (H=100)", sync_every=100),
         Method("gossip", "gossip_ring", degree=2),
@@ -339,7 +356,10 @@ def plot_scaling(
 
 
 def measurements_from_results(results: dict[str, Any]) -> tuple[Workload, list[Measurement], float | None]:
-    """Read a ``benchmarks/distributed_charlm.py`` result file: (workload, measurements, PowerSGD wire ratio)."""
+    """Read a ``benchmarks/distributed_charlm.py`` result file: (workload, measurements, PowerSGD wire ratio).
+
+    Repeats of one (network, strategy) become one measurement at their median step time.
+    """
     model = results["model"]
     workload = Workload(
         int(model["num_params"]), float(results["compute_s"]), num_buckets=int(model["num_buckets"])
@@ -350,11 +370,19 @@ def measurements_from_results(results: dict[str, Any]) -> tuple[Workload, list[M
         if row.get("cost_model") is None or not row.get("step_time_s"):
             continue
         method = Method(**row["cost_model"])
-        if row["strategy"] == "ddp_powersgd" and row.get("wire_fraction"):
-            ratio = float(row["wire_fraction"])
+        if row["strategy"] == "ddp_powersgd":
+            method = replace(method, compressor="powersgd")  # result files of 2026-11-27 predate the field
+            if row.get("wire_fraction"):
+                ratio = float(row["wire_fraction"])
         link = Link.from_bus_bandwidth(float(results["networks"][row["network"]]["busbw_gbytes_per_s"]))
         out.append(Measurement(method, workload, int(results["world_size"]), link, float(row["step_time_s"])))
-    return workload, out, ratio
+    groups: dict[tuple[Method, float], list[Measurement]] = {}
+    for m in out:
+        groups.setdefault((m.method, m.link.bandwidth_gbps), []).append(m)
+    medians = [
+        replace(ms[0], step_time_s=statistics.median(m.step_time_s for m in ms)) for ms in groups.values()
+    ]
+    return workload, medians, ratio
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -53,11 +53,16 @@ FILE_FORMAT = "lightning_speedup.quantized"
 FILE_VERSION = 1
 
 # Preference order per (device type, weight format, activation format); the first backend that can run
-# a layer wins. CUDA order: fastest first in benchmarks/quant_speed.py (pending a device run: until
-# then this is the expected order from the kernels' published numbers, see the method card).
+# a layer wins. CUDA order from benchmarks/quant_speed.py on an H200 (2026-11-27, 1.3B GPT, tokens/s vs
+# bf16 for batch-1 decode / 16x512 prefill; benchmarks/results/2026-11-27-h200-quant-speed.json):
+#   int8 weight-only  torch 0.18x / 0.78x (the only backend)
+#   int8 + int8 act   bnb 0.63x / 0.49x, torch._int_mm 0.43x / 0.29x
+#   int4 g32          tinygemm 1.17x / 0.05x, torch 0.11x / 0.66x: tinygemm wins decode, the
+#                     deployment case of weight-only 4-bit; pass backend="torch" for prefill-heavy work
+#   nf4, fp4          bnb 1.01x / 0.94x, torch 0.09x / 0.62x
 AUTO_BACKENDS: dict[tuple[str, str, str | None], tuple[str, ...]] = {
     ("cuda", "int8", None): ("torch",),
-    ("cuda", "int8", "int8"): ("torch", "bnb"),
+    ("cuda", "int8", "int8"): ("bnb", "torch"),
     ("cuda", "int4", None): ("tinygemm", "torch"),
     ("cuda", "int4", "int8"): ("torch",),
     ("cuda", "nf4", None): ("bnb", "torch"),

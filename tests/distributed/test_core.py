@@ -324,8 +324,9 @@ def test_cost_model_calibration_recovers_known_constants_and_plots(tmp_path: Pat
     from lightning_speedup.distributed import costmodel as cm
 
     truth = cm.Calibration(
-        bandwidth_efficiency=0.6, ddp_overlap=0.35, gossip_overlap=0.8, sync_overhead_s=1e-3
-    )
+        bandwidth_efficiency=0.6, ddp_overlap=0.35, gossip_overlap=0.8, sync_overhead_s=1e-3,
+        powersgd_s_per_mparam=7e-4,  # about what PowerSGD rank 4 cost on an H200 (2026-11-27)
+    )  # fmt: skip
     w = cm.Workload(num_params=85_000_000, compute_s=0.03)
     measurements = [
         cm.Measurement(m, w, 2, link, cm.step_time(m, w, 2, link, truth))
@@ -337,6 +338,13 @@ def test_cost_model_calibration_recovers_known_constants_and_plots(tmp_path: Pat
         measurements, cal
     )
     assert cal.bandwidth_efficiency == pytest.approx(0.6, rel=0.1)
+    assert cal.powersgd_s_per_mparam == pytest.approx(7e-4, rel=0.1)
+    # the compressor's compute is paid on a fast link too, where the wire saving buys nothing
+    psgd = next(m for m in cm.default_methods() if m.compressor == "powersgd")
+    fast = cm.Link.from_bus_bandwidth(300.0)
+    assert cm.step_time(psgd, w, 2, fast, cal) > cm.step_time(cm.Method("ddp"), w, 2, fast, cal)
+    with pytest.raises(ValueError, match="Unknown compressor"):
+        cm.Method("ddp", compressor="topk")
     # a result file in the benchmark's schema goes through the same path
     results = {
         "model": {"num_params": w.num_params, "num_buckets": 8},
