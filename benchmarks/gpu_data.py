@@ -9,7 +9,7 @@ Fashion-MNIST, ResNet-9 ``ImageClassifier``, bf16-mixed, one GPU, Adam 1e-3:
   c_resident_gpuaug DeviceResidentDataModule (uint8 on the GPU) + the same GPUAugment
   d_compute / d_compute_prefetch
                     the prefetcher's cost where data is not the bottleneck: uint8 DataLoader + GPUAugment
-                    at a large batch (default 2048), without and with GPUPrefetcher(2)
+                    feeding a 16x heavier ResNet-9 (width 256, batch 512), without and with GPUPrefetcher(2)
 
 Each run is a fresh Trainer and model; the clock covers ``--steps`` training steps after ``--warmup``
 steps (cuDNN autotuning, worker start-up), synchronised at both ends. Images/s counts the images of
@@ -101,6 +101,8 @@ class Config:
     description: str
     batch_size: int
     make: Callable[[FashionMNIST, argparse.Namespace, int], tuple[L.LightningDataModule, list[L.Callback]]]
+    width: int = 64  # ResNet-9 width; the compute-bound pair uses a wider model
+    compute: bool = False  # timed over --compute-steps instead of --steps
 
 
 def gpu_augment(seed: int) -> GPUAugment:
@@ -168,15 +170,29 @@ def configs(args: argparse.Namespace) -> list[Config]:
         Config("a_baseline", "DataLoader, per-sample CPU aug, float32", bs, make_baseline),
         Config("b_prefetch_gpuaug", "DataLoader uint8 + GPUPrefetcher + GPUAugment", bs, make_prefetch),
         Config("c_resident_gpuaug", "device-resident uint8 + GPUAugment", bs, make_resident),
-        Config("d_compute", f"DataLoader uint8 + GPUAugment, batch {cbs}", cbs, make_compute(False)),
-        Config("d_compute_prefetch", f"same + GPUPrefetcher, batch {cbs}", cbs, make_compute(True)),
+        Config(
+            "d_compute",
+            f"DataLoader uint8 + GPUAugment, ResNet-9 width {args.compute_width}, batch {cbs}",
+            cbs,
+            make_compute(False),
+            width=args.compute_width,
+            compute=True,
+        ),
+        Config(
+            "d_compute_prefetch",
+            "same + GPUPrefetcher",
+            cbs,
+            make_compute(True),
+            width=args.compute_width,
+            compute=True,
+        ),
     ]
 
 
 def run_one(config: Config, data: FashionMNIST, args: argparse.Namespace, seed: int) -> dict[str, float]:
     L.seed_everything(seed, verbose=False)
     dm, extra = config.make(data, args, seed)
-    steps = args.steps if config.batch_size == args.batch_size else args.compute_steps
+    steps = args.compute_steps if config.compute else args.steps
     clock = StepClock(args.warmup, steps)
     # The monitor comes before GPUAugment so augmentation counts as compute, not as data wait.
     monitor = DataStallMonitor(warmup_steps=args.warmup, log=False)
@@ -196,7 +212,7 @@ def run_one(config: Config, data: FashionMNIST, args: argparse.Namespace, seed: 
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    model = ImageClassifier(compile=args.compile, channels_last=args.channels_last)
+    model = ImageClassifier(compile=args.compile, channels_last=args.channels_last, width=config.width)
     trainer.fit(model, dm)
     summary = monitor.summary()
     result = {
@@ -225,10 +241,17 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--compute-batch-size", type=int, default=2048)
+    parser.add_argument("--compute-batch-size", type=int, default=512)
+    parser.add_argument(
+        "--compute-width",
+        type=int,
+        default=256,
+        help="ResNet-9 width of the compute-bound pair (2026-11-27 used width 64 at batch 2048, which "
+        "was host/loader-bound under compile: 21%% data wait)",
+    )
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--steps", type=int, default=300, help="timed steps at --batch-size")
-    parser.add_argument("--compute-steps", type=int, default=60, help="timed steps at --compute-batch-size")
+    parser.add_argument("--compute-steps", type=int, default=60, help="timed steps of the compute-bound pair")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accelerator", default="gpu", help="'cpu' only for a plumbing check")
