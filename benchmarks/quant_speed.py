@@ -124,6 +124,10 @@ class Decoder:
 def make_decode_runner(model: GPT, args: argparse.Namespace) -> tuple[Any, bool, str | None]:
     """A callable that decodes ``args.decode_tokens`` tokens, graphed if possible."""
     dec = Decoder(model, args.context, start=args.context // 2)
+    if args.compile:
+        # Inductor fuses each layer's dequantization (and W8A8's activation quantization and rescale) into
+        # the kernels around the matmul, as torchao does; the compiled step is then captured as before.
+        dec.step = torch.compile(dec.step, dynamic=False)  # type: ignore[method-assign]
     n = args.decode_tokens
 
     def reset() -> None:
@@ -227,6 +231,12 @@ def main() -> None:
     parser.add_argument("--prefill-batch", type=int, default=16)
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--no-graphs", action="store_true", help="time decoding eagerly (no CUDA graphs)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every configuration (prefill: the model; decode: the step, then graphed); "
+        "not yet run on the device",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="configurations to run (bf16 is always run)")
     parser.add_argument(
         "--accelerator", default="gpu", choices=["gpu", "cpu"], help="'cpu': plumbing check only"
@@ -236,6 +246,8 @@ def main() -> None:
     DEVICE = "cuda" if args.accelerator == "gpu" else "cpu"
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("quant_speed.py measures CUDA kernels; run it on the device machine.")
+    if args.compile:  # one compiled step and model per configuration: do not fall back to eager after 8
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     started = time.time()
     log = lambda msg: print(f"[{time.time() - started:6.1f}s] {msg}", flush=True)  # noqa: E731
 
@@ -279,7 +291,7 @@ def main() -> None:
                 bf16 = references[("bf16", None, None)]
                 entry["rel_err_vs_bf16"] = float((out - bf16).abs().max() / bf16.abs().max())
             entry["decode_run"], entry["cuda_graph"], entry["graph_error"] = make_decode_runner(model, args)
-            models[c.name] = model
+            models[c.name] = torch.compile(model, dynamic=False) if args.compile else model
             log(f"{c.name}: ready ({entry['quantize_s']:.1f}s, graph={entry['cuda_graph']})")
         except Exception as err:
             entry["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:500]
