@@ -1,0 +1,99 @@
+"""Every benchmark script runs end to end on the CPU at toy sizes and writes its JSON.
+
+The numbers are meaningless; what is tested is the plumbing, which otherwise first runs on the device,
+where a crash costs a whole call (2026-11-27: two scripts crashed after their runs, on a renamed
+environment key, and a bench crashed writing its report). Each script is a subprocess, as on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args: str, timeout: int = 240) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, (
+        f"{script} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
+
+
+def test_gpu_data_script(fashion_mnist_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gpu_data.json"
+    _run(
+        "gpu_data.py", "--accelerator", "cpu", "--precision", "32-true", "--repeats", "1", "--steps", "2",
+        "--warmup", "1", "--compute-steps", "1", "--compute-batch-size", "16", "--compute-width", "8",
+        "--batch-size", "16", "--workers", "0", "--data-dir", str(fashion_mnist_dir), "--out", str(out),
+    )  # fmt: skip
+    record = json.loads(out.read_text())
+    assert set(record["medians"]) == {"a_baseline", "b_prefetch_gpuaug", "c_resident_gpuaug", "d_compute",
+                                      "d_compute_prefetch"}  # fmt: skip
+    assert record["env"]["torch"] and set(record["goals"]) >= {"c_at_least_5x_a"}
+
+
+def test_lr_range_validation_script(fashion_mnist_dir: Path, shakespeare_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lr.json"
+    _run(
+        "lr_range_validation.py", "--smoke", "--data-dir", str(fashion_mnist_dir), "--text",
+        str(shakespeare_path), "--out", str(out),
+    )  # fmt: skip
+    record = json.loads(out.read_text())
+    assert set(record["summary"]) == {"fashion-mnist", "char-lm"}
+    assert record["summary"]["char-lm"]["auto_rule"] == "minimum/2"
+    again = tmp_path / "again.json"
+    _run("lr_range_validation.py", "--resummarize", str(out), "--out", str(again))
+    assert json.loads(again.read_text())["summary"] == record["summary"]
+
+
+def test_quant_scripts(fashion_mnist_dir: Path, shakespeare_path: Path, tmp_path: Path) -> None:
+    speed = tmp_path / "speed.json"
+    _run(
+        "quant_speed.py", "--accelerator", "cpu", "--layers", "1", "--width", "64", "--heads", "2",
+        "--context", "32", "--decode-tokens", "2", "--prefill-batch", "2", "--prefill-len", "16",
+        "--repeats", "1", "--out", str(speed),
+    )  # fmt: skip
+    assert json.loads(speed.read_text())["medians"]["bf16"]["decode_vs_bf16"] == pytest.approx(1.0)
+    acc = tmp_path / "acc.json"
+    _run(
+        "quant_accuracy.py", "--accelerator", "cpu", "--seeds", "0", "--formats", "int8", "nf4",
+        "--fm-pre-steps", "2", "--fm-ft-steps", "2", "--fm-eval-images", "64", "--fm-batch-size", "16",
+        "--lm-batch-size", "4", "--lm-pre-steps", "2", "--lm-ft-steps", "2", "--lm-eval-windows", "4",
+        "--data-dir", str(fashion_mnist_dir), "--text", str(shakespeare_path), "--out", str(acc),
+    )  # fmt: skip
+    record = json.loads(acc.read_text())
+    assert set(record["summary"]) == {"fashion-mnist", "char-lm"} and "goals" in record
+
+
+def test_distributed_charlm_script(shakespeare_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dist.json"
+    _run(
+        "distributed_charlm.py", "--smoke", "--networks", "nvlink", "--strategies", "ddp,diloco,ddp_powersgd,compute_only",
+        "--data", str(shakespeare_path), "--out", str(out),
+    )  # fmt: skip
+    record = json.loads(out.read_text())
+    assert {s["strategy"] for s in record["summary"]} == {"ddp", "diloco", "ddp_powersgd", "compute_only"}
+    assert {v["method"] for v in record["cost_model"]["validation"]} == {"ddp", "diloco", "ddp_powersgd"}
+
+
+def test_rebuild_report_script(tmp_path: Path) -> None:
+    """Rebuilds a committed device bench folder's report from its runs (copied, so nothing changes)."""
+    import shutil
+
+    src = ROOT / "benchmarks" / "results" / "2026-11-27-h200-schedules" / "fashion-mnist"
+    folder = tmp_path / "bench"
+    shutil.copytree(src, folder)
+    (folder / "report.md").unlink()
+    _run("rebuild_report.py", str(folder))
+    report = (folder / "report.md").read_text()
+    assert "NVIDIA H200" in report and "speedup-onecycle" in report and "2.52x" in report
