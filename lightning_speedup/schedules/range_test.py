@@ -265,6 +265,7 @@ def _private_loader(loader: DataLoader) -> DataLoader:
     """
     if not (loader.num_workers > 0 and loader.persistent_workers):
         return loader
+    extra = {"in_order": loader.in_order} if hasattr(loader, "in_order") else {}  # torch >= 2.6
     return DataLoader(
         loader.dataset,
         batch_sampler=loader.batch_sampler,
@@ -278,7 +279,7 @@ def _private_loader(loader: DataLoader) -> DataLoader:
         prefetch_factor=loader.prefetch_factor,
         persistent_workers=False,
         pin_memory_device=loader.pin_memory_device,
-        in_order=loader.in_order,
+        **extra,
     )
 
 
