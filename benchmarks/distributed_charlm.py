@@ -63,6 +63,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _data import text_path  # benchmarks/_data.py: scripts run from this folder
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "distributed_charlm.json"
 NETWORKS: dict[str, dict[str, str]] = {
     "nvlink": {"NCCL_NVLS_ENABLE": "0"},
@@ -118,21 +120,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # network name: run as a torchrun worker
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def find_text(path: str | None) -> Path:
-    candidates = [Path(path)] if path else []
-    if os.environ.get("LIGHTNING_SPEEDUP_DATA"):
-        candidates.append(Path(os.environ["LIGHTNING_SPEEDUP_DATA"]) / "tinyshakespeare" / "input.txt")
-    root = Path(__file__).resolve().parents[1]
-    candidates += [
-        root / ".data" / "tinyshakespeare" / "input.txt",
-        root.parent / "shared" / "data" / "tinyshakespeare" / "input.txt",
-    ]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise SystemExit(f"Tiny Shakespeare not found; looked at {[str(c) for c in candidates]}. Pass --data.")
 
 
 def driver(args: argparse.Namespace) -> None:
@@ -326,7 +313,7 @@ def worker(args: argparse.Namespace) -> None:
     net_info = measure_bandwidth()
 
     # ---- data: random-offset windows, distinct per rank through the DistributedSampler
-    corpus = load_text_corpus(find_text(args.data))
+    corpus = load_text_corpus(text_path(args.data, "--data"))
     T = args.block_size
 
     class Windows(Dataset):

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from _data import fashion_dir, text_path  # benchmarks/_data.py: scripts run from this folder
 
 from lightning_speedup.bench.env import device_label, environment
 from lightning_speedup.bench.modules import CharLM, ImageClassifier
@@ -51,32 +51,6 @@ from lightning_speedup.schedules import LRRangeTest, OneCycle
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "lr_range_validation.json"
 METRIC = {"fashion-mnist": ("val_acc", "max"), "char-lm": ("val_loss", "min")}
-
-
-def fashion_dir(arg: str | None) -> str | None:
-    """``--data-dir``, else $LIGHTNING_SPEEDUP_DATA (the loader's own search), else .data or ../shared/data."""
-    if arg or os.environ.get("LIGHTNING_SPEEDUP_DATA"):
-        return arg
-    here = Path(__file__).resolve().parents[1]
-    for cand in (here / ".data" / "fashion-mnist", here.parent / "shared" / "data" / "fashion-mnist"):
-        if cand.is_dir():
-            return str(cand)
-    return None
-
-
-def text_path(arg: str | None) -> Path:
-    here = Path(__file__).resolve().parents[1]
-    candidates = [Path(arg)] if arg else []
-    if os.environ.get("LIGHTNING_SPEEDUP_DATA"):
-        candidates.append(Path(os.environ["LIGHTNING_SPEEDUP_DATA"]) / "tinyshakespeare" / "input.txt")
-    candidates += [
-        here / ".data" / "tinyshakespeare" / "input.txt",
-        here.parent / "shared" / "data" / "tinyshakespeare" / "input.txt",
-    ]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"Tiny Shakespeare not found; tried {[str(c) for c in candidates]}. Pass --text.")
 
 
 def build(task: str, args: argparse.Namespace) -> tuple[L.LightningModule, L.LightningDataModule]:
@@ -92,7 +66,7 @@ def build(task: str, args: argparse.Namespace) -> tuple[L.LightningModule, L.Lig
         return ImageClassifier(optimizer="adam", lr=1e-3), dm
     samples = args.lm_steps * args.lm_batch
     dm = CharLMDataModule(
-        text_path(args.text),
+        text_path(args.text, "--text"),
         block_size=args.lm_block,
         batch_size=args.lm_batch,
         num_workers=args.workers,

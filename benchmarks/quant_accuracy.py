@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from _data import text_path  # benchmarks/_data.py: scripts run from this folder
 from torch import Tensor
 
 from lightning_speedup.bench.env import device_label, environment
@@ -133,7 +133,7 @@ class CharLMTask(Task):
     name = "char-lm"
 
     def __init__(self, args: argparse.Namespace) -> None:
-        corpus = load_text_corpus(args.text)
+        corpus = load_text_corpus(text_path(args.text, "--text"))
         self.vocab = corpus.vocab_size
         self.train_ids = corpus.train_ids.to(DEVICE)
         self.block, self.batch_size = 256, args.lm_batch_size
@@ -301,14 +301,6 @@ def goals(summary: dict[str, dict[str, Any]], formats: list[str]) -> dict[str, b
     return result
 
 
-def _default_text() -> str:
-    env = os.environ.get("LIGHTNING_SPEEDUP_DATA")
-    candidates = [Path(env) / "tinyshakespeare" / "input.txt"] if env else []
-    root = Path(__file__).resolve().parents[1]
-    candidates += [root / ".data" / "tinyshakespeare" / "input.txt", root.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"]  # fmt: skip
-    return str(next((c for c in candidates if c.exists()), candidates[-1]))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -322,7 +314,7 @@ def main() -> None:
     parser.add_argument(
         "--data-dir", default=None, help="Fashion-MNIST folder (default: the loader's search)"
     )
-    parser.add_argument("--text", default=_default_text(), help="Tiny Shakespeare input.txt")
+    parser.add_argument("--text", default=None, help="Tiny Shakespeare input.txt (default: see _data.py)")
     parser.add_argument("--fm-batch-size", type=int, default=512)
     parser.add_argument("--fm-pre-steps", type=int, default=600)
     parser.add_argument("--fm-ft-steps", type=int, default=150)
