@@ -390,6 +390,7 @@ def worker(args: argparse.Namespace) -> None:
             return lsd.CompressedDDPStrategy(compression="powersgd", rank=4, start_iter=start), {
                 "kind": "ddp",
                 "label": name,
+                "compressor": "powersgd",
             }
         if name == "local_sgd":
             return lsd.LocalSGDStrategy(sync_every=16, consensus_every=0), {

@@ -371,7 +371,8 @@ def measurements_from_results(results: dict[str, Any]) -> tuple[Workload, list[M
             continue
         method = Method(**row["cost_model"])
         if row["strategy"] == "ddp_powersgd":
-            method = replace(method, compressor="powersgd")  # result files of 2026-11-27 predate the field
+            if "compressor" not in row["cost_model"]:  # result files of 2026-11-27 predate the field
+                method = replace(method, compressor="powersgd")
             if row.get("wire_fraction"):
                 ratio = float(row["wire_fraction"])
         link = Link.from_bus_bandwidth(float(results["networks"][row["network"]]["busbw_gbytes_per_s"]))
