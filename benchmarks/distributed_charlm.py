@@ -105,6 +105,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", type=float, default=1.47)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--max-minutes", type=float, default=4.0, help="ttt: cap per run")
+    p.add_argument(
+        "--caps",
+        default="",
+        help="ttt: per-strategy caps in minutes overriding --max-minutes, e.g. 'ddp=4,local_sgd=2'",
+    )
+    p.add_argument(
+        "--schedule-steps",
+        type=int,
+        default=0,
+        help="ttt: warm-up-stable-decay over this many steps (linear decay to lr/10 over the last "
+        "--decay-fraction); 0: constant LR after the warm-up",
+    )
+    p.add_argument("--decay-fraction", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--data",
@@ -120,6 +133,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # network name: run as a torchrun worker
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def parse_caps(text: str) -> dict[str, float]:
+    """``'ddp=4,local_sgd=2'`` -> ``{'ddp': 4.0, 'local_sgd': 2.0}``."""
+    caps: dict[str, float] = {}
+    for item in filter(None, text.split(",")):
+        name, sep, minutes = item.partition("=")
+        if not sep or name not in STRATEGIES:
+            raise SystemExit(f"--caps: expected STRATEGY=MINUTES with a strategy from {list(STRATEGIES)}, got {item!r}")
+        caps[name] = float(minutes)
+    return caps
 
 
 def driver(args: argparse.Namespace) -> None:
@@ -139,7 +163,10 @@ def driver(args: argparse.Namespace) -> None:
         "args": vars(args),
     }
     results["networks"], rows, ttt = {}, [], []
+    stop = False
     for network in args.networks.split(","):
+        if stop:
+            break
         if network not in NETWORKS:
             raise SystemExit(f"Unknown network {network!r}; choose from {list(NETWORKS)}.")
         worker_out = out.with_name(f"{out.stem}.{network}.worker.json")
@@ -152,7 +179,18 @@ def driver(args: argparse.Namespace) -> None:
             f"[{network}] {' '.join(f'{k}={v}' for k, v in NETWORKS[network].items())} {' '.join(cmd)}",
             flush=True,
         )
-        subprocess.run(cmd, env=env, check=True)
+        proc = subprocess.Popen(cmd, env=env)
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:  # the device deadline (timeout --signal=INT reaches the workers too)
+            rc = proc.wait()
+            stop = True
+        if rc != 0:
+            # A deadline or a crash: keep what the workers finished (they rewrite the file after each run).
+            print(f"[{network}] workers exited with {rc}; keeping the runs that finished", flush=True)
+            results.setdefault("incomplete", []).append({"network": network, "returncode": rc})
+            if not worker_out.exists():
+                continue
         part = json.loads(worker_out.read_text())
         results["networks"][network] = part["network"]
         results.setdefault("model", part["model"])
@@ -344,15 +382,26 @@ def worker(args: argparse.Namespace) -> None:
         return train, val
 
     class BenchCharLM(CharLM):
-        """CharLM with a linear warm-up of the learning rate (100 steps)."""
+        """CharLM with a linear warm-up of the learning rate (100 steps), then constant or, with
+        ``--schedule-steps``, warm-up-stable-decay in optimizer steps (the same for every strategy)."""
 
         @property
         def warmup_steps(self) -> int:
             return 100
 
+        def lr_factor(self, step: int) -> float:
+            warm = min(1.0, (step + 1) / self.warmup_steps)
+            total = args.schedule_steps if args.mode == "ttt" else 0
+            if not total:
+                return warm
+            decay_start = total * (1.0 - args.decay_fraction)
+            if step < decay_start:
+                return warm
+            return max(0.1, 1.0 - 0.9 * (step - decay_start) / max(1.0, total - decay_start))
+
         def configure_optimizers(self) -> Any:
             opt = super().configure_optimizers()
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / self.warmup_steps))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_factor)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def make_model() -> BenchCharLM:
@@ -455,6 +504,12 @@ def worker(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     ttt_rows: list[dict[str, Any]] = []
 
+    def save_partial() -> None:
+        """Rewritten after every run, so a run cut short by a deadline keeps what finished."""
+        if rank == 0:
+            part = {"network": net_info, "model": model_info, "world_size": world}
+            Path(args.worker_out).write_text(json.dumps({**part, "throughput": rows, "ttt": ttt_rows}))
+
     if args.mode == "throughput":
         for repeat in range(args.repeats):
             for name in names:
@@ -474,6 +529,7 @@ def worker(args: argparse.Namespace) -> None:
                 if "compression_ratio" in stats and cm is not None:
                     cm["wire_fraction"] = row["wire_fraction"] = 1.0 / stats["compression_ratio"]
                 rows.append(row)
+                save_partial()
                 if rank == 0:
                     print(f"[{network}] {name:<20} repeat {repeat}: {step * 1e3:.1f} ms/step", flush=True)
                 del t, strategy
@@ -503,6 +559,7 @@ def worker(args: argparse.Namespace) -> None:
                     self.reached = (elapsed, trainer.global_step)
                     trainer.should_stop = True
 
+        caps = parse_caps(args.caps)
         for name in names:
             if name == "compute_only":
                 continue
@@ -510,11 +567,19 @@ def worker(args: argparse.Namespace) -> None:
             target = Target()
             train, val = loaders()
             t = trainer(
-                strategy, max_steps=10 if args.smoke else 100_000, max_time={"minutes": args.max_minutes},
+                strategy, max_steps=10 if args.smoke else 100_000, max_time={"minutes": caps.get(name, args.max_minutes)},
                 val_check_interval=args.eval_every, limit_val_batches=2 if args.smoke else None,
                 check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[target],
             )  # fmt: skip
-            t.fit(make_model(), train, val)
+            try:
+                t.fit(make_model(), train, val)
+            except SystemExit:  # Lightning's graceful shutdown after SIGINT (the device deadline)
+                ttt_rows.append(
+                    {"network": network, "strategy": name, "reached": False, "interrupted": True, "time_s": None,
+                     "steps": t.global_step, "best_val_loss": target.best, "curve": target.curve}
+                )  # fmt: skip
+                save_partial()
+                raise
             ttt_rows.append(
                 {
                     "network": network,
@@ -523,28 +588,20 @@ def worker(args: argparse.Namespace) -> None:
                     "time_s": target.reached[0] if target.reached else None,
                     "steps": target.reached[1] if target.reached else t.global_step,
                     "best_val_loss": target.best,
+                    "max_minutes": caps.get(name, args.max_minutes),
+                    "schedule_steps": args.schedule_steps,
                     "tokens_per_s": (world * args.batch_size * T * target.reached[1] / target.reached[0])
                     if target.reached
                     else None,
                     "curve": target.curve,
                 }
             )
+            save_partial()
             if rank == 0:
                 print(f"[{network}] {name}: {ttt_rows[-1]}", flush=True)
             del t, strategy
 
-    if rank == 0:
-        Path(args.worker_out).write_text(
-            json.dumps(
-                {
-                    "network": net_info,
-                    "model": model_info,
-                    "world_size": world,
-                    "throughput": rows,
-                    "ttt": ttt_rows,
-                }
-            )
-        )
+    save_partial()
     dist.barrier()
     dist.destroy_process_group()
 

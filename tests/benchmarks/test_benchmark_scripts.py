@@ -86,6 +86,21 @@ def test_distributed_charlm_script(shakespeare_path: Path, tmp_path: Path) -> No
     assert {v["method"] for v in record["cost_model"]["validation"]} == {"ddp", "diloco", "ddp_powersgd"}
 
 
+def test_distributed_charlm_ttt_script(shakespeare_path: Path, tmp_path: Path) -> None:
+    """Time-to-target mode with the warm-up-stable-decay schedule and per-strategy caps."""
+    out = tmp_path / "ttt.json"
+    _run(
+        "distributed_charlm.py", "--smoke", "--mode", "ttt", "--networks", "sockets", "--strategies", "local_sgd,ddp",
+        "--schedule-steps", "8", "--caps", "ddp=0.5", "--max-minutes", "0.7", "--target", "0.1",
+        "--data", str(shakespeare_path), "--out", str(out),
+    )  # fmt: skip
+    record = json.loads(out.read_text())
+    rows = {r["strategy"]: r for r in record["ttt"]}
+    assert list(rows) == ["local_sgd", "ddp"] and "incomplete" not in record
+    assert rows["ddp"]["max_minutes"] == 0.5 and rows["local_sgd"]["max_minutes"] == 0.7
+    assert all(not r["reached"] and r["steps"] == 10 and r["schedule_steps"] == 8 for r in rows.values())
+
+
 def test_rebuild_report_script(tmp_path: Path) -> None:
     """Rebuilds a committed device bench folder's report from its runs (copied, so nothing changes)."""
     import shutil
