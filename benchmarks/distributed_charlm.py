@@ -130,6 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="CPU/gloo dry run with a tiny model (checks the script, no numbers)",
     )
+    p.add_argument(
+        "--resummarize", type=Path, default=None, help="recompute the ttt summary of a result file (no GPU)"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # network name: run as a torchrun worker
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -201,6 +204,7 @@ def driver(args: argparse.Namespace) -> None:
     results["throughput"] = rows
     results["ttt"] = ttt
     results["summary"] = summarize(rows)
+    results["ttt_summary"] = summarize_ttt(ttt, args.target)
     compute = [r["step_time_s"] for r in rows if r["strategy"] == "compute_only"]
     results["compute_s"] = statistics.median(compute) if compute else None
     if args.mode == "throughput" and results["compute_s"]:
@@ -229,6 +233,59 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+def _first_time_at(curve: list[Any], loss: float) -> float | None:
+    """Wall time of the first validation at or below ``loss`` (None: never)."""
+    return next((t for _, t, v in curve if v <= loss), None)
+
+
+def summarize_ttt(rows: list[dict[str, Any]], target: float) -> list[dict[str, Any]]:
+    """Per network and strategy: time to ``target`` and time to the best loss DDP reached, both vs DDP.
+
+    When DDP never reaches the target, ``target_speedup_at_least`` is DDP's whole run time over the
+    strategy's time to target: a lower bound. ``ddp_best`` is the loss DDP reached at best in its run; the
+    time to it compares the methods at a loss both can reach (DDP's at its own best validation).
+    """
+    out = []
+    for network in dict.fromkeys(r["network"] for r in rows):
+        mine = [r for r in rows if r["network"] == network]
+        ddp = next((r for r in mine if r["strategy"] == "ddp"), None)
+        ddp_best = ddp["best_val_loss"] if ddp and ddp["curve"] else None
+        ddp_to_best = _first_time_at(ddp["curve"], ddp_best) if ddp_best is not None else None
+        ddp_run_s = ddp["curve"][-1][1] if ddp and ddp["curve"] else None
+        for r in mine:
+            t_target = _first_time_at(r["curve"], target)
+            t_best = _first_time_at(r["curve"], ddp_best) if ddp_best is not None else None
+            row = {
+                "network": network,
+                "strategy": r["strategy"],
+                "target": target,
+                "time_to_target_s": t_target,
+                "best_val_loss": r["best_val_loss"],
+                "run_s": r["curve"][-1][1] if r["curve"] else None,
+                "ddp_best": ddp_best,
+                "time_to_ddp_best_s": t_best,
+                "speedup_to_ddp_best": ddp_to_best / t_best if ddp_to_best and t_best else None,
+                "target_speedup": None,
+                "target_speedup_at_least": None,
+            }
+            if ddp is not None and t_target is not None:
+                ddp_target = _first_time_at(ddp["curve"], target)
+                if ddp_target is not None:
+                    row["target_speedup"] = ddp_target / t_target
+                elif ddp_run_s:
+                    row["target_speedup_at_least"] = ddp_run_s / t_target
+            out.append(row)
+    return out
+
+
+def resummarize(path: Path) -> None:
+    """Recompute ``ttt_summary`` of a committed ttt result file in place (no GPU needed)."""
+    results = json.loads(path.read_text())
+    results["ttt_summary"] = summarize_ttt(results["ttt"], results["args"]["target"])
+    path.write_text(json.dumps(results, indent=2))
+    print_table(results)
 
 
 def fit_cost_model(results: dict[str, Any], png: Path) -> dict[str, Any]:
@@ -268,13 +325,23 @@ def print_table(results: dict[str, Any]) -> None:
         print("cost model (predicted / measured step time):")
         for v in results["cost_model"]["validation"]:
             print(f"  {v['method']:<24} {v['link_gbps']:>7.0f} Gb/s  {v['ratio']:.2f}")
-    if results["ttt"]:
-        print(f"{'network':<8} {'strategy':<20} {'reached':>7} {'time s':>8} {'steps':>6} {'best val':>8}")
-        for t in results["ttt"]:
-            time_s = f"{t['time_s']:.1f}" if t["time_s"] is not None else "-"
+    if results.get("ttt_summary"):
+
+        def fmt(x: float | None, spec: str) -> str:
+            return "-" if x is None else format(x, spec)
+
+        print(
+            f"{'network':<8} {'strategy':<20} {'to target s':>11} {'vs ddp':>8} {'best val':>8} "
+            f"{'to ddp best s':>13} {'vs ddp':>6}"
+        )
+        for t in results["ttt_summary"]:
+            vs = fmt(t["target_speedup"], ".2f") if t["target_speedup_at_least"] is None else (
+                f">={t['target_speedup_at_least']:.2f}"
+            )
             print(
-                f"{t['network']:<8} {t['strategy']:<20} {t['reached']!s:>7} {time_s:>8} {t['steps']:>6} "
-                f"{t['best_val_loss']:>8.3f}"
+                f"{t['network']:<8} {t['strategy']:<20} {fmt(t['time_to_target_s'], '.1f'):>11} {vs:>8} "
+                f"{t['best_val_loss']:>8.3f} {fmt(t['time_to_ddp_best_s'], '.1f'):>13} "
+                f"{fmt(t['speedup_to_ddp_best'], '.2f'):>6}"
             )
 
 
@@ -608,7 +675,9 @@ def worker(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     cli = parse_args()
-    if cli.worker:
+    if cli.resummarize:
+        resummarize(cli.resummarize)
+    elif cli.worker:
         worker(cli)
     else:
         driver(cli)

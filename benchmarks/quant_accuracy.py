@@ -294,8 +294,8 @@ def goals(summary: dict[str, dict[str, Any]], formats: list[str]) -> dict[str, b
             if task == "fashion-mnist":
                 acc_gap = s["int8"]["float_minus_qat_accuracy"]["mean"]
                 result[f"{task}_int8_qat_within_0.2pct_acc"] = None if acc_gap is None else acc_gap <= 0.002
-        for fmt in ("int4", "nf4"):
-            if fmt in formats:
+        for fmt in formats:
+            if FORMATS[fmt]["weights"] in ("int4", "nf4", "fp4"):  # every 4-bit format, harsher ones included
                 rec = s[fmt]["recovered_loss_of_means"]
                 result[f"{task}_{fmt}_recovers_75pct"] = None if rec is None else rec >= 0.75
     return result

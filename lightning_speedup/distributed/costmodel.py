@@ -44,25 +44,42 @@ METHODS: tuple[str, ...] = ("ddp", "local_sgd", "diloco", "gossip")
 
 @dataclass(frozen=True)
 class Link:
-    """A node's network link: line rate in Gb/s and per-message latency in seconds."""
+    """A node's network link: line rate in Gb/s, per-message latency in seconds, and optionally the rate a
+    single point-to-point exchange achieves (``p2p_gbps``; default: the line rate).
+
+    Measured links have both: NCCL's ring all-reduce spreads over several channels and connections,
+    while one send/receive pair to a neighbour often gets less (2026-11-27, sockets transport: 0.6-0.7 of
+    the all-reduce bus bandwidth), and gossip only does the latter.
+    """
 
     bandwidth_gbps: float
     latency_s: float = 30e-6
+    p2p_gbps: float | None = None
 
     def __post_init__(self) -> None:
         if self.bandwidth_gbps <= 0:
             raise ValueError(f"bandwidth_gbps must be > 0, got {self.bandwidth_gbps}.")
         if self.latency_s < 0:
             raise ValueError(f"latency_s must be >= 0, got {self.latency_s}.")
+        if self.p2p_gbps is not None and self.p2p_gbps <= 0:
+            raise ValueError(f"p2p_gbps must be > 0 (or None for the line rate), got {self.p2p_gbps}.")
 
     @property
     def bytes_per_s(self) -> float:
         return self.bandwidth_gbps * 1e9 / 8
 
+    @property
+    def p2p_bytes_per_s(self) -> float:
+        return (self.p2p_gbps if self.p2p_gbps is not None else self.bandwidth_gbps) * 1e9 / 8
+
     @staticmethod
-    def from_bus_bandwidth(gbytes_per_s: float, latency_s: float = 30e-6) -> Link:
-        """A link whose line rate equals a measured all-reduce *bus* bandwidth (nccl-tests' busbw, GB/s)."""
-        return Link(gbytes_per_s * 8, latency_s)
+    def from_bus_bandwidth(
+        gbytes_per_s: float, latency_s: float = 30e-6, p2p_gbytes_per_s: float | None = None
+    ) -> Link:
+        """A link whose line rate equals a measured all-reduce *bus* bandwidth (nccl-tests' busbw, GB/s),
+        with the measured point-to-point rate (GB/s) if there is one."""
+        p2p = p2p_gbytes_per_s * 8 if p2p_gbytes_per_s is not None else None
+        return Link(gbytes_per_s * 8, latency_s, p2p)
 
 
 @dataclass(frozen=True)
@@ -152,8 +169,8 @@ def allreduce_time(
 def p2p_time(
     nbytes: float, degree: int, link: Link, cal: Calibration = Calibration(), buckets: int = 1
 ) -> float:
-    """``degree`` messages of ``nbytes`` through one link: ``d (k alpha + S/B)``."""
-    bandwidth = link.bytes_per_s * cal.bandwidth_efficiency
+    """``degree`` messages of ``nbytes`` through one link: ``d (k alpha + S/B_p2p)``."""
+    bandwidth = link.p2p_bytes_per_s * cal.bandwidth_efficiency
     return degree * (buckets * link.latency_s * cal.latency_scale + nbytes / bandwidth)
 
 
@@ -375,11 +392,15 @@ def measurements_from_results(results: dict[str, Any]) -> tuple[Workload, list[M
                 method = replace(method, compressor="powersgd")
             if row.get("wire_fraction"):
                 ratio = float(row["wire_fraction"])
-        link = Link.from_bus_bandwidth(float(results["networks"][row["network"]]["busbw_gbytes_per_s"]))
+        net = results["networks"][row["network"]]
+        p2p = net.get("p2p_gbytes_per_s")
+        link = Link.from_bus_bandwidth(
+            float(net["busbw_gbytes_per_s"]), p2p_gbytes_per_s=float(p2p) if p2p else None
+        )
         out.append(Measurement(method, workload, int(results["world_size"]), link, float(row["step_time_s"])))
-    groups: dict[tuple[Method, float], list[Measurement]] = {}
+    groups: dict[tuple[Method, Link], list[Measurement]] = {}
     for m in out:
-        groups.setdefault((m.method, m.link.bandwidth_gbps), []).append(m)
+        groups.setdefault((m.method, m.link), []).append(m)
     medians = [
         replace(ms[0], step_time_s=statistics.median(m.step_time_s for m in ms)) for ms in groups.values()
     ]
@@ -387,29 +408,58 @@ def measurements_from_results(results: dict[str, Any]) -> tuple[Workload, list[M
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: calibrate on a benchmark result file, print predicted vs measured, write the scaling plot."""
+    """CLI: calibrate on benchmark result files, print predicted vs measured, write the scaling plot.
+
+    With several ``--results`` the constants are fitted on all of them together (each file keeps its own
+    workload and measured links), or only on the files named by ``--fit-on``: the others are then an
+    out-of-sample check (e.g. fit on 2 GPUs, predict 4).
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", required=True, help="JSON written by benchmarks/distributed_charlm.py")
+    parser.add_argument(
+        "--results", required=True, nargs="+", help="JSON files written by benchmarks/distributed_charlm.py"
+    )
+    parser.add_argument(
+        "--fit-on", nargs="*", default=None, help="calibrate on these of the --results only (default: all)"
+    )
     parser.add_argument("--out", default="docs/methods/distributed_scaling.png", help="PNG to write")
     parser.add_argument("--json-out", default=None, help="also write calibration + validation + curves here")
     args = parser.parse_args(argv)
-    results = json.loads(Path(args.results).read_text())
-    workload, measurements, ratio = measurements_from_results(results)
-    cal = calibrate(measurements)
-    rows = validate(measurements, cal)
+    fit_on = set(args.fit_on if args.fit_on is not None else args.results)
+    unknown = fit_on - set(args.results)
+    if unknown or not fit_on:
+        parser.error(f"--fit-on must name some of the --results files; not among them: {sorted(unknown)}")
+    per_file: dict[str, list[Measurement]] = {}
+    ratio = None
+    workload = None
+    for path in args.results:
+        w, ms, r = measurements_from_results(json.loads(Path(path).read_text()))
+        per_file[path] = ms
+        ratio = ratio if r is None else r
+        workload = workload or w
+    assert workload is not None
+    cal = calibrate([m for p in args.results if p in fit_on for m in per_file[p]])
+    rows = []
+    for path in args.results:
+        for row in validate(per_file[path], cal):
+            rows.append({**row, "file": Path(path).name, "in_sample": path in fit_on})
     methods = default_methods(ratio if ratio is not None else 0.05)
     curves = plot_scaling(workload, args.out, methods, cal=cal)
     print(f"calibration: {cal}")
-    print(f"{'method':<28} {'n':>3} {'Gb/s':>8} {'measured':>10} {'predicted':>10} {'ratio':>6}")
+    print(f"{'method':<22} {'n':>3} {'Gb/s':>8} {'measured':>10} {'predicted':>10} {'ratio':>6}  fit")
     for r in rows:
         print(
-            f"{r['method']:<28} {r['n']:>3} {r['link_gbps']:>8.1f} {r['measured_s']:>10.4f} "
-            f"{r['predicted_s']:>10.4f} {r['ratio']:>6.2f}"
+            f"{r['method']:<22} {r['n']:>3} {r['link_gbps']:>8.1f} {r['measured_s']:>10.4f} "
+            f"{r['predicted_s']:>10.4f} {r['ratio']:>6.2f}  {'in' if r['in_sample'] else 'OUT'}"
         )
+    misses = [r for r in rows if abs(r["ratio"] - 1) > 0.2]
+    print(f"{len(rows) - len(misses)}/{len(rows)} points within 20%")
     if args.json_out:
         payload = {
+            "results": [Path(p).name for p in args.results],
+            "fit_on": [Path(p).name for p in args.results if p in fit_on],
             "calibration": asdict(cal),
             "validation": rows,
+            "within_20pct": f"{len(rows) - len(misses)}/{len(rows)}",
             "curves": {str(k): v for k, v in curves.items()},
             "workload": asdict(workload),
         }

@@ -99,6 +99,37 @@ def test_distributed_charlm_ttt_script(shakespeare_path: Path, tmp_path: Path) -
     assert list(rows) == ["local_sgd", "ddp"] and "incomplete" not in record
     assert rows["ddp"]["max_minutes"] == 0.5 and rows["local_sgd"]["max_minutes"] == 0.7
     assert all(not r["reached"] and r["steps"] == 10 and r["schedule_steps"] == 8 for r in rows.values())
+    assert [t["strategy"] for t in record["ttt_summary"]] == ["local_sgd", "ddp"]
+
+
+def test_ttt_summary_speedups_and_lower_bound() -> None:
+    """Time to target vs DDP; a lower bound when DDP never gets there; time to DDP's best loss."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dcl", ROOT / "benchmarks" / "distributed_charlm.py")
+    assert spec is not None and spec.loader is not None
+    dcl = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec.loader.exec_module(dcl)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def row(strategy: str, curve: list[tuple[int, float, float]]) -> dict:
+        return {"network": "sockets", "strategy": strategy, "curve": curve, "best_val_loss": min(c[2] for c in curve)}
+
+    ddp = row("ddp", [(50, 10.0, 2.0), (100, 20.0, 1.6), (150, 30.0, 1.55), (200, 40.0, 1.7)])
+    fast = row("local_sgd", [(50, 2.0, 1.9), (100, 4.0, 1.52), (150, 6.0, 1.45)])
+    slow = row("diloco", [(50, 2.0, 2.2), (100, 4.0, 2.1)])
+    got = {t["strategy"]: t for t in dcl.summarize_ttt([ddp, fast, slow], target=1.5)}
+    assert got["ddp"]["time_to_target_s"] is None and got["ddp"]["ddp_best"] == 1.55
+    assert got["local_sgd"]["time_to_target_s"] == 6.0
+    assert got["local_sgd"]["target_speedup"] is None
+    assert got["local_sgd"]["target_speedup_at_least"] == pytest.approx(40.0 / 6.0)  # DDP's whole run
+    assert got["local_sgd"]["speedup_to_ddp_best"] == pytest.approx(30.0 / 4.0)  # 1.52 <= 1.55 at 4 s
+    assert got["diloco"]["time_to_ddp_best_s"] is None and got["diloco"]["speedup_to_ddp_best"] is None
+    both = {t["strategy"]: t for t in dcl.summarize_ttt([ddp, fast], target=1.6)}
+    assert both["local_sgd"]["target_speedup"] == pytest.approx(20.0 / 4.0)
 
 
 def test_rebuild_report_script(tmp_path: Path) -> None:

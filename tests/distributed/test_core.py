@@ -6,6 +6,7 @@ process; a failure reports that process's traceback.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -318,6 +319,39 @@ def test_cost_model_formulas() -> None:
     )
     with pytest.raises(ValueError, match="Unknown method kind"):
         cm.Method("allgather")
+
+
+def test_cost_model_gossip_uses_the_measured_point_to_point_rate(tmp_path: Path) -> None:
+    """Gossip is priced at the link's point-to-point rate when one was measured; all-reduce at the bus rate."""
+    from lightning_speedup.distributed import costmodel as cm
+
+    both = cm.Link.from_bus_bandwidth(2.0, latency_s=0.0, p2p_gbytes_per_s=1.0)  # 16 Gb/s bus, 8 Gb/s p2p
+    bus_only = cm.Link.from_bus_bandwidth(2.0, latency_s=0.0)
+    assert cm.p2p_time(1e9, 1, both) == pytest.approx(1.0) and cm.p2p_time(1e9, 1, bus_only) == pytest.approx(0.5)
+    assert cm.allreduce_time(1e9, 2, both) == cm.allreduce_time(1e9, 2, bus_only) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="p2p_gbps"):
+        cm.Link(10.0, p2p_gbps=0.0)
+    results = {
+        "model": {"num_params": 250_000_000, "num_buckets": 1},
+        "compute_s": 0.1,
+        "world_size": 4,
+        "networks": {"sockets": {"busbw_gbytes_per_s": 2.0, "p2p_gbytes_per_s": 1.0}},
+        "throughput": [
+            {"strategy": s, "network": "sockets", "step_time_s": t, "cost_model": {"kind": k, "label": s, "degree": 1}}
+            for s, k, t in (("ddp", "ddp", 0.85), ("gossip_exponential", "gossip", 1.1))
+        ],
+    }
+    _, parsed, _ = cm.measurements_from_results(results)
+    assert {(m.link.bandwidth_gbps, m.link.p2p_gbps) for m in parsed} == {(16.0, 8.0)}
+    # the CLI: fit on one file, the other is an out-of-sample check; --fit-on must name given files
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    out = tmp_path / "fit.json"
+    cm.main(["--results", str(path), "--fit-on", str(path), "--out", str(tmp_path / "s.png"), "--json-out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["fit_on"] == ["r.json"] and all(r["in_sample"] for r in payload["validation"])
+    with pytest.raises(SystemExit):
+        cm.main(["--results", str(path), "--fit-on", "other.json", "--out", str(tmp_path / "s.png")])
 
 
 def test_cost_model_calibration_recovers_known_constants_and_plots(tmp_path: Path) -> None:
