@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Next device call (a 4-GPU host; carry [".data", ".whl"]), prepared 2026-11-27 after rounds E-G:
+#   GPUs 0,1  issue 6: 2-GPU time to val loss 1.47 through sockets at 64 sequences per GPU (the 4-GPU
+#             run's 128 per step, where local SGD reached 1.47), local SGD then DDP, WSD over 1500 steps;
+#             DDP's cap only has to pass 2x local SGD's time
+#   GPU 2     issue 5: float vs PTQ vs QAT for int4 g128 and W4A8, absmax and learnable (LSQ) scales, 3 seeds
+#   GPU 3     issue 4: bench speedup-levers vs speedup-gpu-data (its loader pins now) vs speedup-resident
+#   bash benchmarks/device_call_round6.sh [DEADLINE_S]
+# Keep DEADLINE_S well under the call's limit: the machine's start-up counts against it (round 5 lost
+# everything by setting the deadline at the limit).
+set -u
+source benchmarks/device_env.sh
+source benchmarks/gpu_jobs.sh "${1:-500}"
+budget() { echo $((JOBS_DEADLINE - $(date +%s) - 30)); }  # bench starts no run after this
+job dist2-ttt-b64 0,1 python benchmarks/distributed_charlm.py --devices 2 --batch-size 64 --mode ttt \
+  --networks sockets --strategies local_sgd,ddp --caps "local_sgd=2,ddp=4.5" --schedule-steps 1500 \
+  --eval-every 50 --out "$WORK/distributed_charlm_2gpu_b64_ttt.json" &
+job quant-accuracy 2 python benchmarks/quant_accuracy.py --formats int4-g128 w4a8 int4-g128-lsq w4a8-lsq \
+  --seeds 0 1 2 --out "$WORK/quant_accuracy_4bit.json" &
+job data-bench 3 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --recipe speedup-levers \
+  --recipe speedup-gpu-data --recipe speedup-resident --seeds 2 --out "$WORK/data-bench" &
+wait
+pack
