@@ -144,7 +144,9 @@ def parse_caps(text: str) -> dict[str, float]:
     for item in filter(None, text.split(",")):
         name, sep, minutes = item.partition("=")
         if not sep or name not in STRATEGIES:
-            raise SystemExit(f"--caps: expected STRATEGY=MINUTES with a strategy from {list(STRATEGIES)}, got {item!r}")
+            raise SystemExit(
+                f"--caps: expected STRATEGY=MINUTES with a strategy from {list(STRATEGIES)}, got {item!r}"
+            )
         caps[name] = float(minutes)
     return caps
 
@@ -335,8 +337,10 @@ def print_table(results: dict[str, Any]) -> None:
             f"{'to ddp best s':>13} {'vs ddp':>6}"
         )
         for t in results["ttt_summary"]:
-            vs = fmt(t["target_speedup"], ".2f") if t["target_speedup_at_least"] is None else (
-                f">={t['target_speedup_at_least']:.2f}"
+            vs = (
+                fmt(t["target_speedup"], ".2f")
+                if t["target_speedup_at_least"] is None
+                else (f">={t['target_speedup_at_least']:.2f}")
             )
             print(
                 f"{t['network']:<8} {t['strategy']:<20} {fmt(t['time_to_target_s'], '.1f'):>11} {vs:>8} "

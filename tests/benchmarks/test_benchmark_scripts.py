@@ -116,7 +116,12 @@ def test_ttt_summary_speedups_and_lower_bound() -> None:
         sys.path.remove(str(ROOT / "benchmarks"))
 
     def row(strategy: str, curve: list[tuple[int, float, float]]) -> dict:
-        return {"network": "sockets", "strategy": strategy, "curve": curve, "best_val_loss": min(c[2] for c in curve)}
+        return {
+            "network": "sockets",
+            "strategy": strategy,
+            "curve": curve,
+            "best_val_loss": min(c[2] for c in curve),
+        }
 
     ddp = row("ddp", [(50, 10.0, 2.0), (100, 20.0, 1.6), (150, 30.0, 1.55), (200, 40.0, 1.7)])
     fast = row("local_sgd", [(50, 2.0, 1.9), (100, 4.0, 1.52), (150, 6.0, 1.45)])

@@ -327,7 +327,9 @@ def test_cost_model_gossip_uses_the_measured_point_to_point_rate(tmp_path: Path)
 
     both = cm.Link.from_bus_bandwidth(2.0, latency_s=0.0, p2p_gbytes_per_s=1.0)  # 16 Gb/s bus, 8 Gb/s p2p
     bus_only = cm.Link.from_bus_bandwidth(2.0, latency_s=0.0)
-    assert cm.p2p_time(1e9, 1, both) == pytest.approx(1.0) and cm.p2p_time(1e9, 1, bus_only) == pytest.approx(0.5)
+    assert cm.p2p_time(1e9, 1, both) == pytest.approx(1.0) and cm.p2p_time(1e9, 1, bus_only) == pytest.approx(
+        0.5
+    )
     assert cm.allreduce_time(1e9, 2, both) == cm.allreduce_time(1e9, 2, bus_only) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="p2p_gbps"):
         cm.Link(10.0, p2p_gbps=0.0)
@@ -337,7 +339,12 @@ def test_cost_model_gossip_uses_the_measured_point_to_point_rate(tmp_path: Path)
         "world_size": 4,
         "networks": {"sockets": {"busbw_gbytes_per_s": 2.0, "p2p_gbytes_per_s": 1.0}},
         "throughput": [
-            {"strategy": s, "network": "sockets", "step_time_s": t, "cost_model": {"kind": k, "label": s, "degree": 1}}
+            {
+                "strategy": s,
+                "network": "sockets",
+                "step_time_s": t,
+                "cost_model": {"kind": k, "label": s, "degree": 1},
+            }
             for s, k, t in (("ddp", "ddp", 0.85), ("gossip_exponential", "gossip", 1.1))
         ],
     }
@@ -347,7 +354,18 @@ def test_cost_model_gossip_uses_the_measured_point_to_point_rate(tmp_path: Path)
     path = tmp_path / "r.json"
     path.write_text(json.dumps(results))
     out = tmp_path / "fit.json"
-    cm.main(["--results", str(path), "--fit-on", str(path), "--out", str(tmp_path / "s.png"), "--json-out", str(out)])
+    cm.main(
+        [
+            "--results",
+            str(path),
+            "--fit-on",
+            str(path),
+            "--out",
+            str(tmp_path / "s.png"),
+            "--json-out",
+            str(out),
+        ]
+    )
     payload = json.loads(out.read_text())
     assert payload["fit_on"] == ["r.json"] and all(r["in_sample"] for r in payload["validation"])
     with pytest.raises(SystemExit):
