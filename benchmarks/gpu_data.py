@@ -189,7 +189,77 @@ def configs(args: argparse.Namespace) -> list[Config]:
     ]
 
 
-def run_one(config: Config, data: FashionMNIST, args: argparse.Namespace, seed: int) -> dict[str, float]:
+class StepProfiler(L.Callback):
+    """torch.profiler over training steps [start, start + steps): host vs device time, launches, top ops."""
+
+    def __init__(self, start: int, steps: int) -> None:
+        self.start, self.steps = start, steps
+        self.batch = 0
+        self.prof: Any = None
+        self.wall = 0.0
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *a: Any) -> None:
+        if self.batch == self.start:
+            from torch.profiler import ProfilerActivity, profile
+
+            cuda = pl_module.device.type == "cuda"
+            if cuda:
+                torch.cuda.synchronize(pl_module.device)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            self.prof = profile(activities=activities)
+            self.prof.__enter__()
+            self.wall = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *a: Any) -> None:
+        self.batch += 1
+        if self.prof is not None and self.batch == self.start + self.steps:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)
+            self.wall = time.perf_counter() - self.wall
+            self.prof.__exit__(None, None, None)
+
+    def summary(self, top: int = 20) -> dict[str, Any]:
+        """Per step: wall ms, kernel ms on the device, kernel launches; the ops with the most host time."""
+        if self.prof is None:
+            return {}
+        events = self.prof.key_averages()
+
+        def device_us(e: Any) -> float:
+            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+        kernels_us = sum(device_us(e) for e in events if getattr(e, "device_type", None) is not None
+                         and "CUDA" in str(e.device_type))  # fmt: skip
+        launches = sum(
+            e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+        )
+        ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+        n = self.steps
+        return {
+            "steps": n,
+            "wall_ms_per_step": 1e3 * self.wall / n,
+            "device_kernel_ms_per_step": kernels_us / 1e3 / n,
+            "device_busy_fraction": (kernels_us / 1e6) / self.wall if self.wall else None,
+            "kernel_launches_per_step": launches / n,
+            "top_host_ops": [
+                {
+                    "op": e.key,
+                    "calls_per_step": e.count / n,
+                    "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / n,
+                }
+                for e in ops
+            ],
+        }
+
+
+def run_one(
+    config: Config,
+    data: FashionMNIST,
+    args: argparse.Namespace,
+    seed: int,
+    profiler: StepProfiler | None = None,
+) -> dict[str, float]:
     L.seed_everything(seed, verbose=False)
     dm, extra = config.make(data, args, seed)
     steps = args.compute_steps if config.compute else args.steps
@@ -208,7 +278,7 @@ def run_one(config: Config, data: FashionMNIST, args: argparse.Namespace, seed: 
         enable_progress_bar=False,
         enable_model_summary=False,
         benchmark=True,
-        callbacks=[clock, monitor, *extra],
+        callbacks=[clock, monitor, *extra, *([profiler] if profiler else [])],
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -264,7 +334,20 @@ def main() -> None:
         "reused by later ones (same shapes), so --warmup only has to cover recompiles",
     )
     parser.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
+    parser.add_argument(
+        "--profile",
+        nargs="*",
+        default=[],
+        help="after the timed runs, profile these configurations for --profile-steps steps each (torch.profiler): "
+        "host wall vs device kernel time per step, kernel launches, the ops with the most host time",
+    )
+    parser.add_argument("--profile-steps", type=int, default=20)
     args = parser.parse_args()
+    unknown = set(args.profile) - {c.name for c in configs(args)}
+    if unknown:
+        parser.error(
+            f"--profile: unknown configurations {sorted(unknown)}; choose from {[c.name for c in configs(args)]}"
+        )
     if args.compile:
         # Every run builds a new module; dynamo guards on it, so allow a recompile per run (from the
         # FX/Inductor caches, seconds) instead of silently falling back to eager after 8.
@@ -283,6 +366,20 @@ def main() -> None:
                 f"{result['images_per_s']:10,.0f} img/s  wait {result['wait_fraction']:6.1%}",
                 flush=True,
             )
+
+    profiles: dict[str, Any] = {}
+    for config in (c for c in configs(args) if c.name in args.profile):
+        profiler = StepProfiler(args.warmup, args.profile_steps)
+        run_one(config, data, args, args.seed, profiler)  # not timed: the profiler's own overhead is in it
+        profiles[config.name] = profiler.summary()
+        p = profiles[config.name]
+        print(
+            f"[profile] {config.name}: {p['wall_ms_per_step']:.2f} ms/step wall, {p['device_kernel_ms_per_step']:.2f} ms "
+            f"kernels, {p['kernel_launches_per_step']:.0f} launches/step",
+            flush=True,
+        )
+        for op in p["top_host_ops"][:10]:
+            print(f"    {op['self_cpu_ms_per_step']:7.3f} ms  {op['calls_per_step']:6.1f}x  {op['op']}")
 
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name]) if runs.get(name) else float("nan")
@@ -319,6 +416,7 @@ def main() -> None:
         "medians": medians,
         "derived": derived,
         "goals": goals,
+        "profiles": profiles,
         "wall_s": time.time() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
