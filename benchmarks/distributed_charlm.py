@@ -8,8 +8,8 @@ bf16-mixed, AdamW 1e-3 with 100 warm-up steps. Strategies (their string presets 
   ddp_bf16_compress    CompressedDDPStrategy(compression="bf16")
   ddp_powersgd         CompressedDDPStrategy(compression="powersgd", rank=4); throughput is measured in the
                        compressed phase (start_iter=5 instead of the preset's 100)
-  local_sgd            LocalSGDStrategy(sync_every=16)
-  diloco               DiLoCoStrategy(sync_every=100, outer SGD lr 0.7, Nesterov 0.9)
+  local_sgd            LocalSGDStrategy(sync_every=16; --local-sgd-every)
+  diloco               DiLoCoStrategy(sync_every=100, outer SGD lr 0.7, Nesterov 0.9; --diloco-every, --diloco-outer-lr, ...)
   gossip_ring          GossipSGDStrategy(topology="ring"); skipped on 2 GPUs, where it is gossip_exponential
   gossip_exponential   GossipSGDStrategy(topology="exponential")
   compute_only         LocalSGDStrategy(sync_every=10**9): no communication at all; its step time is the
@@ -118,6 +118,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decay-fraction); 0: constant LR after the warm-up",
     )
     p.add_argument("--decay-fraction", type=float, default=0.3)
+    p.add_argument("--local-sgd-every", type=int, default=16, help="local_sgd: steps between averagings")
+    p.add_argument("--diloco-every", type=int, default=100, help="diloco: inner steps per outer step")
+    p.add_argument("--diloco-outer-lr", type=float, default=None, help="diloco: outer SGD lr (default 0.7)")
+    p.add_argument(
+        "--diloco-outer-momentum",
+        type=float,
+        default=None,
+        help="diloco: outer Nesterov momentum (default 0.9)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--data",
@@ -513,16 +522,24 @@ def worker(args: argparse.Namespace) -> None:
                 "compressor": "powersgd",
             }
         if name == "local_sgd":
-            return lsd.LocalSGDStrategy(sync_every=16, consensus_every=0), {
+            return lsd.LocalSGDStrategy(sync_every=args.local_sgd_every, consensus_every=0), {
                 "kind": "local_sgd",
                 "label": name,
-                "sync_every": 16,
+                "sync_every": args.local_sgd_every,
             }
         if name == "diloco":
-            return lsd.DiLoCoStrategy(sync_every=100, consensus_every=0), {
+            outer = {
+                k: v
+                for k, v in (
+                    ("outer_lr", args.diloco_outer_lr),
+                    ("outer_momentum", args.diloco_outer_momentum),
+                )
+                if v is not None
+            }
+            return lsd.DiLoCoStrategy(sync_every=args.diloco_every, consensus_every=0, **outer), {
                 "kind": "diloco",
                 "label": name,
-                "sync_every": 100,
+                "sync_every": args.diloco_every,
             }
         if name == "gossip_ring":
             return lsd.GossipSGDStrategy(topology="ring", consensus_every=0), {
@@ -543,7 +560,9 @@ def worker(args: argparse.Namespace) -> None:
     def window_for(name: str) -> int:
         if args.smoke:
             return args.window
-        return {"diloco": 100, "local_sgd": max(args.window, 32)}.get(name, args.window)
+        return {"diloco": args.diloco_every, "local_sgd": max(args.window, 2 * args.local_sgd_every)}.get(
+            name, args.window
+        )
 
     class WindowTimer(Callback):
         def __init__(self, warmup: int, window: int) -> None:

@@ -82,11 +82,14 @@ def test_distributed_charlm_script(shakespeare_path: Path, tmp_path: Path) -> No
     out = tmp_path / "dist.json"
     _run(
         "distributed_charlm.py", "--smoke", "--networks", "nvlink", "--strategies", "ddp,diloco,ddp_powersgd,compute_only",
+        "--diloco-every", "4", "--diloco-outer-lr", "0.5",
         "--data", str(shakespeare_path), "--out", str(out),
     )  # fmt: skip
     record = json.loads(out.read_text())
     assert {s["strategy"] for s in record["summary"]} == {"ddp", "diloco", "ddp_powersgd", "compute_only"}
     assert {v["method"] for v in record["cost_model"]["validation"]} == {"ddp", "diloco", "ddp_powersgd"}
+    diloco = next(r for r in record["throughput"] if r["strategy"] == "diloco")
+    assert diloco["cost_model"]["sync_every"] == 4
 
 
 def test_distributed_charlm_ttt_script(shakespeare_path: Path, tmp_path: Path) -> None:
