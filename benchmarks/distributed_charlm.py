@@ -144,7 +144,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # network name: run as a torchrun worker
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.schedule_steps < 0 or not 0.0 < args.decay_fraction <= 1.0:
+        p.error(
+            f"--schedule-steps must be >= 0 and --decay-fraction in (0, 1]; got {args.schedule_steps}, "
+            f"{args.decay_fraction}"
+        )
+    if args.local_sgd_every < 1 or args.diloco_every < 1:
+        p.error(
+            f"--local-sgd-every and --diloco-every must be >= 1; got {args.local_sgd_every}, {args.diloco_every}"
+        )
+    if args.worker is None and not args.resummarize:
+        parse_caps(args.caps)  # a typo fails here, not inside the workers
+    return args
 
 
 def parse_caps(text: str) -> dict[str, float]:

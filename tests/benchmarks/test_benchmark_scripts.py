@@ -108,6 +108,19 @@ def test_distributed_charlm_ttt_script(shakespeare_path: Path, tmp_path: Path) -
     assert [t["strategy"] for t in record["ttt_summary"]] == ["local_sgd", "ddp"]
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["--caps", "dpp=3"], ["--schedule-steps", "-1"], ["--decay-fraction", "0"], ["--diloco-every", "0"]],
+)
+def test_distributed_charlm_rejects_bad_arguments(args: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "distributed_charlm.py"), "--mode", "ttt", *args],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert args[0] in done.stderr
+
+
 def test_ttt_summary_speedups_and_lower_bound() -> None:
     """Time to target vs DDP; a lower bound when DDP never gets there; time to DDP's best loss."""
     import importlib.util
