@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Next device call (a 4-GPU host; carry [".data", ".whl"]), prepared 2026-11-27 after rounds E-G:
-#   GPUs 0,1  issue 6: 2-GPU time to val loss 1.47 through sockets at 64 sequences per GPU (the 4-GPU
+#   GPUs 0,1  issue 6: PowerSGD's throughput after the once-per-step rewrite (DDP, PowerSGD, compute-only; NVLink
+#             and sockets; about 1 minute), then 2-GPU time to val loss 1.47 through sockets at 64 sequences per GPU (the 4-GPU
 #             run's 128 per step, where local SGD reached 1.47), local SGD then DDP, WSD over 1500 steps;
 #             DDP's cap only has to pass 2x local SGD's time
 #   GPU 2     issue 5: float vs PTQ vs QAT for int4 g128 and W4A8, absmax and learnable (LSQ) scales, 3 seeds
@@ -13,9 +14,11 @@ set -u
 source benchmarks/device_env.sh
 source benchmarks/gpu_jobs.sh "${1:-500}"
 budget() { echo $((JOBS_DEADLINE - $(date +%s) - 30)); }  # bench starts no run after this
-job dist2-ttt-b64 0,1 python benchmarks/distributed_charlm.py --devices 2 --batch-size 64 --mode ttt \
-  --networks sockets --strategies local_sgd,ddp --caps "local_sgd=2,ddp=4.5" --schedule-steps 1500 \
-  --eval-every 50 --out "$WORK/distributed_charlm_2gpu_b64_ttt.json" &
+(job dist2-powersgd 0,1 python benchmarks/distributed_charlm.py --devices 2 --repeats 3 \
+  --strategies ddp,ddp_powersgd,compute_only --out "$WORK/distributed_charlm_2gpu_powersgd.json"
+ job dist2-ttt-b64 0,1 python benchmarks/distributed_charlm.py --devices 2 --batch-size 64 --mode ttt \
+  --networks sockets --strategies local_sgd,ddp --caps "local_sgd=2,ddp=4" --schedule-steps 1500 \
+  --eval-every 50 --out "$WORK/distributed_charlm_2gpu_b64_ttt.json") &
 job quant-accuracy 2 python benchmarks/quant_accuracy.py --formats int4-g128 w4a8 int4-g128-lsq w4a8-lsq \
   --seeds 0 1 2 --out "$WORK/quant_accuracy_4bit.json" &
 (job gpu-data-profile 3 python benchmarks/gpu_data.py --compile --channels-last --repeats 1 \

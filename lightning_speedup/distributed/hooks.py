@@ -14,8 +14,13 @@ does not line up with the buckets of a resumed one. The hooks here:
   matrix, rank-``r`` factors ``P`` and ``Q`` all-reduced instead of the matrix, warm-started ``Q``
   and local error feedback (``e_i = M_i - P Q_i^T``, Algorithm 2 of the paper). State is keyed by
   *parameter index*, so it checkpoints and resumes exactly whatever DDP's bucket layout is.
-  Same-shape matrices are batched (``bmm`` and batched QR). Its collectives are issued in order on
-  the calling thread (see the comment in the hook), so several buckets cannot deadlock on gloo.
+  The hook only records buckets until the last one of the step arrives, then compresses every
+  matrix of the model at once: same-shape matrices batched (``bmm`` and batched QR) across all
+  buckets, and three collectives per step (uncompressed tensors, ``P``, ``Q``) whatever the number
+  of buckets. The per-bucket version this replaces issued three collectives and a batch of small
+  kernels per bucket from the backward pass's thread; on two H200s over NVLink its step took 2.6x a
+  DDP step (``docs/methods/distributed.md``). The collectives are issued in order on the calling
+  thread (see the comment in ``_powersgd_step``), so they cannot deadlock on gloo.
 """
 
 # No `from __future__ import annotations` here: DDP checks a hook's annotations against the real
@@ -99,6 +104,8 @@ class PowerSGDState:
     bytes_sent: int = 0
     numel_before: int = 0
     numel_after: int = 0
+    collectives: int = 0
+    pending: list[tuple[dist.GradBucket, Future[Tensor]]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -144,31 +151,53 @@ def _orthonormal(x: Tensor) -> Tensor:
 
 
 def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> Future[Tensor]:
-    """DDP comm hook: rank-``r`` PowerSGD with error feedback; vectors and small matrices all-reduced as is."""
+    """DDP comm hook: rank-``r`` PowerSGD with error feedback; vectors and small matrices all-reduced as is.
+
+    In the compressed phase the hook returns an unfinished future for every bucket but the last of
+    the step, and compresses all of them when the last arrives (DDP calls the hook in bucket order and
+    waits for the futures only after the backward pass).
+    """
     buf = bucket.buffer()
     group = state.process_group
     n = _group_size(group)
-    is_last = bucket.is_last()
 
     if state.iteration < state.start_iter:
-        if is_last:
+        if bucket.is_last():
             state.iteration += 1
         buf.div_(n)
         state.bytes_sent += _ring_bytes(buf.numel() * buf.element_size(), n)
+        state.collectives += 1
         return dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda f: f.value()[0])
 
-    # Split the bucket: matrices worth compressing vs. the rest (biases, norms, thin matrices).
+    fut: Future[Tensor] = Future(devices=[buf.device]) if buf.is_cuda else Future()
+    state.pending.append((bucket, fut))
+    if bucket.is_last():
+        pending, state.pending = state.pending, []
+        _powersgd_step(state, [b for b, _ in pending], n)
+        state.iteration += 1
+        for b, f in pending:
+            f.set_result(b.buffer())
+    return fut
+
+
+def _powersgd_step(state: PowerSGDState, buckets: list[dist.GradBucket], n: int) -> None:
+    """Compress and average the gradients of ``buckets`` in place (their buffers), in three collectives."""
+    group = state.process_group
+    # Split the gradients: matrices worth compressing vs. the rest (biases, norms, thin matrices).
     shapes: dict[tuple[int, int, int], list[tuple[int, Tensor]]] = {}
     plain: list[Tensor] = []
-    for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True):
-        if g.dim() >= 2:
-            mat = g.view(g.shape[0], -1)
-            rows, cols = mat.shape
-            r = min(state.rank, rows, cols)
-            if rows * cols >= state.min_compression_rate * r * (rows + cols):
-                shapes.setdefault((rows, cols, r), []).append((state.index_of(p), mat))
-                continue
-        plain.append(g)
+    device = buckets[0].buffer().device
+    for bucket in buckets:
+        state.numel_before += bucket.buffer().numel()
+        for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True):
+            if g.dim() >= 2:
+                mat = g.view(g.shape[0], -1)
+                rows, cols = mat.shape
+                r = min(state.rank, rows, cols)
+                if rows * cols >= state.min_compression_rate * r * (rows + cols):
+                    shapes.setdefault((rows, cols, r), []).append((state.index_of(p), mat))
+                    continue
+            plain.append(g)
 
     plain_flat = torch.cat([g.reshape(-1) for g in plain]).float().div_(n) if plain else None
     # One entry per shape: (parameter indices, gradient views, M (b, rows, cols), Q (b, cols, r)).
@@ -184,7 +213,7 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> Future[Tenso
         qs = [
             state.q_memory[k]
             if state.warm_start and k in state.q_memory
-            else state._initial_q(k, cols, r, buf.device)
+            else state._initial_q(k, cols, r, device)
             for k in idx
         ]
         groups.append((idx, views, mats, _orthonormal(torch.stack(qs))))
@@ -195,21 +224,14 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> Future[Tenso
     numel_q = sum(q.numel() for _, _, _, q in groups)
     numel_plain = plain_flat.numel() if plain_flat is not None else 0
     state.bytes_sent += _ring_bytes(4 * (numel_plain + numel_p + numel_q), n)
-    state.numel_before += buf.numel()
     state.numel_after += numel_plain + numel_p + numel_q
 
-    def unpack_plain() -> None:
-        assert plain_flat is not None
-        offset = 0
-        for g in plain:
-            g.copy_(plain_flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    # Collectives are issued here, on the calling thread, in bucket order. Chaining them through
+    # Collectives are issued here, on the calling thread, in a fixed order. Chaining them through
     # `Future.then` (as PyTorch's PowerSGD does) issues the second and third from whichever gloo
-    # thread completes the first, so two buckets can interleave differently on two processes and
-    # deadlock. On NCCL, `wait()` only makes the current stream wait: the host does not block.
+    # thread completes the first, so two processes can interleave them differently and deadlock.
+    # On NCCL, `wait()` only makes the current stream wait: the host does not block.
     plain_work = dist.all_reduce(plain_flat, group=group, async_op=True) if plain_flat is not None else None
+    state.collectives += plain_work is not None
     if groups:
         assert p_flat is not None
         dist.all_reduce(p_flat, group=group)
@@ -221,22 +243,26 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> Future[Tenso
             local_qs.append(torch.bmm(mats.transpose(1, 2), ps[j]))  # (b, cols, r): this process's Q_i
         q_sum = torch.cat([q.reshape(-1) for q in local_qs])
         dist.all_reduce(q_sum, group=group)
+        state.collectives += 2
         offset = 0
         for j, (idx, views, mats, _) in enumerate(groups):
             q = q_sum[offset : offset + local_qs[j].numel()].view_as(local_qs[j])
             offset += local_qs[j].numel()
             approx = torch.bmm(ps[j], q.transpose(1, 2)).div_(n)  # (b, rows, cols): P Q^T / n
+            if state.error_feedback:  # e_i = M_i - P Q_i^T, for the whole shape group in one bmm
+                errors = mats.sub_(torch.bmm(ps[j], local_qs[j].transpose(1, 2)))
             for t, (k, view) in enumerate(zip(idx, views, strict=True)):
                 view.copy_(approx[t])
                 if state.error_feedback:
-                    state.errors[k] = mats[t] - ps[j][t] @ local_qs[j][t].T
-                if state.warm_start:
-                    state.q_memory[k] = q[t].clone()
+                    state.errors[k] = errors[t]
+            if state.warm_start:
+                q_keep = q.clone()
+                for t, k in enumerate(idx):
+                    state.q_memory[k] = q_keep[t]
     if plain_work is not None:
+        assert plain_flat is not None
         plain_work.wait()
-        unpack_plain()
-    if is_last:
-        state.iteration += 1
-    fut: Future[Tensor] = Future(devices=[buf.device]) if buf.is_cuda else Future()
-    fut.set_result(buf)
-    return fut
+        offset = 0
+        for g in plain:
+            g.copy_(plain_flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()

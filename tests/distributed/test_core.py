@@ -268,15 +268,25 @@ def _hook_checks(rank: int, n: int, device: str = "cpu") -> None:
     saved = state.state_dict()
     expected = [_grads(hooked, x) for x in inputs[3:]]
     resumed_state = PowerSGDState(params=[], rank=1, start_iter=1, min_compression_rate=0.0)
+    hook_calls: list[int] = []
+
+    def counting_hook(st, bucket):  # type: ignore[no-untyped-def]  # DDP rejects string annotations
+        hook_calls.append(bucket.index())
+        return powersgd_hook(st, bucket)
+
     _, resumed = _ddp_pair(
-        resumed_state, powersgd_hook, bucket_cap_mb=1e-6, device=device
+        resumed_state, counting_hook, bucket_cap_mb=1e-6, device=device
     )  # one bucket per parameter
     resumed_state.params = list(resumed.module.parameters())
     resumed_state.__post_init__()
     resumed_state.load_state_dict(saved)
+    before = resumed_state.collectives
     for x, exp in zip(inputs[3:], expected, strict=True):
         for a, b in zip(exp, _grads(resumed, x), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    # several buckets per step, yet three collectives per step: every bucket is compressed at the last
+    assert len(hook_calls) // 3 > 1 and resumed_state.collectives - before == 3 * 3, hook_calls
+    assert resumed_state.pending == []
 
 
 def test_comm_hooks_on_two_processes() -> None:
