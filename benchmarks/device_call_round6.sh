@@ -6,7 +6,8 @@
 #             DDP's cap only has to pass 2x local SGD's time
 #   GPU 2     issue 5: float vs PTQ vs QAT for int4 g128 and W4A8, absmax and learnable (LSQ) scales, 3 seeds
 #   GPU 3     issue 4: where the resident step's 10.8 ms go (gpu_data.py --profile: host vs kernel time per step,
-#             launches, top host ops), then bench speedup-levers vs speedup-gpu-data (pins now) vs speedup-resident
+#             launches, top host ops), then bench speedup vs speedup-cudagraphs (CUDA graphs) vs speedup-gpu-data
+#             (its loader pins now)
 #   bash benchmarks/device_call_round6.sh [DEADLINE_S]
 # Keep DEADLINE_S well under the call's limit: the machine's start-up counts against it (round 5 lost
 # everything by setting the deadline at the limit).
@@ -23,7 +24,7 @@ job quant-accuracy 2 python benchmarks/quant_accuracy.py --formats int4-g128 w4a
   --seeds 0 1 2 --out "$WORK/quant_accuracy_4bit.json" &
 (job gpu-data-profile 3 python benchmarks/gpu_data.py --compile --channels-last --repeats 1 \
   --only a_baseline c_resident_gpuaug --profile a_baseline c_resident_gpuaug --out "$WORK/gpu_data_profile.json"
- job data-bench 3 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --recipe speedup-levers \
-  --recipe speedup-gpu-data --recipe speedup-resident --seeds 2 --out "$WORK/data-bench") &
+ job data-bench 3 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --recipe speedup \
+  --recipe speedup-cudagraphs --recipe speedup-gpu-data --seeds 2 --out "$WORK/data-bench") &
 wait
 pack

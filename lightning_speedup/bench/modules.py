@@ -44,21 +44,27 @@ class _CompilableModule(L.LightningModule):
 
     net: nn.Module
 
-    def __init__(self, compile: bool = False) -> None:
+    def __init__(self, compile: bool = False, compile_mode: str | None = None) -> None:
         super().__init__()
         self.compile_model = compile
+        self.compile_mode = compile_mode
         self._forward: Callable[[Tensor], Tensor] | None = None
 
     @override
     def configure_model(self) -> None:
         # Compile the bound forward, not the module: a compiled module assigned here would register as
-        # a child and add `_orig_mod.` keys to every checkpoint.
+        # a child and add `_orig_mod.` keys to every checkpoint. torch.compile rejects an unknown mode here.
         if self.compile_model and self._forward is None:
-            self._forward = torch.compile(self.net.forward)
+            self._forward = torch.compile(self.net.forward, mode=self.compile_mode)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x) if self._forward is None else self._forward(x)
+        if self._forward is None:
+            return self.net(x)
+        if self.compile_mode == "reduce-overhead":
+            # CUDA graphs: a new step begins here, so the previous step's graph outputs may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._forward(x)
 
 
 class ImageClassifier(_CompilableModule):
@@ -75,8 +81,9 @@ class ImageClassifier(_CompilableModule):
         channels_last: bool = False,
         compile: bool = False,
         width: int = 64,
+        compile_mode: str | None = None,
     ) -> None:
-        super().__init__(compile=compile)
+        super().__init__(compile=compile, compile_mode=compile_mode)
         self.save_hyperparameters()
         self.net = ResNet9(num_classes=num_classes, in_channels=in_channels, width=width)
         if channels_last:
@@ -122,8 +129,9 @@ class CharLM(_CompilableModule):
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         compile: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
-        super().__init__(compile=compile)
+        super().__init__(compile=compile, compile_mode=compile_mode)
         self.save_hyperparameters()
         cfg = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout)
         self.net = GPT(cfg)

@@ -114,6 +114,7 @@ def _fashion_module(ctx: RunContext, dm: L.LightningDataModule) -> L.LightningMo
         weight_decay=t.setting(r, "weight_decay"),
         channels_last=r.channels_last,
         compile=r.compile and ctx.on_cuda,
+        compile_mode=r.compile_mode,
         **ctx.model_kwargs,
     )
 
@@ -213,6 +214,7 @@ def _charlm_module(ctx: RunContext, dm: L.LightningDataModule) -> L.LightningMod
         lr=t.setting(r, "lr"),
         weight_decay=t.setting(r, "weight_decay"),
         compile=r.compile and ctx.on_cuda,
+        compile_mode=r.compile_mode,
         **ctx.model_kwargs,
     )
 

@@ -30,6 +30,21 @@ def test_speedup_per_task_overrides() -> None:
     assert fm.batch_size == 512 and lm.batch_size == 128 and not lm.channels_last
 
 
+def test_cudagraphs_recipe_reaches_torch_compile() -> None:
+    """speedup-cudagraphs is speedup with torch.compile's reduce-overhead mode; a bad mode fails at setup."""
+    from lightning_speedup.bench.modules import ImageClassifier
+
+    for task in ("fashion-mnist", "char-lm"):
+        mine, base = get_recipe("speedup-cudagraphs").for_task(task), get_recipe("speedup").for_task(task)
+        assert mine.compile_mode == "reduce-overhead" and base.compile_mode is None
+        assert (mine.data, mine.max_epochs, mine.batch_size) == (base.data, base.max_epochs, base.batch_size)
+    model = ImageClassifier(compile=True, compile_mode="reduce-overhead", width=4)
+    model.configure_model()
+    assert model._forward is not None and model.compile_mode == "reduce-overhead"
+    with pytest.raises(RuntimeError, match="Unrecognized mode=bogus"):
+        ImageClassifier(compile=True, compile_mode="bogus", width=4).configure_model()
+
+
 def test_unknown_names_suggest_the_closest() -> None:
     with pytest.raises(
         ValueError, match=r"Unknown recipe 'speedpu'.*'speedup'.*Available recipes: .*baseline"
