@@ -78,6 +78,13 @@ def _log_metric(module: LightningModule | None, name: str, value: float) -> None
     module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
 
 
+def check_int(name: str, value: object, minimum: int, meaning: str = "") -> None:
+    """Raise ``ValueError`` unless ``value`` is an int >= ``minimum``; ``meaning`` is said in brackets."""
+    if not isinstance(value, int) or value < minimum:
+        note = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be an int >= {minimum}{note}, got {value!r}.")
+
+
 def check_hierarchical(hierarchical: bool | int) -> None:
     """Raise if ``hierarchical`` is neither a bool nor a block size >= 1."""
     if isinstance(hierarchical, bool):
@@ -123,8 +130,7 @@ class ParameterAveragingStrategy(DDPStrategy):
         check_hierarchical(hierarchical)
         if bucket_cap_mb <= 0:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}.")
-        if not isinstance(consensus_every, int) or consensus_every < 0:
-            raise ValueError(f"consensus_every must be an int >= 0 (0 = off), got {consensus_every!r}.")
+        check_int("consensus_every", consensus_every, 0, "0 = off")
         flat = hierarchical is False or (not isinstance(hierarchical, bool) and hierarchical == 1)
         if ddp_kwargs and flat:
             raise ValueError(

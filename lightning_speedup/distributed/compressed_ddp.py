@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_speedup._registry import registered_strategy
-from lightning_speedup.distributed.averaging import CHECKPOINT_KEY, _log_metric
+from lightning_speedup.distributed.averaging import CHECKPOINT_KEY, _log_metric, check_int
 from lightning_speedup.distributed.hooks import (
     LowPrecisionState,
     PowerSGDState,
@@ -90,10 +90,8 @@ class CompressedDDPStrategy(DDPStrategy):
     ) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(f"Unknown compression {compression!r}; choose one of {list(COMPRESSIONS)}.")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank (PowerSGD approximation rank) must be an int >= 1, got {rank!r}.")
-        if not isinstance(start_iter, int) or start_iter < 0:
-            raise ValueError(f"start_iter must be an int >= 0, got {start_iter!r}.")
+        check_int("rank (PowerSGD approximation rank)", rank, 1)
+        check_int("start_iter", start_iter, 0)
         clashing = sorted(
             k
             for k in ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")

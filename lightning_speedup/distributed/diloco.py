@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_speedup._registry import registered_strategy
-from lightning_speedup.distributed.averaging import ParameterAveragingStrategy
+from lightning_speedup.distributed.averaging import ParameterAveragingStrategy, check_int
 from lightning_speedup.distributed.collectives import Traffic, average_
 from lightning_speedup.distributed.compression import check_compression
 
@@ -75,12 +75,8 @@ class DiLoCoStrategy(ParameterAveragingStrategy):
         warmup_steps: int = 0,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(sync_every, int) or sync_every < 1:
-            raise ValueError(
-                f"sync_every must be an int >= 1 (inner steps per outer step), got {sync_every!r}."
-            )
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}.")
+        check_int("sync_every", sync_every, 1, "inner steps per outer step")
+        check_int("warmup_steps", warmup_steps, 0)
         check_compression(compress)
         if callable(outer_optimizer):
             given = [

@@ -26,7 +26,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_speedup._registry import registered_strategy
-from lightning_speedup.distributed.averaging import ParameterAveragingStrategy
+from lightning_speedup.distributed.averaging import ParameterAveragingStrategy, check_int
 from lightning_speedup.distributed.collectives import NeighborExchange, Traffic
 from lightning_speedup.distributed.compression import check_compression
 from lightning_speedup.distributed.topology import TOPOLOGIES, Topology
@@ -66,8 +66,7 @@ class GossipSGDStrategy(ParameterAveragingStrategy):
     ) -> None:
         if topology not in TOPOLOGIES:
             raise ValueError(f"Unknown topology {topology!r}; choose one of {list(TOPOLOGIES)}.")
-        if not isinstance(gossip_every, int) or gossip_every < 1:
-            raise ValueError(f"gossip_every must be an int >= 1, got {gossip_every!r}.")
+        check_int("gossip_every", gossip_every, 1)
         check_compression(compress)
         super().__init__(**kwargs)
         self.topology = topology

@@ -26,7 +26,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_speedup._registry import registered_strategy
-from lightning_speedup.distributed.averaging import ParameterAveragingStrategy
+from lightning_speedup.distributed.averaging import ParameterAveragingStrategy, check_int
 from lightning_speedup.distributed.collectives import Traffic
 from lightning_speedup.distributed.compression import check_compression
 
@@ -56,12 +56,8 @@ class LocalSGDStrategy(ParameterAveragingStrategy):
     def __init__(
         self, sync_every: int = 16, warmup_steps: int = 0, compress: str = "none", **kwargs: Any
     ) -> None:
-        if not isinstance(sync_every, int) or sync_every < 1:
-            raise ValueError(
-                f"sync_every must be an int >= 1 (optimizer steps between averagings), got {sync_every!r}."
-            )
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}.")
+        check_int("sync_every", sync_every, 1, "optimizer steps between averagings")
+        check_int("warmup_steps", warmup_steps, 0)
         check_compression(compress)
         super().__init__(**kwargs)
         self.sync_every = sync_every
