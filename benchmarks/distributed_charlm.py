@@ -154,8 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(
             f"--local-sgd-every and --diloco-every must be >= 1; got {args.local_sgd_every}, {args.diloco_every}"
         )
-    if args.worker is None and not args.resummarize:
-        parse_caps(args.caps)  # a typo fails here, not inside the workers
+    args.caps = parse_caps(args.caps)  # {strategy: minutes}; a typo fails here, not inside the workers
     return args
 
 
@@ -661,43 +660,40 @@ def worker(args: argparse.Namespace) -> None:
                     self.reached = (elapsed, trainer.global_step)
                     trainer.should_stop = True
 
-        caps = parse_caps(args.caps)
+        def ttt_row(name: str, target: Target, steps: int, minutes: float) -> dict[str, Any]:
+            reached = target.reached
+            return {
+                "network": network,
+                "strategy": name,
+                "reached": reached is not None,
+                "time_s": reached[0] if reached else None,
+                "steps": reached[1] if reached else steps,
+                "best_val_loss": target.best,
+                "max_minutes": minutes,
+                "schedule_steps": args.schedule_steps,
+                "tokens_per_s": world * args.batch_size * T * reached[1] / reached[0] if reached else None,
+                "curve": target.curve,
+            }
+
         for name in names:
             if name == "compute_only":
                 continue
             strategy, _ = make_strategy(name, throughput=False)
             target = Target()
             train, val = loaders()
+            minutes = args.caps.get(name, args.max_minutes)
             t = trainer(
-                strategy, max_steps=10 if args.smoke else 100_000, max_time={"minutes": caps.get(name, args.max_minutes)},
+                strategy, max_steps=10 if args.smoke else 100_000, max_time={"minutes": minutes},
                 val_check_interval=args.eval_every, limit_val_batches=2 if args.smoke else None,
                 check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[target],
             )  # fmt: skip
             try:
                 t.fit(make_model(), train, val)
             except SystemExit:  # Lightning's graceful shutdown after SIGINT (the device deadline)
-                ttt_rows.append(
-                    {"network": network, "strategy": name, "reached": False, "interrupted": True, "time_s": None,
-                     "steps": t.global_step, "best_val_loss": target.best, "curve": target.curve}
-                )  # fmt: skip
+                ttt_rows.append({**ttt_row(name, target, t.global_step, minutes), "interrupted": True})
                 save_partial()
                 raise
-            ttt_rows.append(
-                {
-                    "network": network,
-                    "strategy": name,
-                    "reached": target.reached is not None,
-                    "time_s": target.reached[0] if target.reached else None,
-                    "steps": target.reached[1] if target.reached else t.global_step,
-                    "best_val_loss": target.best,
-                    "max_minutes": caps.get(name, args.max_minutes),
-                    "schedule_steps": args.schedule_steps,
-                    "tokens_per_s": (world * args.batch_size * T * target.reached[1] / target.reached[0])
-                    if target.reached
-                    else None,
-                    "curve": target.curve,
-                }
-            )
+            ttt_rows.append(ttt_row(name, target, t.global_step, minutes))
             save_partial()
             if rank == 0:
                 print(f"[{network}] {name}: {ttt_rows[-1]}", flush=True)

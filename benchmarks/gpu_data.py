@@ -208,7 +208,7 @@ class StepProfiler(L.Callback):
                 torch.cuda.synchronize(pl_module.device)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             self.prof = profile(activities=activities)
-            self.prof.__enter__()
+            self.prof.start()
             self.wall = time.perf_counter()
 
     @override
@@ -218,7 +218,7 @@ class StepProfiler(L.Callback):
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize(pl_module.device)
             self.wall = time.perf_counter() - self.wall
-            self.prof.__exit__(None, None, None)
+            self.prof.stop()
 
     def summary(self, top: int = 20) -> dict[str, Any]:
         """Per step: wall ms, kernel ms on the device, kernel launches; the ops with the most host time."""
