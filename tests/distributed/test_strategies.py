@@ -106,40 +106,25 @@ def test_averaging_every_step_matches_ddp(
 def test_diloco_with_plain_outer_sgd_is_local_sgd(shakespeare_path: Path, tmp_path: Path) -> None:
     """Outer SGD with lr 1 and no momentum sets theta to the average of the workers: local SGD.
     Adam inner optimizer, 4 processes, 3 inner steps per round; tolerance 1e-10 in float64."""
-    kw = {"max_steps": 11, "precision": "64-true", "limit_val_batches": 0}
-    local = _fit(
-        "local",
-        lsd.LocalSGDStrategy(sync_every=3, start_method="fork"),
-        4,
-        shakespeare_path,
-        tmp_path,
-        module=lambda v: CharMLP(v, optimizer="adam", lr=3e-3),
-        **kw,
-    )
-    diloco = _fit(
+
+    def fit(name: str, strategy: Any) -> list[dict[str, Any]]:
+        return _fit(
+            name, strategy, 4, shakespeare_path, tmp_path, module=lambda v: CharMLP(v, optimizer="adam", lr=3e-3),
+            max_steps=11, precision="64-true", limit_val_batches=0,
+        )  # fmt: skip
+
+    local = fit("local", lsd.LocalSGDStrategy(sync_every=3, start_method="fork"))
+    diloco = fit(
         "diloco",
         lsd.DiLoCoStrategy(
             sync_every=3, outer_lr=1.0, outer_momentum=0.0, nesterov=False, start_method="fork"
         ),
-        4,
-        shakespeare_path,
-        tmp_path,
-        module=lambda v: CharMLP(v, optimizer="adam", lr=3e-3),
-        **kw,
     )
     for r in range(4):
         assert _max_diff(local[r]["state"], diloco[r]["state"]) < 1e-10
         assert _max_diff(local[r]["before_final"], diloco[r]["before_final"]) < 1e-10
     # with the paper's Nesterov outer step the trajectory is different
-    nesterov = _fit(
-        "nesterov",
-        lsd.DiLoCoStrategy(sync_every=3, start_method="fork"),
-        4,
-        shakespeare_path,
-        tmp_path,
-        module=lambda v: CharMLP(v, optimizer="adam", lr=3e-3),
-        **kw,
-    )
+    nesterov = fit("nesterov", lsd.DiLoCoStrategy(sync_every=3, start_method="fork"))
     assert _max_diff(local[0]["state"], nesterov[0]["state"]) > 1e-4
 
 
