@@ -36,9 +36,8 @@ class Recipe:
     lr: float | None = None
     weight_decay: float | None = None
     compile: bool = False
-    compile_mode: str | None = (
-        None  # torch.compile's mode: None (default), "reduce-overhead" (CUDA graphs), ...
-    )
+    # torch.compile's mode: None (default), "reduce-overhead" (CUDA graphs), ...
+    compile_mode: str | None = None
     channels_last: bool = False
     data: str = "baseline"
     num_workers: int = 4

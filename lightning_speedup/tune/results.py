@@ -173,7 +173,11 @@ class TuneResults:
         )
 
     def _pick_best(self) -> None:
-        candidates = [(tid, self._trial_best(df)) for tid, df in self._histories.items()]
+        # In creation order, so that max() below, which keeps the first of equal values, gives a tie to the
+        # earliest trial.
+        candidates = [
+            (tid, self._trial_best(self._histories[tid])) for tid in self._order if tid in self._histories
+        ]
         candidates = [(tid, v) for tid, v in candidates if not math.isnan(v)]
         if self.objective is not None:
             reached = [(tid, v) for tid, v in candidates if self._trial_reached(self._histories[tid])]
@@ -190,9 +194,6 @@ class TuneResults:
         if not candidates:
             return
         sign = 1.0 if self.mode == "max" else -1.0
-        # max() keeps the first of equal values: in creation order, the earliest trial wins a tie.
-        rank = {tid: i for i, tid in enumerate(self._order)}
-        candidates.sort(key=lambda c: rank[c[0]])
         trial_id, value = max(candidates, key=lambda c: sign * c[1])
         result = self._results[trial_id]
         self.best_trial_id, self.best_metric = trial_id, value
