@@ -78,6 +78,25 @@ def _log_metric(module: LightningModule | None, name: str, value: float) -> None
     module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
 
 
+def put_rank_states(checkpoint: dict[str, Any], strategy: DDPStrategy, mine: Any, **shared: Any) -> None:
+    """Gather every process's ``mine`` on rank 0 and store it there under :data:`CHECKPOINT_KEY`, with the
+    writer's class name, the world size and ``shared`` (collective: every process calls it)."""
+    n = strategy.world_size
+    gathered: list[Any] | None = [None] * n if strategy.global_rank == 0 else None
+    if n > 1:
+        dist.gather_object(mine, gathered, dst=0)
+    else:
+        gathered = [mine]
+    if strategy.global_rank == 0:
+        checkpoint[CHECKPOINT_KEY] = {
+            "version": 1,
+            "strategy": type(strategy).__name__,
+            "world_size": n,
+            **shared,
+            "ranks": gathered,
+        }
+
+
 def check_int(name: str, value: object, minimum: int, meaning: str = "") -> None:
     """Raise ``ValueError`` unless ``value`` is an int >= ``minimum``; ``meaning`` is said in brackets."""
     if not isinstance(value, int) or value < minimum:
@@ -440,26 +459,14 @@ class ParameterAveragingStrategy(DDPStrategy):
     ) -> None:
         if self._params is not None and "optimizer_states" in checkpoint:
             self._finish_comm()
-            mine = self._rank_state()
-            n = self.world_size
-            if n > 1:
-                gathered: list[Any] | None = [None] * n if self.global_rank == 0 else None
-                dist.gather_object(mine, gathered, dst=0)
-            else:
-                gathered = [mine]
+            shared = None
             if self.global_rank == 0:
                 shared = {
                     "step": self._step,
                     "in_consensus": self._in_consensus,
                     **_to_cpu(self._shared_state()),
                 }
-                checkpoint[CHECKPOINT_KEY] = {
-                    "version": 1,
-                    "strategy": type(self).__name__,
-                    "world_size": n,
-                    "shared": shared,
-                    "ranks": gathered,
-                }
+            put_rank_states(checkpoint, self, self._rank_state(), shared=shared)
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override

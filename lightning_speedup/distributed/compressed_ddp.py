@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_speedup._registry import registered_strategy
-from lightning_speedup.distributed.averaging import CHECKPOINT_KEY, _log_metric, check_int
+from lightning_speedup.distributed.averaging import CHECKPOINT_KEY, _log_metric, check_int, put_rank_states
 from lightning_speedup.distributed.hooks import (
     LowPrecisionState,
     PowerSGDState,
@@ -171,20 +171,7 @@ class CompressedDDPStrategy(DDPStrategy):
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
         if isinstance(self._hook_state, PowerSGDState) and "optimizer_states" in checkpoint:
-            mine = self._hook_state.state_dict()
-            n = self.world_size
-            gathered: list[Any] | None = [None] * n if self.global_rank == 0 else None
-            if n > 1:
-                dist.gather_object(mine, gathered, dst=0)
-            else:
-                gathered = [mine]
-            if self.global_rank == 0:
-                checkpoint[CHECKPOINT_KEY] = {
-                    "version": 1,
-                    "strategy": type(self).__name__,
-                    "world_size": n,
-                    "ranks": gathered,
-                }
+            put_rank_states(checkpoint, self, self._hook_state.state_dict())
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
