@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Device calls of 2026-11-27's fourth session (a 4-GPU host; carry [".data", ".whl"]); round 6's plan split in two
+# calls so that no job depends on a long one before it:
+#   part a  GPUs 0,1  issue 6 (b): 2-GPU time to val loss 1.47 through sockets at 64 sequences per GPU (the 4-GPU
+#                     run's 128 per step, where local SGD reached 1.47), local SGD then DDP, WSD over 1500 steps
+#           GPU 2     issue 5: float vs PTQ vs QAT, int4 g128 and W4A8 with absmax and learnable (LSQ) scales, 3 seeds;
+#                     then the single-GPU test suite (pytest -m gpu)
+#           GPU 3     issue 4: where the resident step's time goes (gpu_data.py --profile), then bench speedup vs
+#                     speedup-cudagraphs vs speedup-gpu-data, 2 seeds
+#   part b  GPUs 0,1  issue 6 (a): PowerSGD's throughput after the once-per-step rewrite (DDP, PowerSGD, compute-only,
+#                     NVLink and sockets), then the two-GPU tests (pytest -m multigpu)
+#   bash benchmarks/device_call_round7.sh a|b [DEADLINE_S]
+# Keep DEADLINE_S well under the call's limit: the machine's start-up counts against it.
+set -u
+part=${1:?part a or b}
+source benchmarks/device_env.sh
+source benchmarks/gpu_jobs.sh "${2:-500}"
+budget() { echo $((JOBS_DEADLINE - $(date +%s) - 30)); }  # bench starts no run after this
+if [ "$part" = a ]; then
+  job dist2-ttt-b64 0,1 python benchmarks/distributed_charlm.py --devices 2 --batch-size 64 --mode ttt \
+    --networks sockets --strategies local_sgd,ddp --caps "local_sgd=2,ddp=4" --schedule-steps 1500 \
+    --eval-every 50 --out "$WORK/distributed_charlm_2gpu_b64_ttt.json" &
+  (job quant-accuracy 2 python benchmarks/quant_accuracy.py --formats int4-g128 w4a8 int4-g128-lsq w4a8-lsq \
+    --seeds 0 1 2 --out "$WORK/quant_accuracy_4bit.json"
+   job gpu-tests 2 python -m pytest -m gpu -q -p no:cacheprovider tests) &
+  (job gpu-data-profile 3 python benchmarks/gpu_data.py --compile --channels-last --repeats 1 \
+    --only a_baseline c_resident_gpuaug --profile a_baseline c_resident_gpuaug --out "$WORK/gpu_data_profile.json"
+   job data-bench 3 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --recipe speedup \
+    --recipe speedup-cudagraphs --recipe speedup-gpu-data --seeds 2 --out "$WORK/data-bench") &
+else
+  (job dist2-powersgd 0,1 python benchmarks/distributed_charlm.py --devices 2 --repeats 2 \
+    --strategies ddp,ddp_powersgd,compute_only --out "$WORK/distributed_charlm_2gpu_powersgd.json"
+   job multigpu-tests 0,1 python -m pytest -m multigpu -q -p no:cacheprovider tests) &
+fi
+wait
+pack
