@@ -102,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32, help="sequences per GPU per step")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dropout", type=float, default=0.2, help="the GPT's dropout (regularizes the 85M model on 1M chars)")
     p.add_argument("--target", type=float, default=1.47)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--max-minutes", type=float, default=4.0, help="ttt: cap per run")
@@ -500,7 +501,7 @@ def worker(args: argparse.Namespace) -> None:
         with device:
             return BenchCharLM(
                 vocab_size=corpus.vocab_size, block_size=T, n_layer=args.n_layer, n_head=args.n_head,
-                n_embd=args.n_embd, dropout=0.2, lr=args.lr, betas=(0.9, 0.99),
+                n_embd=args.n_embd, dropout=args.dropout, lr=args.lr, betas=(0.9, 0.99),
             )  # fmt: skip
 
     probe = make_model()
@@ -508,6 +509,7 @@ def worker(args: argparse.Namespace) -> None:
     model_info = {
         "n_layer": args.n_layer,
         "n_embd": args.n_embd,
+        "dropout": args.dropout,
         "block_size": T,
         "batch_size_per_gpu": args.batch_size,
         "num_params": num_params,
