@@ -10,7 +10,12 @@
 #   part b  GPUs 0,1  issue 6 (a): PowerSGD's throughput after the once-per-step rewrite (DDP, PowerSGD, compute-only,
 #                     NVLink and sockets), then the GPU tests (pytest -m multigpu, -m gpu)
 #           GPUs 2,3  issue 6 (b): part a's 2-GPU time to target with dropout 0.3 (both overfit at 0.2)
-#   bash benchmarks/device_call_round7.sh a|b [DEADLINE_S]
+#   part c  GPUs 0,1  issue 6 (a): PowerSGD again after Gram-Schmidt replaced the per-matrix cuSOLVER QR; then the GPU
+#                     tests together (multigpu first, as tests/conftest.py orders them)
+#           GPU 2     issue 4: gpu_data a/b/c/d compiled, default mode vs CUDA graphs + fused Adam (the profile of part a
+#                     put Adam's foreach step first in host time)
+#           GPU 3     issue 4: bench speedup vs speedup-cudagraphs (now with fused Adam), 3 seeds
+#   bash benchmarks/device_call_round7.sh a|b|c [DEADLINE_S]
 # Keep DEADLINE_S well under the call's limit: the machine's start-up counts against it.
 set -u
 part=${1:?part a or b}
@@ -28,6 +33,16 @@ if [ "$part" = a ]; then
     --only a_baseline c_resident_gpuaug --profile a_baseline c_resident_gpuaug --out "$WORK/gpu_data_profile.json"
    job data-bench 3 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --recipe speedup \
     --recipe speedup-cudagraphs --recipe speedup-gpu-data --seeds 2 --out "$WORK/data-bench") &
+elif [ "$part" = c ]; then
+  (job dist2-powersgd-gs 0,1 python benchmarks/distributed_charlm.py --devices 2 --repeats 2 \
+    --strategies ddp,ddp_powersgd,compute_only --out "$WORK/distributed_charlm_2gpu_powersgd_gs.json"
+   job all-gpu-tests 0,1 python -m pytest -m "gpu or multigpu" -q -p no:cacheprovider --ignore tests/tune tests) &
+  (job gpu-data-default 2 python benchmarks/gpu_data.py --compile --channels-last --repeats 2 \
+    --out "$WORK/gpu_data_compiled_default.json"
+   job gpu-data-graphs 2 python benchmarks/gpu_data.py --compile --compile-mode reduce-overhead --fused \
+    --channels-last --repeats 2 --out "$WORK/gpu_data_compiled_cudagraphs_fused.json") &
+  job data-bench-graphs 3 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --recipe speedup \
+    --recipe speedup-cudagraphs --seeds 3 --out "$WORK/data-bench-graphs" &
 else
   # ray is not installed on the device: the tuning tests are CPU tests anyway
   (job dist2-powersgd 0,1 python benchmarks/distributed_charlm.py --devices 2 --repeats 2 \

@@ -102,7 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32, help="sequences per GPU per step")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--dropout", type=float, default=0.2, help="the GPT's dropout (regularizes the 85M model on 1M chars)")
+    p.add_argument(
+        "--dropout", type=float, default=0.2, help="the GPT's dropout (regularizes the 85M model on 1M chars)"
+    )
     p.add_argument("--target", type=float, default=1.47)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--max-minutes", type=float, default=4.0, help="ttt: cap per run")

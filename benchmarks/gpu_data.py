@@ -282,7 +282,10 @@ def run_one(
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    model = ImageClassifier(compile=args.compile, channels_last=args.channels_last, width=config.width)
+    model = ImageClassifier(
+        compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last, width=config.width,
+        fused_optimizer=args.fused,
+    )  # fmt: skip
     trainer.fit(model, dm)
     summary = monitor.summary()
     result = {
@@ -333,6 +336,12 @@ def main() -> None:
         help="torch.compile the model (as the speedup recipe does); graphs compiled by the first run are "
         "reused by later ones (same shapes), so --warmup only has to cover recompiles",
     )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode with --compile, e.g. 'reduce-overhead' (CUDA graphs)",
+    )
+    parser.add_argument("--fused", action="store_true", help="the fused Adam kernel (one launch per step)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
     parser.add_argument(
         "--profile",
@@ -348,6 +357,8 @@ def main() -> None:
         parser.error(
             f"--profile: unknown configurations {sorted(unknown)}; choose from {[c.name for c in configs(args)]}"
         )
+    if args.compile_mode and not args.compile:
+        parser.error("--compile-mode needs --compile")
     if args.compile:
         # Every run builds a new module; dynamo guards on it, so allow a recompile per run (from the
         # FX/Inductor caches, seconds) instead of silently falling back to eager after 8.

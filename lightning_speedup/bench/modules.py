@@ -27,8 +27,10 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 
 def make_optimizer(
-    name: str, params: Any, lr: float, weight_decay: float, **kwargs: Any
+    name: str, params: Any, lr: float, weight_decay: float, fused: bool = False, **kwargs: Any
 ) -> torch.optim.Optimizer:
+    """``name``'s optimizer; ``fused=True`` asks torch for its fused kernel (one launch per step for every
+    parameter, instead of a foreach kernel per group of tensors and per update term)."""
     try:
         cls = OPTIMIZERS[name]
     except KeyError:
@@ -36,7 +38,14 @@ def make_optimizer(
     if name == "sgd":
         kwargs.setdefault("momentum", 0.9)
         kwargs.setdefault("nesterov", True)
+    if fused:
+        kwargs["fused"] = True
     return cls(params, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def _fused(module: L.LightningModule, hp: Any) -> bool:
+    """Fused optimizer kernels where asked for and the parameters are on a GPU (elsewhere torch's default)."""
+    return bool(hp.get("fused_optimizer", False)) and module.device.type == "cuda"
 
 
 class _CompilableModule(L.LightningModule):
@@ -82,6 +91,7 @@ class ImageClassifier(_CompilableModule):
         compile: bool = False,
         width: int = 64,
         compile_mode: str | None = None,
+        fused_optimizer: bool = False,
     ) -> None:
         super().__init__(compile=compile, compile_mode=compile_mode)
         self.save_hyperparameters()
@@ -110,7 +120,9 @@ class ImageClassifier(_CompilableModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        return make_optimizer(hp.optimizer, self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        return make_optimizer(
+            hp.optimizer, self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=_fused(self, hp)
+        )
 
 
 class CharLM(_CompilableModule):
@@ -130,6 +142,7 @@ class CharLM(_CompilableModule):
         betas: tuple[float, float] = (0.9, 0.999),
         compile: bool = False,
         compile_mode: str | None = None,
+        fused_optimizer: bool = False,
     ) -> None:
         super().__init__(compile=compile, compile_mode=compile_mode)
         self.save_hyperparameters()
@@ -153,5 +166,10 @@ class CharLM(_CompilableModule):
         hp = self.hparams
         kwargs = {"betas": tuple(hp.betas)} if hp.optimizer in ("adam", "adamw") else {}
         return make_optimizer(
-            hp.optimizer, self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, **kwargs
+            hp.optimizer,
+            self.parameters(),
+            lr=hp.lr,
+            weight_decay=hp.weight_decay,
+            fused=_fused(self, hp),
+            **kwargs,
         )

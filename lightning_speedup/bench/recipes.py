@@ -38,6 +38,7 @@ class Recipe:
     compile: bool = False
     # torch.compile's mode: None (default), "reduce-overhead" (CUDA graphs), ...
     compile_mode: str | None = None
+    fused_optimizer: bool = False  # torch's fused Adam/AdamW/SGD kernel on CUDA (one launch per step)
     channels_last: bool = False
     data: str = "baseline"
     num_workers: int = 4
@@ -247,13 +248,18 @@ SPEEDUP = register_recipe(
 )
 
 
-# Candidate (issue 4): the compiled resident step took 10.8 ms per 512 28x28 images on an H200, which
-# points at the host's per-step work (kernel launches among it); CUDA graphs replay the compiled forward
-# and backward with one launch each. Not yet measured on the device.
+# Candidate (issue 4): the compiled resident step took 10.8 ms per 512 28x28 images on an H200, host-bound;
+# CUDA graphs replay the compiled forward and backward with one launch each (1.53x the samples/s of
+# `speedup` on an H200, benchmarks/results/2026-11-27-h200-gpu-data/), and the profile put Adam's
+# foreach step next in host time, which the fused kernel replaces.
 register_recipe(
     SPEEDUP.extended(
         name="speedup-cudagraphs",
-        description="speedup with torch.compile(mode='reduce-overhead'): the compiled forward and backward as CUDA graphs.",
+        description=(
+            "speedup with torch.compile(mode='reduce-overhead') (the compiled forward and backward as CUDA graphs) "
+            "and the fused optimizer kernel."
+        ),
         compile_mode="reduce-overhead",
+        fused_optimizer=True,
     )
 )

@@ -115,6 +115,7 @@ def _fashion_module(ctx: RunContext, dm: L.LightningDataModule) -> L.LightningMo
         channels_last=r.channels_last,
         compile=r.compile and ctx.on_cuda,
         compile_mode=r.compile_mode,
+        fused_optimizer=r.fused_optimizer,
         **ctx.model_kwargs,
     )
 
@@ -215,6 +216,7 @@ def _charlm_module(ctx: RunContext, dm: L.LightningDataModule) -> L.LightningMod
         weight_decay=t.setting(r, "weight_decay"),
         compile=r.compile and ctx.on_cuda,
         compile_mode=r.compile_mode,
+        fused_optimizer=r.fused_optimizer,
         **ctx.model_kwargs,
     )
 

@@ -37,12 +37,27 @@ def test_cudagraphs_recipe_reaches_torch_compile() -> None:
     for task in ("fashion-mnist", "char-lm"):
         mine, base = get_recipe("speedup-cudagraphs").for_task(task), get_recipe("speedup").for_task(task)
         assert mine.compile_mode == "reduce-overhead" and base.compile_mode is None
+        assert mine.fused_optimizer and not base.fused_optimizer
         assert (mine.data, mine.max_epochs, mine.batch_size) == (base.data, base.max_epochs, base.batch_size)
     model = ImageClassifier(compile=True, compile_mode="reduce-overhead", width=4)
     model.configure_model()
     assert model._forward is not None and model.compile_mode == "reduce-overhead"
     with pytest.raises(RuntimeError, match="Unrecognized mode=bogus"):
         ImageClassifier(compile=True, compile_mode="bogus", width=4).configure_model()
+
+
+def test_fused_optimizer_lever() -> None:
+    """make_optimizer passes fused=True to torch; the modules ask for it only with parameters on a GPU."""
+    from lightning_speedup.bench.modules import CharLM, ImageClassifier, make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert make_optimizer("adam", params, lr=1e-3, weight_decay=0.0, fused=True).defaults["fused"] is True
+    assert not make_optimizer("adam", params, lr=1e-3, weight_decay=0.0).defaults["fused"]
+    for model in (
+        ImageClassifier(width=4, fused_optimizer=True),
+        CharLM(n_layer=1, n_embd=8, n_head=2, fused_optimizer=True),
+    ):
+        assert model.hparams.fused_optimizer and not model.configure_optimizers().defaults["fused"]  # on CPU
 
 
 def test_unknown_names_suggest_the_closest() -> None:

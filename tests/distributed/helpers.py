@@ -55,6 +55,11 @@ def run_processes(fn: Callable[..., None], world_size: int, *args: Any, backend:
     An exception in any process fails the calling test with that process's traceback. With
     ``backend="nccl"`` process ``r`` uses ``cuda:r`` (the parent must not have initialized CUDA).
     """
+    if backend == "nccl" and torch.cuda.is_initialized():
+        raise RuntimeError(
+            "run_processes(backend='nccl') forks, but CUDA is already initialized in this pytest process "
+            "(an earlier test used the GPU here); run that test's GPU work in child processes (e.g. ddp_fork)."
+        )
     mp.start_processes(
         _entry, args=(world_size, free_port(), backend, fn, args), nprocs=world_size, start_method="fork"
     )

@@ -293,6 +293,21 @@ def test_comm_hooks_on_two_processes() -> None:
     run_processes(_hook_checks, 2)
 
 
+def test_orthonormal_spans_the_same_columns_as_qr() -> None:
+    from lightning_speedup.distributed.hooks import _orthonormal
+
+    x = torch.randn(3, 50, 4, generator=torch.Generator().manual_seed(0))
+    x[1, :, 2] = 0.0  # a matrix of lower rank: its zero column stays zero
+    q = _orthonormal(x)
+    assert q.dtype == x.dtype and q.shape == x.shape
+    for b in (0, 2):  # full rank: orthonormal columns, and the same projection as QR's
+        torch.testing.assert_close(q[b].T @ q[b], torch.eye(4), atol=1e-6, rtol=0)
+        ref = torch.linalg.qr(x[b].double()).Q
+        torch.testing.assert_close((q[b].double() @ q[b].double().T), ref @ ref.T, atol=1e-6, rtol=0)
+    assert torch.equal(q[1, :, 2], torch.zeros(50))
+    torch.testing.assert_close(q[1, :, [0, 1, 3]].T @ q[1, :, [0, 1, 3]], torch.eye(3), atol=1e-6, rtol=0)
+
+
 def test_powersgd_state_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="rank must be >= 1"):
         PowerSGDState(params=[], rank=0)
