@@ -15,7 +15,10 @@
 #           GPU 2     issue 4: gpu_data a/b/c/d compiled, default mode vs CUDA graphs + fused Adam (the profile of part a
 #                     put Adam's foreach step first in host time)
 #           GPU 3     issue 4: bench speedup vs speedup-cudagraphs (now with fused Adam), 3 seeds
-#   bash benchmarks/device_call_round7.sh a|b|c [DEADLINE_S]
+#   part d  GPUs 0,1  the GPU tests together again (multigpu tests spawn once bitsandbytes' import initialized CUDA)
+#           GPUs 2,3  issue 6 (a): where PowerSGD's ~20 ms per step go (powersgd_profile.py: hook host time, GPU time,
+#                     torch.profiler tables)
+#   bash benchmarks/device_call_round7.sh a|b|c|d [DEADLINE_S]
 # Keep DEADLINE_S well under the call's limit: the machine's start-up counts against it.
 set -u
 part=${1:?part a or b}
@@ -43,6 +46,10 @@ elif [ "$part" = c ]; then
     --channels-last --repeats 2 --out "$WORK/gpu_data_compiled_cudagraphs_fused.json") &
   job data-bench-graphs 3 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --recipe speedup \
     --recipe speedup-cudagraphs --seeds 3 --out "$WORK/data-bench-graphs" &
+elif [ "$part" = d ]; then
+  job all-gpu-tests 0,1 python -m pytest -m "gpu or multigpu" -q -p no:cacheprovider --ignore tests/tune tests &
+  job powersgd-profile 2,3 python benchmarks/powersgd_profile.py --devices 2 --sync-hook \
+    --out "$WORK/powersgd_profile.json" &
 else
   # ray is not installed on the device: the tuning tests are CPU tests anyway
   (job dist2-powersgd 0,1 python benchmarks/distributed_charlm.py --devices 2 --repeats 2 \

@@ -28,9 +28,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
         if "multigpu" in item.keywords and n_gpus < 2:
             item.add_marker(skip_multi)
-    # multigpu tests fork their workers, which needs CUDA uninitialized in this process: run them before
-    # any single-GPU test initializes it (stable sort: the order within each kind is kept)
-    items.sort(key=lambda item: "multigpu" not in item.keywords)
 
 
 def _find_shared(sub: str) -> Path | None:

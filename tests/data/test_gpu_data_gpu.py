@@ -304,9 +304,7 @@ class DDPPrefetchModel(NestedCheck):
 @pytest.mark.multigpu
 def test_prefetcher_under_ddp_uses_each_ranks_device(tmp_path: Path) -> None:
     loader = DataLoader(NestedUint8(), batch_size=8, pin_memory=True, collate_fn=collate_nested)
-    # ddp_fork: Lightning then keeps CUDA uninitialized in this process, which the forking NCCL tests of
-    # tests/distributed/test_multigpu.py, run later in the same session, need (ddp_spawn initialized it)
-    trainer = gpu_trainer(max_epochs=1, devices=2, strategy="ddp_fork", callbacks=[GPUPrefetcher(depth=2)])
+    trainer = gpu_trainer(max_epochs=1, devices=2, strategy="ddp_spawn", callbacks=[GPUPrefetcher(depth=2)])
     trainer.fit(DDPPrefetchModel(str(tmp_path)), loader)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["devices"] == ["cuda:0"] and r1["devices"] == ["cuda:1"]

@@ -50,19 +50,23 @@ def _entry(
 
 
 def run_processes(fn: Callable[..., None], world_size: int, *args: Any, backend: str = "gloo") -> None:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` forked processes of one process group.
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes of one process group (see ``start_method``).
 
     An exception in any process fails the calling test with that process's traceback. With
     ``backend="nccl"`` process ``r`` uses ``cuda:r`` (the parent must not have initialized CUDA).
     """
-    if backend == "nccl" and torch.cuda.is_initialized():
-        raise RuntimeError(
-            "run_processes(backend='nccl') forks, but CUDA is already initialized in this pytest process "
-            "(an earlier test used the GPU here); run that test's GPU work in child processes (e.g. ddp_fork)."
-        )
     mp.start_processes(
-        _entry, args=(world_size, free_port(), backend, fn, args), nprocs=world_size, start_method="fork"
+        _entry,
+        args=(world_size, free_port(), backend, fn, args),
+        nprocs=world_size,
+        start_method=start_method(),
     )
+
+
+def start_method() -> str:
+    """``"fork"`` (fast), or ``"spawn"`` once CUDA is initialized in this process: a forked child cannot use
+    CUDA then, and on a GPU machine importing bitsandbytes (collected with the quantization tests) initializes it."""
+    return "spawn" if torch.cuda.is_initialized() else "fork"
 
 
 @cache

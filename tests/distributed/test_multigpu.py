@@ -1,7 +1,8 @@
 """The NCCL paths on two GPUs: collectives, gossip, comm hooks, and two strategies under Lightning.
 
-Run on the device machine (``pytest -m multigpu tests/distributed``); skipped elsewhere. Processes are
-forked, so nothing in this file may initialize CUDA in the pytest process itself.
+Run on the device machine (``pytest -m "gpu or multigpu"``); skipped elsewhere. Processes are forked, or
+spawned once CUDA is initialized in the pytest process (``helpers.start_method``; importing bitsandbytes
+does that on a GPU machine).
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from lightning_speedup.distributed.collectives import (
     mean_,
 )
 from lightning_speedup.distributed.topology import Topology
-from tests.distributed.helpers import CharMLP, DumpState, load_dumps, loaders, run_processes, trainer
+from tests.distributed.helpers import (
+    CharMLP,
+    DumpState,
+    load_dumps,
+    loaders,
+    run_processes,
+    start_method,
+    trainer,
+)
 from tests.distributed.test_core import _hook_checks
 
 pytestmark = pytest.mark.multigpu
@@ -82,11 +91,11 @@ def test_local_sgd_every_step_matches_ddp_on_gpus(shakespeare_path: Path, tmp_pa
         t.fit(model, train)
         return load_dumps(tmp_path, tag, 2)
 
-    ddp = fit("ddp", DDPStrategy(start_method="fork"))
-    local = fit("local", lsd.LocalSGDStrategy(sync_every=1, start_method="fork"))
+    ddp = fit("ddp", DDPStrategy(start_method=start_method()))
+    local = fit("local", lsd.LocalSGDStrategy(sync_every=1, start_method=start_method()))
     for k, v in ddp[0]["state"].items():
         if "running_" not in k and "num_batches" not in k:
             torch.testing.assert_close(local[0]["state"][k], v, rtol=0, atol=1e-4)
-    gossip = fit("gossip", lsd.GossipSGDStrategy(topology="exponential", start_method="fork"))
+    gossip = fit("gossip", lsd.GossipSGDStrategy(topology="exponential", start_method=start_method()))
     assert gossip[0]["comm_stats"]["bytes_sent"] > 0
     assert all(torch.equal(gossip[0]["state"][k], gossip[1]["state"][k]) for k in gossip[0]["state"])
