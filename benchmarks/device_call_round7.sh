@@ -18,7 +18,9 @@
 #   part d  GPUs 0,1  the GPU tests together again (multigpu tests spawn once bitsandbytes' import initialized CUDA)
 #           GPUs 2,3  issue 6 (a): where PowerSGD's ~20 ms per step go (powersgd_profile.py: hook host time, GPU time,
 #                     torch.profiler tables)
-#   bash benchmarks/device_call_round7.sh a|b|c|d [DEADLINE_S]
+#   part e  GPUs 0,1  issue 6 (a): PowerSGD over NVLink after the foreach/baddbmm rewrite of the hook's copies
+#           GPUs 2,3  the same through powersgd_profile.py, then the prefetcher-hides-the-copy GPU test alone
+#   bash benchmarks/device_call_round7.sh a|b|c|d|e [DEADLINE_S]
 # Keep DEADLINE_S well under the call's limit: the machine's start-up counts against it.
 set -u
 part=${1:?part a or b}
@@ -50,6 +52,13 @@ elif [ "$part" = d ]; then
   job all-gpu-tests 0,1 python -m pytest -m "gpu or multigpu" -q -p no:cacheprovider --ignore tests/tune tests &
   job powersgd-profile 2,3 python benchmarks/powersgd_profile.py --devices 2 --sync-hook \
     --out "$WORK/powersgd_profile.json" &
+elif [ "$part" = e ]; then
+  job dist2-powersgd-foreach 0,1 python benchmarks/distributed_charlm.py --devices 2 --repeats 2 --networks nvlink \
+    --strategies ddp,ddp_powersgd,compute_only --out "$WORK/distributed_charlm_2gpu_powersgd_foreach.json" &
+  (job powersgd-profile-foreach 2,3 python benchmarks/powersgd_profile.py --devices 2 --sync-hook --profile-steps 0 \
+    --out "$WORK/powersgd_profile_foreach.json"
+   job monitor-test 3 python -m pytest -q -p no:cacheprovider \
+    tests/data/test_gpu_data_gpu.py::test_monitor_sees_the_copy_and_the_prefetcher_hides_it) &
 else
   # ray is not installed on the device: the tuning tests are CPU tests anyway
   (job dist2-powersgd 0,1 python benchmarks/distributed_charlm.py --devices 2 --repeats 2 \

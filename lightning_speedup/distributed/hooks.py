@@ -218,11 +218,15 @@ def _powersgd_step(state: PowerSGDState, buckets: list[dist.GradBucket], n: int)
     for (_rows, cols, r), members in shapes.items():
         idx = [k for k, _ in members]
         views = [m for _, m in members]
-        mats = torch.stack([m.float() for m in views])  # (b, rows, cols)
+        # Multi-tensor (foreach) kernels: one launch per group instead of one per matrix.
+        mats = torch.empty(
+            (len(views), *views[0].shape), dtype=torch.float32, device=device
+        )  # (b, rows, cols)
+        torch._foreach_copy_(list(mats.unbind(0)), views)
         if state.error_feedback:
-            for j, k in enumerate(idx):
-                if k in state.errors:
-                    mats[j].add_(state.errors[k])
+            fed = [(mats[j], state.errors[k]) for j, k in enumerate(idx) if k in state.errors]
+            if fed:
+                torch._foreach_add_([m for m, _ in fed], [e for _, e in fed])
         qs = [
             state.q_memory[k]
             if state.warm_start and k in state.q_memory
@@ -263,12 +267,11 @@ def _powersgd_step(state: PowerSGDState, buckets: list[dist.GradBucket], n: int)
         for j, (idx, views, mats, _) in enumerate(groups):
             q = q_sum[offset : offset + local_qs[j].numel()].view_as(local_qs[j])
             offset += local_qs[j].numel()
-            approx = torch.bmm(ps[j], q.transpose(1, 2)).div_(n)  # (b, rows, cols): P Q^T / n
-            if state.error_feedback:  # e_i = M_i - P Q_i^T, for the whole shape group in one bmm
-                errors = mats.sub_(torch.bmm(ps[j], local_qs[j].transpose(1, 2)))
-            for t, (k, view) in enumerate(zip(idx, views, strict=True)):
-                view.copy_(approx[t])
-                if state.error_feedback:
+            approx = torch.bmm(ps[j].div(n), q.transpose(1, 2))  # (b, rows, cols): P Q^T / n
+            torch._foreach_copy_(views, list(approx.unbind(0)))
+            if state.error_feedback:  # e_i = M_i - P Q_i^T, for the whole shape group in one in-place baddbmm
+                errors = mats.baddbmm_(ps[j], local_qs[j].transpose(1, 2), alpha=-1)
+                for t, k in enumerate(idx):
                     state.errors[k] = errors[t]
             if state.warm_start:
                 q_keep = q.clone()
@@ -277,7 +280,5 @@ def _powersgd_step(state: PowerSGDState, buckets: list[dist.GradBucket], n: int)
     if plain_work is not None:
         assert plain_flat is not None
         plain_work.wait()
-        offset = 0
-        for g in plain:
-            g.copy_(plain_flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        parts = plain_flat.split([g.numel() for g in plain])
+        torch._foreach_copy_(plain, [part.view_as(g) for part, g in zip(parts, plain, strict=True)])
