@@ -223,11 +223,12 @@ register_recipe(
 )
 
 
-# The project's answer: Lightning's levers plus the techniques that won on the device (issue 3: the
-# schedule per task; issue 4: device-resident data). Numbers: docs/methods/lr-schedules.md, gpu-data.md.
-SPEEDUP = register_recipe(
+# The project's answer until round 7 of 2026-11-27: Lightning's levers plus the techniques that won on the
+# device (issue 3: the schedule per task; issue 4: device-resident data). Its numbers against the baseline:
+# benchmarks/results/2026-11-27-h200-final/ (measured there under the name `speedup`).
+SPEEDUP_NO_CUDAGRAPHS = register_recipe(
     LEVERS.extended(
-        name="speedup",
+        name="speedup-no-cudagraphs",
         description=(
             "speedup-levers + lightning_speedup: the data set resident in GPU memory with GPUAugment and "
             "OneCycle (max_lr 4e-3, 10 epochs) for images; for the LM (baseline data pipeline) "
@@ -248,18 +249,27 @@ SPEEDUP = register_recipe(
 )
 
 
-# Candidate (issue 4): the compiled resident step took 10.8 ms per 512 28x28 images on an H200, host-bound;
-# CUDA graphs replay the compiled forward and backward with one launch each (1.53x the samples/s of
-# `speedup` on an H200, benchmarks/results/2026-11-27-h200-gpu-data/), and the profile put Adam's
-# foreach step next in host time, which the fused kernel replaces.
-register_recipe(
-    SPEEDUP.extended(
-        name="speedup-cudagraphs",
+# Issue 4: the compiled resident step was host-bound (10.8 ms per 512 28x28 images on an H200; Adam's
+# foreach step first in host time). CUDA graphs replay the compiled forward and backward with one launch
+# each, the fused Adam kernel updates every parameter in one: 1.52x faster to the target (median of 3
+# seeds) and 1.70x the samples/s of speedup-no-cudagraphs on an H200
+# (benchmarks/results/2026-11-27-h200-gpu-data/bench-cudagraphs-fused-round7c/). Images only: the LM's
+# step was not measured with CUDA graphs, so it keeps the default compile mode and optimizer kernel.
+SPEEDUP = register_recipe(
+    SPEEDUP_NO_CUDAGRAPHS.extended(
+        name="speedup",
         description=(
-            "speedup with torch.compile(mode='reduce-overhead') (the compiled forward and backward as CUDA graphs) "
-            "and the fused optimizer kernel."
+            "speedup-no-cudagraphs with, for images, torch.compile(mode='reduce-overhead') (the compiled forward "
+            "and backward as CUDA graphs) and the fused Adam kernel."
         ),
         compile_mode="reduce-overhead",
         fused_optimizer=True,
+        per_task={
+            "char-lm": {
+                **SPEEDUP_NO_CUDAGRAPHS.per_task["char-lm"],
+                "compile_mode": None,
+                "fused_optimizer": False,
+            }
+        },
     )
 )

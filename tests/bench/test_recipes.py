@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import pytest
 import torch
@@ -30,15 +32,22 @@ def test_speedup_per_task_overrides() -> None:
     assert fm.batch_size == 512 and lm.batch_size == 128 and not lm.channels_last
 
 
-def test_cudagraphs_recipe_reaches_torch_compile() -> None:
-    """speedup-cudagraphs is speedup with torch.compile's reduce-overhead mode; a bad mode fails at setup."""
+def test_speedup_adds_cudagraphs_and_fused_adam_for_images_only() -> None:
+    """speedup = speedup-no-cudagraphs + reduce-overhead compile + fused Adam, for images; a bad mode fails at setup."""
     from lightning_speedup.bench.modules import ImageClassifier
 
-    for task in ("fashion-mnist", "char-lm"):
-        mine, base = get_recipe("speedup-cudagraphs").for_task(task), get_recipe("speedup").for_task(task)
-        assert mine.compile_mode == "reduce-overhead" and base.compile_mode is None
-        assert mine.fused_optimizer and not base.fused_optimizer
-        assert (mine.data, mine.max_epochs, mine.batch_size) == (base.data, base.max_epochs, base.batch_size)
+    mine, base = (
+        get_recipe("speedup").for_task("fashion-mnist"),
+        get_recipe("speedup-no-cudagraphs").for_task("fashion-mnist"),
+    )
+    assert mine.compile_mode == "reduce-overhead" and base.compile_mode is None
+    assert mine.fused_optimizer and not base.fused_optimizer
+    assert (mine.data, mine.max_epochs, mine.batch_size) == (base.data, base.max_epochs, base.batch_size)
+    lm, lm_base = (
+        get_recipe("speedup").for_task("char-lm"),
+        get_recipe("speedup-no-cudagraphs").for_task("char-lm"),
+    )
+    assert lm == dataclasses.replace(lm_base, name="speedup", description=lm.description)
     model = ImageClassifier(compile=True, compile_mode="reduce-overhead", width=4)
     model.configure_model()
     assert model._forward is not None and model.compile_mode == "reduce-overhead"

@@ -92,6 +92,17 @@ def test_distributed_charlm_script(shakespeare_path: Path, tmp_path: Path) -> No
     assert diloco["cost_model"]["sync_every"] == 4
 
 
+def test_powersgd_profile_script(tmp_path: Path) -> None:
+    out = tmp_path / "psgd.json"
+    _run("powersgd_profile.py", "--smoke", "--sync-hook", "--profile-steps", "1", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"compute_only", "ddp", "ddp_powersgd"} and all(
+        r["step_ms"] > 0 for r in rows.values()
+    )
+    psgd = rows["ddp_powersgd"]  # every timed step compressed, and the profiler saw the hook's products
+    assert 0 < psgd["hook_host_ms"] <= psgd["hook_until_gpu_done_ms"] and "aten::bmm" in psgd["profile_cpu"]
+
+
 def test_distributed_charlm_ttt_script(shakespeare_path: Path, tmp_path: Path) -> None:
     """Time-to-target mode with the warm-up-stable-decay schedule and per-strategy caps."""
     out = tmp_path / "ttt.json"
