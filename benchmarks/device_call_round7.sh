@@ -20,7 +20,9 @@
 #                     torch.profiler tables)
 #   part e  GPUs 0,1  issue 6 (a): PowerSGD over NVLink after the foreach/baddbmm rewrite of the hook's copies
 #           GPUs 2,3  the same through powersgd_profile.py, then the prefetcher-hides-the-copy GPU test alone
-#   bash benchmarks/device_call_round7.sh a|b|c|d|e [DEADLINE_S]
+#   part f  GPUs 0-3  README's headline: baseline vs today's speedup side by side on Fashion-MNIST, one seed per GPU
+#                     (seeds 0-3), after a one-epoch speedup run that fills Inductor's cache (warm, as any later run)
+#   bash benchmarks/device_call_round7.sh a|b|c|d|e|f [DEADLINE_S]
 # Keep DEADLINE_S well under the call's limit: the machine's start-up counts against it.
 set -u
 part=${1:?part a or b}
@@ -59,6 +61,13 @@ elif [ "$part" = e ]; then
     --out "$WORK/powersgd_profile_foreach.json"
    job monitor-test 3 python -m pytest -q -p no:cacheprovider \
     tests/data/test_gpu_data_gpu.py::test_monitor_sees_the_copy_and_the_prefetcher_hides_it) &
+elif [ "$part" = f ]; then
+  for g in 0 1 2 3; do
+    (job "warm-cache-$g" "$g" lightning-speedup bench --task fashion-mnist --recipe speedup --seeds 1 --first-seed 9 \
+      --max-epochs 1 --out "$WORK/warm-cache-$g"
+     job "final-fashion-$g" "$g" lightning-speedup bench --task fashion-mnist --recipe baseline --recipe speedup \
+      --seeds 1 --first-seed "$g" --out "$WORK/final-fashion-seed$g") &
+  done
 else
   # ray is not installed on the device: the tuning tests are CPU tests anyway
   (job dist2-powersgd 0,1 python benchmarks/distributed_charlm.py --devices 2 --repeats 2 \

@@ -28,6 +28,9 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="a recipe to run; repeat it; the first is the reference of the speed-up column")  # fmt: skip
     p.add_argument("--target", type=float, default=None, help="quality target (default: the task's)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per recipe (default 1)")
+    p.add_argument(
+        "--first-seed", type=int, default=0, help="seeds are FIRST_SEED .. FIRST_SEED+SEEDS-1 (default 0)"
+    )
     p.add_argument("--max-epochs", type=int, default=None, help="epoch budget per run (default: the task's)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench-out/TASK-DATE)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
@@ -103,7 +106,7 @@ def _bench(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
         model_kwargs = parse_model_args(getattr(args, "model_arg", []))
     cfg = BenchConfig(
         task=args.task, recipes=args.recipes, seeds=args.seeds, target=args.target, max_epochs=args.max_epochs,
-        data_path=args.data, train_subset=args.train_subset, val_subset=args.val_subset,
+        first_seed=getattr(args, "first_seed", 0), data_path=args.data, train_subset=args.train_subset, val_subset=args.val_subset,
         model_kwargs=model_kwargs, accelerator=args.accelerator, stop_at_target=not args.no_stop,
     )  # fmt: skip
     cfg.resolve()  # unknown names and bad numbers fail here, before anything is written

@@ -60,6 +60,8 @@ class BenchConfig:
         task.check_target(target)
         if self.seeds < 1:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}.")
+        if self.first_seed < 0:
+            raise ValueError(f"--first-seed must be >= 0, got {self.first_seed}.")
         max_epochs = self.max_epochs or task.default_max_epochs
         if max_epochs < 1:
             raise ValueError(f"--max-epochs must be >= 1, got {max_epochs}.")

@@ -64,6 +64,11 @@ def test_bad_input_exits_2_and_never_overwrites(fashion_mnist_dir: Path, tmp_pat
     assert (
         _bench(fashion_mnist_dir, tmp_path / "a", "--recipe", "baseline", "--target", "2") == EXIT_BAD_INPUT
     )
+    assert (
+        _bench(fashion_mnist_dir, tmp_path / "a", "--recipe", "baseline", "--first-seed", "-1")
+        == EXIT_BAD_INPUT
+    )
+    assert "--first-seed must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()  # nothing written for bad input
     out = tmp_path / "kept"
     out.mkdir()
@@ -124,7 +129,18 @@ def test_console_script_installed() -> None:
 
 def test_gpu_data_recipe_trains_end_to_end_on_cpu(fashion_mnist_dir: Path, tmp_path: Path) -> None:
     """On a CPU the prefetcher passes batches through and GPUAugment runs on the CPU tensors."""
-    rc = _bench(fashion_mnist_dir, tmp_path / "g", "--recipe", "speedup-gpu-data", "--target", "0.05")
+    rc = _bench(
+        fashion_mnist_dir,
+        tmp_path / "g",
+        "--recipe",
+        "speedup-gpu-data",
+        "--target",
+        "0.05",
+        "--first-seed",
+        "2",
+    )
     assert rc == EXIT_OK
-    run = json.loads((tmp_path / "g" / "report.json").read_text())["runs"][0]
+    report = json.loads((tmp_path / "g" / "report.json").read_text())
+    run = report["runs"][0]
     assert run["reached"] and run["error"] is None
+    assert report["seeds"] == [2] and run["seed"] == 2  # --first-seed: seeds 2 .. 2+SEEDS-1
