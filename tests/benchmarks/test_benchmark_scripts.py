@@ -69,7 +69,7 @@ def test_quant_scripts(fashion_mnist_dir: Path, shakespeare_path: Path, tmp_path
     assert json.loads(speed.read_text())["medians"]["bf16"]["decode_vs_bf16"] == pytest.approx(1.0)
     acc = tmp_path / "acc.json"
     _run(
-        "quant_accuracy.py", "--accelerator", "cpu", "--seeds", "0", "--formats", "int8", "nf4", "w4a8-lsq",
+        "quant_accuracy.py", "--accelerator", "cpu", "--seeds", "0", "--formats", "int8", "nf4-b4096-lsq", "w4a8-lsq",
         "--fm-pre-steps", "2", "--fm-ft-steps", "2", "--fm-eval-images", "64", "--fm-batch-size", "16",
         "--lm-batch-size", "4", "--lm-pre-steps", "2", "--lm-ft-steps", "2", "--lm-eval-windows", "4",
         "--data-dir", str(fashion_mnist_dir), "--text", str(shakespeare_path), "--out", str(acc),
