@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from distributed_cpu_algorithmic import free_port  # benchmarks/: scripts run from this folder
 from torch.nn.parallel import DistributedDataParallel
 
 import lightning_speedup.distributed.hooks as hooks
@@ -144,11 +145,7 @@ def main() -> None:
     if args.smoke:
         args.n_layer, args.n_embd, args.n_head, args.block_size, args.batch_size = 1, 32, 2, 16, 2
         args.warmup, args.steps, args.devices = 3, 2, 2
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     tmp = str(args.out) + ".rows"
     started = time.time()
     mp.start_processes(

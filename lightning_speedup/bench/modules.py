@@ -43,9 +43,9 @@ def make_optimizer(
     return cls(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
-def _fused(module: L.LightningModule, hp: Any) -> bool:
+def _fused(module: L.LightningModule) -> bool:
     """Fused optimizer kernels where asked for and the parameters are on a GPU (elsewhere torch's default)."""
-    return bool(hp.get("fused_optimizer", False)) and module.device.type == "cuda"
+    return bool(module.hparams.get("fused_optimizer", False)) and module.device.type == "cuda"
 
 
 class _CompilableModule(L.LightningModule):
@@ -121,7 +121,7 @@ class ImageClassifier(_CompilableModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
         return make_optimizer(
-            hp.optimizer, self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=_fused(self, hp)
+            hp.optimizer, self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=_fused(self)
         )
 
 
@@ -170,6 +170,6 @@ class CharLM(_CompilableModule):
             self.parameters(),
             lr=hp.lr,
             weight_decay=hp.weight_decay,
-            fused=_fused(self, hp),
+            fused=_fused(self),
             **kwargs,
         )
