@@ -64,8 +64,15 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
             net: torch.nn.Module = model
         else:
             net = DistributedDataParallel(model, device_ids=[rank] if cuda else None)
-            if name == "ddp_powersgd":
-                state = hooks.PowerSGDState(params=list(model.parameters()), rank=args.rank, start_iter=2)
+            if name.startswith(
+                "ddp_powersgd"
+            ):  # ddp_powersgd: CUDA graphs (captured at step 3); _eager: none
+                state = hooks.PowerSGDState(
+                    params=list(model.parameters()),
+                    rank=args.rank,
+                    start_iter=2,
+                    cuda_graphs=name == "ddp_powersgd",
+                )
                 net.register_comm_hook(state, hooks.powersgd_hook)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(rank)
@@ -138,7 +145,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--sync-hook", action="store_true", help="also wait for the GPU after the hook's call")
-    p.add_argument("--configs", nargs="+", default=["compute_only", "ddp", "ddp_powersgd"])
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["compute_only", "ddp", "ddp_powersgd", "ddp_powersgd_eager"],
+        choices=["compute_only", "ddp", "ddp_powersgd", "ddp_powersgd_eager"],
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 CPU processes on gloo")
     p.add_argument("--out", type=Path, default=Path("powersgd_profile.json"))
     args = p.parse_args()

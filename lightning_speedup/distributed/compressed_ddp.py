@@ -61,6 +61,8 @@ class CompressedDDPStrategy(DDPStrategy):
         error_feedback: PowerSGD: add each process's last compression error to its next gradient.
         warm_start: PowerSGD: reuse the previous ``Q`` as the start of the power iteration.
         seed: PowerSGD: seed of the random initial ``Q``.
+        cuda_graphs: PowerSGD on CUDA: replay the compression as CUDA graphs once DDP's buckets are
+            stable (``PowerSGDState.cuda_graphs``); ``False`` runs it eagerly every step.
         log_metrics: log ``dist/bytes_sent`` (gradient bytes this process sent) per optimizer step.
         **kwargs: everything ``DDPStrategy`` takes (``start_method``, ``find_unused_parameters``, ...),
             except its own comm-hook arguments.
@@ -85,6 +87,7 @@ class CompressedDDPStrategy(DDPStrategy):
         error_feedback: bool = True,
         warm_start: bool = True,
         seed: int = 0,
+        cuda_graphs: bool = True,
         log_metrics: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -110,6 +113,7 @@ class CompressedDDPStrategy(DDPStrategy):
         self.error_feedback = error_feedback
         self.warm_start = warm_start
         self.seed = seed
+        self.cuda_graphs = cuda_graphs
         self.log_metrics = log_metrics
         self._hook_state: LowPrecisionState | PowerSGDState | None = None
         self._resume: dict[str, Any] | None = None
@@ -134,6 +138,7 @@ class CompressedDDPStrategy(DDPStrategy):
                 error_feedback=self.error_feedback,
                 warm_start=self.warm_start,
                 seed=self.seed,
+                cuda_graphs=self.cuda_graphs,
             )
             self.model.register_comm_hook(self._hook_state, powersgd_hook)
         else:

@@ -87,6 +87,11 @@ class PowerSGDState:
         warm_start: start each power iteration from the previous ``Q`` instead of a random one.
         seed: seed of the random initial ``Q`` (identical on all processes).
         process_group: the group to all-reduce over (``None``: the default group).
+        cuda_graphs: on CUDA, with ``warm_start``, capture the compression's kernels in three CUDA graphs
+            once DDP's buckets have kept their place for two compressed steps, and replay them (the three
+            collectives stay outside the graphs); the hook then costs a few launches on the host instead of
+            hundreds. Same arithmetic as the eager path; the graphs keep their intermediates (about one
+            float32 copy of the compressed matrices) between steps.
 
     Raises:
         ValueError: for ``rank`` < 1, ``start_iter`` < 0 or ``min_compression_rate`` < 0.
@@ -100,6 +105,7 @@ class PowerSGDState:
     warm_start: bool = True
     seed: int = 0
     process_group: dist.ProcessGroup | None = None
+    cuda_graphs: bool = True
     iteration: int = 0
     errors: dict[int, Tensor] = field(default_factory=dict)
     q_memory: dict[int, Tensor] = field(default_factory=dict)
@@ -108,6 +114,9 @@ class PowerSGDState:
     numel_after: int = 0
     collectives: int = 0
     pending: list[tuple[dist.GradBucket, Future[Tensor]]] = field(default_factory=list, repr=False)
+    # The captured step (CUDA graphs) and the bucket layout of the last compressed step.
+    graphed: "_Step | None" = field(default=None, repr=False)
+    last_layout: tuple[tuple[int, int], ...] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -140,6 +149,7 @@ class PowerSGDState:
         self.iteration = int(state["iteration"])
         self.errors = {int(k): v.to(device) for k, v in state["errors"].items()}
         self.q_memory = {int(k): v.to(device) for k, v in state["q_memory"].items()}
+        self.graphed = None  # its buffers held the replaced state: capture again from the loaded one
 
     def _initial_q(self, index: int, m: int, r: int, device: torch.device) -> Tensor:
         # A CPU generator seeded from (seed, parameter, iteration): the same Q on every process, no RNG state.
@@ -196,91 +206,181 @@ def powersgd_hook(state: PowerSGDState, bucket: dist.GradBucket) -> Future[Tenso
 
 
 def _powersgd_step(state: PowerSGDState, buckets: list[dist.GradBucket], n: int) -> None:
-    """Compress and average the gradients of ``buckets`` in place (their buffers), in three collectives."""
-    group = state.process_group
-    # Split the gradients: matrices worth compressing vs. the rest (biases, norms, thin matrices).
-    shapes: dict[tuple[int, int, int], list[tuple[int, Tensor]]] = {}
-    plain: list[Tensor] = []
+    """Compress and average the gradients of ``buckets`` in place (their buffers), in three collectives.
+
+    On CUDA (``state.cuda_graphs`` and ``warm_start``) the step is captured into CUDA graphs the second
+    time in a row that DDP hands over the same bucket buffers, and replayed from then on; any other
+    layout runs eagerly (and drops the graphs, whose buffers would no longer be the state's).
+    """
+    layout = tuple((b.buffer().data_ptr(), b.buffer().numel()) for b in buckets)
     device = buckets[0].buffer().device
-    for bucket in buckets:
-        state.numel_before += bucket.buffer().numel()
-        for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True):
-            if g.dim() >= 2:
-                mat = g.view(g.shape[0], -1)
-                rows, cols = mat.shape
-                r = min(state.rank, rows, cols)
-                if rows * cols >= state.min_compression_rate * r * (rows + cols):
-                    shapes.setdefault((rows, cols, r), []).append((state.index_of(p), mat))
-                    continue
-            plain.append(g)
+    graphs = state.cuda_graphs and state.warm_start and device.type == "cuda"
+    step = state.graphed if graphs and state.graphed is not None and state.graphed.layout == layout else None
+    if step is None:
+        capture = graphs and state.last_layout == layout
+        step = _Step(state, buckets, n, layout, capture=capture)
+        state.graphed = step if capture and step.graphs else None
+    state.last_layout = layout
+    step.run(state)
 
-    plain_flat = torch.cat([g.reshape(-1) for g in plain]).float().div_(n) if plain else None
-    # One entry per shape: (parameter indices, gradient views, M (b, rows, cols), Q (b, cols, r)).
-    groups: list[tuple[list[int], list[Tensor], Tensor, Tensor]] = []
-    for (_rows, cols, r), members in shapes.items():
-        idx = [k for k, _ in members]
-        views = [m for _, m in members]
-        # Multi-tensor (foreach) kernels: one launch per group instead of one per matrix.
-        mats = torch.empty(
-            (len(views), *views[0].shape), dtype=torch.float32, device=device
-        )  # (b, rows, cols)
-        torch._foreach_copy_(list(mats.unbind(0)), views)
-        if state.error_feedback:
-            fed = [(mats[j], state.errors[k]) for j, k in enumerate(idx) if k in state.errors]
-            if fed:
-                torch._foreach_add_([m for m, _ in fed], [e for _, e in fed])
-        qs = [
-            state.q_memory[k]
-            if state.warm_start and k in state.q_memory
-            else state._initial_q(k, cols, r, device)
-            for k in idx
-        ]
-        # Q is not orthonormalized (Algorithm 1 of the paper): P = M Q is, and everything after depends
-        # only on the span of P, which an invertible mix of Q's columns does not change.
-        groups.append((idx, views, mats, torch.stack(qs)))
 
-    ps = [torch.bmm(mats, q) for _, _, mats, q in groups]  # (b, rows, r) each
-    p_flat = torch.cat([p.reshape(-1) for p in ps]) if ps else None
-    numel_p = p_flat.numel() if p_flat is not None else 0
-    numel_q = sum(q.numel() for _, _, _, q in groups)
-    numel_plain = plain_flat.numel() if plain_flat is not None else 0
-    state.bytes_sent += _ring_bytes(4 * (numel_plain + numel_p + numel_q), n)
-    state.numel_after += numel_plain + numel_p + numel_q
+@dataclass
+class _Group:
+    """The matrices of one shape: their parameter indices, gradient views, ``M`` (b, rows, cols) and ``Q``."""
 
-    # Collectives are issued here, on the calling thread, in a fixed order. Chaining them through
-    # `Future.then` (as PyTorch's PowerSGD does) issues the second and third from whichever gloo
-    # thread completes the first, so two processes can interleave them differently and deadlock.
-    # On NCCL, `wait()` only makes the current stream wait: the host does not block.
-    plain_work = dist.all_reduce(plain_flat, group=group, async_op=True) if plain_flat is not None else None
-    state.collectives += plain_work is not None
-    if groups:
-        assert p_flat is not None
-        dist.all_reduce(p_flat, group=group)
+    idx: list[int]
+    views: list[Tensor]
+    mats: Tensor  # the error feedback between steps, the error-fed gradient M during one
+    q: Tensor  # (b, cols, r): the warm-start Q between steps
+
+
+class _Step:
+    """One PowerSGD step over a fixed bucket layout: three phases around three collectives.
+
+    ``_compress`` (M = grad + error, P = M Q, and the uncompressed tensors flattened), all-reduce of
+    the flat ``P`` (and of the uncompressed tensors, in flight until ``_decompress``), ``_project``
+    (orthonormal P, this process's ``Q_i = M^T P``), all-reduce of the flat ``Q``, ``_decompress`` (the
+    averaged approximation ``P Q^T / n`` into the gradients, the new error ``M - P Q_i^T`` and ``Q`` into
+    the state). Eagerly, the phases run once in :meth:`run`; with ``capture=True`` each is captured into a
+    CUDA graph (capturing executes nothing) and :meth:`run` replays them.
+    """
+
+    def __init__(
+        self,
+        state: PowerSGDState,
+        buckets: list[dist.GradBucket],
+        n: int,
+        layout: tuple[tuple[int, int], ...],
+        capture: bool,
+    ) -> None:
+        self.layout = layout
+        self.n = n
+        self.group = state.process_group
+        self.error_feedback = state.error_feedback
+        device = buckets[0].buffer().device
+        # Split the gradients: matrices worth compressing vs. the rest (biases, norms, thin matrices).
+        shapes: dict[tuple[int, int, int], list[tuple[int, Tensor]]] = {}
+        self.plain: list[Tensor] = []
+        self.numel_before = sum(b.buffer().numel() for b in buckets)
+        for bucket in buckets:
+            for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True):
+                if g.dim() >= 2:
+                    mat = g.view(g.shape[0], -1)
+                    rows, cols = mat.shape
+                    r = min(state.rank, rows, cols)
+                    if rows * cols >= state.min_compression_rate * r * (rows + cols):
+                        shapes.setdefault((rows, cols, r), []).append((state.index_of(p), mat))
+                        continue
+                self.plain.append(g)
+        self.groups: list[_Group] = []
+        for (rows, cols, r), members in shapes.items():
+            idx = [k for k, _ in members]
+            fed = [(j, state.errors[k]) for j, k in enumerate(idx) if k in state.errors]
+            new = torch.empty if len(fed) == len(idx) else torch.zeros  # no error yet: zero
+            mats = new((len(idx), rows, cols), dtype=torch.float32, device=device)
+            if state.error_feedback and fed:
+                torch._foreach_copy_([mats[j] for j, _ in fed], [e for _, e in fed])
+            q = torch.stack(
+                [
+                    state.q_memory[k]
+                    if state.warm_start and k in state.q_memory
+                    else state._initial_q(k, cols, r, device)
+                    for k in idx
+                ]
+            )
+            # Q is not orthonormalized (Algorithm 1 of the paper): P = M Q is, and everything after depends
+            # only on the span of P, which an invertible mix of Q's columns does not change.
+            self.groups.append(_Group(idx, [m for _, m in members], mats, q))
+        numel_p = sum(g.mats.shape[0] * g.mats.shape[1] * g.q.shape[2] for g in self.groups)
+        numel_q = sum(g.q.numel() for g in self.groups)
+        self.numel_after = sum(g.numel() for g in self.plain) + numel_p + numel_q
+        self.collectives = bool(self.plain) + 2 * bool(self.groups)
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        # Graphs bake in addresses: capture only if every gradient is a view of its bucket's buffer.
+        capture = capture and all(
+            v.untyped_storage().data_ptr() == b.buffer().untyped_storage().data_ptr()
+            for b in buckets
+            for v in b.gradients()
+        )
+        if capture and self.groups:
+            # One memory pool for the three graphs: they replay in the order captured, never concurrently,
+            # and every tensor one phase hands to the next is held by this object. "thread_local": DDP
+            # calls the hook on the autograd thread while other threads (pin-memory) may use CUDA.
+            pool = torch.cuda.graph_pool_handle()
+            for phase in (self._compress, self._project, self._decompress):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    phase()
+                self.graphs.append(graph)
+
+    def _compress(self) -> None:
+        for g in self.groups:
+            mats = list(g.mats.unbind(0))
+            if not self.error_feedback:
+                torch._foreach_copy_(mats, g.views)
+            elif all(v.dtype == torch.float32 for v in g.views):
+                torch._foreach_add_(mats, g.views)  # multi-tensor kernels: one launch per group
+            else:
+                torch._foreach_add_(mats, [v.float() for v in g.views])
+        self.ps = [torch.bmm(g.mats, g.q) for g in self.groups]  # (b, rows, r) each
+        self.p_flat = torch.cat([p.reshape(-1) for p in self.ps]) if self.ps else None
+        self.plain_flat = (
+            torch.cat([g.reshape(-1) for g in self.plain]).float().div_(self.n) if self.plain else None
+        )
+
+    def _project(self) -> None:
+        assert self.p_flat is not None
         offset = 0
-        local_qs: list[Tensor] = []
-        for j, (_, _, mats, _) in enumerate(groups):
-            ps[j] = _orthonormal(p_flat[offset : offset + ps[j].numel()].view_as(ps[j]))
-            offset += ps[j].numel()
-            local_qs.append(torch.bmm(mats.transpose(1, 2), ps[j]))  # (b, cols, r): this process's Q_i
-        q_sum = torch.cat([q.reshape(-1) for q in local_qs])
-        dist.all_reduce(q_sum, group=group)
-        state.collectives += 2
+        self.local_qs: list[Tensor] = []
+        for j, g in enumerate(self.groups):
+            self.ps[j] = _orthonormal(self.p_flat[offset : offset + self.ps[j].numel()].view_as(self.ps[j]))
+            offset += self.ps[j].numel()
+            self.local_qs.append(torch.bmm(g.mats.transpose(1, 2), self.ps[j]))  # (b, cols, r): this Q_i
+        self.q_sum = torch.cat([q.reshape(-1) for q in self.local_qs])
+
+    def _decompress(self) -> None:
         offset = 0
-        for j, (idx, views, mats, _) in enumerate(groups):
-            q = q_sum[offset : offset + local_qs[j].numel()].view_as(local_qs[j])
-            offset += local_qs[j].numel()
-            approx = torch.bmm(ps[j].div(n), q.transpose(1, 2))  # (b, rows, cols): P Q^T / n
-            torch._foreach_copy_(views, list(approx.unbind(0)))
-            if state.error_feedback:  # e_i = M_i - P Q_i^T, for the whole shape group in one in-place baddbmm
-                errors = mats.baddbmm_(ps[j], local_qs[j].transpose(1, 2), alpha=-1)
-                for t, k in enumerate(idx):
-                    state.errors[k] = errors[t]
-            if state.warm_start:
-                q_keep = q.clone()
-                for t, k in enumerate(idx):
-                    state.q_memory[k] = q_keep[t]
-    if plain_work is not None:
-        assert plain_flat is not None
-        plain_work.wait()
-        parts = plain_flat.split([g.numel() for g in plain])
-        torch._foreach_copy_(plain, [part.view_as(g) for part, g in zip(parts, plain, strict=True)])
+        for j, g in enumerate(self.groups):
+            q = self.q_sum[offset : offset + self.local_qs[j].numel()].view_as(self.local_qs[j])
+            offset += self.local_qs[j].numel()
+            approx = torch.bmm(self.ps[j].div(self.n), q.transpose(1, 2))  # (b, rows, cols): P Q^T / n
+            torch._foreach_copy_(g.views, list(approx.unbind(0)))
+            if self.error_feedback:  # e_i = M_i - P Q_i^T, for the whole group in one in-place baddbmm
+                g.mats.baddbmm_(self.ps[j], self.local_qs[j].transpose(1, 2), alpha=-1)
+            g.q.copy_(q)
+        if self.plain_flat is not None:
+            parts = self.plain_flat.split([g.numel() for g in self.plain])
+            torch._foreach_copy_(
+                self.plain, [part.view_as(g) for part, g in zip(parts, self.plain, strict=True)]
+            )
+
+    def run(self, state: PowerSGDState) -> None:
+        """One step: the phases (replayed graphs or eager) and, between them, the collectives."""
+        # Collectives are issued here, on the calling thread, in a fixed order. Chaining them through
+        # `Future.then` (as PyTorch's PowerSGD does) issues the second and third from whichever gloo
+        # thread completes the first, so two processes can interleave them differently and deadlock.
+        # On NCCL, `wait()` only makes the current stream wait: the host does not block.
+        phases = [g.replay for g in self.graphs] or [self._compress, self._project, self._decompress]
+        phases[0]()
+        plain_work = None
+        if self.plain_flat is not None:
+            plain_work = dist.all_reduce(self.plain_flat, group=self.group, async_op=True)
+        if self.groups:
+            assert self.p_flat is not None
+            dist.all_reduce(self.p_flat, group=self.group)
+            phases[1]()
+            dist.all_reduce(self.q_sum, group=self.group)
+        if plain_work is not None:
+            plain_work.wait()
+        phases[2]()
+        # The state's tensors are views of this step's buffers (static ones when graphed).
+        for g in self.groups:
+            for t, k in enumerate(g.idx):
+                if self.error_feedback:
+                    state.errors[k] = g.mats[t]
+                if state.warm_start:
+                    state.q_memory[k] = g.q[t]
+        state.numel_before += self.numel_before
+        state.numel_after += self.numel_after
+        state.bytes_sent += _ring_bytes(4 * self.numel_after, self.n)
+        state.collectives += self.collectives

@@ -253,6 +253,22 @@ def _hook_checks(rank: int, n: int, device: str = "cpu") -> None:
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert state.iteration == 4 and state.numel_after > 0
 
+    if device != "cpu":  # CUDA graphs, captured at the second compressed step: the eager path's numbers
+        steps: dict[bool, list[list[torch.Tensor]]] = {}
+        for graphs in (False, True):
+            state = PowerSGDState(
+                params=[], rank=2, start_iter=1, min_compression_rate=0.0, cuda_graphs=graphs
+            )
+            _, hooked = _ddp_pair(state, powersgd_hook, device=device)
+            state.params = list(hooked.module.parameters())
+            state.__post_init__()
+            steps[graphs] = [_grads(hooked, x) for x in inputs]
+            assert (state.graphed is not None) == graphs and state.collectives == 1 + 3 * 5
+        for eager, graphed in zip(steps[False], steps[True], strict=True):
+            for a, b in zip(eager, graphed, strict=True):
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(steps[True][-1][0], steps[True][-2][0])  # the replays are live, not stale
+
     # low rank: fewer bytes, error feedback per parameter, and resumable in a different bucket layout
     state = PowerSGDState(params=[], rank=1, start_iter=1, min_compression_rate=0.0)
     _, hooked = _ddp_pair(state, powersgd_hook, device=device)
