@@ -65,7 +65,9 @@ class CompressedDDPStrategy(DDPStrategy):
             stable (``PowerSGDState.cuda_graphs``); ``False`` runs it eagerly every step.
         log_metrics: log ``dist/bytes_sent`` (gradient bytes this process sent) per optimizer step.
         **kwargs: everything ``DDPStrategy`` takes (``start_method``, ``find_unused_parameters``, ...),
-            except its own comm-hook arguments.
+            except its own comm-hook arguments. ``gradient_as_bucket_view`` defaults to ``True`` here (DDP's
+            default is ``False``): parameters' ``.grad`` are views of the communication buckets, which saves
+            a copy of every gradient into the buckets and back each step, and one gradient-sized buffer.
 
     Raises:
         ValueError: an unknown ``compression``, ``rank`` < 1, ``start_iter`` < 0, DDP comm-hook arguments
@@ -105,6 +107,9 @@ class CompressedDDPStrategy(DDPStrategy):
                 f"CompressedDDPStrategy installs its own comm hook; {clashing} would conflict. Use DDPStrategy "
                 "for a hand-built hook."
             )
+        # Gradients as views of DDP's buckets: the hook then writes the averaged gradient where the optimizer
+        # reads it, instead of DDP copying every gradient into its bucket and back (two passes over the model).
+        kwargs.setdefault("gradient_as_bucket_view", True)
         super().__init__(**kwargs)
         self.compression = compression
         self.powersgd_rank = rank

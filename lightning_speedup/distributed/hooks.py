@@ -343,8 +343,11 @@ class _Step:
         for j, g in enumerate(self.groups):
             q = self.q_sum[offset : offset + self.local_qs[j].numel()].view_as(self.local_qs[j])
             offset += self.local_qs[j].numel()
-            approx = torch.bmm(self.ps[j].div(self.n), q.transpose(1, 2))  # (b, rows, cols): P Q^T / n
-            torch._foreach_copy_(g.views, list(approx.unbind(0)))
+            p_avg = self.ps[j].div(self.n)
+            for t, view in enumerate(
+                g.views
+            ):  # P Q^T / n straight into the gradient: no (b, rows, cols) copy
+                torch.mm(p_avg[t], q[t].T, out=view)
             if self.error_feedback:  # e_i = M_i - P Q_i^T, for the whole group in one in-place baddbmm
                 g.mats.baddbmm_(self.ps[j], self.local_qs[j].transpose(1, 2), alpha=-1)
             g.q.copy_(q)
