@@ -296,6 +296,7 @@ class _Step:
         self.numel_after = sum(g.numel() for g in self.plain) + numel_p + numel_q
         self.collectives = bool(self.plain) + 2 * bool(self.groups)
         self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.bound = False
         # Graphs bake in addresses: capture only if every gradient is a view of its bucket's buffer.
         capture = capture and all(
             v.untyped_storage().data_ptr() == b.buffer().untyped_storage().data_ptr()
@@ -376,13 +377,14 @@ class _Step:
         if plain_work is not None:
             plain_work.wait()
         phases[2]()
-        # The state's tensors are views of this step's buffers (static ones when graphed).
-        for g in self.groups:
-            for t, k in enumerate(g.idx):
-                if self.error_feedback:
-                    state.errors[k] = g.mats[t]
-                if state.warm_start:
-                    state.q_memory[k] = g.q[t]
+        if not self.bound:  # the state's tensors: views of this step's buffers (once, when they are static)
+            for g in self.groups:
+                for t, k in enumerate(g.idx):
+                    if self.error_feedback:
+                        state.errors[k] = g.mats[t]
+                    if state.warm_start:
+                        state.q_memory[k] = g.q[t]
+            self.bound = bool(self.graphs)
         state.numel_before += self.numel_before
         state.numel_after += self.numel_after
         state.bytes_sent += _ring_bytes(4 * self.numel_after, self.n)
