@@ -14,12 +14,17 @@ Measured per configuration, all in one process, interleaved (A B C ... A B C ...
   the kernels and not Python/launch overhead. Tokens/s over ``--decode-tokens`` steps.
 * prefill: ``model(idx)`` on a 16 x 512 batch (``--prefill-batch``, ``--prefill-len``); tokens/s.
 * weight memory: bytes of the quantized Linear layers vs their bf16 size, and of the whole model.
-* correctness: max |logits - reference| / max |reference| on a small batch, where the reference
-  is the fake-quantized model of the same format (what QAT trains), so a broken kernel shows.
+* correctness: max |logits - reference| / max |reference| on a small batch (``rel_err_vs_fake_quant``)
+  and on one token (``rel_err_1tok_vs_fake_quant``: every Linear sees one row, the decode path of the
+  GEMV backends), where the reference is the fake-quantized model of the same format (what QAT
+  trains), so a broken kernel shows.
 
 Configurations: bf16; int8 weight-only (torch dequant); int8 weights + int8 dynamic activations via
-``torch._int_mm`` and via bitsandbytes ``Linear8bitLt``; int4 g=32 via torch dequant and tinygemm;
-nf4 and fp4 via bitsandbytes ``Linear4bit``; nf4 via torch dequant.
+``torch._int_mm`` and via bitsandbytes ``Linear8bitLt``; int4 g=32 via torch dequant, tinygemm and the
+Triton GEMV (``lightning_speedup.quantization.triton_gemv``); nf4 and fp4 via bitsandbytes
+``Linear4bit``; nf4 via torch dequant and the Triton GEMV. A configuration whose backend cannot run
+here (a CUDA-only backend under ``--accelerator cpu``, a missing package) is skipped with its reason.
+The Triton configurations autotune their tile on the first decode step, before the CUDA graph capture.
 
 Expected runtime on one H100: about 1.5 minutes (model build and quantization ~40 s, timing ~30 s).
 Goals of the issue: 4-bit decode >= 1.5x bf16; int8 prefill >= 1.3x bf16 through torch._int_mm.
@@ -47,7 +52,8 @@ from torch import Tensor, nn
 
 from lightning_speedup.bench.env import device_label, environment
 from lightning_speedup.bench.models import GPT, GPTConfig, count_parameters
-from lightning_speedup.quantization import prepare, quantize, quantized_layers, weight_bytes
+from lightning_speedup.quantization import BACKENDS, prepare, quantize, quantized_layers, weight_bytes
+from lightning_speedup.quantization.triton_gemv import triton_unavailable
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quant_speed.json"
 DEVICE = "cuda"  # "cpu" only for a plumbing check (--accelerator cpu with a small --layers/--width)
@@ -69,8 +75,10 @@ CONFIGS = [
     Config("w8a8_bnb", "int8", "int8", "bnb"),
     Config("int4_g32_torch", "int4", None, "torch", 32),
     Config("int4_g32_tinygemm", "int4", None, "tinygemm", 32),
+    Config("int4_g32_triton", "int4", None, "triton", 32),
     Config("nf4_bnb", "nf4", None, "bnb"),
     Config("nf4_torch", "nf4", None, "torch"),
+    Config("nf4_triton", "nf4", None, "triton"),
     Config("fp4_bnb", "fp4", None, "bnb"),
 ]
 
@@ -196,6 +204,18 @@ def build_model(args: argparse.Namespace) -> GPT:
     return model.to(torch.bfloat16).eval()
 
 
+def skip_reason(c: Config) -> str | None:
+    """Why a configuration cannot run on this machine (backend device, missing package), or None."""
+    if c.weights is None:
+        return None
+    devices = BACKENDS[c.backend].devices
+    if DEVICE not in devices:
+        return f"backend {c.backend!r} runs on {'/'.join(devices)}, not {DEVICE}"
+    if c.backend == "triton":
+        return triton_unavailable()
+    return None
+
+
 def quantize_config(model: GPT, c: Config) -> nn.Module:
     if c.weights is None:
         return model
@@ -261,12 +281,19 @@ def main() -> None:
         0, 50304, (args.prefill_batch, args.prefill_len), device=DEVICE, generator=gen
     )
     check_idx = prefill_idx[:2, :64]
+    check_tok = prefill_idx[:1, :1]  # one row per Linear: the decode path
 
     models: dict[str, nn.Module] = {}
     info: dict[str, dict[str, Any]] = {}
-    references: dict[tuple[str, str | None, int | None], Tensor] = {}
+    references: dict[tuple[str, str | None, int | None], tuple[Tensor, Tensor]] = {}
     for c in chosen:
         entry: dict[str, Any] = {"weights": c.weights, "activations": c.activations, "backend": c.backend}
+        reason = skip_reason(c)
+        if reason is not None:
+            entry["skipped"] = reason
+            info[c.name] = entry
+            log(f"{c.name}: skipped ({reason})")
+            continue
         try:
             t0 = time.time()
             model = quantize_config(base, c)
@@ -275,20 +302,24 @@ def main() -> None:
             entry["weight_bytes_block_linears"] = linear_bytes(model)
             with torch.no_grad():
                 out = model(check_idx).float()
+                out_tok = model(check_tok).float()  # the first one-row call also autotunes Triton kernels
                 key = (c.weights or "bf16", c.activations, c.group_size)
                 if key not in references:
                     if c.weights is None:
-                        references[key] = out
+                        references[key] = (out, out_tok)
                     else:  # the fake-quantized model: what QAT trains and convert() must reproduce
                         fq = prepare(
                             copy.deepcopy(base), c.weights, c.activations, group_size=c.group_size,
                             exclude=["lm_head"], exclude_first_last=False,
                         )  # fmt: skip
-                        references[key] = fq(check_idx).float()
+                        references[key] = (fq(check_idx).float(), fq(check_tok).float())
                         del fq
-                ref = references[key]
+                ref, ref_tok = references[key]
                 entry["rel_err_vs_fake_quant"] = float((out - ref).abs().max() / ref.abs().max())
-                bf16 = references[("bf16", None, None)]
+                entry["rel_err_1tok_vs_fake_quant"] = float(
+                    (out_tok - ref_tok).abs().max() / ref_tok.abs().max()
+                )
+                bf16 = references[("bf16", None, None)][0]
                 entry["rel_err_vs_bf16"] = float((out - bf16).abs().max() / bf16.abs().max())
             entry["decode_run"], entry["cuda_graph"], entry["graph_error"] = make_decode_runner(model, args)
             models[c.name] = torch.compile(model, dynamic=False) if args.compile else model
@@ -354,18 +385,22 @@ def main() -> None:
           f"| median of {args.repeats} | {record['wall_s']:.0f}s | {args.out}")  # fmt: skip
     print(
         f"{'config':20s} {'decode tok/s':>12s} {'vs bf16':>8s} {'prefill tok/s':>14s} {'vs bf16':>8s} "
-        f"{'linears GiB':>11s} {'err vs fq':>9s} {'graph':>5s}"
+        f"{'linears GiB':>11s} {'err vs fq':>9s} {'1tok err':>9s} {'graph':>5s}"
     )
     for c in chosen:
         e = info[c.name]
         if c.name not in medians:
-            print(f"{c.name:20s} FAILED: {e.get('error')}")
+            print(
+                f"{c.name:20s} "
+                + (f"skipped: {e['skipped']}" if "skipped" in e else f"FAILED: {e.get('error')}")
+            )
             continue
         m = medians[c.name]
         print(
             f"{c.name:20s} {m['decode_tok_s']:12,.1f} {m['decode_vs_bf16']:7.2f}x {m['prefill_tok_s']:14,.0f} "
             f"{m['prefill_vs_bf16']:7.2f}x {e['weight_bytes_block_linears'] / 2**30:11.3f} "
-            f"{e['rel_err_vs_fake_quant']:9.1e} {'yes' if e['cuda_graph'] else 'no':>5s}"
+            f"{e['rel_err_vs_fake_quant']:9.1e} {e['rel_err_1tok_vs_fake_quant']:9.1e} "
+            f"{'yes' if e['cuda_graph'] else 'no':>5s}"
         )
     print(
         "goals: "

@@ -3,10 +3,11 @@
 Three phases, as in torchao: *prepare* swaps Linear/Conv2d layers for fake-quantizing QAT layers
 (done for you by :class:`QATPrecision` inside ``Trainer.fit``), training learns weights that survive
 quantization, *convert* swaps the QAT layers for real low-bit layers (bitsandbytes, ``torch._int_mm``,
-tinygemm int4) that compute with exactly the trained quantized weights. :func:`quantize` is the
-post-training baseline, :func:`compare` the float vs PTQ vs QAT report.
+tinygemm int4, a Triton 4-bit GEMV) that compute with exactly the trained quantized weights.
+:func:`quantize` is the post-training baseline, :func:`compare` the float vs PTQ vs QAT report.
 
-bitsandbytes is imported only when a ``"bnb"`` backend layer is built, never at import time.
+bitsandbytes is imported only when a ``"bnb"`` backend layer is built, never at import time; this
+package imports Triton only when a ``"triton"`` layer first runs its kernel.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from lightning_speedup.quantization.modules import (
     QuantizedLinear,
     TinyGemmLinear,
     TorchQuantizedLinear,
+    TritonLinear,
     weight_bytes,
 )
 from lightning_speedup.quantization.precision import QATPrecision
@@ -66,6 +68,7 @@ __all__ = [
     "QuantizedLinear",
     "TinyGemmLinear",
     "TorchQuantizedLinear",
+    "TritonLinear",
     "absmax_scale",
     "codebook",
     "compare",

@@ -46,6 +46,7 @@ from lightning_speedup.quantization.qat import (
     prepare,
     qat_modules,
 )
+from lightning_speedup.quantization.triton_gemv import triton_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def resolve_backend(backend: str, spec: QuantSpec, device: torch.device, in_feat
     Raises:
         ValueError: unknown backend name; the backend cannot run this recipe or shape.
         RuntimeError: the backend does not run on the layer's device.
-        ImportError: ``backend="bnb"`` without bitsandbytes installed.
+        ImportError: ``backend="bnb"`` without bitsandbytes installed, ``backend="triton"`` without
+            Triton.
     """
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}. Choose 'auto' or one of {sorted(BACKENDS)}.")
@@ -113,6 +115,11 @@ def resolve_backend(backend: str, spec: QuantSpec, device: torch.device, in_feat
 
                 import_bitsandbytes()  # raises the ImportError with the install hint
             problems.append("bnb: bitsandbytes is not installed")
+            continue
+        if name == "triton" and (missing := triton_unavailable()) is not None:
+            if backend == "triton":
+                raise ImportError(f"Cannot convert layer {layer!r} with backend='triton': {missing}.")
+            problems.append(f"triton: {missing}")
             continue
         return name
     detail = "; ".join(problems)
@@ -162,7 +169,8 @@ def convert(
 
     Args:
         model: a model prepared with :func:`.qat.prepare` or trained with ``QATPrecision``.
-        backend: ``"auto"``, ``"torch"``, ``"tinygemm"`` or ``"bnb"`` (see :mod:`.modules`).
+        backend: ``"auto"``, ``"torch"``, ``"tinygemm"``, ``"triton"`` or ``"bnb"`` (see :mod:`.modules`);
+            ``"auto"`` never picks ``"triton"`` (yet): name it to use it.
         dtype: compute dtype of the quantized layers and dtype of every other floating parameter and
             buffer; ``None`` keeps the model's dtypes. Scales stay float32.
         inplace: modify ``model`` itself instead of a deep copy.
@@ -170,8 +178,8 @@ def convert(
     Raises:
         ValueError: the model has no QAT layers; unknown backend; a backend that cannot run a layer
             (the message names the layer).
-        RuntimeError: the backend does not run on the layer's device.
-        ImportError: ``backend="bnb"`` without bitsandbytes.
+        RuntimeError: the backend does not run on the layer's device (tinygemm and triton: CUDA only).
+        ImportError: ``backend="bnb"`` without bitsandbytes, ``backend="triton"`` without Triton.
     """
     if not any(True for _ in qat_modules(model)):
         raise ValueError(

@@ -1,4 +1,4 @@
-"""Real low-bit layers: stored codes + scales, executed by one of three backends.
+"""Real low-bit layers: stored codes + scales, executed by one of four backends.
 
 Every layer is built from the *canonical* form that :func:`.fake_quant.quantize_weight` produces
 (int8 codes (out, K) for int8/int4, uint8 code indices (numel,) for nf4/fp4, float32 scales) and can
@@ -15,6 +15,12 @@ Backends (``BACKENDS``):
 * ``"tinygemm"``: ``torch._weight_int4pack_mm``, PyTorch's CUDA int4 group-wise kernel (from
   tinygemm, as used by gpt-fast and torchao). int4 weight-only, bfloat16 compute; the scales are
   stored in bfloat16, so outputs match the QAT model to bfloat16 precision.
+* ``"triton"``: int4/nf4/fp4 weight-only layers in the torch backend's packed storage, run by a Triton
+  GEMV for batch-1 decode (:mod:`.triton_gemv`: up to ``GEMV_MAX_ROWS`` rows, one kernel reading the
+  packed bytes, float32 scales and accumulation: it multiplies by the exact float32 dequantized
+  weight, so outputs match the torch backend's to the weight dtype's precision) and by the torch
+  backend's dequantize + ``F.linear`` for more rows (prefill). CUDA only; Triton ships with PyTorch's
+  CUDA wheels.
 * ``"bnb"``: bitsandbytes ``Linear4bit`` for nf4/fp4 (double quantization off, so the stored
   absmax equals the trained one) and ``Linear8bitLt`` with ``threshold=0`` (pure vector-wise int8,
   LLM.int8() without the fp16 outlier path) for int8 weights with int8 activations.
@@ -37,6 +43,7 @@ from lightning_speedup.quantization.fake_quant import (
     quantize_activation,
 )
 from lightning_speedup.quantization.formats import QuantSpec, codebook, reduction_size
+from lightning_speedup.quantization.triton_gemv import GEMV_MAX_ROWS, interpreting, lut_gemv
 
 # --------------------------------------------------------------------------------------------------
 # Packing helpers
@@ -265,6 +272,74 @@ class TinyGemmLinear(QuantizedLinear):
         return out.reshape(*x.shape[:-1], self.out_features).to(_output_dtype(x))
 
 
+class TritonLinear(TorchQuantizedLinear):
+    """4-bit weight-only layers (int4, nf4, fp4) whose decode runs a Triton GEMV on the packed codes (CUDA).
+
+    The storage is the torch backend's (``qweight``: two codes per byte; ``scale``: float32), so
+    :meth:`canonical` and files are the same. Inputs of up to ``GEMV_MAX_ROWS`` rows (batch-1 decode)
+    run :func:`.triton_gemv.lut_gemv`, which decodes ``LUT[nibble] * scale[n, k // G]`` on the fly;
+    larger inputs (prefill), and inputs that need a gradient, take the torch backend's dequantize +
+    ``F.linear``. The GEMV multiplies by the float32 dequantized weight where the torch backend first
+    rounds it to the weight dtype, so the two agree to that dtype's precision, not bit for bit.
+    """
+
+    backend = "triton"
+    devices = ("cuda",)
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        in_features: int,
+        out_features: int,
+        codes: Tensor,
+        scale: Tensor,
+        bias: Tensor | None,
+        weight_dtype: torch.dtype,
+    ) -> None:
+        super().__init__(spec, in_features, out_features, codes, scale, bias, weight_dtype)
+        # The 16 code values of nf4/fp4 (int4 decodes nibble - 8 itself), rebuilt from the spec and never
+        # saved; kept as int32 bits so that model.to(dtype) moves them but cannot round them.
+        lut = codebook(spec.weights, codes.device).view(torch.int32) if spec.is_blockwise else None
+        self.register_buffer("lut_bits", lut, persistent=False)
+
+    @classmethod
+    def unsupported(
+        cls, spec: QuantSpec, in_features: int, out_features: int, device_type: str = "cpu"
+    ) -> str | None:
+        if spec.bits != 4 or spec.activations is not None:
+            return f"the Triton GEMV runs 4-bit weight-only layers (int4, nf4, fp4), not {spec.describe()}"
+        g = int(spec.group_size)  # type: ignore[arg-type]
+        if g < 16 or g & (g - 1):
+            return f"the Triton GEMV needs a group size that is a power of two >= 16 (got {g})"
+        if in_features % g:
+            unit = "block size" if spec.is_blockwise else "group size"
+            return (
+                f"the Triton GEMV needs in_features divisible by the {unit} {g}, so that every scale "
+                f"covers part of one row (got in_features={in_features})"
+            )
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = _output_dtype(x)
+        rows = x.numel() // self.in_features
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if rows > GEMV_MAX_ROWS or needs_grad or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return super().forward(x)
+        if not x.is_cuda and not interpreting():
+            raise RuntimeError(
+                f"TritonLinear runs on CUDA, but its input is on {x.device}. Move the model to a GPU, or "
+                "convert/load it with backend='torch' to run on the CPU."
+            )
+        g = int(self.spec.group_size)  # type: ignore[arg-type]
+        x2 = x.reshape(-1, self.in_features).to(dtype)
+        lut = None if self.lut_bits is None else self.lut_bits.view(torch.float32)
+        out = lut_gemv(
+            x2, self.qweight, self.scale, lut, g, self.out_features, self.in_features, bias=self.bias,
+            out_dtype=dtype,
+        )  # fmt: skip
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
 def import_bitsandbytes() -> Any:
     """Import bitsandbytes on first use, with an install hint if it is missing."""
     try:
@@ -374,6 +449,7 @@ class BnbLinear(QuantizedLinear):
 BACKENDS: dict[str, type[QuantizedLinear]] = {
     "torch": TorchQuantizedLinear,
     "tinygemm": TinyGemmLinear,
+    "triton": TritonLinear,
     "bnb": BnbLinear,
 }
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_speedup.quantization.triton_gemv import triton_unavailable
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -78,6 +80,29 @@ def test_quant_scripts(fashion_mnist_dir: Path, shakespeare_path: Path, tmp_path
     assert set(record["summary"]) == {"fashion-mnist", "char-lm"} and "goals" in record
 
 
+@pytest.mark.skipif(
+    triton_unavailable() is not None, reason="compiling the Triton GEMV needs the triton package"
+)
+def test_triton_gemv_sass_script(tmp_path: Path) -> None:
+    """The kernel compiles for sm_90 offline; the loop has no shared-memory traffic."""
+    out = tmp_path / "sass.json"
+    _run(
+        "triton_gemv_sass.py",
+        "--variants",
+        "int4_g32_bf16",
+        "nf4_b64_bf16",
+        "--tiles",
+        "1",
+        "--out",
+        str(out),
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"int4_g32_bf16/4x512w4", "nf4_b64_bf16/4x512w4"}
+    assert all(
+        r["shared_memory_ops_in_loop"] == 0 and 0 < r["instructions_per_weight"] < 12 for r in rows.values()
+    )
+
+
 def test_distributed_charlm_script(shakespeare_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "dist.json"
     _run(
@@ -96,7 +121,7 @@ def test_powersgd_profile_script(tmp_path: Path) -> None:
     out = tmp_path / "psgd.json"
     _run("powersgd_profile.py", "--smoke", "--sync-hook", "--profile-steps", "1", "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert set(rows) == {"compute_only", "ddp", "ddp_powersgd"} and all(
+    assert set(rows) == {"compute_only", "ddp", "ddp_powersgd", "ddp_powersgd_eager"} and all(
         r["step_ms"] > 0 for r in rows.values()
     )
     psgd = rows["ddp_powersgd"]  # every timed step compressed, and the profiler saw the hook's products

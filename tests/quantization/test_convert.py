@@ -17,6 +17,7 @@ from lightning_speedup.quantization import (
     QuantizedConv2d,
     TinyGemmLinear,
     TorchQuantizedLinear,
+    TritonLinear,
     convert,
     freeze_scales,
     load,
@@ -272,6 +273,8 @@ def test_load_rejects_another_architecture(tmp_path: Path) -> None:
     ("weights", "activations", "backend", "layer_type"),
     [
         ("int4", None, "tinygemm", TinyGemmLinear),
+        ("int4", None, "triton", TritonLinear),
+        ("nf4", None, "triton", TritonLinear),
         ("int8", "int8", "torch", TorchQuantizedLinear),
         ("nf4", None, "bnb", BnbLinear),
         ("fp4", None, "bnb", BnbLinear),

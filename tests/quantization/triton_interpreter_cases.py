@@ -1,0 +1,114 @@
+"""Triton-interpreter runs of the 4-bit GEMV and its layer; test_triton_gemv.py starts them in a child process.
+
+``TRITON_INTERPRET=1`` has to be in the environment before ``triton`` is imported (its language
+helpers are jitted at import), and Lightning imports triton as soon as it is installed, so these
+tests cannot share a process with the rest of the suite. pytest does not collect this file by name
+(it is not ``test_*.py``); run it alone with
+``TRITON_INTERPRET=1 python -m pytest tests/quantization/triton_interpreter_cases.py``. The
+interpreter is slow, so the layers are small.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_speedup.quantization import QuantSpec, TorchQuantizedLinear, TritonLinear
+from lightning_speedup.quantization.formats import codebook
+from lightning_speedup.quantization.modules import codes_to_storage
+from lightning_speedup.quantization.triton_gemv import GEMV_MAX_ROWS, interpreting, lut_gemv
+from tests.quantization.test_triton_gemv import assert_close_to_reference, quantized_weight
+
+if not interpreting():
+    pytest.skip(
+        "runs only under TRITON_INTERPRET=1 (test_triton_gemv.py::test_in_the_triton_interpreter starts it)",
+        allow_module_level=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel, in the interpreter
+# ------------------------------------------------------------------------------------------------
+
+
+# (format, group, M, N, K, x dtype, tile): odd N leaves the last row tile partial; KB = K/2 not a multiple
+# of BLOCK_KB takes the masked-tail path; M = 3 checks the row index of the grid.
+KERNEL_CASES = [
+    ("int4", 32, 1, 37, 128, torch.float32, {"BLOCK_N": 8, "BLOCK_KB": 32}),
+    ("int4", 64, 3, 20, 192, torch.bfloat16, {"BLOCK_N": 4, "BLOCK_KB": 64}),
+    ("int4", 128, 1, 13, 256, torch.bfloat16, None),
+    ("int4", 128, 2, 6, 384, torch.bfloat16, {"BLOCK_N": 4, "BLOCK_KB": 32}),  # a group spans two steps
+    ("nf4", 4096, 1, 3, 4096, torch.bfloat16, None),  # the largest blocks: one per row
+    ("nf4", 64, 1, 33, 128, torch.bfloat16, {"BLOCK_N": 16, "BLOCK_KB": 32}),
+    ("nf4", 64, 3, 8, 192, torch.float16, None),
+    ("fp4", 64, 2, 5, 64, torch.bfloat16, {"BLOCK_N": 2, "BLOCK_KB": 128}),
+]
+
+
+@pytest.mark.parametrize(("fmt", "group", "m", "n", "k", "dtype", "tile"), KERNEL_CASES)
+def test_kernel_matches_float64_reference(
+    fmt: str, group: int, m: int, n: int, k: int, dtype: torch.dtype, tile: dict[str, int] | None
+) -> None:
+    spec, codes, scale, w64 = quantized_weight(fmt, group, n, k)
+    x = torch.randn(m, k).to(dtype)
+    lut = None if fmt == "int4" else codebook(fmt)
+    out = lut_gemv(x, codes_to_storage(codes, spec), scale, lut, group, n, k, config=tile)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert_close_to_reference(out, x, w64)
+
+
+def test_kernel_bias_output_dtype_and_small_groups() -> None:
+    """Groups of 16 (8-byte chunks; no QuantSpec makes them, the kernel allows them), bias, bf16 out."""
+    n, k, g = 11, 96, 16
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    scale = torch.rand(n, k // g) * 0.1
+    w64 = (codes.double().reshape(n, -1, g) * scale.double()[..., None]).reshape(n, k)
+    x, bias = torch.randn(2, k), torch.randn(n)
+    packed = codes_to_storage(codes, QuantSpec.create("int4"))
+    tile = {"BLOCK_N": 4, "BLOCK_KB": 32}
+    out = lut_gemv(x, packed, scale, None, g, n, k, config=tile)
+    assert_close_to_reference(out, x, w64)
+    with_bias = lut_gemv(x, packed, scale, None, g, n, k, bias=bias, out_dtype=torch.bfloat16, config=tile)
+    assert with_bias.dtype == torch.bfloat16
+    # The bias is added in float32, then the sum is rounded once (to nearest on GPUs; the interpreter
+    # truncates, so allow one bfloat16 step here; the gpu test checks the rounding exactly).
+    expected = out + bias
+    assert ((with_bias.float() - expected).abs() <= expected.abs() * 2**-7).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# The layer, in the interpreter
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "group"), [("int4", 32), ("int4", 128), ("nf4", 64), ("fp4", 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_matches_the_torch_backend(fmt: str, group: int, dtype: torch.dtype) -> None:
+    """GEMV rows equal the torch backend to the dtype's precision; prefill rows are the torch backend."""
+    n, k = 24, 256
+    spec, codes, scale, _ = quantized_weight(fmt, group, n, k)
+    bias = (torch.randn(n) * 0.1).to(dtype)
+    reference = TorchQuantizedLinear(spec, k, n, codes, scale, bias, dtype)
+    layer = TritonLinear(spec, k, n, codes, scale, bias, dtype)
+    # float32: the torch backend rounds code * scale to float32 once per weight; bfloat16: it rounds the
+    # weight to bfloat16, and both outputs are rounded to bfloat16 (the GEMV multiplies by the exact
+    # float32 weight). The bounds are relative to the output's largest value.
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    with torch.no_grad():
+        for shape in [(1, k), (3, k), (2, 4, k), (GEMV_MAX_ROWS, k)]:
+            x = torch.randn(shape).to(dtype)
+            out, expected = layer(x), reference(x)
+            assert out.shape == expected.shape and out.dtype == expected.dtype == dtype
+            torch.testing.assert_close(
+                out.float(), expected.float(), rtol=tol, atol=tol * expected.abs().max().item()
+            )
+        prefill = torch.randn(GEMV_MAX_ROWS + 1, k).to(dtype)
+        assert torch.equal(layer(prefill), reference(prefill))
+
+
+def test_inputs_that_need_a_gradient_take_the_torch_path() -> None:
+    spec, codes, scale, _ = quantized_weight("int4", 32, 8, 64)
+    layer = TritonLinear(spec, 64, 8, codes, scale, None, torch.float32)
+    x = torch.randn(1, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
