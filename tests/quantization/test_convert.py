@@ -200,11 +200,13 @@ def test_unknown_backend() -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_backend_on_an_unsupported_device_names_the_layer() -> None:
+@pytest.mark.parametrize(("weights", "backend"), [("int4", "tinygemm"), ("nf4", "triton")])
+def test_backend_on_an_unsupported_device_names_the_layer(weights: str, backend: str) -> None:
     with pytest.raises(
-        RuntimeError, match=r"layer '2' with backend='tinygemm': tinygemm: runs on cuda, the layer is on cpu"
+        RuntimeError,
+        match=rf"layer '2' with backend='{backend}': {backend}: runs on cuda, the layer is on cpu",
     ):
-        convert(prepare(_mlp(), "int4"), "tinygemm")
+        convert(prepare(_mlp(), weights), backend)
 
 
 @pytest.mark.parametrize(

@@ -26,9 +26,7 @@ from torch import Tensor, nn
 from lightning_speedup.quantization import (
     QuantSpec,
     TritonLinear,
-    convert,
     load,
-    prepare,
     quantize,
     quantize_weight,
     quantized_layers,
@@ -43,6 +41,7 @@ from lightning_speedup.quantization.triton_gemv import (
     lut_gemv,
     triton_unavailable,
 )
+from tests.quantization.test_convert import _mlp
 
 ROOT = Path(__file__).resolve().parents[2]
 _MISSING = triton_unavailable()
@@ -134,22 +133,6 @@ def test_canonical_round_trips_the_codes_and_scales(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # bad input (no triton needed)
 # ------------------------------------------------------------------------------------------------
-
-
-def _mlp() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 192), nn.GELU(), nn.Linear(192, 64), nn.GELU(),
-        nn.Linear(64, 10),
-    )  # fmt: skip
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_triton_backend_on_the_cpu_names_the_layer() -> None:
-    with pytest.raises(
-        RuntimeError, match=r"layer '2' with backend='triton': triton: runs on cuda, the layer is on cpu"
-    ):
-        convert(prepare(_mlp(), "nf4"), "triton")
 
 
 @pytest.mark.parametrize(
