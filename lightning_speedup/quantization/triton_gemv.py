@@ -120,6 +120,7 @@ def _lut_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_KB: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     """One program: rows ``[pid_n * BLOCK_N, +BLOCK_N)`` of the output for activation row ``pid_m``.
 
@@ -146,8 +147,19 @@ def _lut_gemv_kernel(
     x_ptrs = x_ptr + pid_m.to(tl.int64) * KB + chunk_full
     s_ptrs = s_ptr + rows[:, None].to(tl.int64) * NUM_GROUPS + (offs_c[None, :] * CHUNK) // (GROUP_SIZE // 2)
     acc = tl.zeros([BLOCK_N, BLOCK_KB // CHUNK], dtype=tl.float32)  # per-chunk scaled partial sums
+    if EVEN_K and PREFETCH:  # software pipelining: the weight bytes and scales of step kb0 + BLOCK_KB are
+        # in flight while step kb0 computes (the last step re-reads its own block, an L2 hit, unmasked)
+        b_next = tl.load(w_ptrs, eviction_policy="evict_first")
+        s_next = tl.load(s_ptrs)
     for kb0 in range(0, KB, BLOCK_KB):
-        if EVEN_K:  # no tail: unmasked loads (no predicates, no zero-fill moves)
+        if EVEN_K and PREFETCH:
+            b = b_next.to(tl.int32)
+            s = s_next
+            nxt = tl.minimum(kb0 + BLOCK_KB, KB - BLOCK_KB)
+            b_next = tl.load(w_ptrs + nxt, eviction_policy="evict_first")
+            s_next = tl.load(s_ptrs + (nxt * 2) // GROUP_SIZE)
+            xp = tl.load(x_ptrs + kb0, eviction_policy="evict_last")
+        elif EVEN_K:  # no tail: unmasked loads (no predicates, no zero-fill moves)
             b = tl.load(w_ptrs + kb0, eviction_policy="evict_first").to(tl.int32)
             xp = tl.load(x_ptrs + kb0, eviction_policy="evict_last")
             s = tl.load(s_ptrs + (kb0 * 2) // GROUP_SIZE)
@@ -233,8 +245,9 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
     tl = triton.language
     plain = triton.jit(_lut_gemv_kernel, do_not_specialize=["M"])
     configs = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_KB": bkb}, num_warps=w, num_stages=1)
+        triton.Config({"BLOCK_N": bn, "BLOCK_KB": bkb, "PREFETCH": prefetch}, num_warps=w, num_stages=1)
         for bn, bkb, w in AUTOTUNE_TILES
+        for prefetch in (False, True)
     ]
     tuned = triton.autotune(
         configs=configs,
