@@ -43,7 +43,12 @@ from lightning_speedup.quantization.fake_quant import (
     quantize_activation,
 )
 from lightning_speedup.quantization.formats import QuantSpec, codebook, reduction_size
-from lightning_speedup.quantization.triton_gemv import GEMV_MAX_ROWS, interpreting, lut_gemv
+from lightning_speedup.quantization.triton_gemv import (
+    GEMV_MAX_ROWS,
+    dequantize_packed,
+    interpreting,
+    lut_gemv,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Packing helpers
@@ -278,7 +283,8 @@ class TritonLinear(TorchQuantizedLinear):
     The storage is the torch backend's (``qweight``: two codes per byte; ``scale``: float32), so
     :meth:`canonical` and files are the same. Inputs of up to ``GEMV_MAX_ROWS`` rows (batch-1 decode)
     run :func:`.triton_gemv.lut_gemv`, which decodes ``LUT[nibble] * scale[n, k // G]`` on the fly;
-    larger inputs (prefill), and inputs that need a gradient, take the torch backend's dequantize +
+    larger inputs (prefill), and inputs that need a gradient, dequantize the weight in one Triton kernel
+    (:func:`.triton_gemv.dequantize_packed`, bit-exact with the torch backend's dequantization) and run
     ``F.linear``. The GEMV multiplies by the float32 dequantized weight where the torch backend first
     rounds it to the weight dtype, so the two agree to that dtype's precision, not bit for bit.
     """
@@ -318,6 +324,15 @@ class TritonLinear(TorchQuantizedLinear):
                 f"covers part of one row (got in_features={in_features})"
             )
         return None
+
+    def dequantized_weight(self) -> Tensor:
+        if not self.qweight.is_cuda and not interpreting():
+            return super().dequantized_weight()
+        lut = None if self.lut_bits is None else self.lut_bits.view(torch.float32)
+        g = int(self.spec.group_size)  # type: ignore[arg-type]
+        return dequantize_packed(
+            self.qweight, self.scale, lut, g, self.out_features, self.in_features, self.weight_dtype
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = _output_dtype(x)

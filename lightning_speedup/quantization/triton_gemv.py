@@ -76,6 +76,8 @@ _X_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _TRUE = ("1", "true", "on", "yes")
 
 tl: Any = None  # triton.language, imported by _kernels() on first use (the kernel resolves it then)
+_dequant: Any = None  # the jitted _dequant_kernel, built by _kernels()
+DEQUANT_BLOCK = 1024  # packed bytes per program of the dequantization kernel
 
 
 def triton_unavailable() -> str | None:
@@ -220,6 +222,30 @@ def _lut_gemv_kernel(
     tl.store(out_ptr + pid_m.to(tl.int64) * N + offs_n, out, mask=offs_n < N)
 
 
+def _dequant_kernel(w_ptr, s_ptr, lut_ptr, out_ptr, NBYTES, GROUP_SIZE: tl.constexpr, USE_LUT: tl.constexpr,
+                    BLOCK: tl.constexpr):  # fmt: skip
+    """Bytes ``[pid * BLOCK, +BLOCK)`` of the packed weight -> their 2 * BLOCK values, in order.
+
+    Byte j holds weights 2j (high nibble) and 2j + 1 (low nibble) of the flattened (N, K) weight; since
+    G divides K, the scale of weight 2j is ``scales.flatten()[2j // G]`` whatever the row. The value is
+    ``LUT[nibble] * scale`` in float32 (int4: ``nibble - 8``), rounded once to the output dtype: what
+    :func:`.fake_quant.dequantize_weight` computes.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < NBYTES
+    b = tl.load(w_ptr + offs, mask=mask, other=0).to(tl.int32)
+    s = tl.load(s_ptr + (offs * 2) // GROUP_SIZE, mask=mask, other=0.0)
+    if USE_LUT:
+        hi = tl.load(lut_ptr + (b >> 4))
+        lo = tl.load(lut_ptr + (b & 0xF))
+    else:
+        hi = ((b >> 4) - 8).to(tl.float32)
+        lo = ((b & 0xF) - 8).to(tl.float32)
+    pair = tl.join(hi * s, lo * s)  # (BLOCK, 2): element 2j, then 2j + 1
+    out_offs = tl.join(offs * 2, offs * 2 + 1)
+    tl.store(out_ptr + out_offs, pair.to(out_ptr.dtype.element_ty), mask=tl.join(mask, mask))
+
+
 def _prune_tiles(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
     """Drop tiles far larger than the layer (small layers would time many identical kernels)."""
     n, kb = named_args["N"], named_args["KB"]
@@ -244,6 +270,8 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
 
     tl = triton.language
     plain = triton.jit(_lut_gemv_kernel, do_not_specialize=["M"])
+    global _dequant
+    _dequant = triton.jit(_dequant_kernel)
     configs = [
         triton.Config({"BLOCK_N": bn, "BLOCK_KB": bkb, "PREFETCH": prefetch}, num_warps=w, num_stages=1)
         for bn, bkb, w in AUTOTUNE_TILES
@@ -343,3 +371,37 @@ def lut_gemv(
 
 def _cdiv(a: int, b: int) -> int:
     return -(a // -b)
+
+
+@torch.compiler.disable
+def dequantize_packed(
+    packed: Tensor, scales: Tensor, lut: Tensor | None, group_size: int, n: int, k: int, dtype: torch.dtype
+) -> Tensor:
+    """The (N, K) ``dtype`` weight of packed 4-bit codes, in one pass (prefill: dequantize + ``F.linear``).
+
+    Equal, bit for bit, to the torch backend's ``dequantize_weight`` (float32 ``LUT[code] * scale``,
+    rounded once to ``dtype``); that path takes a dozen elementwise kernels with int16/int64/float32
+    intermediates. Arguments as :func:`lut_gemv`'s.
+    """
+    if group_size < 2 or group_size & (group_size - 1) or k % group_size or packed.numel() != n * k // 2:
+        raise ValueError(
+            f"An ({n}, {k}) weight in groups of {group_size} (a power of two dividing K) needs {n * k // 2} "
+            f"packed bytes; got {packed.numel()}."
+        )
+    interpret = interpreting()
+    if not packed.is_cuda and not interpret:
+        raise RuntimeError(f"dequantize_packed runs on CUDA tensors, got {packed.device} ones.")
+    # The interpreter rounds float32 to 16 bits by truncation: there, torch rounds the float32 values.
+    out = torch.empty(n, k, dtype=torch.float32 if interpret else dtype, device=packed.device)
+    nbytes = n * k // 2
+    if nbytes == 0:
+        return out.to(dtype)
+    _kernels(interpret)
+    scales = scales.reshape(-1)
+    if scales.dtype != torch.float32 or not scales.is_contiguous():
+        scales = scales.float().contiguous()
+    _dequant[(_cdiv(nbytes, DEQUANT_BLOCK),)](
+        packed.reshape(-1), scales, scales if lut is None else lut, out, nbytes,
+        GROUP_SIZE=group_size, USE_LUT=lut is not None, BLOCK=DEQUANT_BLOCK,
+    )  # fmt: skip
+    return out.to(dtype)

@@ -33,10 +33,12 @@ from lightning_speedup.quantization import (
     resolve_backend,
     save,
 )
+from lightning_speedup.quantization.fake_quant import dequantize_weight
 from lightning_speedup.quantization.formats import codebook
 from lightning_speedup.quantization.modules import codes_to_storage
 from lightning_speedup.quantization.triton_gemv import (
     GEMV_MAX_ROWS,
+    dequantize_packed,
     interpreting,
     lut_gemv,
     triton_unavailable,
@@ -191,6 +193,13 @@ def test_lut_gemv_rejects_bad_arguments(kwargs: dict[str, int], message: str) ->
         )  # fmt: skip
 
 
+def test_dequantize_packed_rejects_a_weight_of_another_size() -> None:
+    with pytest.raises(
+        ValueError, match=r"An \(8, 64\) weight in groups of 32 .* needs 256 packed bytes; got 255"
+    ):
+        dequantize_packed(torch.zeros(255, dtype=torch.uint8), torch.ones(16), None, 32, 8, 64, torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------
 # CUDA (run on the device machine)
 # ------------------------------------------------------------------------------------------------
@@ -263,3 +272,19 @@ def test_cuda_save_load_and_graph_capture(tmp_path: Path) -> None:
         graph.replay()
         torch.cuda.synchronize()
     assert torch.equal(captured, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("fmt", "group", "n", "k"), [("int4", 32, 4099, 4096), ("int4", 128, 64, 11008), ("nf4", 64, 1000, 11008),
+                                 ("fp4", 64, 333, 2048)]
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_dequantize_is_bit_exact_with_the_torch_backend(
+    fmt: str, group: int, n: int, k: int, dtype: torch.dtype
+) -> None:
+    """The prefill path's one-kernel dequantization rounds float32 ``code * scale`` to dtype like torch."""
+    spec, codes, scale, _ = quantized_weight(fmt, group, n, k, device="cuda")
+    lut = None if fmt == "int4" else codebook(fmt, "cuda")
+    out = dequantize_packed(codes_to_storage(codes, spec), scale, lut, group, n, k, dtype)
+    assert torch.equal(out, dequantize_weight(codes, scale, spec, (n, k), dtype))

@@ -14,9 +14,15 @@ import pytest
 import torch
 
 from lightning_speedup.quantization import QuantSpec, TorchQuantizedLinear, TritonLinear
+from lightning_speedup.quantization.fake_quant import dequantize_weight
 from lightning_speedup.quantization.formats import codebook
 from lightning_speedup.quantization.modules import codes_to_storage
-from lightning_speedup.quantization.triton_gemv import GEMV_MAX_ROWS, interpreting, lut_gemv
+from lightning_speedup.quantization.triton_gemv import (
+    GEMV_MAX_ROWS,
+    dequantize_packed,
+    interpreting,
+    lut_gemv,
+)
 from tests.quantization.test_triton_gemv import assert_close_to_reference, quantized_weight
 
 if not interpreting():
@@ -74,6 +80,21 @@ def test_kernel_bias_output_dtype_and_small_groups() -> None:
     # truncates, so allow one bfloat16 step here; the gpu test checks the rounding exactly).
     expected = out + bias
     assert ((with_bias.float() - expected).abs() <= expected.abs() * 2**-7).all()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "group", "n", "k"), [("int4", 32, 37, 256), ("int4", 128, 5, 384), ("nf4", 64, 9, 256),
+                                 ("fp4", 64, 3, 128), ("nf4", 4096, 3, 4096)]
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_packed_is_the_torch_dequantization(
+    fmt: str, group: int, n: int, k: int, dtype: torch.dtype
+) -> None:
+    """Bit for bit (1000+ bytes: the last program of the grid is partial)."""
+    spec, codes, scale, _ = quantized_weight(fmt, group, n, k)
+    lut = None if fmt == "int4" else codebook(fmt)
+    out = dequantize_packed(codes_to_storage(codes, spec), scale, lut, group, n, k, dtype)
+    assert out.dtype == dtype and torch.equal(out, dequantize_weight(codes, scale, spec, (n, k), dtype))
 
 
 # ------------------------------------------------------------------------------------------------
