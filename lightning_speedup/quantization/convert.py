@@ -54,21 +54,25 @@ FILE_FORMAT = "lightning_speedup.quantized"
 FILE_VERSION = 1
 
 # Preference order per (device type, weight format, activation format); the first backend that can run
-# a layer wins. CUDA order from benchmarks/quant_speed.py on an H200 (2026-11-27, 1.3B GPT, tokens/s vs
-# bf16 for batch-1 decode / 16x512 prefill; benchmarks/results/2026-11-27-h200-quant-speed.json):
+# a layer wins. CUDA order from benchmarks/quant_speed.py on an H200 (2026-11-27, tokens/s vs bf16 for
+# batch-1 decode / 16x512 prefill; 1.3B GPT: benchmarks/results/2026-11-27-h200-quant-speed.json, 6.65B:
+# 2026-11-27-h200-quant-speed-6b-triton-dequant.json):
 #   int8 weight-only  torch 0.18x / 0.78x (the only backend)
 #   int8 + int8 act   bnb 0.63x / 0.49x, torch._int_mm 0.43x / 0.29x
-#   int4 g32          tinygemm 1.17x / 0.05x, torch 0.11x / 0.66x: tinygemm wins decode, the
-#                     deployment case of weight-only 4-bit; pass backend="torch" for prefill-heavy work
-#   nf4, fp4          bnb 1.01x / 0.94x, torch 0.09x / 0.62x
+#   int4 g32          1.3B: triton 1.32x / 0.94x, tinygemm 1.17x / 0.05x, torch 0.11x / 0.66x
+#                     6.65B: triton 1.46x / 0.95x, tinygemm 1.27x / 0.04x
+#   nf4               1.3B: triton 1.17x / 0.94x, bnb 1.01x / 0.94x, torch 0.09x / 0.62x
+#                     6.65B: triton 1.13x / 0.93x, bnb 1.05x / 0.95x
+#   fp4               bnb 1.00x / 0.90x; the Triton kernel runs fp4 exactly as nf4 (a 16-entry codebook)
+# Triton needs the triton package (PyTorch's CUDA wheels ship it); without it the next backend is used.
 AUTO_BACKENDS: dict[tuple[str, str, str | None], tuple[str, ...]] = {
     ("cuda", "int8", None): ("torch",),
     ("cuda", "int8", "int8"): ("bnb", "torch"),
-    ("cuda", "int4", None): ("tinygemm", "torch"),
+    ("cuda", "int4", None): ("triton", "tinygemm", "torch"),
     ("cuda", "int4", "int8"): ("torch",),
-    ("cuda", "nf4", None): ("bnb", "torch"),
+    ("cuda", "nf4", None): ("triton", "bnb", "torch"),
     ("cuda", "nf4", "int8"): ("torch",),
-    ("cuda", "fp4", None): ("bnb", "torch"),
+    ("cuda", "fp4", None): ("triton", "bnb", "torch"),
     ("cuda", "fp4", "int8"): ("torch",),
 }
 

@@ -310,10 +310,11 @@ def test_tinygemm_canonical_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_auto_backend_on_cuda(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("weights", ["int4", "nf4"])
+def test_auto_backend_on_cuda(weights: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="lightning_speedup.quantization.convert"):
-        real = quantize(_mlp().cuda(), "nf4")
-    assert "picked bnb" in caplog.text and isinstance(real[2], BnbLinear)
+        real = quantize(_mlp().cuda(), weights)
+    assert "picked triton" in caplog.text and isinstance(real[2], TritonLinear)
 
 
 def test_bitsandbytes_is_imported_only_for_bnb_layers() -> None:

@@ -163,6 +163,20 @@ def test_missing_triton_is_an_import_error(monkeypatch: pytest.MonkeyPatch) -> N
         resolve_backend("triton", QuantSpec.create("int4"), torch.device("cuda"), 128, 64, "fc")
 
 
+def test_auto_prefers_triton_on_cuda_and_falls_back_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    convert_module = importlib.import_module("lightning_speedup.quantization.convert")
+    cuda = torch.device("cuda")  # resolving needs no GPU: it reads the device type only
+    monkeypatch.setattr(convert_module, "triton_unavailable", lambda: None)
+    monkeypatch.setattr(convert_module, "_bnb_available", lambda: True)
+    for weights in ("int4", "nf4", "fp4"):
+        assert resolve_backend("auto", QuantSpec.create(weights), cuda, 128, 64, "fc") == "triton"
+    monkeypatch.setattr(convert_module, "triton_unavailable", lambda: "triton is not installed")
+    assert resolve_backend("auto", QuantSpec.create("int4"), cuda, 128, 64, "fc") == "tinygemm"
+    assert resolve_backend("auto", QuantSpec.create("nf4"), cuda, 128, 64, "fc") == "bnb"
+    monkeypatch.setattr(convert_module, "_bnb_available", lambda: False)
+    assert resolve_backend("auto", QuantSpec.create("fp4"), cuda, 128, 64, "fc") == "torch"
+
+
 def test_a_triton_layer_refuses_cpu_inputs_outside_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     spec, codes, scale, _ = quantized_weight("int4", 32, 8, 64)
