@@ -42,7 +42,7 @@ def compile_tile(
     import triton
     from triton.backends.compiler import GPUTarget
 
-    kernel, _ = triton_gemv._kernels(False)
+    kernel, _, _ = triton_gemv._kernels(False)
     sig = {
         "x_ptr": "*i32" if x_kind < 2 else "*i64", "w_ptr": "*u8", "s_ptr": "*fp32", "lut_ptr": "*fp32",
         "bias_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32", "KB": "i32", "NUM_GROUPS": "i32",
@@ -50,6 +50,7 @@ def compile_tile(
     consts = {
         "GROUP_SIZE": group, "CHUNK": triton_gemv.chunk_bytes(group), "X_KIND": x_kind, "USE_LUT": use_lut,
         "HAS_BIAS": False, "EVEN_K": True, "BLOCK_N": block_n, "BLOCK_KB": block_kb, "INTERPRET": False,
+        "PREFETCH": False,
     }  # fmt: skip
     sig.update(dict.fromkeys(consts, "constexpr"))
     aligned = ["x_ptr", "w_ptr", "s_ptr", "lut_ptr", "bias_ptr", "out_ptr", "N", "KB", "NUM_GROUPS"]

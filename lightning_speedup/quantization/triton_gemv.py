@@ -25,10 +25,15 @@ x 1.98 GHz, against 9.6e12 weights/s at the H200's 4.8 TB/s: ~3.5 instructions p
 * float32 accumulation throughout; the row sums, the bias and the rounding to the output dtype are
   the kernel's epilogue, so a layer call is one kernel launch (no zero-fill, no cast kernel).
 
-Compiled offline for sm_90 (Triton 3.9, its bundled ``ptxas``, no GPU), the int4 loop is 5.1-6.4 SASS
-instructions per weight (bfloat16 ``x``; see ``AUTOTUNE_TILES``) and the nf4/fp4 loop 7.6-8.9 (each
-codebook lookup is a 64-bit address and a load from L1), so the kernel is likely issue-bound below HBM
-bandwidth: benchmarks/quant_speed.py (configurations ``*_triton``) measures it.
+Compiled for sm_90 (its bundled ``ptxas``, no GPU needed: benchmarks/triton_gemv_sass.py), the int4 loop is
+5.1-6.4 SASS instructions per weight with Triton 3.9 and 5.4-5.9 with Triton 3.6 (bfloat16 ``x``; see
+``AUTOTUNE_TILES``), the nf4/fp4 loop 7.6-8.9 and 8.0-8.4 (each codebook lookup is a 64-bit address and
+a load from L1). Measured on an H200 (benchmarks/triton_gemv_layers.py), the kernel streams 2.0-2.15 TB/s
+of packed weights, 1.6-1.8x faster than cuBLAS' bfloat16 GEMV (int4 g32) and 1.1-1.3x (nf4): bound by its
+instructions, not by HBM.
+
+:func:`dequantize_packed` is the prefill path's other kernel: one pass from the packed bytes to the
+(N, K) weight in the layer's dtype, bit-exact with the torch backend's dequantization.
 
 There is no split-K: with ``BLOCK_N`` of 1 to 16 rows, the layers of 1-7B models (N >= 2048) give
 hundreds to thousands of programs, enough for 132 SMs without the atomics (order-dependent sums), the
@@ -52,7 +57,8 @@ from torch import Tensor
 # Rows of x up to which a layer runs the GEMV; above it (prefill), dequantize + F.linear is faster.
 GEMV_MAX_ROWS = 8
 
-# Autotuned tiles (BLOCK_N rows, BLOCK_KB bytes along K, num_warps). A warp covers 512 bytes of one row
+# Autotuned tiles (BLOCK_N rows, BLOCK_KB bytes along K, num_warps), each with and without PREFETCH (the
+# next step's weight bytes loaded before this step computes: +1-2% on nf4 layers of an H200, nothing on int4). A warp covers 512 bytes of one row
 # (BLOCK_KB >= 512; two or four warps share a row at 1024 and 2048) or 256 bytes of two rows; the rows
 # left over go to the same threads, and a thread with R rows loads and converts its x chunk once for
 # all of them: offline SASS (sm_90, int4, bf16 x) has 6.4 instructions per weight at R = 1, 5.5 at R = 2
@@ -76,7 +82,6 @@ _X_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _TRUE = ("1", "true", "on", "yes")
 
 tl: Any = None  # triton.language, imported by _kernels() on first use (the kernel resolves it then)
-_dequant: Any = None  # the jitted _dequant_kernel, built by _kernels()
 DEQUANT_BLOCK = 1024  # packed bytes per program of the dequantization kernel
 
 
@@ -258,8 +263,9 @@ def _even_k(args: dict[str, Any]) -> bool:
 
 
 @functools.cache
-def _kernels(interpret: bool) -> tuple[Any, Any]:
-    """(plain kernel, autotuned kernel), built on first use: ``triton.jit`` reads TRITON_INTERPRET then.
+def _kernels(interpret: bool) -> tuple[Any, Any, Any]:
+    """(plain GEMV, autotuned GEMV, dequantization kernel), built on first use: ``triton.jit`` reads
+    TRITON_INTERPRET then.
 
     ``interpret`` is part of the cache key only, so that the interpreted and the compiled kernels
     are built (and kept) separately when a test session switches between them.
@@ -270,8 +276,7 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
 
     tl = triton.language
     plain = triton.jit(_lut_gemv_kernel, do_not_specialize=["M"])
-    global _dequant
-    _dequant = triton.jit(_dequant_kernel)
+    dequant = triton.jit(_dequant_kernel)
     configs = [
         triton.Config({"BLOCK_N": bn, "BLOCK_KB": bkb, "PREFETCH": prefetch}, num_warps=w, num_stages=1)
         for bn, bkb, w in AUTOTUNE_TILES
@@ -282,7 +287,7 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         key=["N", "KB", "GROUP_SIZE", "USE_LUT"],
         prune_configs_by={"early_config_prune": _prune_tiles},
     )(triton.heuristics({"EVEN_K": _even_k})(plain))
-    return plain, tuned
+    return plain, tuned, dequant
 
 
 # torch.compile does not trace this: the pair view, the alignment check and Triton's autotuner (which
@@ -356,7 +361,7 @@ def lut_gemv(
         "USE_LUT": lut is not None, "HAS_BIAS": bias is not None, "INTERPRET": interpret,
         "enable_fp_fusion": True,  # the products and sums compile to FMAs (Triton 3.10 turns this off by default)
     }  # fmt: skip
-    plain, tuned = _kernels(interpret)
+    plain, tuned, _ = _kernels(interpret)
     if config is None and not interpret:
         tuned[lambda meta_: (m * _cdiv(n, meta_["BLOCK_N"]),)](*args, **meta)
         return out
@@ -396,11 +401,11 @@ def dequantize_packed(
     nbytes = n * k // 2
     if nbytes == 0:
         return out.to(dtype)
-    _kernels(interpret)
+    _, _, dequant = _kernels(interpret)
     scales = scales.reshape(-1)
     if scales.dtype != torch.float32 or not scales.is_contiguous():
         scales = scales.float().contiguous()
-    _dequant[(_cdiv(nbytes, DEQUANT_BLOCK),)](
+    dequant[(_cdiv(nbytes, DEQUANT_BLOCK),)](
         packed.reshape(-1), scales, scales if lut is None else lut, out, nbytes,
         GROUP_SIZE=group_size, USE_LUT=lut is not None, BLOCK=DEQUANT_BLOCK,
     )  # fmt: skip
