@@ -87,30 +87,16 @@ def measure_layer(
     packed = [torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, device="cuda") for _ in range(copies)]
     scales = [torch.rand(n, k // group, device="cuda") * 0.01 for _ in range(copies)]
 
-    def gemv(i: int, cfg: dict[str, int] | None, kernel: str = "words") -> Any:
-        return lut_gemv(
-            xk,
-            packed[i],
-            scales[i],
-            lut,
-            group,
-            n,
-            k,
-            out_dtype=torch.bfloat16,
-            config=cfg,
-            int4_kernel=kernel,
-        )
+    def gemv(i: int, cfg: dict[str, int] | None) -> Any:
+        return lut_gemv(xk, packed[i], scales[i], lut, group, n, k, out_dtype=torch.bfloat16, config=cfg)
 
     t_auto = time_calls(lambda i: gemv(i, None), copies, args.calls, args.repeats)
     row: dict[str, Any] = {
         "layer": name, "N": n, "K": k, "bf16_us": t_bf16 * 1e6, "bf16_GBps": 2 * n * k / t_bf16 / 1e9,
         "quant_bytes": q_bytes, "auto_us": t_auto * 1e6, "auto_vs_bf16": t_bf16 / t_auto, "tiles": [],
     }  # fmt: skip
-    if lut is None:  # int4: the first kernel (bytes, a reduction tree per chunk), autotuned, side by side
-        t_bytes = time_calls(lambda i: gemv(i, None, "bytes"), copies, args.calls, args.repeats)
-        row["bytes_auto_us"], row["bytes_auto_vs_bf16"] = t_bytes * 1e6, t_bf16 / t_bytes
     for cfg in tiles:
-        if cfg["BLOCK_KB"] > k // 2 or (lut is None and cfg["PREFETCH"]):  # the int4 kernel does not prefetch
+        if cfg["BLOCK_KB"] > k // 2:
             continue
         try:
             t = time_calls(lambda i, c=cfg: gemv(i, c), copies, args.calls, args.repeats)
@@ -121,9 +107,6 @@ def measure_layer(
     ok = [r for r in row["tiles"] if "us" in r]
     row["best"] = min(ok, key=lambda r: r["us"])
     row["best_without_prefetch"] = min((r for r in ok if not r["PREFETCH"]), key=lambda r: r["us"])
-    if lut is None:
-        t_again = time_calls(lambda i: gemv(i, None), copies, args.calls, args.repeats)  # drift check
-        row["auto_again_us"] = t_again * 1e6
     return row
 
 
@@ -153,8 +136,7 @@ def main() -> None:
         best, plain = row["best"], row["best_without_prefetch"]
         print(
             f"[{time.perf_counter() - t0:6.1f}s] {name:5s} {n:6d}x{k:<6d} bf16 {row['bf16_us']:7.1f} us "
-            f"({row['bf16_GBps']:5.0f} GB/s) | auto {row['auto_us']:7.1f} us ({row['auto_vs_bf16']:.2f}x) | "
-            f"bytes kernel {row.get('bytes_auto_vs_bf16', float('nan')):.2f}x | best "
+            f"({row['bf16_GBps']:5.0f} GB/s) | auto {row['auto_us']:7.1f} us ({row['auto_vs_bf16']:.2f}x) | best "
             f"{best['us']:7.1f} us {best['GBps']:5.0f} GB/s ({best['vs_bf16']:.2f}x) {best} | best w/o prefetch "
             f"{plain['vs_bf16']:.2f}x",
             flush=True,
@@ -167,11 +149,7 @@ def main() -> None:
         "block_best_us": sum(r["best"]["us"] for r in rows),
         "block_best_without_prefetch_us": sum(r["best_without_prefetch"]["us"] for r in rows),
     }
-    if lut is None:
-        summary["block_bytes_auto_us"] = sum(r["bytes_auto_us"] for r in rows)
-    for key in ("auto", "best", "best_without_prefetch", "bytes_auto"):
-        if f"block_{key}_us" not in summary:
-            continue
+    for key in ("auto", "best", "best_without_prefetch"):
         summary[f"block_{key}_vs_bf16"] = total_bf16 / summary[f"block_{key}_us"]
     result = {
         "benchmark": "triton_gemv_layers", "issue": 5, "env": env, "device": device_label(env),

@@ -30,24 +30,19 @@ from lightning_speedup.quantization import triton_gemv
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "triton_gemv_sass.json"
 # (name, x kind (0 bf16, 1 fp16, 2 fp32), codebook lookup, group size): the formats of the benchmarks.
-# "int4w": the int4 kernel on 32-bit words (what int4 with groups >= 32 runs); "int4": the codebook kernel's
-# int4 path (the first version, lut_gemv(int4_kernel="bytes")).
-VARIANTS = [("int4w_g32_bf16", 0, False, 32), ("int4_g32_bf16", 0, False, 32), ("nf4_b64_bf16", 0, True, 64),
-            ("int4w_g128_bf16", 0, False, 128)]  # fmt: skip
+VARIANTS = [("int4_g32_bf16", 0, False, 32), ("nf4_b64_bf16", 0, True, 64), ("int4_g128_bf16", 0, False, 128)]
 _INSTR = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
 _BACK_BRANCH = re.compile(r"/\*([0-9a-f]{4,})\*/\s+@!?U?P\w+\s+BRA\s+0x([0-9a-f]+)")
 
 
 def compile_tile(
-    x_kind: int, use_lut: bool, group: int, block_n: int, block_kb: int, warps: int, workdir: Path,
-    words: bool = False,
-) -> dict[str, Any]:  # fmt: skip
+    x_kind: int, use_lut: bool, group: int, block_n: int, block_kb: int, warps: int, workdir: Path
+) -> dict[str, Any]:
     """Compile one specialisation for sm_90 and count the SASS of its main loop."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    kernels = triton_gemv._kernels(False)
-    kernel = kernels.int4 if words else kernels.gemv
+    kernel, _, _ = triton_gemv._kernels(False)
     sig = {
         "x_ptr": "*i32" if x_kind < 2 else "*i64", "w_ptr": "*u8", "s_ptr": "*fp32", "lut_ptr": "*fp32",
         "bias_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32", "KB": "i32", "NUM_GROUPS": "i32",
@@ -114,8 +109,7 @@ def main() -> None:
                 continue
             for block_n, block_kb, warps in tiles:
                 key = f"{name}/{block_n}x{block_kb}w{warps}"
-                words = name.startswith("int4w")
-                rows[key] = compile_tile(x_kind, use_lut, group, block_n, block_kb, warps, Path(tmp), words)
+                rows[key] = compile_tile(x_kind, use_lut, group, block_n, block_kb, warps, Path(tmp))
                 r = rows[key]
                 print(
                     f"{key:32s} regs {r['registers']!s:>4s}  {r['instructions_per_weight']:5.2f} instr/weight  "

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -227,146 +227,6 @@ def _lut_gemv_kernel(
     tl.store(out_ptr + pid_m.to(tl.int64) * N + offs_n, out, mask=offs_n < N)
 
 
-def _int4_words_kernel(
-    x_ptr,
-    w_ptr,
-    s_ptr,
-    lut_ptr,
-    bias_ptr,
-    out_ptr,
-    M,
-    N,
-    KB,
-    NUM_GROUPS,
-    GROUP_SIZE: tl.constexpr,
-    CHUNK: tl.constexpr,
-    X_KIND: tl.constexpr,
-    USE_LUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_KB: tl.constexpr,
-    INTERPRET: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
-):
-    """The int4 GEMV for groups of >= 32 without a reduction tree inside a chunk.
-
-    Same arguments as :func:`_lut_gemv_kernel` (``lut_ptr``, ``CHUNK``, ``USE_LUT``, ``INTERPRET`` and
-    ``PREFETCH`` unused). A thread's 16-byte chunk (one 128-bit load) is viewed as four 4-byte rows
-    (q, i), and byte i of every row is taken in turn: its two nibbles are decoded with the magic
-    number (the high one in place, x 16) and multiply-added into two float32 accumulators of shape
-    (rows, chunks, 4), one per power of two. The chunk's sum is then three adds over q and one fused
-    multiply-add with its scale, where :func:`_lut_gemv_kernel` sums 32 products in a tree.
-    """
-    pid = tl.program_id(0)
-    pid_m = pid % M
-    pid_n = pid // M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    rows = tl.minimum(offs_n, N - 1)
-    C: tl.constexpr = BLOCK_KB // 16
-    offs_c = tl.arange(0, C)
-    chunk = offs_c[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]  # (1, C, 16) bytes
-    chunk_full = chunk + tl.zeros([BLOCK_N, 1, 1], dtype=tl.int32)  # x and w share one shape (one layout)
-    w_ptrs = w_ptr + rows[:, None, None].to(tl.int64) * KB + chunk_full
-    x_ptrs = x_ptr + pid_m.to(tl.int64) * KB + chunk_full
-    s_ptrs = s_ptr + rows[:, None].to(tl.int64) * NUM_GROUPS + (offs_c[None, :] * 32) // GROUP_SIZE  # (BN, C)
-    acc = tl.zeros([BLOCK_N, C], dtype=tl.float32)
-    for kb0 in range(0, KB, BLOCK_KB):
-        if EVEN_K:
-            b = tl.load(w_ptrs + kb0, eviction_policy="evict_first")
-            xp = tl.load(x_ptrs + kb0, eviction_policy="evict_last")
-            s = tl.load(s_ptrs + (kb0 * 2) // GROUP_SIZE)
-        else:  # K is a multiple of 32, so the tail of a row is whole chunks
-            in_k = chunk_full < KB - kb0
-            b = tl.load(w_ptrs + kb0, mask=in_k, other=0, eviction_policy="evict_first")
-            xp = tl.load(x_ptrs + kb0, mask=in_k, other=0, eviction_policy="evict_last")
-            s = tl.load(s_ptrs + (kb0 * 2) // GROUP_SIZE, mask=offs_c[None, :] * 16 < KB - kb0, other=0.0)
-        # Both nibbles of every byte as exact float32 codes (v - 8): high = weight 2j, low = weight 2j + 1.
-        if INTERPRET:
-            hi = ((((b >> 4) & 0xF).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)) - 8388616.0
-            lo = (((b & 0xF).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)) - 8388616.0
-        else:
-            # Four bytes per 32-bit register: each nibble is masked where it lies and or-ed into the
-            # float 2**23 (one LOP3), giving 2**23 + v * 2**p (p = 0, 4, 8, 12; the upper half-word is
-            # shifted down once), and one fused multiply-add by 2**-p and -(2**(23 - p) + 8) leaves
-            # v - 8 exactly. No byte extraction, no int-to-float conversion.
-            lo, hi = tl.inline_asm_elementwise(
-                """
-                {
-                .reg .b32 w, u<8>;
-                shr.u32 w, $8, 16;
-                and.b32 u0, $8, 0x0000000F;
-                and.b32 u4, $8, 0x000000F0;
-                and.b32 u1, $8, 0x00000F00;
-                and.b32 u5, $8, 0x0000F000;
-                and.b32 u2, w, 0x0000000F;
-                and.b32 u6, w, 0x000000F0;
-                and.b32 u3, w, 0x00000F00;
-                and.b32 u7, w, 0x0000F000;
-                or.b32 u0, u0, 0x4B000000;
-                or.b32 u4, u4, 0x4B000000;
-                or.b32 u1, u1, 0x4B000000;
-                or.b32 u5, u5, 0x4B000000;
-                or.b32 u2, u2, 0x4B000000;
-                or.b32 u6, u6, 0x4B000000;
-                or.b32 u3, u3, 0x4B000000;
-                or.b32 u7, u7, 0x4B000000;
-                sub.f32 $0, u0, 0f4B000008;
-                fma.rn.f32 $1, u1, 0f3B800000, 0fC7000800;
-                sub.f32 $2, u2, 0f4B000008;
-                fma.rn.f32 $3, u3, 0f3B800000, 0fC7000800;
-                fma.rn.f32 $4, u4, 0f3D800000, 0fC9000080;
-                fma.rn.f32 $5, u5, 0f39800000, 0fC5008000;
-                fma.rn.f32 $6, u6, 0f3D800000, 0fC9000080;
-                fma.rn.f32 $7, u7, 0f39800000, 0fC5008000;
-                }
-                """,
-                "=r,=r,=r,=r,=r,=r,=r,=r,r",
-                [b],
-                dtype=(tl.float32, tl.float32),
-                is_pure=True,
-                pack=4,
-            )
-        # Byte j = 4q + i of the chunk; split i = 2a + c off the last axis: (BN, C, 4) tensors over q.
-        hi_c0, hi_c1 = tl.split(tl.reshape(hi, [BLOCK_N, C, 4, 2, 2]))
-        hi0, hi2 = tl.split(hi_c0)
-        hi1, hi3 = tl.split(hi_c1)
-        lo_c0, lo_c1 = tl.split(tl.reshape(lo, [BLOCK_N, C, 4, 2, 2]))
-        lo0, lo2 = tl.split(lo_c0)
-        lo1, lo3 = tl.split(lo_c1)
-        x_c0, x_c1 = tl.split(tl.reshape(xp, [BLOCK_N, C, 4, 2, 2]))
-        x0, x2 = tl.split(x_c0)
-        x1, x3 = tl.split(x_c1)
-        a = tl.zeros(
-            [BLOCK_N, C, 4], dtype=tl.float32
-        )  # one chain of fused multiply-adds per (row, chunk, q)
-        for i in tl.static_range(4):
-            if i == 0:
-                hii, loi, xi = hi0, lo0, x0
-            elif i == 1:
-                hii, loi, xi = hi1, lo1, x1
-            elif i == 2:
-                hii, loi, xi = hi2, lo2, x2
-            else:
-                hii, loi, xi = hi3, lo3, x3
-            if X_KIND == 0:  # bfloat16 pairs: element 2j in the low half
-                x_even = (xi << 16).to(tl.float32, bitcast=True)
-                x_odd = (xi & -65536).to(tl.float32, bitcast=True)
-            elif X_KIND == 1:
-                x_even = (xi & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                x_odd = (xi >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            else:
-                x_even = (xi & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-                x_odd = (xi >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            a += hii * x_even
-            a += loi * x_odd
-        acc += tl.sum(a, axis=2) * s
-    out = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + rows).to(tl.float32)
-    tl.store(out_ptr + pid_m.to(tl.int64) * N + offs_n, out, mask=offs_n < N)
-
-
 def _dequant_kernel(w_ptr, s_ptr, lut_ptr, out_ptr, NBYTES, GROUP_SIZE: tl.constexpr, USE_LUT: tl.constexpr,
                     BLOCK: tl.constexpr):  # fmt: skip
     """Bytes ``[pid * BLOCK, +BLOCK)`` of the packed weight -> their 2 * BLOCK values, in order.
@@ -402,17 +262,10 @@ def _even_k(args: dict[str, Any]) -> bool:
     return args["KB"] % args["BLOCK_KB"] == 0
 
 
-class _Kernels(NamedTuple):
-    gemv: Any  # _lut_gemv_kernel, jitted (fixed tile)
-    gemv_tuned: Any  # the same, autotuned
-    int4: Any  # _int4_words_kernel, jitted
-    int4_tuned: Any
-    dequant: Any  # _dequant_kernel
-
-
 @functools.cache
-def _kernels(interpret: bool) -> _Kernels:
-    """The jitted kernels, built on first use: ``triton.jit`` reads TRITON_INTERPRET then.
+def _kernels(interpret: bool) -> tuple[Any, Any, Any]:
+    """(plain GEMV, autotuned GEMV, dequantization kernel), built on first use: ``triton.jit`` reads
+    TRITON_INTERPRET then.
 
     ``interpret`` is part of the cache key only, so that the interpreted and the compiled kernels
     are built (and kept) separately when a test session switches between them.
@@ -422,28 +275,19 @@ def _kernels(interpret: bool) -> _Kernels:
     import triton.language
 
     tl = triton.language
-
-    def autotuned(kernel: Any, prefetch: tuple[bool, ...]) -> Any:
-        configs = [
-            triton.Config({"BLOCK_N": bn, "BLOCK_KB": bkb, "PREFETCH": p}, num_warps=w, num_stages=1)
-            for bn, bkb, w in AUTOTUNE_TILES
-            for p in prefetch
-        ]
-        return triton.autotune(
-            configs=configs,
-            key=["N", "KB", "GROUP_SIZE", "USE_LUT"],
-            prune_configs_by={"early_config_prune": _prune_tiles},
-        )(triton.heuristics({"EVEN_K": _even_k})(kernel))
-
-    gemv = triton.jit(_lut_gemv_kernel, do_not_specialize=["M"])
-    int4 = triton.jit(_int4_words_kernel, do_not_specialize=["M"])
-    return _Kernels(
-        gemv=gemv,
-        gemv_tuned=autotuned(gemv, (False, True)),
-        int4=int4,
-        int4_tuned=autotuned(int4, (False,)),  # it has no prefetching variant
-        dequant=triton.jit(_dequant_kernel),
-    )
+    plain = triton.jit(_lut_gemv_kernel, do_not_specialize=["M"])
+    dequant = triton.jit(_dequant_kernel)
+    configs = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_KB": bkb, "PREFETCH": prefetch}, num_warps=w, num_stages=1)
+        for bn, bkb, w in AUTOTUNE_TILES
+        for prefetch in (False, True)
+    ]
+    tuned = triton.autotune(
+        configs=configs,
+        key=["N", "KB", "GROUP_SIZE", "USE_LUT"],
+        prune_configs_by={"early_config_prune": _prune_tiles},
+    )(triton.heuristics({"EVEN_K": _even_k})(plain))
+    return plain, tuned, dequant
 
 
 # torch.compile does not trace this: the pair view, the alignment check and Triton's autotuner (which
@@ -461,7 +305,6 @@ def lut_gemv(
     bias: Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
     config: dict[str, int] | None = None,
-    int4_kernel: str = "words",
 ) -> Tensor:
     """``x2d @ dequantize(W).T (+ bias)`` for a packed 4-bit (N, K) weight: an (M, N) ``out_dtype`` tensor.
 
@@ -476,8 +319,6 @@ def lut_gemv(
         config: a fixed tile (``{"BLOCK_N": 8, "BLOCK_KB": 256}``, optionally ``num_warps``) instead of
             autotuning; BLOCK_KB is a power of two >= 16, in bytes. The interpreter never autotunes
             (``DEFAULT_TILE`` if None).
-        int4_kernel: ``"words"`` (default): int4 with groups of >= 32 runs :func:`_int4_words_kernel`;
-            ``"bytes"``: the codebook kernel's int4 path (the first version; for comparisons).
 
     Raises:
         ValueError: shapes or dtypes that do not fit (the message says which).
@@ -485,8 +326,6 @@ def lut_gemv(
     """
     if group_size < 16 or group_size & (group_size - 1) or k % group_size:
         raise ValueError(f"group_size must be a power of two >= 16 that divides K={k}, got {group_size}.")
-    if int4_kernel not in ("words", "bytes"):
-        raise ValueError(f"int4_kernel must be 'words' or 'bytes', got {int4_kernel!r}.")
     if x2d.dim() != 2 or x2d.shape[1] != k or x2d.dtype not in _X_KIND:
         raise ValueError(f"x must be (M, {k}) bfloat16/float16/float32, got {tuple(x2d.shape)} {x2d.dtype}.")
     if packed.dtype != torch.uint8 or packed.numel() != n * k // 2 or scales.numel() != n * k // group_size:
@@ -522,10 +361,7 @@ def lut_gemv(
         "USE_LUT": lut is not None, "HAS_BIAS": bias is not None, "INTERPRET": interpret,
         "enable_fp_fusion": True,  # the products and sums compile to FMAs (Triton 3.10 turns this off by default)
     }  # fmt: skip
-    kernels = _kernels(interpret)
-    plain, tuned = kernels.gemv, kernels.gemv_tuned
-    if lut is None and group_size >= 32 and int4_kernel == "words":
-        plain, tuned = kernels.int4, kernels.int4_tuned
+    plain, tuned, _ = _kernels(interpret)
     if config is None and not interpret:
         tuned[lambda meta_: (m * _cdiv(n, meta_["BLOCK_N"]),)](*args, **meta)
         return out
@@ -565,7 +401,7 @@ def dequantize_packed(
     nbytes = n * k // 2
     if nbytes == 0:
         return out.to(dtype)
-    dequant = _kernels(interpret).dequant
+    _, _, dequant = _kernels(interpret)
     scales = scales.reshape(-1)
     if scales.dtype != torch.float32 or not scales.is_contiguous():
         scales = scales.float().contiguous()

@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -197,15 +196,14 @@ def test_a_triton_layer_refuses_cpu_inputs_outside_the_interpreter(monkeypatch: 
         ({"group_size": 24}, r"group_size must be a power of two >= 16 that divides K=64"),
         ({"k": 128}, r"x must be \(M, 128\)"),
         ({"n": 9}, r"An \(9, 64\) weight in groups of 32 needs 288 uint8 bytes"),
-        ({"int4_kernel": "nibbles"}, r"int4_kernel must be 'words' or 'bytes', got 'nibbles'"),
     ],
 )
-def test_lut_gemv_rejects_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
-    args = {"group_size": 32, "n": 8, "k": 64, "int4_kernel": "words"} | kwargs
+def test_lut_gemv_rejects_bad_arguments(kwargs: dict[str, int], message: str) -> None:
+    args = {"group_size": 32, "n": 8, "k": 64} | kwargs
     with pytest.raises(ValueError, match=message):
         lut_gemv(
             torch.randn(1, 64), torch.zeros(256, dtype=torch.uint8), torch.ones(16), None, args["group_size"],
-            args["n"], args["k"], int4_kernel=args["int4_kernel"],
+            args["n"], args["k"],
         )  # fmt: skip
 
 
@@ -223,26 +221,21 @@ def test_dequantize_packed_rejects_a_weight_of_another_size() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    ("fmt", "group", "m", "n", "k", "int4_kernel"),
+    ("fmt", "group", "m", "n", "k"),
     [
-        ("int4", 32, 1, 4096, 4096, "words"),
-        ("int4", 32, 1, 4096, 4096, "bytes"),
-        ("int4", 128, 1, 4099, 11008, "words"),  # odd N; K / 2 = 5504 is no multiple of the 512-byte tiles
-        ("int4", 128, 1, 4099, 11008, "bytes"),
-        ("int4", 64, 5, 333, 2048, "words"),
-        ("nf4", 64, 1, 4096, 11008, "words"),
-        ("nf4", 64, 3, 1000, 2048, "words"),
-        ("fp4", 64, 8, 2048, 4096, "words"),
+        ("int4", 32, 1, 4096, 4096),
+        ("int4", 128, 1, 4099, 11008),  # odd N; K / 2 = 5504 is no multiple of the 512-byte and larger tiles
+        ("nf4", 64, 1, 4096, 11008),
+        ("nf4", 64, 3, 1000, 2048),
+        ("fp4", 64, 8, 2048, 4096),
     ],
 )
-def test_cuda_kernel_matches_float64_reference(
-    fmt: str, group: int, m: int, n: int, k: int, int4_kernel: str
-) -> None:
-    """The compiled kernels, autotuned on each shape, with bf16 x (the int4 words kernel decodes in PTX)."""
+def test_cuda_kernel_matches_float64_reference(fmt: str, group: int, m: int, n: int, k: int) -> None:
+    """The compiled kernel, autotuned on each shape, with bf16 x."""
     spec, codes, scale, w64 = quantized_weight(fmt, group, n, k, device="cuda")
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     lut = None if fmt == "int4" else codebook(fmt, "cuda")
-    out = lut_gemv(x, codes_to_storage(codes, spec), scale, lut, group, n, k, int4_kernel=int4_kernel)
+    out = lut_gemv(x, codes_to_storage(codes, spec), scale, lut, group, n, k)
     assert_close_to_reference(out, x, w64)
 
 
