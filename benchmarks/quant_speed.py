@@ -20,7 +20,8 @@ Measured per configuration, all in one process, interleaved (A B C ... A B C ...
   trains), so a broken kernel shows.
 
 Configurations: bf16; int8 weight-only (torch dequant); int8 weights + int8 dynamic activations via
-``torch._int_mm`` and via bitsandbytes ``Linear8bitLt``; int4 g=32 via torch dequant, tinygemm and the
+``torch._int_mm``, via bitsandbytes ``Linear8bitLt`` and via the Triton int8 GEMM with a fused rescale
+(``lightning_speedup.quantization.triton_int8``); int4 g=32 via torch dequant, tinygemm and the
 Triton GEMV (``lightning_speedup.quantization.triton_gemv``); nf4 and fp4 via bitsandbytes
 ``Linear4bit``; nf4 via torch dequant and the Triton GEMV. A configuration whose backend cannot run
 here (a CUDA-only backend under ``--accelerator cpu``, a missing package) is skipped with its reason.
@@ -73,6 +74,7 @@ CONFIGS = [
     Config("int8_torch", "int8"),
     Config("w8a8_torch_int_mm", "int8", "int8", "torch"),
     Config("w8a8_bnb", "int8", "int8", "bnb"),
+    Config("w8a8_triton", "int8", "int8", "triton"),
     Config("int4_g32_torch", "int4", None, "torch", 32),
     Config("int4_g32_tinygemm", "int4", None, "tinygemm", 32),
     Config("int4_g32_triton", "int4", None, "triton", 32),
@@ -359,6 +361,7 @@ def main() -> None:
         else medians[best_4bit]["decode_vs_bf16"] >= 1.5,
         "int8_int_mm_prefill_at_least_1.3x": medians.get("w8a8_torch_int_mm", {}).get("prefill_vs_bf16", 0)
         >= 1.3,
+        "int8_triton_prefill_at_least_1.3x": medians.get("w8a8_triton", {}).get("prefill_vs_bf16", 0) >= 1.3,
     }
     env = environment()
     for entry in info.values():

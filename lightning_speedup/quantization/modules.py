@@ -49,6 +49,7 @@ from lightning_speedup.quantization.triton_gemv import (
     interpreting,
     lut_gemv,
 )
+from lightning_speedup.quantization.triton_int8 import int8_gemm_scaled
 
 # --------------------------------------------------------------------------------------------------
 # Packing helpers
@@ -278,7 +279,7 @@ class TinyGemmLinear(QuantizedLinear):
 
 
 class TritonLinear(TorchQuantizedLinear):
-    """4-bit weight-only layers (int4, nf4, fp4) whose decode runs a Triton GEMV on the packed codes (CUDA).
+    """4-bit weight-only layers (int4, nf4, fp4) and W8A8 layers on Triton kernels (CUDA).
 
     The storage is the torch backend's (``qweight``: two codes per byte; ``scale``: float32), so
     :meth:`canonical` and files are the same. Inputs of up to ``GEMV_MAX_ROWS`` rows (batch-1 decode)
@@ -287,6 +288,11 @@ class TritonLinear(TorchQuantizedLinear):
     (:func:`.triton_gemv.dequantize_packed`, bit-exact with the torch backend's dequantization) and run
     ``F.linear``. The GEMV multiplies by the float32 dequantized weight where the torch backend first
     rounds it to the weight dtype, so the two agree to that dtype's precision, not bit for bit.
+
+    W8A8 (int8 weights, int8 dynamic per-token activations): the activations are quantized as in the
+    torch backend, then :func:`.triton_int8.int8_gemm_scaled` multiplies the codes on int8 tensor cores
+    and rescales each output tile in its epilogue (no int32 tensor in memory); the result equals the
+    torch backend's ``torch._int_mm`` path bit for bit.
     """
 
     backend = "triton"
@@ -312,8 +318,13 @@ class TritonLinear(TorchQuantizedLinear):
     def unsupported(
         cls, spec: QuantSpec, in_features: int, out_features: int, device_type: str = "cpu"
     ) -> str | None:
+        if spec.weights == "int8" and spec.activations == "int8":
+            return None  # any shape: the GEMM masks its edges
         if spec.bits != 4 or spec.activations is not None:
-            return f"the Triton GEMV runs 4-bit weight-only layers (int4, nf4, fp4), not {spec.describe()}"
+            return (
+                f"the Triton kernels run 4-bit weight-only layers (int4, nf4, fp4) and int8 weights with int8 "
+                f"activations, not {spec.describe()}"
+            )
         g = int(spec.group_size)  # type: ignore[arg-type]
         if g < 16 or g & (g - 1):
             return f"the Triton GEMV needs a group size that is a power of two >= 16 (got {g})"
@@ -325,8 +336,16 @@ class TritonLinear(TorchQuantizedLinear):
             )
         return None
 
+    @staticmethod
+    def _check_device(x: Tensor) -> None:
+        if not x.is_cuda and not interpreting():
+            raise RuntimeError(
+                f"TritonLinear runs on CUDA, but its input is on {x.device}. Move the model to a GPU, or "
+                "convert/load it with backend='torch' to run on the CPU."
+            )
+
     def dequantized_weight(self) -> Tensor:
-        if not self.qweight.is_cuda and not interpreting():
+        if self.spec.bits != 4 or (not self.qweight.is_cuda and not interpreting()):
             return super().dequantized_weight()
         lut = None if self.lut_bits is None else self.lut_bits.view(torch.float32)
         g = int(self.spec.group_size)  # type: ignore[arg-type]
@@ -338,13 +357,26 @@ class TritonLinear(TorchQuantizedLinear):
         dtype = _output_dtype(x)
         rows = x.numel() // self.in_features
         needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if rows > GEMV_MAX_ROWS or needs_grad or dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            return super().forward(x)
-        if not x.is_cuda and not interpreting():
-            raise RuntimeError(
-                f"TritonLinear runs on CUDA, but its input is on {x.device}. Move the model to a GPU, or "
-                "convert/load it with backend='torch' to run on the CPU."
+        if self.spec.activations == "int8" and not needs_grad:
+            self._check_device(x)
+            xq, xs = quantize_activation(x)
+            out = int8_gemm_scaled(
+                xq.reshape(-1, self.in_features),
+                self.qweight,
+                xs,
+                self.scale,
+                bias=self.bias,
+                out_dtype=dtype,
             )
+            return out.reshape(*x.shape[:-1], self.out_features)
+        if (
+            self.spec.activations == "int8"
+            or rows > GEMV_MAX_ROWS
+            or needs_grad
+            or dtype not in (torch.bfloat16, torch.float16, torch.float32)
+        ):
+            return super().forward(x)
+        self._check_device(x)
         g = int(self.spec.group_size)  # type: ignore[arg-type]
         x2 = x.reshape(-1, self.in_features).to(dtype)
         lut = None if self.lut_bits is None else self.lut_bits.view(torch.float32)

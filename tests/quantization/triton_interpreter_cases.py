@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_speedup.quantization import QuantSpec, TorchQuantizedLinear, TritonLinear
-from lightning_speedup.quantization.fake_quant import dequantize_weight
+from lightning_speedup.quantization import QuantSpec, TorchQuantizedLinear, TritonLinear, quantize_weight
+from lightning_speedup.quantization.fake_quant import dequantize_weight, quantize_activation
 from lightning_speedup.quantization.formats import codebook
 from lightning_speedup.quantization.modules import codes_to_storage
 from lightning_speedup.quantization.triton_gemv import (
@@ -23,6 +23,7 @@ from lightning_speedup.quantization.triton_gemv import (
     interpreting,
     lut_gemv,
 )
+from lightning_speedup.quantization.triton_int8 import int8_gemm_scaled
 from tests.quantization.test_triton_gemv import assert_close_to_reference, quantized_weight
 
 if not interpreting():
@@ -133,3 +134,49 @@ def test_inputs_that_need_a_gradient_take_the_torch_path() -> None:
     x = torch.randn(1, 64, requires_grad=True)
     layer(x).sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+# ------------------------------------------------------------------------------------------------
+# W8A8: the int8 GEMM with its rescale epilogue, in the interpreter
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "tile", "bias"),
+    [
+        (1, 8, 32, None, True),  # one token
+        (5, 37, 64, None, False),  # partial tiles in M and N
+        (40, 70, 200, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, True),  # K not a multiple of BLOCK_K
+    ],
+)
+def test_int8_gemm_equals_int_mm_and_the_rescale(
+    m: int, n: int, k: int, tile: dict[str, int] | None, bias: bool
+) -> None:
+    """Bit for bit: int32 accumulation, then float32 ``acc * (xs * ws) + bias`` as the torch backend computes."""
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    ws = torch.rand(n, generator=gen) * 0.01
+    b = torch.randn(n, generator=gen) if bias else None
+    xq, xs = quantize_activation(x)
+    out = int8_gemm_scaled(xq, w, xs, ws, bias=b, config=tile)
+    expected = (xq.to(torch.int32) @ w.to(torch.int32).t()).float() * (xs.reshape(-1, 1) * ws[None, :])
+    if b is not None:
+        expected = expected + b
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_layer_equals_the_torch_backend(dtype: torch.dtype) -> None:
+    spec = QuantSpec.create("int8", "int8")
+    n, k = 24, 96
+    w = torch.randn(n, k) * 0.05
+    codes, scale = quantize_weight(w, spec)
+    bias = (torch.randn(n) * 0.1).to(dtype)
+    reference = TorchQuantizedLinear(spec, k, n, codes, scale, bias, dtype)
+    layer = TritonLinear(spec, k, n, codes, scale, bias, dtype)
+    with torch.no_grad():
+        for shape in [(1, k), (3, k), (2, 20, k)]:
+            x = torch.randn(shape).to(dtype)
+            out, expected = layer(x), reference(x)
+            assert out.dtype == expected.dtype == dtype and torch.equal(out, expected)

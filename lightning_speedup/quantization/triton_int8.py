@@ -1,0 +1,167 @@
+"""A Triton int8 x int8 GEMM with the W8A8 rescale fused into its epilogue (prefill of W8A8 layers).
+
+``out = (x_q @ w_q.T) * (x_scale[:, None] * w_scale[None, :]) (+ bias)``, rounded once to the output
+dtype, with ``x_q`` (M, K) int8 per-token codes, ``w_q`` (N, K) int8 per-channel codes and int32
+accumulation. ``torch._int_mm`` writes the (M, N) int32 product to memory and the rescale reads it
+back as separate kernels; at prefill sizes (M = 8192, N = 16384) that int32 tensor is 512 MiB of traffic
+per layer, as much time as the GEMM. Here the product never leaves registers: every output tile is
+rescaled and rounded where it is computed. The epilogue computes in float32 in the order of
+:func:`.modules.int8_linear` (``acc * (xs * ws)``, then ``+ bias``), so the result equals the torch
+backend's bit for bit.
+
+Both operands are K-major (row-major ``x_q`` and ``w_q``), what Hopper's int8 tensor-core instructions
+require. Tiles are autotuned per (M, N, K) on the first call; benchmarks make it before CUDA-graph
+capture. Triton is imported lazily, as in :mod:`.triton_gemv`; ``TRITON_INTERPRET=1`` runs the kernel
+on CPU tensors (slowly; the tests do).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_speedup.quantization.triton_gemv import interpreting
+
+tl: Any = None  # triton.language, imported by _kernels() on first use
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the shapes Triton's own matmul tutorial tunes over
+# for Hopper, with K-blocks of 128 bytes for int8.
+AUTOTUNE_TILES: tuple[tuple[int, int, int, int, int], ...] = (
+    (128, 256, 128, 8, 3),
+    (256, 128, 128, 8, 3),
+    (128, 128, 128, 8, 4),
+    (128, 128, 128, 4, 4),
+    (128, 64, 128, 4, 4),
+    (64, 128, 128, 4, 4),
+    (64, 64, 128, 4, 4),
+)
+DEFAULT_TILE: dict[str, int] = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}  # the interpreter's
+GROUP_M = 8  # output tiles ordered in groups of 8 row-blocks, so that a group's weight columns stay in L2
+
+
+def _int8_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    xs_ptr,
+    ws_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) output tile; ``a`` is (M, K) and ``b`` (N, K), both row-major int8."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP * num_n
+    first_m = (pid // in_group) * GROUP
+    group_size = tl.minimum(num_m - first_m, GROUP)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_a = tl.minimum(offs_m, M - 1)  # edge tiles re-read the last row/column instead of masking
+    rows_b = tl.minimum(offs_n, N - 1)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows_a[:, None].to(tl.int64) * K + offs_k[None, :]
+    b_ptrs = b_ptr + rows_b[None, :].to(tl.int64) * K + offs_k[:, None]  # (BLOCK_K, BLOCK_N) view of b.T
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        in_k = offs_k < K - k0
+        a = tl.load(a_ptrs + k0, mask=in_k[None, :], other=0)
+        b = tl.load(b_ptrs + k0, mask=in_k[:, None], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    xs = tl.load(xs_ptr + rows_a)
+    ws = tl.load(ws_ptr + rows_b)
+    out = acc.to(tl.float32) * (xs[:, None] * ws[None, :])
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + rows_b).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], out, mask=mask)
+
+
+@functools.cache
+def _kernels(interpret: bool) -> tuple[Any, Any]:
+    """(plain kernel, autotuned kernel), built on first use (``interpret`` keys the cache only)."""
+    global tl
+    import triton
+    import triton.language
+
+    tl = triton.language
+    plain = triton.jit(_int8_gemm_kernel)
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in AUTOTUNE_TILES
+    ]
+    tuned = triton.autotune(configs=configs, key=["M", "N", "K"])(plain)
+    return plain, tuned
+
+
+@torch.compiler.disable
+def int8_gemm_scaled(
+    xq: Tensor,
+    wq: Tensor,
+    x_scale: Tensor,
+    w_scale: Tensor,
+    *,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    config: dict[str, int] | None = None,
+) -> Tensor:
+    """``(xq @ wq.T) * (x_scale[:, None] * w_scale[None, :]) (+ bias)`` as an (M, N) ``out_dtype`` tensor.
+
+    Args:
+        xq: (M, K) int8 activations codes. wq: (N, K) int8 weight codes (row-major).
+        x_scale: (M,) or (M, 1) float32 per-token scales. w_scale: (N,) float32 per-channel scales.
+        bias: optional (N,) bias, added in float32 after the rescale.
+        out_dtype: dtype of the result (float32, bfloat16 or float16).
+        config: a fixed tile (``{"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}``, optionally
+            ``num_warps``/``num_stages``) instead of autotuning; the interpreter never autotunes.
+
+    Raises:
+        ValueError: shapes or dtypes that do not fit (the message says which).
+        RuntimeError: CPU tensors outside the interpreter.
+    """
+    if xq.dtype != torch.int8 or wq.dtype != torch.int8 or xq.dim() != 2 or wq.dim() != 2:
+        raise ValueError(
+            f"xq and wq must be 2-D int8, got {xq.dtype} {tuple(xq.shape)} and {wq.dtype} {tuple(wq.shape)}."
+        )
+    m, k = xq.shape
+    n = wq.shape[0]
+    if wq.shape[1] != k or x_scale.numel() != m or w_scale.numel() != n:
+        raise ValueError(
+            f"xq (M={m}, K={k}) needs wq (N, {k}), {m} activation scales and N weight scales; got wq "
+            f"{tuple(wq.shape)}, {x_scale.numel()} and {w_scale.numel()}."
+        )
+    interpret = interpreting()
+    if not xq.is_cuda and not interpret:
+        raise RuntimeError(f"int8_gemm_scaled runs on CUDA tensors, got {xq.device} ones.")
+    out = torch.empty(m, n, dtype=torch.float32 if interpret else out_dtype, device=xq.device)
+    if m and n:
+        xs = x_scale.reshape(m).float().contiguous()
+        ws = w_scale.reshape(n).float().contiguous()
+        args = (xq.contiguous(), wq.contiguous(), xs, ws, ws if bias is None else bias, out, m, n, k)
+        plain, tuned = _kernels(interpret)
+        if config is None and not interpret:
+            tuned[lambda meta: (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)](
+                *args, HAS_BIAS=bias is not None, GROUP=GROUP_M
+            )
+        else:
+            tile = dict(config or DEFAULT_TILE)
+            grid = (_cdiv(m, tile["BLOCK_M"]) * _cdiv(n, tile["BLOCK_N"]),)
+            plain[grid](*args, HAS_BIAS=bias is not None, GROUP=GROUP_M, **tile)
+    # The interpreter rounds float32 to 16 bits by truncation: there, torch rounds.
+    return out.to(out_dtype)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(a // -b)
