@@ -49,7 +49,7 @@ from lightning_speedup.quantization.triton_gemv import (
     interpreting,
     lut_gemv,
 )
-from lightning_speedup.quantization.triton_int8 import int8_gemm_scaled
+from lightning_speedup.quantization.triton_int8 import int8_gemm_scaled, quantize_rows
 
 # --------------------------------------------------------------------------------------------------
 # Packing helpers
@@ -289,8 +289,9 @@ class TritonLinear(TorchQuantizedLinear):
     ``F.linear``. The GEMV multiplies by the float32 dequantized weight where the torch backend first
     rounds it to the weight dtype, so the two agree to that dtype's precision, not bit for bit.
 
-    W8A8 (int8 weights, int8 dynamic per-token activations): the activations are quantized as in the
-    torch backend, then :func:`.triton_int8.int8_gemm_scaled` multiplies the codes on int8 tensor cores
+    W8A8 (int8 weights, int8 dynamic per-token activations): one kernel quantizes the activations
+    (:func:`.triton_int8.quantize_rows`, the torch backend's codes bit for bit), then
+    :func:`.triton_int8.int8_gemm_scaled` multiplies the codes on int8 tensor cores
     and rescales each output tile in its epilogue (no int32 tensor in memory); the result equals the
     torch backend's ``torch._int_mm`` path bit for bit.
     """
@@ -359,9 +360,9 @@ class TritonLinear(TorchQuantizedLinear):
         needs_grad = torch.is_grad_enabled() and x.requires_grad
         if self.spec.activations == "int8" and not needs_grad:
             self._check_device(x)
-            xq, xs = quantize_activation(x)
+            xq, xs = quantize_rows(x.reshape(-1, self.in_features))
             out = int8_gemm_scaled(
-                xq.reshape(-1, self.in_features),
+                xq,
                 self.qweight,
                 xs,
                 self.scale,

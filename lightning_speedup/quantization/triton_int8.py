@@ -42,6 +42,25 @@ DEFAULT_TILE: dict[str, int] = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}  # 
 GROUP_M = 8  # output tiles ordered in groups of 8 row-blocks, so that a group's weight columns stay in L2
 
 
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK_K: tl.constexpr):
+    """Row ``pid`` of x -> its int8 codes and float32 scale, as :func:`.fake_quant.quantize_activation`.
+
+    ``s = absmax / 127``; ``q = round_half_even(x / max(s, 1e-12))`` clamped to [-127, 127]: IEEE divisions
+    (``div_rn``) and rounding by adding and subtracting 1.5 * 2**23 (exact for |y| < 2**22; the kernel is
+    compiled without FMA contraction), so the codes equal torch's bit for bit.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    in_k = offs < K
+    x = tl.load(x_ptr + row * K + offs, mask=in_k, other=0.0).to(tl.float32)
+    s = tl.math.div_rn(tl.max(tl.abs(x), axis=0), 127.0)
+    y = tl.math.div_rn(x, tl.maximum(s, 1e-12))
+    r = (y + 12582912.0) - 12582912.0
+    q = tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
+    tl.store(q_ptr + row * K + offs, q, mask=in_k)
+    tl.store(s_ptr + row, s)
+
+
 def _int8_gemm_kernel(
     a_ptr,
     b_ptr,
@@ -90,8 +109,8 @@ def _int8_gemm_kernel(
 
 
 @functools.cache
-def _kernels(interpret: bool) -> tuple[Any, Any]:
-    """(plain kernel, autotuned kernel), built on first use (``interpret`` keys the cache only)."""
+def _kernels(interpret: bool) -> tuple[Any, Any, Any]:
+    """(plain GEMM, autotuned GEMM, row quantizer), built on first use (``interpret`` keys the cache only)."""
     global tl
     import triton
     import triton.language
@@ -103,7 +122,7 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         for bm, bn, bk, w, s in AUTOTUNE_TILES
     ]
     tuned = triton.autotune(configs=configs, key=["M", "N", "K"])(plain)
-    return plain, tuned
+    return plain, tuned, triton.jit(_quantize_rows_kernel)
 
 
 @torch.compiler.disable
@@ -150,18 +169,44 @@ def int8_gemm_scaled(
         xs = x_scale.reshape(m).float().contiguous()
         ws = w_scale.reshape(n).float().contiguous()
         args = (xq.contiguous(), wq.contiguous(), xs, ws, ws if bias is None else bias, out, m, n, k)
-        plain, tuned = _kernels(interpret)
+        plain, tuned, _ = _kernels(interpret)
+        # No FMA contraction: the epilogue rounds acc * (xs * ws) before adding the bias, as torch does.
+        meta = {"HAS_BIAS": bias is not None, "GROUP": GROUP_M, "enable_fp_fusion": False}
         if config is None and not interpret:
-            tuned[lambda meta: (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)](
-                *args, HAS_BIAS=bias is not None, GROUP=GROUP_M
-            )
+            tuned[lambda meta_: (_cdiv(m, meta_["BLOCK_M"]) * _cdiv(n, meta_["BLOCK_N"]),)](*args, **meta)
         else:
             tile = dict(config or DEFAULT_TILE)
             grid = (_cdiv(m, tile["BLOCK_M"]) * _cdiv(n, tile["BLOCK_N"]),)
-            plain[grid](*args, HAS_BIAS=bias is not None, GROUP=GROUP_M, **tile)
+            plain[grid](*args, **meta, **tile)
     # The interpreter rounds float32 to 16 bits by truncation: there, torch rounds.
     return out.to(out_dtype)
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(a // -b)
+
+
+@torch.compiler.disable
+def quantize_rows(x2d: Tensor) -> tuple[Tensor, Tensor]:
+    """Dynamic symmetric int8 per row in one kernel: ``(codes int8 (M, K), scale float32 (M, 1))``.
+
+    Equal, bit for bit, to :func:`.fake_quant.quantize_activation` (which takes half a dozen elementwise
+    kernels with float32 intermediates). Rows of up to 65536 values.
+    """
+    if x2d.dim() != 2 or x2d.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x must be 2-D float32/bfloat16/float16, got {x2d.dtype} {tuple(x2d.shape)}.")
+    m, k = x2d.shape
+    if k > 65536:
+        raise ValueError(f"quantize_rows handles rows of up to 65536 values, got {k}.")
+    interpret = interpreting()
+    if not x2d.is_cuda and not interpret:
+        raise RuntimeError(f"quantize_rows runs on CUDA tensors, got {x2d.device} ones.")
+    q = torch.empty(m, k, dtype=torch.int8, device=x2d.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x2d.device)
+    if m and k:
+        block = 1 << (k - 1).bit_length()
+        warps = 4 if block <= 4096 else 8 if block <= 16384 else 16
+        _kernels(interpret)[2][(m,)](
+            x2d.contiguous(), q, s, k, BLOCK_K=block, num_warps=warps, enable_fp_fusion=False
+        )
+    return q, s

@@ -43,7 +43,7 @@ from lightning_speedup.quantization.triton_gemv import (
     lut_gemv,
     triton_unavailable,
 )
-from lightning_speedup.quantization.triton_int8 import int8_gemm_scaled
+from lightning_speedup.quantization.triton_int8 import int8_gemm_scaled, quantize_rows
 from tests.quantization.test_convert import _mlp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -358,6 +358,15 @@ def test_cuda_int8_gemm_equals_int_mm_and_the_rescale(m: int, n: int, k: int) ->
     acc = torch._int_mm(padded, w.t())[:m]
     expected = acc.float() * (xs.reshape(-1, 1) * ws[None, :]) + bias.to(torch.bfloat16).float()
     assert torch.equal(out, expected.to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "k"), [(1, 4096), (8192, 4096), (300, 16384), (7, 1000)])
+def test_cuda_quantize_rows_equals_quantize_activation(m: int, k: int) -> None:
+    x = (torch.randn(m, k, device="cuda") * 3).to(torch.bfloat16)
+    q, s = quantize_rows(x)
+    q_ref, s_ref = quantize_activation(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
 @pytest.mark.gpu

@@ -23,7 +23,7 @@ from lightning_speedup.quantization.triton_gemv import (
     interpreting,
     lut_gemv,
 )
-from lightning_speedup.quantization.triton_int8 import int8_gemm_scaled
+from lightning_speedup.quantization.triton_int8 import int8_gemm_scaled, quantize_rows
 from tests.quantization.test_triton_gemv import assert_close_to_reference, quantized_weight
 
 if not interpreting():
@@ -180,3 +180,17 @@ def test_w8a8_layer_equals_the_torch_backend(dtype: torch.dtype) -> None:
             x = torch.randn(shape).to(dtype)
             out, expected = layer(x), reference(x)
             assert out.dtype == expected.dtype == dtype and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "dtype"), [(3, 100, torch.float32), (5, 64, torch.bfloat16), (1, 33, torch.float16)]
+)
+def test_quantize_rows_equals_quantize_activation(m: int, k: int, dtype: torch.dtype) -> None:
+    """Bit for bit, ties (x = (n + 1/2) * scale) and an all-zero row included."""
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3).to(dtype)
+    x[0, :4] = (torch.tensor([0.5, -0.5, 1.5, 2.5]) * (x[0].abs().max().float() / 127)).to(dtype)
+    if m > 1:
+        x[1] = 0
+    q, s = quantize_rows(x)
+    q_ref, s_ref = quantize_activation(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
