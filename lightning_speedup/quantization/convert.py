@@ -175,7 +175,7 @@ def convert(
     Args:
         model: a model prepared with :func:`.qat.prepare` or trained with ``QATPrecision``.
         backend: ``"auto"``, ``"torch"``, ``"tinygemm"``, ``"triton"`` or ``"bnb"`` (see :mod:`.modules`);
-            ``"auto"`` never picks ``"triton"`` (yet): name it to use it.
+            ``"auto"`` follows ``AUTO_BACKENDS`` (Triton first for 4-bit weights on CUDA).
         dtype: compute dtype of the quantized layers and dtype of every other floating parameter and
             buffer; ``None`` keeps the model's dtypes. Scales stay float32.
         inplace: modify ``model`` itself instead of a deep copy.

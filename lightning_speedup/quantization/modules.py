@@ -18,9 +18,10 @@ Backends (``BACKENDS``):
 * ``"triton"``: int4/nf4/fp4 weight-only layers in the torch backend's packed storage, run by a Triton
   GEMV for batch-1 decode (:mod:`.triton_gemv`: up to ``GEMV_MAX_ROWS`` rows, one kernel reading the
   packed bytes, float32 scales and accumulation: it multiplies by the exact float32 dequantized
-  weight, so outputs match the torch backend's to the weight dtype's precision) and by the torch
-  backend's dequantize + ``F.linear`` for more rows (prefill). CUDA only; Triton ships with PyTorch's
-  CUDA wheels.
+  weight, so outputs match the torch backend's to the weight dtype's precision) and, for more rows
+  (prefill), by a one-kernel dequantization (bit-exact with the torch backend's) + ``F.linear``; and
+  W8A8 layers (int8 weights, int8 activations) on a Triton int8 GEMM with the rescale in its epilogue
+  (:mod:`.triton_int8`). CUDA only; Triton ships with PyTorch's CUDA wheels.
 * ``"bnb"``: bitsandbytes ``Linear4bit`` for nf4/fp4 (double quantization off, so the stored
   absmax equals the trained one) and ``Linear8bitLt`` with ``threshold=0`` (pure vector-wise int8,
   LLM.int8() without the fp16 outlier path) for int8 weights with int8 activations.
@@ -345,11 +346,15 @@ class TritonLinear(TorchQuantizedLinear):
                 "convert/load it with backend='torch' to run on the CPU."
             )
 
+    def _lut_and_group(self) -> tuple[Tensor | None, int]:
+        """The 4-bit kernels' codebook (None for int4) and group size."""
+        lut = None if self.lut_bits is None else self.lut_bits.view(torch.float32)
+        return lut, int(self.spec.group_size)  # type: ignore[arg-type]
+
     def dequantized_weight(self) -> Tensor:
         if self.spec.bits != 4 or (not self.qweight.is_cuda and not interpreting()):
             return super().dequantized_weight()
-        lut = None if self.lut_bits is None else self.lut_bits.view(torch.float32)
-        g = int(self.spec.group_size)  # type: ignore[arg-type]
+        lut, g = self._lut_and_group()
         return dequantize_packed(
             self.qweight, self.scale, lut, g, self.out_features, self.in_features, self.weight_dtype
         )
@@ -378,9 +383,8 @@ class TritonLinear(TorchQuantizedLinear):
         ):
             return super().forward(x)
         self._check_device(x)
-        g = int(self.spec.group_size)  # type: ignore[arg-type]
+        lut, g = self._lut_and_group()
         x2 = x.reshape(-1, self.in_features).to(dtype)
-        lut = None if self.lut_bits is None else self.lut_bits.view(torch.float32)
         out = lut_gemv(
             x2, self.qweight, self.scale, lut, g, self.out_features, self.in_features, bias=self.bias,
             out_dtype=dtype,

@@ -102,6 +102,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
 
+def require_cuda(t: Tensor, fn: str) -> None:
+    """The RuntimeError of every kernel entry point given CPU tensors outside Triton's interpreter."""
+    if not t.is_cuda and not interpreting():
+        raise RuntimeError(
+            f"{fn} runs on CUDA tensors, got {t.device} ones (TRITON_INTERPRET=1 runs Triton's CPU "
+            "interpreter instead)."
+        )
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(a // -b)
+
+
 def chunk_bytes(group_size: int) -> int:
     """Bytes of one thread's step along K: 16 (one 128-bit load), or half a group if that is smaller."""
     return min(16, group_size // 2)
@@ -335,12 +348,8 @@ def lut_gemv(
         )
     if lut is not None and (lut.numel() != 16 or lut.dtype != torch.float32):
         raise ValueError(f"lut must hold 16 float32 values, got {lut.numel()} {lut.dtype}.")
+    require_cuda(x2d, "lut_gemv")
     interpret = interpreting()
-    if not x2d.is_cuda and not interpret:
-        raise RuntimeError(
-            f"lut_gemv runs on CUDA tensors, got {x2d.device} ones (TRITON_INTERPRET=1 runs Triton's CPU "
-            "interpreter instead)."
-        )
     m = x2d.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=x2d.device)
     if m == 0 or n == 0:
@@ -363,19 +372,15 @@ def lut_gemv(
     }  # fmt: skip
     plain, tuned, _ = _kernels(interpret)
     if config is None and not interpret:
-        tuned[lambda meta_: (m * _cdiv(n, meta_["BLOCK_N"]),)](*args, **meta)
+        tuned[lambda meta_: (m * cdiv(n, meta_["BLOCK_N"]),)](*args, **meta)
         return out
     tile = dict(config or DEFAULT_TILE)
     bkb, chunk = tile["BLOCK_KB"], chunk_bytes(group_size)
     if bkb < chunk or bkb & (bkb - 1) or tile["BLOCK_N"] & (tile["BLOCK_N"] - 1):
         raise ValueError(f"config needs powers of two, BLOCK_KB >= {chunk} bytes; got {config}.")
     tile["EVEN_K"] = (k // 2) % bkb == 0
-    plain[(m * _cdiv(n, tile["BLOCK_N"]),)](*args, **meta, **tile)
+    plain[(m * cdiv(n, tile["BLOCK_N"]),)](*args, **meta, **tile)
     return out
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(a // -b)
 
 
 @torch.compiler.disable
@@ -393,9 +398,8 @@ def dequantize_packed(
             f"An ({n}, {k}) weight in groups of {group_size} (a power of two dividing K) needs {n * k // 2} "
             f"packed bytes; got {packed.numel()}."
         )
+    require_cuda(packed, "dequantize_packed")
     interpret = interpreting()
-    if not packed.is_cuda and not interpret:
-        raise RuntimeError(f"dequantize_packed runs on CUDA tensors, got {packed.device} ones.")
     # The interpreter rounds float32 to 16 bits by truncation: there, torch rounds the float32 values.
     out = torch.empty(n, k, dtype=torch.float32 if interpret else dtype, device=packed.device)
     nbytes = n * k // 2
@@ -405,7 +409,7 @@ def dequantize_packed(
     scales = scales.reshape(-1)
     if scales.dtype != torch.float32 or not scales.is_contiguous():
         scales = scales.float().contiguous()
-    dequant[(_cdiv(nbytes, DEQUANT_BLOCK),)](
+    dequant[(cdiv(nbytes, DEQUANT_BLOCK),)](
         packed.reshape(-1), scales, scales if lut is None else lut, out, nbytes,
         GROUP_SIZE=group_size, USE_LUT=lut is not None, BLOCK=DEQUANT_BLOCK,
     )  # fmt: skip

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_speedup.quantization.triton_gemv import interpreting
+from lightning_speedup.quantization.triton_gemv import cdiv, interpreting, require_cuda
 
 tl: Any = None  # triton.language, imported by _kernels() on first use
 
@@ -161,9 +161,8 @@ def int8_gemm_scaled(
             f"xq (M={m}, K={k}) needs wq (N, {k}), {m} activation scales and N weight scales; got wq "
             f"{tuple(wq.shape)}, {x_scale.numel()} and {w_scale.numel()}."
         )
+    require_cuda(xq, "int8_gemm_scaled")
     interpret = interpreting()
-    if not xq.is_cuda and not interpret:
-        raise RuntimeError(f"int8_gemm_scaled runs on CUDA tensors, got {xq.device} ones.")
     out = torch.empty(m, n, dtype=torch.float32 if interpret else out_dtype, device=xq.device)
     if m and n:
         xs = x_scale.reshape(m).float().contiguous()
@@ -173,17 +172,13 @@ def int8_gemm_scaled(
         # No FMA contraction: the epilogue rounds acc * (xs * ws) before adding the bias, as torch does.
         meta = {"HAS_BIAS": bias is not None, "GROUP": GROUP_M, "enable_fp_fusion": False}
         if config is None and not interpret:
-            tuned[lambda meta_: (_cdiv(m, meta_["BLOCK_M"]) * _cdiv(n, meta_["BLOCK_N"]),)](*args, **meta)
+            tuned[lambda meta_: (cdiv(m, meta_["BLOCK_M"]) * cdiv(n, meta_["BLOCK_N"]),)](*args, **meta)
         else:
             tile = dict(config or DEFAULT_TILE)
-            grid = (_cdiv(m, tile["BLOCK_M"]) * _cdiv(n, tile["BLOCK_N"]),)
+            grid = (cdiv(m, tile["BLOCK_M"]) * cdiv(n, tile["BLOCK_N"]),)
             plain[grid](*args, **meta, **tile)
     # The interpreter rounds float32 to 16 bits by truncation: there, torch rounds.
     return out.to(out_dtype)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(a // -b)
 
 
 @torch.compiler.disable
@@ -198,9 +193,8 @@ def quantize_rows(x2d: Tensor) -> tuple[Tensor, Tensor]:
     m, k = x2d.shape
     if k > 65536:
         raise ValueError(f"quantize_rows handles rows of up to 65536 values, got {k}.")
+    require_cuda(x2d, "quantize_rows")
     interpret = interpreting()
-    if not x2d.is_cuda and not interpret:
-        raise RuntimeError(f"quantize_rows runs on CUDA tensors, got {x2d.device} ones.")
     q = torch.empty(m, k, dtype=torch.int8, device=x2d.device)
     s = torch.empty(m, 1, dtype=torch.float32, device=x2d.device)
     if m and k:
