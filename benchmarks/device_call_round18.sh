@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# NOT RUN: the session's device time ran out before this call (prepared for the next session).
+# NOT RUN as written: superseded by device_call_round19.sh (the same jobs on a 2-GPU host, plus compiled decode).
 # Device call prepared 2026-11-27 (session 6), a 4-GPU host; carry [".data", ".whl"]:
 #   GPU 0  issue 5: the quantization GPU tests (one-kernel activation quantization; the GEMM without FMA contraction)
 #   GPU 1  W8A8 prefill/decode on the 6.65B GPT: Triton int8 GEMM vs torch._int_mm vs bf16

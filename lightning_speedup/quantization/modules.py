@@ -51,6 +51,7 @@ from lightning_speedup.quantization.triton_gemv import (
     lut_gemv,
 )
 from lightning_speedup.quantization.triton_int8 import int8_gemm_scaled, quantize_rows
+from lightning_speedup.quantization.triton_ops import dequantize_packed_op, lut_gemv_op, w8a8_linear_op
 
 # --------------------------------------------------------------------------------------------------
 # Packing helpers
@@ -355,9 +356,10 @@ class TritonLinear(TorchQuantizedLinear):
         if self.spec.bits != 4 or (not self.qweight.is_cuda and not interpreting()):
             return super().dequantized_weight()
         lut, g = self._lut_and_group()
-        return dequantize_packed(
-            self.qweight, self.scale, lut, g, self.out_features, self.in_features, self.weight_dtype
-        )
+        args = (self.qweight, self.scale, lut, g, self.out_features, self.in_features, self.weight_dtype)
+        if torch.compiler.is_compiling():  # an opaque op in the graph instead of a graph break
+            return dequantize_packed_op(*args)
+        return dequantize_packed(*args)
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = _output_dtype(x)
@@ -365,15 +367,12 @@ class TritonLinear(TorchQuantizedLinear):
         needs_grad = torch.is_grad_enabled() and x.requires_grad
         if self.spec.activations == "int8" and not needs_grad:
             self._check_device(x)
-            xq, xs = quantize_rows(x.reshape(-1, self.in_features))
-            out = int8_gemm_scaled(
-                xq,
-                self.qweight,
-                xs,
-                self.scale,
-                bias=self.bias,
-                out_dtype=dtype,
-            )
+            x2 = x.reshape(-1, self.in_features)
+            if torch.compiler.is_compiling():
+                out = w8a8_linear_op(x2, self.qweight, self.scale, self.bias, dtype)
+            else:
+                xq, xs = quantize_rows(x2)
+                out = int8_gemm_scaled(xq, self.qweight, xs, self.scale, bias=self.bias, out_dtype=dtype)
             return out.reshape(*x.shape[:-1], self.out_features)
         if (
             self.spec.activations == "int8"
@@ -385,10 +384,15 @@ class TritonLinear(TorchQuantizedLinear):
         self._check_device(x)
         lut, g = self._lut_and_group()
         x2 = x.reshape(-1, self.in_features).to(dtype)
-        out = lut_gemv(
-            x2, self.qweight, self.scale, lut, g, self.out_features, self.in_features, bias=self.bias,
-            out_dtype=dtype,
-        )  # fmt: skip
+        if torch.compiler.is_compiling():
+            out = lut_gemv_op(
+                x2, self.qweight, self.scale, lut, g, self.out_features, self.in_features, self.bias, dtype
+            )
+        else:
+            out = lut_gemv(
+                x2, self.qweight, self.scale, lut, g, self.out_features, self.in_features, bias=self.bias,
+                out_dtype=dtype,
+            )  # fmt: skip
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

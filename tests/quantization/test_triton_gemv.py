@@ -326,3 +326,20 @@ def test_cuda_dequantize_is_bit_exact_with_the_torch_backend(
     lut = None if fmt == "int4" else codebook(fmt, "cuda")
     out = dequantize_packed(codes_to_storage(codes, spec), scale, lut, group, n, k, dtype)
     assert torch.equal(out, dequantize_weight(codes, scale, spec, (n, k), dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("weights", "activations"), [("int4", None), ("nf4", None), ("int8", "int8")])
+def test_cuda_compiled_model_is_one_graph_and_computes_the_eager_outputs(
+    weights: str, activations: str | None
+) -> None:
+    """Inductor, fullgraph=True (any graph break fails): the kernels run as custom ops inside the graph."""
+    torch._dynamo.reset()
+    real = quantize(_mlp().cuda(), weights, activations, backend="triton", dtype=torch.bfloat16).eval()
+    compiled = torch.compile(real, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for rows in (1, 300):  # the GEMV, then prefill
+            x = torch.randn(rows, 64, device="cuda", dtype=torch.bfloat16)
+            out, expected = compiled(x).float(), real(x).float()
+            # Inductor may fuse the GELUs and bias adds with other roundings than eager bf16 does.
+            torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())

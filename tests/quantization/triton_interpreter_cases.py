@@ -194,3 +194,28 @@ def test_quantize_rows_equals_quantize_activation(m: int, k: int, dtype: torch.d
     q, s = quantize_rows(x)
     q_ref, s_ref = quantize_activation(x)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile: the kernels are custom ops, so a model of Triton layers compiles into one graph
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("weights", "activations"), [("int4", None), ("nf4", None), ("int8", "int8")])
+def test_a_model_of_triton_layers_compiles_without_graph_breaks(
+    weights: str, activations: str | None
+) -> None:
+    """fullgraph=True fails on any graph break; the compiled model computes what the eager one does."""
+    spec = QuantSpec.create(weights, activations)
+
+    def layer(n: int, k: int) -> TritonLinear:
+        codes, scale = quantize_weight(torch.randn(n, k) * 0.05, spec)
+        return TritonLinear(spec, k, n, codes, scale, torch.randn(n) * 0.1, torch.float32)
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(layer(128, 64), torch.nn.GELU(), layer(32, 128)).eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        for rows in (1, GEMV_MAX_ROWS + 1):  # the GEMV, then the prefill path (dequantize + F.linear)
+            x = torch.randn(rows, 64)
+            assert torch.equal(compiled(x), model(x))
