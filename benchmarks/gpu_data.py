@@ -5,7 +5,10 @@ Fashion-MNIST, ResNet-9 ``ImageClassifier``, bf16-mixed, one GPU, Adam 1e-3:
   a_baseline        FashionMNISTDataModule(augment=True, output="float", num_workers=4): per-sample CPU
                     crop+flip+normalise in the workers, float32 batches copied on the compute stream
   b_prefetch_gpuaug FashionMNISTDataModule(augment=False, output="uint8", num_workers=4) + GPUPrefetcher(2)
-                    + GPUAugment(RandomCrop(28, padding=2), RandomHorizontalFlip(), Normalize(mean, std))
+                    + GPUAugment(RandomCrop(28, padding=2), RandomHorizontalFlip(), Normalize(mean, std));
+                    without CPU augmentation the loader gathers whole batches (ImageBatches)
+  b_per_sample_fetch the same with batched_fetch=False: the workers index and collate sample by sample
+                    (what b measured before batched fetching)
   c_resident_gpuaug DeviceResidentDataModule (uint8 on the GPU) + the same GPUAugment
   d_compute / d_compute_prefetch
                     the prefetcher's cost where data is not the bottleneck: uint8 DataLoader + GPUAugment
@@ -138,11 +141,14 @@ def make_baseline(
     return loader_module(data, args, args.batch_size, augment=True, output="float"), []
 
 
-def make_prefetch(
-    data: FashionMNIST, args: argparse.Namespace, seed: int
-) -> tuple[L.LightningDataModule, list[L.Callback]]:
-    dm = loader_module(data, args, args.batch_size, augment=False, output="uint8")
-    return dm, [GPUPrefetcher(depth=2), gpu_augment(seed)]
+def make_prefetch(batched: bool) -> Callable[..., tuple[L.LightningDataModule, list[L.Callback]]]:
+    def make(
+        data: FashionMNIST, args: argparse.Namespace, seed: int
+    ) -> tuple[L.LightningDataModule, list[L.Callback]]:
+        dm = loader_module(data, args, args.batch_size, augment=False, output="uint8", batched_fetch=batched)
+        return dm, [GPUPrefetcher(depth=2), gpu_augment(seed)]
+
+    return make
 
 
 def make_resident(
@@ -168,7 +174,18 @@ def configs(args: argparse.Namespace) -> list[Config]:
     bs, cbs = args.batch_size, args.compute_batch_size
     return [
         Config("a_baseline", "DataLoader, per-sample CPU aug, float32", bs, make_baseline),
-        Config("b_prefetch_gpuaug", "DataLoader uint8 + GPUPrefetcher + GPUAugment", bs, make_prefetch),
+        Config(
+            "b_prefetch_gpuaug",
+            "DataLoader uint8 (whole batches gathered) + GPUPrefetcher + GPUAugment",
+            bs,
+            make_prefetch(True),
+        ),
+        Config(
+            "b_per_sample_fetch",
+            "the same, the DataLoader fetching sample by sample (b before batched fetching)",
+            bs,
+            make_prefetch(False),
+        ),
         Config("c_resident_gpuaug", "device-resident uint8 + GPUAugment", bs, make_resident),
         Config(
             "d_compute",
@@ -406,6 +423,8 @@ def main() -> None:
     derived = {
         "speedup_b_over_a": ips.get("b_prefetch_gpuaug", float("nan")) / ips.get("a_baseline", float("nan")),
         "speedup_c_over_a": ips.get("c_resident_gpuaug", float("nan")) / ips.get("a_baseline", float("nan")),
+        "speedup_b_batched_fetch": ips.get("b_prefetch_gpuaug", float("nan"))
+        / ips.get("b_per_sample_fetch", float("nan")),
         "prefetch_cost_compute_bound": 1
         - ips.get("d_compute_prefetch", float("nan")) / ips.get("d_compute", float("nan")),
     }

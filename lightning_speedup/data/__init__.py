@@ -1,6 +1,6 @@
 """Data: real loaders for the reference tasks, and the pieces that keep the GPU fed."""
 
-from lightning_speedup.data.datamodules import CharLMDataModule, FashionMNISTDataModule
+from lightning_speedup.data.datamodules import CharLMDataModule, FashionMNISTDataModule, ImageBatches
 from lightning_speedup.data.datasets import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
@@ -28,6 +28,7 @@ __all__ = [
     "FashionMNISTDataModule",
     "GPUAugment",
     "GPUPrefetcher",
+    "ImageBatches",
     "PrefetchLoader",
     "ResidentBatches",
     "StepTiming",

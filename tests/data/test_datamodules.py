@@ -12,6 +12,7 @@ from lightning_speedup.data import (
     FASHION_MNIST_STD,
     CharLMDataModule,
     FashionMNISTDataModule,
+    ImageBatches,
     load_text_corpus,
 )
 
@@ -96,3 +97,49 @@ def test_charlm_ranks_read_different_windows(shakespeare_path: Path) -> None:
     assert sum(a == b for a, b in zip(rank0, rank1)) == 0  # rank 1 reads other windows
     with pytest.raises(ValueError, match="rank must be"):
         RandomWindows(ids, 64, 10, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("output", ["uint8", "float"])
+def test_fashion_batched_fetch_gives_the_per_sample_batches(fashion_mnist_dir: Path, output: str) -> None:
+    """Without CPU augmentation whole batches are gathered with one index; the batches are the same."""
+    kwargs = dict(
+        batch_size=100, num_workers=0, augment=False, output=output, train_subset=1000, val_subset=250
+    )
+    batched = FashionMNISTDataModule(fashion_mnist_dir, **kwargs)  # type: ignore[arg-type]
+    per_sample = FashionMNISTDataModule(fashion_mnist_dir, batched_fetch=False, **kwargs)  # type: ignore[arg-type]
+    batched.setup(), per_sample.setup()
+    assert isinstance(batched.train_set, ImageBatches) and not isinstance(per_sample.train_set, ImageBatches)
+    for name in ("train_dataloader", "val_dataloader"):
+        torch.manual_seed(3)  # the same shuffle for both loaders
+        expected = list(getattr(per_sample, name)())
+        torch.manual_seed(3)
+        got = list(getattr(batched, name)())
+        assert len(got) == len(expected) == (10 if name == "train_dataloader" else 3)
+        for (x, y), (xe, ye) in zip(got, expected):
+            assert x.dtype == xe.dtype and torch.equal(x, xe) and torch.equal(y, ye)
+
+
+def test_fashion_batched_fetch_survives_lightnings_distributed_sampler(fashion_mnist_dir: Path) -> None:
+    """Lightning rebuilds the loader around a DistributedSampler under DDP; each rank still gets whole batches."""
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    dm = FashionMNISTDataModule(fashion_mnist_dir, batch_size=50, num_workers=0, augment=False, output="uint8",
+                                train_subset=400)  # fmt: skip
+    dm.setup()
+    seen = []
+    for rank in range(2):
+        sampler = DistributedSampler(dm.train_set, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        loader = _update_dataloader(dm.train_dataloader(), sampler)
+        batches = list(loader)
+        assert len(batches) == 4 and all(
+            x.shape == (50, 1, 28, 28) and x.dtype == torch.uint8 for x, _ in batches
+        )
+        seen.append(torch.cat([y for _, y in batches]))
+        expected = dm.train_set.labels[torch.tensor(list(sampler))]
+        assert torch.equal(seen[-1], expected)
+
+
+def test_fashion_batched_fetch_refuses_cpu_augmentation() -> None:
+    with pytest.raises(ValueError, match="augment=True augments sample by sample"):
+        FashionMNISTDataModule(augment=True, batched_fetch=True)
