@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Ran 2026-11-27 on 2x H100 (results: quant-speed-6b-w8a8-fused; the compiled job ran out of time, see round 20).
 # Device call 2026-11-27 (session 7), a 2-GPU host; carry [".data", ".whl"]:
 #   GPU 0  issue 5: the quantization GPU tests (one-kernel activation quantization; the GEMM without FMA
 #          contraction; a compiled model of Triton layers is one graph), then W8A8 on the 6.65B GPT, eager:

@@ -42,18 +42,24 @@ DEFAULT_TILE: dict[str, int] = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}  # 
 GROUP_M = 8  # output tiles ordered in groups of 8 row-blocks, so that a group's weight columns stay in L2
 
 
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK_K: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK_K: tl.constexpr, RECIPROCAL: tl.constexpr):
     """Row ``pid`` of x -> its int8 codes and float32 scale, as :func:`.fake_quant.quantize_activation`.
 
     ``s = absmax / 127``; ``q = round_half_even(x / max(s, 1e-12))`` clamped to [-127, 127]: IEEE divisions
     (``div_rn``) and rounding by adding and subtracting 1.5 * 2**23 (exact for |y| < 2**22; the kernel is
-    compiled without FMA contraction), so the codes equal torch's bit for bit.
+    compiled without FMA contraction), so the codes equal torch's bit for bit. Torch divides by the
+    Python scalar 127 differently per device: on CUDA it multiplies by the float32 reciprocal (its division
+    kernel does so whenever the divisor is a CPU scalar), on the CPU it divides; ``RECIPROCAL`` follows
+    the device (the compiled kernel runs on CUDA, the interpreter on the CPU).
     """
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     in_k = offs < K
     x = tl.load(x_ptr + row * K + offs, mask=in_k, other=0.0).to(tl.float32)
-    s = tl.math.div_rn(tl.max(tl.abs(x), axis=0), 127.0)
+    if RECIPROCAL:
+        s = tl.max(tl.abs(x), axis=0) * 0.007874015718698502  # float32(1) / float32(127), exactly
+    else:
+        s = tl.math.div_rn(tl.max(tl.abs(x), axis=0), 127.0)
     y = tl.math.div_rn(x, tl.maximum(s, 1e-12))
     r = (y + 12582912.0) - 12582912.0
     q = tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
@@ -201,6 +207,13 @@ def quantize_rows(x2d: Tensor) -> tuple[Tensor, Tensor]:
         block = 1 << (k - 1).bit_length()
         warps = 4 if block <= 4096 else 8 if block <= 16384 else 16
         _kernels(interpret)[2][(m,)](
-            x2d.contiguous(), q, s, k, BLOCK_K=block, num_warps=warps, enable_fp_fusion=False
+            x2d.contiguous(),
+            q,
+            s,
+            k,
+            BLOCK_K=block,
+            RECIPROCAL=x2d.is_cuda,
+            num_warps=warps,
+            enable_fp_fusion=False,
         )
     return q, s
