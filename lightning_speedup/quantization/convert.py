@@ -58,7 +58,10 @@ FILE_VERSION = 1
 # batch-1 decode / 16x512 prefill; 1.3B GPT: benchmarks/results/2026-11-27-h200-quant-speed.json, its
 # triton rows from 2026-11-27-h200-quant-speed-1b-triton-dequant.json; 6.65B: ...-quant-speed-6b-all.json):
 #   int8 weight-only  torch 0.18x / 0.78x (the only backend)
-#   int8 + int8 act   bnb 0.63x / 0.49x, torch._int_mm 0.43x / 0.29x
+#   int8 + int8 act   1.3B: bnb 0.63x / 0.49x, torch._int_mm 0.43x / 0.29x
+#                     6.65B (...-quant-speed-6b-eager-round20.json): triton 0.70x / 1.37x, bnb 0.87x / 0.79x,
+#                     torch._int_mm 0.65x / 0.49x; triton first: the fastest prefill by far (the format is
+#                     for compute-bound work) and bit-exact with the torch backend, so with the QAT model
 #   int4 g32          1.3B: triton 1.32x / 0.94x, tinygemm 1.17x / 0.05x, torch 0.11x / 0.66x
 #                     6.65B: triton 1.46x / 0.96x, tinygemm 1.31x / 0.05x
 #   nf4               1.3B: triton 1.17x / 0.94x, bnb 1.01x / 0.94x, torch 0.09x / 0.62x
@@ -68,7 +71,7 @@ FILE_VERSION = 1
 # Triton needs the triton package (PyTorch's CUDA wheels ship it); without it the next backend is used.
 AUTO_BACKENDS: dict[tuple[str, str, str | None], tuple[str, ...]] = {
     ("cuda", "int8", None): ("torch",),
-    ("cuda", "int8", "int8"): ("bnb", "torch"),
+    ("cuda", "int8", "int8"): ("triton", "bnb", "torch"),
     ("cuda", "int4", None): ("triton", "tinygemm", "torch"),
     ("cuda", "int4", "int8"): ("torch",),
     ("cuda", "nf4", None): ("triton", "bnb", "torch"),
@@ -175,7 +178,7 @@ def convert(
     Args:
         model: a model prepared with :func:`.qat.prepare` or trained with ``QATPrecision``.
         backend: ``"auto"``, ``"torch"``, ``"tinygemm"``, ``"triton"`` or ``"bnb"`` (see :mod:`.modules`);
-            ``"auto"`` follows ``AUTO_BACKENDS`` (Triton first for 4-bit weights on CUDA).
+            ``"auto"`` follows ``AUTO_BACKENDS`` (Triton first for 4-bit weights and W8A8 on CUDA).
         dtype: compute dtype of the quantized layers and dtype of every other floating parameter and
             buffer; ``None`` keeps the model's dtypes. Scales stay float32.
         inplace: modify ``model`` itself instead of a deep copy.

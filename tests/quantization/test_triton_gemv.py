@@ -184,13 +184,16 @@ def test_auto_prefers_triton_on_cuda_and_falls_back_without_it(monkeypatch: pyte
     cuda = torch.device("cuda")  # resolving needs no GPU: it reads the device type only
     monkeypatch.setattr(convert_module, "triton_unavailable", lambda: None)
     monkeypatch.setattr(convert_module, "_bnb_available", lambda: True)
-    for weights in ("int4", "nf4", "fp4"):
-        assert resolve_backend("auto", QuantSpec.create(weights), cuda, 128, 64, "fc") == "triton"
+    w8a8 = QuantSpec.create("int8", "int8")
+    for spec in (QuantSpec.create("int4"), QuantSpec.create("nf4"), QuantSpec.create("fp4"), w8a8):
+        assert resolve_backend("auto", spec, cuda, 128, 64, "fc") == "triton"
     monkeypatch.setattr(convert_module, "triton_unavailable", lambda: "triton is not installed")
     assert resolve_backend("auto", QuantSpec.create("int4"), cuda, 128, 64, "fc") == "tinygemm"
     assert resolve_backend("auto", QuantSpec.create("nf4"), cuda, 128, 64, "fc") == "bnb"
+    assert resolve_backend("auto", w8a8, cuda, 128, 64, "fc") == "bnb"
     monkeypatch.setattr(convert_module, "_bnb_available", lambda: False)
     assert resolve_backend("auto", QuantSpec.create("fp4"), cuda, 128, 64, "fc") == "torch"
+    assert resolve_backend("auto", w8a8, cuda, 128, 64, "fc") == "torch"
 
 
 def test_a_triton_layer_refuses_cpu_inputs_outside_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
