@@ -296,6 +296,9 @@ class TritonLinear(TorchQuantizedLinear):
     :func:`.triton_int8.int8_gemm_scaled` multiplies the codes on int8 tensor cores
     and rescales each output tile in its epilogue (no int32 tensor in memory); the result equals the
     torch backend's ``torch._int_mm`` path bit for bit.
+
+    Under ``torch.compile`` the kernels are called as the custom ops of :mod:`.triton_ops`, so a model
+    of these layers compiles into one graph (eager calls go to the functions directly).
     """
 
     backend = "triton"

@@ -303,8 +303,9 @@ def _kernels(interpret: bool) -> tuple[Any, Any, Any]:
     return plain, tuned, dequant
 
 
-# torch.compile does not trace this: the pair view, the alignment check and Triton's autotuner (which
-# Dynamo cannot capture) run eagerly between compiled graphs.
+# torch.compile does not trace this function (the pair view, the alignment check and Triton's autotuner,
+# which Dynamo cannot capture): called directly in compiled code it is a graph break. TritonLinear calls
+# it through the custom op in .triton_ops while compiling, which Inductor keeps in the graph.
 @torch.compiler.disable
 def lut_gemv(
     x2d: Tensor,
