@@ -48,10 +48,13 @@ class AugmentedImages(Dataset):
             img = padded[:, dy : dy + h, dx : dx + w]
             if torch.rand(()) < 0.5:
                 img = img.flip(-1)
+        return self._as_output(img), self.labels[i]
+
+    def _as_output(self, img: Tensor) -> Tensor:
+        """uint8 images as they are, or normalised float32 (one sample or a whole batch alike)."""
         if self.output == "uint8":
-            return img.contiguous(), self.labels[i]
-        x = (img.float() / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
-        return x, self.labels[i]
+            return img.contiguous()
+        return (img.float() / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
 
 
 class ImageBatches(AugmentedImages):
@@ -71,10 +74,7 @@ class ImageBatches(AugmentedImages):
 
     def __getitems__(self, indices: list[int]) -> list[Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        img = self.images[idx].unsqueeze(1)  # (B, 1, H, W) uint8
-        if self.output == "uint8":
-            return [img, self.labels[idx]]
-        return [(img.float() / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD, self.labels[idx]]
+        return [self._as_output(self.images[idx].unsqueeze(1)), self.labels[idx]]  # (B, 1, H, W), (B,)
 
 
 def collated(batch: list[Tensor]) -> list[Tensor]:

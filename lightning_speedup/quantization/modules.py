@@ -50,7 +50,7 @@ from lightning_speedup.quantization.triton_gemv import (
     interpreting,
     lut_gemv,
 )
-from lightning_speedup.quantization.triton_int8 import int8_gemm_scaled, quantize_rows
+from lightning_speedup.quantization.triton_int8 import w8a8_linear
 from lightning_speedup.quantization.triton_ops import dequantize_packed_op, lut_gemv_op, w8a8_linear_op
 
 # --------------------------------------------------------------------------------------------------
@@ -374,8 +374,7 @@ class TritonLinear(TorchQuantizedLinear):
             if torch.compiler.is_compiling():
                 out = w8a8_linear_op(x2, self.qweight, self.scale, self.bias, dtype)
             else:
-                xq, xs = quantize_rows(x2)
-                out = int8_gemm_scaled(xq, self.qweight, xs, self.scale, bias=self.bias, out_dtype=dtype)
+                out = w8a8_linear(x2, self.qweight, self.scale, self.bias, dtype)
             return out.reshape(*x.shape[:-1], self.out_features)
         if (
             self.spec.activations == "int8"

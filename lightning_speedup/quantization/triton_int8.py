@@ -217,3 +217,15 @@ def quantize_rows(x2d: Tensor) -> tuple[Tensor, Tensor]:
             enable_fp_fusion=False,
         )
     return q, s
+
+
+def w8a8_linear(
+    x2d: Tensor,
+    wq: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """One W8A8 layer: :func:`quantize_rows` (per-token int8 codes), then :func:`int8_gemm_scaled`."""
+    xq, xs = quantize_rows(x2d)
+    return int8_gemm_scaled(xq, wq, xs, w_scale, bias=bias, out_dtype=out_dtype)

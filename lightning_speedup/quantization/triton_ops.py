@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .triton_gemv import dequantize_packed, lut_gemv
-from .triton_int8 import int8_gemm_scaled, quantize_rows
+from .triton_int8 import w8a8_linear
 
 __all__ = ["dequantize_packed_op", "lut_gemv_op", "w8a8_linear_op"]
 
@@ -68,9 +68,8 @@ def _dequantize_packed_fake(
 def w8a8_linear_op(
     x2d: Tensor, wq: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
-    """One W8A8 layer as an op: :func:`.triton_int8.quantize_rows`, then :func:`.triton_int8.int8_gemm_scaled`."""
-    xq, xs = quantize_rows(x2d)
-    return int8_gemm_scaled(xq, wq, xs, w_scale, bias=bias, out_dtype=out_dtype)
+    """:func:`.triton_int8.w8a8_linear` (activation quantization, then the int8 GEMM) as an op."""
+    return w8a8_linear(x2d, wq, w_scale, bias, out_dtype)
 
 
 @w8a8_linear_op.register_fake
