@@ -9,6 +9,8 @@ Fashion-MNIST, ResNet-9 ``ImageClassifier``, bf16-mixed, one GPU, Adam 1e-3:
                     without CPU augmentation the loader gathers whole batches (ImageBatches)
   b_per_sample_fetch the same with batched_fetch=False: the workers index and collate sample by sample
                     (what b measured before batched fetching)
+  b_training_thread  b with GPUPrefetcher(background=False): batches are taken from the loader and their
+                    copies issued on the training thread (what b measured before the fetch thread)
   c_resident_gpuaug DeviceResidentDataModule (uint8 on the GPU) + the same GPUAugment
   d_compute / d_compute_prefetch
                     the prefetcher's cost where data is not the bottleneck: uint8 DataLoader + GPUAugment
@@ -141,12 +143,14 @@ def make_baseline(
     return loader_module(data, args, args.batch_size, augment=True, output="float"), []
 
 
-def make_prefetch(batched: bool) -> Callable[..., tuple[L.LightningDataModule, list[L.Callback]]]:
+def make_prefetch(
+    batched: bool, background: bool = True
+) -> Callable[..., tuple[L.LightningDataModule, list[L.Callback]]]:
     def make(
         data: FashionMNIST, args: argparse.Namespace, seed: int
     ) -> tuple[L.LightningDataModule, list[L.Callback]]:
         dm = loader_module(data, args, args.batch_size, augment=False, output="uint8", batched_fetch=batched)
-        return dm, [GPUPrefetcher(depth=2), gpu_augment(seed)]
+        return dm, [GPUPrefetcher(depth=2, background=background), gpu_augment(seed)]
 
     return make
 
@@ -185,6 +189,12 @@ def configs(args: argparse.Namespace) -> list[Config]:
             "the same, the DataLoader fetching sample by sample (b before batched fetching)",
             bs,
             make_prefetch(False),
+        ),
+        Config(
+            "b_training_thread",
+            "b with GPUPrefetcher(background=False): fetch and copy on the training thread",
+            bs,
+            make_prefetch(True, background=False),
         ),
         Config("c_resident_gpuaug", "device-resident uint8 + GPUAugment", bs, make_resident),
         Config(
@@ -425,6 +435,8 @@ def main() -> None:
         "speedup_c_over_a": ips.get("c_resident_gpuaug", float("nan")) / ips.get("a_baseline", float("nan")),
         "speedup_b_batched_fetch": ips.get("b_prefetch_gpuaug", float("nan"))
         / ips.get("b_per_sample_fetch", float("nan")),
+        "speedup_b_fetch_thread": ips.get("b_prefetch_gpuaug", float("nan"))
+        / ips.get("b_training_thread", float("nan")),
         "prefetch_cost_compute_bound": 1
         - ips.get("d_compute_prefetch", float("nan")) / ips.get("d_compute", float("nan")),
     }

@@ -17,12 +17,18 @@ every train/val/test/predict loader of the run after Lightning has added its dis
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import logging
+import queue
+import threading
 import warnings
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import lightning as L
@@ -84,17 +90,156 @@ def iter_tensors(obj: Any) -> Iterator[Tensor]:
             yield from iter_tensors(value)
 
 
-class _CUDAPrefetchIterator(Iterator[Any]):
-    """Keeps up to ``depth`` batches copying on a side stream, ahead of the one the loop is using."""
+_END = object()  # the source is exhausted
 
-    def __init__(self, iterator: Iterator[Any], loader: PrefetchLoader) -> None:
-        self._iterator = iterator
-        self._loader = loader
-        self._device = loader.device
-        # One side stream per iterator: on DDP every rank builds its own, on its own device.
-        self._stream = torch.cuda.Stream(device=self._device)
-        self._queue: deque[tuple[Any, torch.cuda.Event]] = deque()
+
+class _Failure:
+    """An exception raised on the fetch thread, handed to the consumer to re-raise in order."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _fetch_ahead(
+    source: Iterator[Any],
+    prepare: Callable[[Any], Any],
+    results: queue.SimpleQueue[Any],
+    slots: threading.Semaphore,
+    stop: threading.Event,
+    context: Callable[[], AbstractContextManager[Any]],
+) -> None:
+    # Deliberately a function of the shared pieces only: the thread must not reference the consumer's
+    # iterator, or dropping that iterator (a loop that stops early) could never stop the thread.
+    try:
+        with context():
+            while True:
+                slots.acquire()  # at most `depth` results ahead of the consumer
+                if stop.is_set():
+                    return
+                try:
+                    item = next(source)
+                except StopIteration:
+                    results.put(_END)
+                    return
+                results.put(prepare(item))
+    except BaseException as error:  # handed over and re-raised on the consumer's thread
+        results.put(_Failure(error))
+
+
+class _FetchThread:
+    """The fetch thread of a :class:`_BackgroundIterator` and what stops it; holds no reference to the iterator."""
+
+    def __init__(self, thread: threading.Thread, stop: threading.Event, slots: threading.Semaphore) -> None:
+        self.thread, self._stop, self._slots = thread, stop, slots
+
+    def stop(self) -> None:
+        """Ask the thread to end before its next fetch (it may be inside one now)."""
+        self._stop.set()
+        self._slots.release()  # wake it if it waits for a slot
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop it and wait up to ``timeout`` s for it to end. Returns whether it has ended."""
+        self.stop()
+        if self.thread.ident is None:
+            return True  # never started
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+class _BackgroundIterator(Iterator[Any]):
+    """``prepare(item)`` for every item of ``source``, computed on a daemon thread up to ``depth`` items ahead.
+
+    The thread starts on the first ``next()``. Items keep their order; an exception raised by the source
+    or by ``prepare`` is re-raised by the ``next()`` that reaches it. Closing (or dropping) the iterator
+    stops the thread before its next fetch, which releases the source.
+    """
+
+    def __init__(
+        self,
+        source: Iterator[Any],
+        prepare: Callable[[Any], Any],
+        depth: int,
+        context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+        name: str = "lightning_speedup-prefetch",
+    ) -> None:
+        self._results: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._slots = threading.Semaphore(depth)
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=_fetch_ahead,
+            args=(source, prepare, self._results, self._slots, stop, context),
+            name=name,
+            daemon=True,
+        )
+        self.fetch = _FetchThread(thread, stop, self._slots)
+        self._finished = False
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self.fetch.thread
+
+    @override
+    def __next__(self) -> Any:
+        if self._finished:
+            raise StopIteration
+        if self.thread.ident is None:
+            self.thread.start()
+        item = self._results.get()
+        if item is _END or isinstance(item, _Failure):
+            self._finished = True
+            self.thread.join()
+            if item is _END:
+                raise StopIteration
+            raise item.error
+        self._slots.release()
+        return item
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop fetching; wait up to ``timeout`` s for the thread to end. Returns whether it has ended."""
+        self._finished = True
+        return self.fetch.close(timeout)
+
+    def __del__(self) -> None:
+        fetch = getattr(self, "fetch", None)
+        if fetch is not None:
+            fetch.stop()
+
+
+class _InlineAhead(Iterator[Any]):
+    """The same contract as :class:`_BackgroundIterator` on the calling thread (``background=False``)."""
+
+    def __init__(self, source: Iterator[Any], prepare: Callable[[Any], Any], depth: int) -> None:
+        self._source, self._prepare, self._depth = source, prepare, depth
+        self._queue: deque[Any] = deque()
         self._exhausted = False
+
+    def _fill(self) -> None:
+        while not self._exhausted and len(self._queue) < self._depth:
+            try:
+                self._queue.append(self._prepare(next(self._source)))
+            except StopIteration:
+                self._exhausted = True
+            except Exception as error:  # raised when the loop reaches it, after the batches before it
+                self._exhausted = True
+                self._queue.append(_Failure(error))
+
+    @override
+    def __next__(self) -> Any:
+        self._fill()  # lazily: the first batch is taken when the loop asks, not when it calls iter()
+        if not self._queue:
+            raise StopIteration
+        item = self._queue.popleft()
+        if isinstance(item, _Failure):
+            raise item.error
+        self._fill()  # start the next copies now so they overlap this step's compute
+        return item
+
+
+class _SideStreamCopy:
+    """Copies one batch to the device on the side stream; returns it with its copy-done event."""
+
+    def __init__(self, loader: PrefetchLoader, stream: torch.cuda.Stream) -> None:
+        self._loader, self._device, self._stream = loader, loader.device, stream
 
     def _to_device(self, tensor: Tensor) -> Tensor:
         if tensor.device == self._device:
@@ -106,34 +251,46 @@ class _CUDAPrefetchIterator(Iterator[Any]):
             tensor = tensor.pin_memory()
         return tensor.to(self._device, non_blocking=True)
 
-    def _fill(self) -> None:
-        while not self._exhausted and len(self._queue) < self._loader.depth:
-            try:
-                batch = next(self._iterator)
-            except StopIteration:
-                self._exhausted = True
-                return
-            with torch.cuda.stream(self._stream):
-                # Device memory is allocated on the side stream; the pinned host buffers are safe to drop
-                # once the copy is enqueued because the caching host allocator records an event for them.
-                moved = map_tensors(batch, self._to_device)
-                done = torch.cuda.Event()
-                done.record(self._stream)
-            self._queue.append((moved, done))
+    def __call__(self, batch: Any) -> tuple[Any, torch.cuda.Event]:
+        with torch.cuda.stream(self._stream):
+            # Device memory is allocated on the side stream; the pinned host buffers are safe to drop
+            # once the copy is enqueued because the caching host allocator records an event for them.
+            moved = map_tensors(batch, self._to_device)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return moved, done
+
+
+class _CUDAPrefetchIterator(Iterator[Any]):
+    """Keeps up to ``depth`` batches copying on a side stream, ahead of the one the loop is using."""
+
+    def __init__(self, iterator: Iterator[Any], loader: PrefetchLoader) -> None:
+        self._device = loader.device
+        # One side stream per iterator: on DDP every rank builds its own, on its own device.
+        copy = _SideStreamCopy(loader, torch.cuda.Stream(device=self._device))
+        self._ahead: _BackgroundIterator | _InlineAhead
+        if loader.background:
+            # The thread's current CUDA device is its own (device 0 by default): set it to the rank's.
+            self._ahead = _BackgroundIterator(
+                iterator, copy, loader.depth, context=functools.partial(torch.cuda.device, self._device)
+            )
+        else:
+            self._ahead = _InlineAhead(iterator, copy, loader.depth)
 
     @override
     def __next__(self) -> Any:
-        self._fill()  # lazily: the first batch is taken when the loop asks, not when it calls iter()
-        if not self._queue:
-            raise StopIteration
-        batch, done = self._queue.popleft()
+        batch, done = next(self._ahead)
         consumer = torch.cuda.current_stream(self._device)
         consumer.wait_event(done)  # GPU-side wait; the host does not block
         for tensor in iter_tensors(batch):
             if tensor.device == self._device:
                 tensor.record_stream(consumer)
-        self._fill()  # start the next copies now so they overlap this step's compute
         return batch
+
+    @property
+    def fetch(self) -> _FetchThread | None:
+        """The fetch thread (``background=True``), or None."""
+        return self._ahead.fetch if isinstance(self._ahead, _BackgroundIterator) else None
 
 
 # A stateful loader's state runs `depth` batches ahead of what the loop consumed, so resuming from it
@@ -146,33 +303,69 @@ class PrefetchLoader:
 
     On a CUDA device, batches (any nesting of tuples, lists, dicts, namedtuples, dataclasses) are
     copied from pinned host memory on a side stream; tensors keep their dtype, so uint8 images stay
-    uint8 (4x fewer bytes than float32) for an on-device conversion. On any other device it is a
-    pass-through: iteration yields the wrapped loader's batches unchanged.
+    uint8 (4x fewer bytes than float32) for an on-device conversion. With ``background=True`` (the
+    default) a daemon thread takes the batches from the wrapped loader and issues their copies, so the
+    training thread only blocks when no batch is ready; with ``background=False`` that happens on the
+    training thread when the loop asks for a batch. On any other device it is a pass-through: iteration
+    yields the wrapped loader's batches unchanged.
 
     ``len()`` and every attribute the wrapper does not define (``dataset``, ``sampler``,
     ``batch_size``, ...) come from the wrapped loader.
 
     Raises:
         ValueError: ``depth`` is not an int >= 1.
+        TypeError: ``background`` or ``pin_memory`` is not a bool.
     """
 
+    #: Seconds ``iter()`` waits for the previous iterator's fetch thread to leave the wrapped loader.
+    join_timeout: float = 60.0
+
     def __init__(
-        self, loader: Iterable[Any], device: torch.device | str, depth: int = 2, pin_memory: bool = True
+        self,
+        loader: Iterable[Any],
+        device: torch.device | str,
+        depth: int = 2,
+        pin_memory: bool = True,
+        background: bool = True,
     ) -> None:
         _check_depth(depth)
+        _check_flag("pin_memory", pin_memory)
+        _check_flag("background", background)
         self.loader = loader
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.depth = depth
         self.pin_memory = pin_memory
+        self.background = background
         self._warned_unpinned = False
+        self._live: _FetchThread | None = None  # the latest iterator's fetch thread (not the iterator)
 
     def __iter__(self) -> Iterator[Any]:
-        iterator = iter(self.loader)
         if self.device.type != "cuda":
-            return iterator
-        return _CUDAPrefetchIterator(iterator, self)
+            return iter(self.loader)
+        self._close_live()
+        prefetching = _CUDAPrefetchIterator(iter(self.loader), self)
+        self._live = prefetching.fetch
+        return prefetching
+
+    def _close_live(self) -> None:
+        # A loop that stopped early (limit_val_batches, max_steps) drops its iterator, whose fetch thread
+        # may still be inside the wrapped loader's next(). A DataLoader with persistent workers hands the
+        # same iterator to the next iter(), so that thread must be out of it first.
+        live, self._live = self._live, None
+        if live is not None and not live.close(self.join_timeout):
+            warnings.warn(
+                f"PrefetchLoader: the previous iterator's fetch thread is still inside the wrapped loader's "
+                f"next() after {self.join_timeout:.0f} s; starting a new pass anyway. If the loader blocks "
+                "for long, use GPUPrefetcher(background=False).",
+                stacklevel=3,
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_live"] = None  # a running thread does not travel
+        return state
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -204,7 +397,15 @@ class PrefetchLoader:
             )
 
     def __repr__(self) -> str:
-        return f"PrefetchLoader({self.loader!r}, device={self.device}, depth={self.depth})"
+        return (
+            f"PrefetchLoader({self.loader!r}, device={self.device}, depth={self.depth}, "
+            f"background={self.background})"
+        )
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r} ({type(value).__name__}).")
 
 
 def _check_depth(depth: object) -> None:
@@ -269,22 +470,31 @@ class GPUPrefetcher(Callback):
         ``LightningModule.on_before_batch_transfer`` receives batches already on the device, and
         ``trainer.train_dataloader`` returns the :class:`PrefetchLoader` wrapper (which forwards
         ``dataset``, ``sampler``, ``len()`` and other attributes to the DataLoader). Each of the
-        ``depth`` batches in flight takes device memory.
+        ``depth`` batches in flight takes device memory. With ``background=True`` one daemon thread per
+        loader iterator takes the batches from the DataLoader and issues their copies; the training
+        thread only waits when none is ready. Use ``background=False`` for an iterable that must be
+        consumed on the thread that created it.
 
     Args:
         depth: batches copied ahead of the one being used (>= 1).
         pin_memory: pin batches that arrive in pageable memory before copying (warns once).
+        background: fetch and copy on a background thread (default) instead of the training thread.
 
     Raises:
         ValueError: ``depth`` is not an int >= 1.
+        TypeError: ``pin_memory`` or ``background`` is not a bool.
     """
 
-    def __init__(self, depth: int = 2, pin_memory: bool = True) -> None:
+    def __init__(self, depth: int = 2, pin_memory: bool = True, background: bool = True) -> None:
         _check_depth(depth)
+        _check_flag("pin_memory", pin_memory)
+        _check_flag("background", background)
         self.depth = depth
         self.pin_memory = pin_memory
+        self.background = background
         self._uninstall: Callable[[], None] | None = None
         self._device: torch.device | None = None
+        self._wrapped: weakref.WeakSet[PrefetchLoader] = weakref.WeakSet()
 
     @property
     def active(self) -> bool:
@@ -294,7 +504,9 @@ class GPUPrefetcher(Callback):
     def _wrap(self, dataloader: object) -> object:
         if isinstance(dataloader, PrefetchLoader) or self._device is None:
             return dataloader
-        return PrefetchLoader(dataloader, self._device, self.depth, self.pin_memory)  # type: ignore[arg-type]
+        wrapped = PrefetchLoader(dataloader, self._device, self.depth, self.pin_memory, self.background)  # type: ignore[arg-type]
+        self._wrapped.add(wrapped)
+        return wrapped
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -312,6 +524,9 @@ class GPUPrefetcher(Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for loader in list(self._wrapped):
+            loader._close_live()  # a run that stopped mid-epoch leaves a fetch thread waiting
+        self._wrapped.clear()
         if self._uninstall is not None:
             self._uninstall()
             self._uninstall = None

@@ -6,6 +6,7 @@ Run on the device machine: ``pytest -m gpu tests/data/test_gpu_data_gpu.py``.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import namedtuple
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ class SmallCNN(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def _fit_fashion(fashion_mnist_dir: Path, prefetch: bool) -> SmallCNN:
+def _fit_fashion(fashion_mnist_dir: Path, prefetch: bool, background: bool = True) -> SmallCNN:
     L.seed_everything(0, verbose=False)
     dm = FashionMNISTDataModule(
         fashion_mnist_dir,
@@ -81,16 +82,17 @@ def _fit_fashion(fashion_mnist_dir: Path, prefetch: bool) -> SmallCNN:
                    Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD), seed=1),
     ]  # fmt: skip
     if prefetch:
-        callbacks.insert(0, GPUPrefetcher(depth=2))
+        callbacks.insert(0, GPUPrefetcher(depth=2, background=background))
     trainer = gpu_trainer(max_steps=200, callbacks=callbacks, deterministic=True, limit_val_batches=2)
     trainer.fit(model, dm)
     assert isinstance(trainer.train_dataloader, PrefetchLoader) == prefetch
     return model
 
 
-def test_prefetcher_gives_bitwise_identical_weights(fashion_mnist_dir: Path) -> None:
+@pytest.mark.parametrize("background", [True, False], ids=["fetch-thread", "training-thread"])
+def test_prefetcher_gives_bitwise_identical_weights(fashion_mnist_dir: Path, background: bool) -> None:
     plain = _fit_fashion(fashion_mnist_dir, prefetch=False)
-    prefetched = _fit_fashion(fashion_mnist_dir, prefetch=True)
+    prefetched = _fit_fashion(fashion_mnist_dir, prefetch=True, background=background)
     assert plain.devices_before_transfer == {"cpu"} and prefetched.devices_before_transfer == {"cuda"}
     for (name, a), b in zip(plain.state_dict().items(), prefetched.state_dict().values()):
         assert torch.equal(a, b), name
@@ -282,6 +284,34 @@ def test_prefetcher_moves_nested_batches_and_keeps_uint8() -> None:
     trainer.fit(model, loader, loader)
     assert model.checked == 2 * (4 + 4)  # train and validation batches both came through the prefetcher
     assert "process_dataloader" not in vars(trainer.strategy)  # restored at teardown
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "lightning_speedup-prefetch"]
+
+
+def test_loops_that_stop_early_leave_no_fetch_thread_in_a_persistent_loader() -> None:
+    # Persistent workers hand the same DataLoader iterator to every pass, so a pass that stops early
+    # (limit_val_batches, max_steps mid-epoch) must get its fetch thread out of it before the next pass.
+    loader = DataLoader(
+        NestedUint8(), batch_size=8, pin_memory=True, num_workers=2, persistent_workers=True,
+        collate_fn=collate_nested,
+    )  # fmt: skip
+    prefetching = PrefetchLoader(loader, "cuda", depth=3)
+    for _ in range(3):
+        first = next(iter(prefetching))  # one batch, then the iterator is dropped mid-pass
+        assert torch.equal(first["pair"].label.cpu(), torch.arange(8))
+        labels = torch.cat([batch["pair"].label.cpu() for batch in prefetching])
+        assert torch.equal(labels, torch.arange(64))  # every full pass still sees every sample, in order
+    assert not _prefetch_threads()  # each early pass's thread was joined by the next iter()
+
+    model = NestedCheck()
+    trainer = gpu_trainer(
+        max_steps=11, limit_val_batches=2, val_check_interval=4, callbacks=[GPUPrefetcher(depth=2)]
+    )
+    trainer.fit(model, loader, loader)  # stops mid-epoch; validation stops after 2 of 8 batches, twice
+    assert model.checked == 11 + 2 * 2
+    assert not _prefetch_threads()  # teardown stopped the train loader's, still 2 batches ahead
 
 
 class DDPPrefetchModel(NestedCheck):

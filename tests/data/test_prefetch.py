@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import threading
+import time
 from collections import OrderedDict, defaultdict, namedtuple
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_speedup.data.prefetch import (
     GPUPrefetcher,
     PrefetchLoader,
+    _BackgroundIterator,
+    _InlineAhead,
     _install_dataloader_wrapper,
     iter_tensors,
     map_tensors,
@@ -110,6 +115,122 @@ def test_depth_must_be_a_positive_int(depth: Any) -> None:
         GPUPrefetcher(depth=depth)
     with pytest.raises(ValueError, match="depth"):
         PrefetchLoader([], "cpu", depth=depth)
+
+
+@pytest.mark.parametrize("flag", ["background", "pin_memory"])
+def test_flags_must_be_bools(flag: str) -> None:
+    with pytest.raises(TypeError, match=f"{flag} must be True or False; got 'yes'"):
+        GPUPrefetcher(**{flag: "yes"})
+    with pytest.raises(TypeError, match=flag):
+        PrefetchLoader([], "cpu", **{flag: 1})
+
+
+# --- the fetch-ahead machinery of the CUDA path (device-independent, so tested here) -----------------
+
+
+class CountingSource:
+    """An iterator over 0..n-1 that records how many items were taken and whether it was released."""
+
+    def __init__(self, n: int, fail_at: int | None = None) -> None:
+        self.n, self.fail_at = n, fail_at
+        self.taken = 0
+        self.released = threading.Event()
+        self.threads: set[str] = set()
+
+    def __iter__(self) -> Any:
+        try:
+            for i in range(self.n):
+                if i == self.fail_at:
+                    raise KeyError(f"sample {i} is missing")
+                self.taken += 1
+                self.threads.add(threading.current_thread().name)
+                yield i
+        finally:
+            self.released.set()
+
+
+def wait_until(condition: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.mark.parametrize("ahead", [_BackgroundIterator, _InlineAhead])
+def test_fetch_ahead_keeps_order_and_applies_prepare(ahead: Any) -> None:
+    source = CountingSource(50)
+    out = list(ahead(iter(source), lambda x: (x, x * x), 3))
+    assert out == [(i, i * i) for i in range(50)]
+    assert source.released.is_set()
+    expected_thread = "lightning_speedup-prefetch" if ahead is _BackgroundIterator else "MainThread"
+    assert source.threads == {expected_thread}
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_background_fetch_runs_exactly_depth_items_ahead(depth: int) -> None:
+    source = CountingSource(100)
+    it = _BackgroundIterator(iter(source), lambda x: x, depth)
+    assert source.taken == 0  # the thread starts with the first next(), not before
+    for consumed in range(1, 6):
+        assert next(it) == consumed - 1
+        target = consumed + depth
+        assert wait_until(lambda t=target: source.taken == t), (source.taken, consumed, depth)
+        time.sleep(0.05)  # give an unbounded fetcher the time to run further ahead
+        assert source.taken == consumed + depth
+    assert it.close(timeout=10)
+
+
+@pytest.mark.parametrize("ahead", [_BackgroundIterator, _InlineAhead])
+def test_fetch_ahead_reraises_the_sources_error_in_order(ahead: Any) -> None:
+    it = ahead(iter(CountingSource(10, fail_at=4)), lambda x: x, 2)
+    assert [next(it) for _ in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(KeyError, match="sample 4 is missing"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_background_fetch_reraises_an_error_of_prepare() -> None:
+    def prepare(x: int) -> int:
+        if x == 2:
+            raise ValueError("cannot copy batch 2")
+        return x
+
+    it = _BackgroundIterator(iter(range(5)), prepare, 2)
+    assert [next(it), next(it)] == [0, 1]
+    with pytest.raises(ValueError, match="cannot copy batch 2"):
+        next(it)
+    assert not it.thread.is_alive()
+
+
+def test_closing_or_dropping_the_iterator_stops_the_thread_and_releases_the_source() -> None:
+    source = CountingSource(1000)
+    it = _BackgroundIterator(iter(source), lambda x: x, 2)
+    next(it)
+    assert it.close(timeout=10) and not it.thread.is_alive()
+    assert source.released.wait(10) and source.taken <= 3
+    with pytest.raises(StopIteration):
+        next(it)
+
+    # A loop that stops early just drops its iterator: that must end the thread too.
+    source = CountingSource(1000)
+    it = _BackgroundIterator(iter(source), lambda x: x, 2)
+    next(it)
+    thread = it.thread
+    del it
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive() and source.released.wait(10)
+
+
+def test_closing_an_iterator_that_never_started_is_immediate() -> None:
+    source = CountingSource(5)
+    it = _BackgroundIterator(iter(source), lambda x: x, 2)
+    assert it.close(timeout=0) and source.taken == 0
+    with pytest.raises(StopIteration):
+        next(it)
 
 
 class NestedDataset(Dataset):
