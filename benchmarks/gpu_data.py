@@ -280,6 +280,16 @@ class StepProfiler(L.Callback):
         }
 
 
+def flops_per_image(width: int) -> float:
+    """Forward + backward FLOPs of one 28x28 image through ResNet-9 of this width (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = ImageClassifier(width=width)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(2, 1, 28, 28)).sum().backward()
+    return counter.get_total_flops() / 2
+
+
 def run_one(
     config: Config,
     data: FashionMNIST,
@@ -429,6 +439,10 @@ def main() -> None:
         }
         for name in runs
     }
+    # What the model's arithmetic sustains: how far a configuration is from being compute-bound.
+    flops = {width: flops_per_image(width) for width in {c.width for c in chosen}}
+    for c in chosen:
+        medians[c.name]["model_tflops_per_s"] = medians[c.name]["images_per_s"] * flops[c.width] / 1e12
     ips = {name: m["images_per_s"] for name, m in medians.items()}
     derived = {
         "speedup_b_over_a": ips.get("b_prefetch_gpuaug", float("nan")) / ips.get("a_baseline", float("nan")),
@@ -458,6 +472,7 @@ def main() -> None:
         "medians": medians,
         "derived": derived,
         "goals": goals,
+        "fwd_bwd_flops_per_image": {f"width_{w}": f for w, f in flops.items()},
         "profiles": profiles,
         "wall_s": time.time() - started,
     }
@@ -467,14 +482,16 @@ def main() -> None:
     print(f"\n{device_label(env)} | torch {env['torch']} | lightning {env['lightning']} "
           f"| median of {args.repeats} | {record['wall_s']:.0f}s | {args.out}")  # fmt: skip
     print(
-        f"{'config':20s} {'batch':>6s} {'img/s':>10s} {'vs a':>6s} {'wait':>7s} {'wait ms':>8s} {'step ms':>8s}"
+        f"{'config':20s} {'batch':>6s} {'img/s':>10s} {'vs a':>6s} {'wait':>7s} {'wait ms':>8s} {'step ms':>8s} "
+        f"{'TFLOP/s':>8s}"
     )
     base = ips.get("a_baseline", float("nan"))
     for c in chosen:
         m = medians[c.name]
         print(
             f"{c.name:20s} {c.batch_size:6d} {m['images_per_s']:10,.0f} {m['images_per_s'] / base:5.2f}x "
-            f"{m['wait_fraction']:7.1%} {m['mean_wait_ms']:8.2f} {m['mean_step_ms']:8.2f}"
+            f"{m['wait_fraction']:7.1%} {m['mean_wait_ms']:8.2f} {m['mean_step_ms']:8.2f} "
+            f"{m['model_tflops_per_s']:8.1f}"
         )
     print(
         f"prefetcher cost (compute-bound): {derived['prefetch_cost_compute_bound']:+.1%}   goals: "
