@@ -11,6 +11,8 @@ Fashion-MNIST, ResNet-9 ``ImageClassifier``, bf16-mixed, one GPU, Adam 1e-3:
                     (what b measured before batched fetching)
   b_training_thread  b with GPUPrefetcher(background=False): batches are taken from the loader and their
                     copies issued on the training thread (what b measured before the fetch thread)
+  b_in_process      b with num_workers=0: the prefetcher's fetch thread gathers (one index per batch), pins
+                    and copies; no worker processes, no inter-process queues, no pin-memory thread
   c_resident_gpuaug DeviceResidentDataModule (uint8 on the GPU) + the same GPUAugment
   d_compute / d_compute_prefetch
                     the prefetcher's cost where data is not the bottleneck: uint8 DataLoader + GPUAugment
@@ -36,6 +38,7 @@ import gc
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,12 +147,14 @@ def make_baseline(
 
 
 def make_prefetch(
-    batched: bool, background: bool = True
+    batched: bool, background: bool = True, workers: int | None = None
 ) -> Callable[..., tuple[L.LightningDataModule, list[L.Callback]]]:
     def make(
         data: FashionMNIST, args: argparse.Namespace, seed: int
     ) -> tuple[L.LightningDataModule, list[L.Callback]]:
         dm = loader_module(data, args, args.batch_size, augment=False, output="uint8", batched_fetch=batched)
+        if workers is not None:
+            dm.num_workers = workers
         return dm, [GPUPrefetcher(depth=2, background=background), gpu_augment(seed)]
 
     return make
@@ -196,6 +201,12 @@ def configs(args: argparse.Namespace) -> list[Config]:
             bs,
             make_prefetch(True, background=False),
         ),
+        Config(
+            "b_in_process",
+            "b with num_workers=0: the fetch thread gathers, pins and copies",
+            bs,
+            make_prefetch(True, workers=0),
+        ),
         Config("c_resident_gpuaug", "device-resident uint8 + GPUAugment", bs, make_resident),
         Config(
             "d_compute",
@@ -214,6 +225,47 @@ def configs(args: argparse.Namespace) -> list[Config]:
             compute=True,
         ),
     ]
+
+
+class SyncProbe(L.Callback):
+    """Which host-device synchronisations training steps [start, start + steps) make, and from where.
+
+    ``torch.cuda.set_sync_debug_mode("warn")`` makes every synchronising CUDA call (``.item()``, a
+    blocking copy to the host, ``nonzero``, ...) warn, with the Python line that made it.
+    """
+
+    def __init__(self, start: int, steps: int) -> None:
+        self.start, self.steps = start, steps
+        self.batch = 0
+        self._catcher: Any = None
+        self._caught: list[warnings.WarningMessage] = []
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *a: Any) -> None:
+        if self.batch == self.start and pl_module.device.type == "cuda":
+            self._catcher = warnings.catch_warnings(record=True)
+            self._caught = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *a: Any) -> None:
+        self.batch += 1
+        if self._catcher is not None and self.batch == self.start + self.steps:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catcher.__exit__(None, None, None)
+            self._catcher = None
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Each synchronising call site with its count per step, most frequent first."""
+        sites: dict[tuple[str, str], int] = {}
+        for w in self._caught:
+            key = (f"{w.filename}:{w.lineno}", str(w.message).splitlines()[0][:120])
+            sites[key] = sites.get(key, 0) + 1
+        return [
+            {"where": where, "what": what, "per_step": count / self.steps}
+            for (where, what), count in sorted(sites.items(), key=lambda kv: -kv[1])
+        ]
 
 
 class StepProfiler(L.Callback):
@@ -295,7 +347,7 @@ def run_one(
     data: FashionMNIST,
     args: argparse.Namespace,
     seed: int,
-    profiler: StepProfiler | None = None,
+    profiler: L.Callback | None = None,
 ) -> dict[str, float]:
     L.seed_everything(seed, verbose=False)
     dm, extra = config.make(data, args, seed)
@@ -388,12 +440,21 @@ def main() -> None:
         "host wall vs device kernel time per step, kernel launches, the ops with the most host time",
     )
     parser.add_argument("--profile-steps", type=int, default=20)
+    parser.add_argument(
+        "--sync-probe",
+        nargs="*",
+        default=[],
+        help="after the timed runs, list the host-device synchronisations of these configurations' steps "
+        "(torch.cuda.set_sync_debug_mode), with the line that made each, over --profile-steps steps",
+    )
     args = parser.parse_args()
-    unknown = set(args.profile) - {c.name for c in configs(args)}
-    if unknown:
-        parser.error(
-            f"--profile: unknown configurations {sorted(unknown)}; choose from {[c.name for c in configs(args)]}"
-        )
+    for option in ("profile", "sync_probe"):
+        unknown = set(getattr(args, option)) - {c.name for c in configs(args)}
+        if unknown:
+            parser.error(
+                f"--{option.replace('_', '-')}: unknown configurations {sorted(unknown)}; choose from "
+                f"{[c.name for c in configs(args)]}"
+            )
     if args.compile_mode and not args.compile:
         parser.error("--compile-mode needs --compile")
     if args.compile:
@@ -428,6 +489,15 @@ def main() -> None:
         )
         for op in p["top_host_ops"][:10]:
             print(f"    {op['self_cpu_ms_per_step']:7.3f} ms  {op['calls_per_step']:6.1f}x  {op['op']}")
+
+    syncs: dict[str, Any] = {}
+    for config in (c for c in configs(args) if c.name in args.sync_probe):
+        probe = SyncProbe(args.warmup, args.profile_steps)
+        run_one(config, data, args, args.seed, probe)
+        syncs[config.name] = probe.summary()
+        print(f"[sync-probe] {config.name}: {len(syncs[config.name])} synchronising call sites", flush=True)
+        for site in syncs[config.name][:10]:
+            print(f"    {site['per_step']:6.2f}/step  {site['where']}  {site['what']}")
 
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name]) if runs.get(name) else float("nan")
@@ -474,6 +544,7 @@ def main() -> None:
         "goals": goals,
         "fwd_bwd_flops_per_image": {f"width_{w}": f for w, f in flops.items()},
         "profiles": profiles,
+        "sync_probe": syncs,
         "wall_s": time.time() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

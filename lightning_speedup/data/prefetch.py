@@ -496,6 +496,16 @@ class GPUPrefetcher(Callback):
         self._device: torch.device | None = None
         self._wrapped: weakref.WeakSet[PrefetchLoader] = weakref.WeakSet()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the callbacks; the loaders of this process's run do not travel.
+        state = self.__dict__.copy()
+        state["_wrapped"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._wrapped = weakref.WeakSet()
+
     @property
     def active(self) -> bool:
         """Whether loaders of the current run are being wrapped (False on a non-CUDA accelerator)."""

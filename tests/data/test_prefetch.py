@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import pickle
 import threading
 import time
 from collections import OrderedDict, defaultdict, namedtuple
@@ -231,6 +232,19 @@ def test_closing_an_iterator_that_never_started_is_immediate() -> None:
     assert it.close(timeout=0) and source.taken == 0
     with pytest.raises(StopIteration):
         next(it)
+
+
+def test_callback_and_loader_pickle_for_ddp_spawn() -> None:
+    # ddp_spawn pickles the callbacks; a PrefetchLoader may be pickled with its trainer's loaders.
+    prefetcher = GPUPrefetcher(depth=3, background=False)
+    wrapped = PrefetchLoader([1, 2], "cpu")
+    prefetcher._wrapped.add(wrapped)  # what a run on CUDA leaves there
+    copy = pickle.loads(pickle.dumps(prefetcher))
+    assert (copy.depth, copy.background, len(copy._wrapped)) == (3, False, 0) and len(
+        prefetcher._wrapped
+    ) == 1
+    loader = pickle.loads(pickle.dumps(PrefetchLoader([1, 2], "cpu", depth=4)))
+    assert list(loader) == [1, 2] and loader.depth == 4
 
 
 class NestedDataset(Dataset):
