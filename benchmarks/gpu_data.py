@@ -14,6 +14,11 @@ Fashion-MNIST, ResNet-9 ``ImageClassifier``, bf16-mixed, one GPU, Adam 1e-3:
   b_in_process      b with num_workers=0: the prefetcher's fetch thread gathers (one index per batch), pins
                     and copies; no worker processes, no inter-process queues, no pin-memory thread
   c_resident_gpuaug DeviceResidentDataModule (uint8 on the GPU) + the same GPUAugment
+  b_step_sync, c_step_sync
+                    b and c with train_loss logged with prog_bar=True, as every measurement before
+                    2026-11-28 did: Lightning reads progress-bar metrics with .item() after every step (a
+                    host-device sync, even without a progress bar), so the host cannot run ahead of the GPU.
+                    Every other configuration logs train_loss with prog_bar=False.
   d_compute / d_compute_prefetch
                     the prefetcher's cost where data is not the bottleneck: uint8 DataLoader + GPUAugment
                     feeding a 16x heavier ResNet-9 (width 256, batch 512), without and with GPUPrefetcher(2)
@@ -38,7 +43,6 @@ import gc
 import json
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +115,8 @@ class Config:
     make: Callable[[FashionMNIST, argparse.Namespace, int], tuple[L.LightningDataModule, list[L.Callback]]]
     width: int = 64  # ResNet-9 width; the compute-bound pair uses a wider model
     compute: bool = False  # timed over --compute-steps instead of --steps
+    # train_loss in the progress bar: Lightning reads it with .item() after every step (a host-device sync)
+    step_sync: bool = False
 
 
 def gpu_augment(seed: int) -> GPUAugment:
@@ -209,6 +215,20 @@ def configs(args: argparse.Namespace) -> list[Config]:
         ),
         Config("c_resident_gpuaug", "device-resident uint8 + GPUAugment", bs, make_resident),
         Config(
+            "b_step_sync",
+            "b with train_loss logged with prog_bar=True (Lightning syncs with the GPU every step)",
+            bs,
+            make_prefetch(True),
+            step_sync=True,
+        ),
+        Config(
+            "c_step_sync",
+            "c with train_loss logged with prog_bar=True (Lightning syncs with the GPU every step)",
+            bs,
+            make_resident,
+            step_sync=True,
+        ),
+        Config(
             "d_compute",
             f"DataLoader uint8 + GPUAugment, ResNet-9 width {args.compute_width}, batch {cbs}",
             cbs,
@@ -225,47 +245,6 @@ def configs(args: argparse.Namespace) -> list[Config]:
             compute=True,
         ),
     ]
-
-
-class SyncProbe(L.Callback):
-    """Which host-device synchronisations training steps [start, start + steps) make, and from where.
-
-    ``torch.cuda.set_sync_debug_mode("warn")`` makes every synchronising CUDA call (``.item()``, a
-    blocking copy to the host, ``nonzero``, ...) warn, with the Python line that made it.
-    """
-
-    def __init__(self, start: int, steps: int) -> None:
-        self.start, self.steps = start, steps
-        self.batch = 0
-        self._catcher: Any = None
-        self._caught: list[warnings.WarningMessage] = []
-
-    @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *a: Any) -> None:
-        if self.batch == self.start and pl_module.device.type == "cuda":
-            self._catcher = warnings.catch_warnings(record=True)
-            self._caught = self._catcher.__enter__()
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-
-    @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *a: Any) -> None:
-        self.batch += 1
-        if self._catcher is not None and self.batch == self.start + self.steps:
-            torch.cuda.set_sync_debug_mode("default")
-            self._catcher.__exit__(None, None, None)
-            self._catcher = None
-
-    def summary(self) -> list[dict[str, Any]]:
-        """Each synchronising call site with its count per step, most frequent first."""
-        sites: dict[tuple[str, str], int] = {}
-        for w in self._caught:
-            key = (f"{w.filename}:{w.lineno}", str(w.message).splitlines()[0][:120])
-            sites[key] = sites.get(key, 0) + 1
-        return [
-            {"where": where, "what": what, "per_step": count / self.steps}
-            for (where, what), count in sorted(sites.items(), key=lambda kv: -kv[1])
-        ]
 
 
 class StepProfiler(L.Callback):
@@ -347,8 +326,8 @@ def run_one(
     data: FashionMNIST,
     args: argparse.Namespace,
     seed: int,
-    profiler: L.Callback | None = None,
-) -> dict[str, float]:
+    profiler: StepProfiler | None = None,
+) -> dict[str, Any]:
     L.seed_everything(seed, verbose=False)
     dm, extra = config.make(data, args, seed)
     steps = args.compute_steps if config.compute else args.steps
@@ -373,7 +352,7 @@ def run_one(
         torch.cuda.reset_peak_memory_stats()
     model = ImageClassifier(
         compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last, width=config.width,
-        fused_optimizer=args.fused,
+        fused_optimizer=args.fused, progress_bar_loss=config.step_sync,
     )  # fmt: skip
     trainer.fit(model, dm)
     summary = monitor.summary()
@@ -385,6 +364,8 @@ def run_one(
         "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20
         if torch.cuda.is_available()
         else float("nan"),
+        # where the host waited for the GPU in one step cycle after warm-up (CUDA only)
+        "sync_sites": monitor.sync_sites,
     }
     del trainer, dm, extra
     gc.collect()  # shuts down the persistent DataLoader workers of this run
@@ -440,21 +421,12 @@ def main() -> None:
         "host wall vs device kernel time per step, kernel launches, the ops with the most host time",
     )
     parser.add_argument("--profile-steps", type=int, default=20)
-    parser.add_argument(
-        "--sync-probe",
-        nargs="*",
-        default=[],
-        help="after the timed runs, list the host-device synchronisations of these configurations' steps "
-        "(torch.cuda.set_sync_debug_mode), with the line that made each, over --profile-steps steps",
-    )
     args = parser.parse_args()
-    for option in ("profile", "sync_probe"):
-        unknown = set(getattr(args, option)) - {c.name for c in configs(args)}
-        if unknown:
-            parser.error(
-                f"--{option.replace('_', '-')}: unknown configurations {sorted(unknown)}; choose from "
-                f"{[c.name for c in configs(args)]}"
-            )
+    unknown = set(args.profile) - {c.name for c in configs(args)}
+    if unknown:
+        parser.error(
+            f"--profile: unknown configurations {sorted(unknown)}; choose from {[c.name for c in configs(args)]}"
+        )
     if args.compile_mode and not args.compile:
         parser.error("--compile-mode needs --compile")
     if args.compile:
@@ -472,7 +444,8 @@ def main() -> None:
             runs[config.name].append(result)
             print(
                 f"[{time.time() - started:6.1f}s] repeat {repeat} {config.name:20s} "
-                f"{result['images_per_s']:10,.0f} img/s  wait {result['wait_fraction']:6.1%}",
+                f"{result['images_per_s']:10,.0f} img/s  wait {result['wait_fraction']:6.1%}  "
+                f"host-device syncs per step: {result['sync_sites']}",
                 flush=True,
             )
 
@@ -489,15 +462,6 @@ def main() -> None:
         )
         for op in p["top_host_ops"][:10]:
             print(f"    {op['self_cpu_ms_per_step']:7.3f} ms  {op['calls_per_step']:6.1f}x  {op['op']}")
-
-    syncs: dict[str, Any] = {}
-    for config in (c for c in configs(args) if c.name in args.sync_probe):
-        probe = SyncProbe(args.warmup, args.profile_steps)
-        run_one(config, data, args, args.seed, probe)
-        syncs[config.name] = probe.summary()
-        print(f"[sync-probe] {config.name}: {len(syncs[config.name])} synchronising call sites", flush=True)
-        for site in syncs[config.name][:10]:
-            print(f"    {site['per_step']:6.2f}/step  {site['where']}  {site['what']}")
 
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name]) if runs.get(name) else float("nan")
@@ -521,6 +485,10 @@ def main() -> None:
         / ips.get("b_per_sample_fetch", float("nan")),
         "speedup_b_fetch_thread": ips.get("b_prefetch_gpuaug", float("nan"))
         / ips.get("b_training_thread", float("nan")),
+        "speedup_b_no_step_sync": ips.get("b_prefetch_gpuaug", float("nan"))
+        / ips.get("b_step_sync", float("nan")),
+        "speedup_c_no_step_sync": ips.get("c_resident_gpuaug", float("nan"))
+        / ips.get("c_step_sync", float("nan")),
         "prefetch_cost_compute_bound": 1
         - ips.get("d_compute_prefetch", float("nan")) / ips.get("d_compute", float("nan")),
     }
@@ -544,7 +512,6 @@ def main() -> None:
         "goals": goals,
         "fwd_bwd_flops_per_image": {f"width_{w}": f for w, f in flops.items()},
         "profiles": profiles,
-        "sync_probe": syncs,
         "wall_s": time.time() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

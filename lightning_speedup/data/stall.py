@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_speedup._logging import log_number
 from lightning_speedup.data.prefetch import GPUPrefetcher, PrefetchLoader
 from lightning_speedup.data.resident import ResidentBatches
 
@@ -66,9 +69,37 @@ def _flatten(iterables: Any) -> Iterator[Any]:
         yield iterables
 
 
-def stall_advice(loaders: Any, device: torch.device, prefetching: bool, world_size: int = 1) -> list[str]:
-    """Concrete suggestions for the given training loaders (one or a nested list/dict of them)."""
+def _short_path(filename: str) -> str:
+    """A module's path relative to the ``sys.path`` entry it was imported from (``lightning/fabric/x.py``)."""
+    for entry in sorted((e for e in sys.path if e), key=len, reverse=True):
+        root = os.path.join(os.path.abspath(entry), "")
+        if filename.startswith(root):
+            return filename[len(root) :].replace(os.sep, "/")
+    return filename
+
+
+def stall_advice(
+    loaders: Any,
+    device: torch.device,
+    prefetching: bool,
+    world_size: int = 1,
+    sync_sites: Mapping[str, float] | None = None,
+) -> list[str]:
+    """Concrete suggestions for the given training loaders (one or a nested list/dict of them).
+
+    ``sync_sites`` maps the code locations that synchronised the host with the GPU to how often they
+    did per step (what :class:`DataStallMonitor` finds with ``find_syncs=True``).
+    """
     tips: list[str] = []
+    if sync_sites:
+        where = ", ".join(f"{site} ({count:g}x)" for site, count in sync_sites.items())
+        tips.append(
+            f"the loop synchronises the host with the GPU every step, at {where}; after each sync the GPU idles "
+            "while the host prepares the next step. A metric logged with self.log(..., prog_bar=True) on step is "
+            "converted with .item() every step (lightning/fabric/utilities/apply_func.py), even without a "
+            "progress bar: log it with prog_bar=False (loggers still get it every log_every_n_steps), and avoid "
+            ".item()/.cpu()/print of CUDA tensors in training_step"
+        )
     cpus = os.cpu_count() or 1
     for loader in _flatten(loaders):
         inner = loader.loader if isinstance(loader, PrefetchLoader) else loader
@@ -135,6 +166,10 @@ class DataStallMonitor(Callback):
         log: log ``{prefix}wait_ms`` and ``{prefix}wait_fraction`` through ``LightningModule.log``.
         prefix: prefix of the logged names.
         max_history: per-step timings kept for :meth:`summary` (the most recent ones).
+        find_syncs: on CUDA, watch one step cycle after warm-up with ``torch.cuda.set_sync_debug_mode``
+            and record where the host waited for the GPU (:attr:`sync_sites`); the warning names them.
+            A sync every step keeps the host from running ahead, so the GPU waits for the host's
+            per-step work, which this monitor counts as data wait.
 
     Raises:
         ValueError: a threshold outside (0, 1), a window < 1, negative warmup, an unknown timing,
@@ -150,6 +185,7 @@ class DataStallMonitor(Callback):
         log: bool = True,
         prefix: str = "data/",
         max_history: int = 100_000,
+        find_syncs: bool = True,
     ) -> None:
         if not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold is a fraction of step time in (0, 1); got {threshold!r}.")
@@ -159,6 +195,8 @@ class DataStallMonitor(Callback):
             raise ValueError(f"warmup_steps must be an int >= 0; got {warmup_steps!r}.")
         if timing not in ("auto", "cuda", "host"):
             raise ValueError(f"timing must be 'auto', 'cuda' or 'host'; got {timing!r}.")
+        if not isinstance(find_syncs, bool):
+            raise TypeError(f"find_syncs must be True or False; got {find_syncs!r}.")
         self.threshold, self.window, self.warmup_steps = float(threshold), window, warmup_steps
         self.timing: Timing = timing
         self.log_metrics, self.prefix = log, prefix
@@ -170,6 +208,12 @@ class DataStallMonitor(Callback):
         self._start: Any = None
         self._pending: deque[tuple[int, Any, Any, Any]] = deque()
         self._recent: deque[StepTiming] = deque(maxlen=window)
+        self.find_syncs = find_syncs
+        #: Code locations (``file:line``) that synchronised the host with the GPU during the watched step
+        #: cycle, with their count; None until a step cycle was watched (only on CUDA, ``find_syncs=True``).
+        self.sync_sites: dict[str, float] | None = None
+        self._sync_watch: Any = None
+        self._sync_caught: list[warnings.WarningMessage] = []
 
     # -- clocks ----------------------------------------------------------------------------------
 
@@ -229,10 +273,36 @@ class DataStallMonitor(Callback):
     ) -> None:
         self._start = self._now()
 
+    # -- where the host waits for the GPU ---------------------------------------------------------
+
+    def _start_sync_watch(self) -> None:
+        self._sync_watch = warnings.catch_warnings(record=True)
+        self._sync_caught = self._sync_watch.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def _stop_sync_watch(self) -> None:
+        if self._sync_watch is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._sync_watch.__exit__(None, None, None)
+        self._sync_watch = None
+        sites: dict[str, float] = {}
+        for caught in self._sync_caught:
+            if "called a synchronizing CUDA operation" in str(caught.message):
+                site = _short_path(caught.filename) + f":{caught.lineno}"
+                sites[site] = sites.get(site, 0) + 1
+        self.sync_sites = dict(sorted(sites.items(), key=lambda kv: -kv[1]))
+        self._sync_caught = []
+
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        # One whole step cycle is watched: from the end of this hook for step `warmup_steps - 1`, through
+        # the loop's own end-of-step work, the next fetch and step, to the start of this hook a step later.
+        if self._sync_watch is not None:
+            self._stop_sync_watch()
         end = self._now()
         if self._start is not None and self._mark is not None:
             self._pending.append((self._step, self._mark, self._start, end))
@@ -241,11 +311,22 @@ class DataStallMonitor(Callback):
         newest = self._resolve(block=False)
         if newest is not None:
             if self.log_metrics:
-                pl_module.log(f"{self.prefix}wait_ms", newest.wait * 1e3, on_step=True, on_epoch=False)
-                pl_module.log(f"{self.prefix}wait_fraction", newest.fraction, on_step=True, on_epoch=False)
+                log_number(
+                    pl_module, f"{self.prefix}wait_ms", newest.wait * 1e3, on_step=True, on_epoch=False
+                )
+                log_number(
+                    pl_module, f"{self.prefix}wait_fraction", newest.fraction, on_step=True, on_epoch=False
+                )
             self._maybe_warn(trainer)
         # Marked after this callback's own bookkeeping, so logging is not counted as the next step's wait.
         self._mark = self._now()
+        if (
+            self._use_cuda
+            and self.find_syncs
+            and self.sync_sites is None
+            and self._step == max(1, self.warmup_steps)
+        ):
+            self._start_sync_watch()
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -254,7 +335,12 @@ class DataStallMonitor(Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_sync_watch()
         self._resolve(block=True)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stop_sync_watch()  # a run that ended inside the watched step
 
     # -- results ---------------------------------------------------------------------------------
 
@@ -269,7 +355,9 @@ class DataStallMonitor(Callback):
         self.warned = True
         device = trainer.strategy.root_device
         prefetching = any(isinstance(cb, GPUPrefetcher) and cb.active for cb in trainer.callbacks)
-        tips = stall_advice(trainer.train_dataloader, device, prefetching, trainer.world_size)
+        tips = stall_advice(
+            trainer.train_dataloader, device, prefetching, trainer.world_size, self.sync_sites
+        )
         advice = "".join(f"\n  - {tip}" for tip in tips) or "\n  - profile the loader with torch.profiler"
         rank_zero_warn(
             f"DataStallMonitor: the training loop waited for data {fraction:.0%} of step time over the last "
@@ -285,7 +373,8 @@ class DataStallMonitor(Callback):
         steps = list(self.history)
         if not steps:
             return {"steps": 0, "wait_fraction": float("nan"), "mean_wait_ms": float("nan"),
-                    "mean_step_ms": float("nan"), "median_fraction": float("nan")}  # fmt: skip
+                    "mean_step_ms": float("nan"), "median_fraction": float("nan"),
+                    "syncs_per_step": float("nan")}  # fmt: skip
         wait = sum(t.wait for t in steps)
         total = sum(t.total for t in steps)
         return {
@@ -294,6 +383,7 @@ class DataStallMonitor(Callback):
             "mean_wait_ms": wait / len(steps) * 1e3,
             "mean_step_ms": total / len(steps) * 1e3,
             "median_fraction": statistics.median(t.fraction for t in steps),
+            "syncs_per_step": sum(self.sync_sites.values()) if self.sync_sites is not None else float("nan"),
         }
 
     def reset(self) -> None:

@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_speedup._logging import log_number
 from lightning_speedup.distributed.collectives import (
     CommGroup,
     CommTimer,
@@ -75,7 +76,7 @@ def _log_metric(module: LightningModule | None, name: str, value: float) -> None
     """
     if module is None or module._trainer is None or module._current_fx_name not in _LOGGABLE_HOOKS:
         return
-    module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+    log_number(module, name, value, on_step=True, on_epoch=False, batch_size=1)
 
 
 def put_rank_states(checkpoint: dict[str, Any], strategy: DDPStrategy, mine: Any, **shared: Any) -> None:

@@ -145,6 +145,36 @@ def test_prefetcher_memory_does_not_grow_over_2000_steps() -> None:
     assert late <= early + 2 * batch_bytes, f"allocated memory grew from {early:,} to {late:,} bytes"
 
 
+class LossLogger(MLP):
+    def __init__(self, prog_bar: bool) -> None:
+        super().__init__(1024, 1)
+        self.prog_bar = prog_bar
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, prog_bar=self.prog_bar)
+        return loss
+
+
+@pytest.mark.parametrize("prog_bar", [True, False])
+def test_monitor_finds_the_per_step_sync_of_a_progress_bar_metric(prog_bar: bool) -> None:
+    # Lightning reads prog_bar metrics with .item() after every step, even without a progress bar. The
+    # first monitor logs its numbers every step inside the second one's watched step cycle: they must
+    # not synchronise (log_number), so with prog_bar=False the watched cycle has no sync at all.
+    logging_monitor = DataStallMonitor(warmup_steps=3, prefix="first/", find_syncs=False)
+    monitor = DataStallMonitor(warmup_steps=3, log=False)
+    loader = DataLoader(PinnedBatches(12, (256, 1024)), batch_size=None)
+    gpu_trainer(max_epochs=1, callbacks=[logging_monitor, monitor]).fit(LossLogger(prog_bar), loader)
+    assert logging_monitor.sync_sites is None
+    if prog_bar:
+        assert monitor.sync_sites is not None and len(monitor.sync_sites) == 1, monitor.sync_sites
+        ((site, count),) = monitor.sync_sites.items()
+        assert site.startswith("lightning/fabric/utilities/apply_func.py:") and count == 1
+        assert monitor.summary()["syncs_per_step"] == 1
+    else:
+        assert monitor.sync_sites == {}
+
+
 def test_monitor_reports_a_slow_loader() -> None:
     class SlowLoader(PinnedBatches):
         def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:

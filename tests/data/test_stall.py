@@ -80,6 +80,11 @@ def test_slow_loader_is_reported_as_wait_and_warned_once() -> None:
     assert all(t.wait >= LOAD_S for t in monitor.history)  # the sleep is a lower bound of the wait
     assert {"data/wait_ms", "data/wait_fraction"} <= set(trainer.callback_metrics)
     assert trainer.callback_metrics["data/wait_ms"] >= LOAD_S * 1e3
+    # logged as host tensors: on CUDA a number logged as is becomes a device tensor through a blocking copy
+    assert trainer.callback_metrics["data/wait_ms"].device.type == "cpu"
+    assert (
+        monitor.sync_sites is None and summary["syncs_per_step"] != summary["syncs_per_step"]
+    )  # CUDA only: nan
 
 
 def test_slow_compute_is_not_wait() -> None:
@@ -114,6 +119,22 @@ def test_advice_names_the_loader_settings() -> None:
     resident = ResidentBatches((torch.zeros(4, 1),), batch_size=2)
     assert "already live on the device" in stall_advice(resident, torch.device("cpu"), True)[0]
     assert StepTiming(0, 1.0, 3.0).fraction == 0.25
+    site = "lightning/fabric/utilities/apply_func.py:134"
+    first = stall_advice(loader, torch.device("cuda"), prefetching=True, sync_sites={site: 1.0})[0]
+    assert first.startswith(f"the loop synchronises the host with the GPU every step, at {site} (1x)")
+    assert "prog_bar=False" in first
+    assert not any(
+        "synchronises" in tip for tip in stall_advice(loader, torch.device("cuda"), True, sync_sites={})
+    )
+
+
+def test_sync_sites_are_named_relative_to_their_import_root() -> None:
+    import lightning.fabric.utilities.apply_func as apply_func
+
+    from lightning_speedup.data.stall import _short_path
+
+    assert _short_path(apply_func.__file__) == "lightning/fabric/utilities/apply_func.py"
+    assert _short_path("/nowhere/on/the/path.py") == "/nowhere/on/the/path.py"
 
 
 def test_bad_arguments() -> None:
@@ -126,5 +147,7 @@ def test_bad_arguments() -> None:
     ):
         with pytest.raises(ValueError):
             DataStallMonitor(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="find_syncs must be True or False"):
+        DataStallMonitor(find_syncs="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"timing='cuda'.*needs a CUDA device"):
         run(DataStallMonitor(timing="cuda"), load_s=0.0, compute_s=0.0, steps=1)
