@@ -22,6 +22,7 @@ from lightning_speedup.distributed import (
     LocalSGDStrategy,
     ParameterAveragingStrategy,
 )
+from lightning_speedup.metrics import AsyncProgressBarMetrics
 from lightning_speedup.quantization import QATPrecision
 from lightning_speedup.schedules import (
     LRRangeTest,
@@ -35,6 +36,7 @@ from lightning_speedup.schedules import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AsyncProgressBarMetrics",
     "CompressedDDPStrategy",
     "DataStallMonitor",
     "DeviceResidentDataModule",

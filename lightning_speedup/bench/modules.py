@@ -92,7 +92,6 @@ class ImageClassifier(_CompilableModule):
         width: int = 64,
         compile_mode: str | None = None,
         fused_optimizer: bool = False,
-        progress_bar_loss: bool = True,
     ) -> None:
         super().__init__(compile=compile, compile_mode=compile_mode)
         self.save_hyperparameters()
@@ -109,7 +108,7 @@ class ImageClassifier(_CompilableModule):
         x, y = batch
         logits = self(self._prepare(x))
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.label_smoothing)
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=self.hparams.progress_bar_loss)
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -144,7 +143,6 @@ class CharLM(_CompilableModule):
         compile: bool = False,
         compile_mode: str | None = None,
         fused_optimizer: bool = False,
-        progress_bar_loss: bool = True,
     ) -> None:
         super().__init__(compile=compile, compile_mode=compile_mode)
         self.save_hyperparameters()
@@ -158,7 +156,7 @@ class CharLM(_CompilableModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self._loss(batch)
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=self.hparams.progress_bar_loss)
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:

@@ -32,9 +32,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_speedup._logging import log_number
 from lightning_speedup.data.prefetch import GPUPrefetcher, PrefetchLoader
 from lightning_speedup.data.resident import ResidentBatches
+from lightning_speedup.metrics import log_number
 
 __all__ = ["DataStallMonitor", "StepTiming", "stall_advice"]
 

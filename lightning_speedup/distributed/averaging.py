@@ -46,7 +46,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_speedup._logging import log_number
 from lightning_speedup.distributed.collectives import (
     CommGroup,
     CommTimer,
@@ -56,6 +55,7 @@ from lightning_speedup.distributed.collectives import (
     consensus_distance,
 )
 from lightning_speedup.distributed.flat import FlatBuckets
+from lightning_speedup.metrics import log_number
 
 log = logging.getLogger(__name__)
 

@@ -175,6 +175,36 @@ def test_monitor_finds_the_per_step_sync_of_a_progress_bar_metric(prog_bar: bool
         assert monitor.sync_sites == {}
 
 
+class StepLosses(LossLogger):
+    def __init__(self) -> None:
+        super().__init__(prog_bar=True)
+        self.losses: list[Tensor] = []
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.detach())
+        self.log("lr", 0.5, prog_bar=True)  # a number: logged as a host tensor, no blocking copy
+        return loss
+
+
+def test_async_progress_bar_metrics_remove_the_sync_and_keep_every_value() -> None:
+    from lightning_speedup import AsyncProgressBarMetrics
+
+    async_metrics = AsyncProgressBarMetrics()
+    logging_monitor = DataStallMonitor(warmup_steps=3, prefix="first/", find_syncs=False)
+    monitor = DataStallMonitor(warmup_steps=3, log=False)
+    model = StepLosses()
+    loader = DataLoader(PinnedBatches(12, (256, 1024)), batch_size=None)
+    trainer = gpu_trainer(max_epochs=1, callbacks=[async_metrics, logging_monitor, monitor])
+    trainer.fit(model, loader)
+    assert monitor.sync_sites == {}, monitor.sync_sites  # the prog_bar metric no longer syncs every step
+    assert async_metrics.deferred == {"train_loss"} and not async_metrics.active and "log" not in vars(model)
+    # Loggers and callbacks get the device tensor as before; the progress bar the last step's exact value.
+    assert torch.equal(trainer.callback_metrics["train_loss"], model.losses[-1])
+    assert trainer.progress_bar_metrics["train_loss"] == model.losses[-1].item()
+    assert trainer.progress_bar_metrics["lr"] == 0.5
+
+
 def test_monitor_reports_a_slow_loader() -> None:
     class SlowLoader(PinnedBatches):
         def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:

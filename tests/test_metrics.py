@@ -1,0 +1,92 @@
+"""AsyncProgressBarMetrics and log_number on the CPU: arguments, the no-op, how logged values are passed on.
+
+The CUDA path (deferred progress-bar copies, no host-device sync) is tested on the GPU in
+tests/data/test_gpu_data_gpu.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_speedup import AsyncProgressBarMetrics
+from lightning_speedup.metrics import log_number
+
+
+class LoggingModel(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 2)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = F.cross_entropy(self.net(batch[0]), batch[1])
+        self.log("train_loss", loss, prog_bar=True)
+        log_number(self, "step_number", float(batch_idx))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(callbacks: list[L.Callback]) -> tuple[LoggingModel, L.Trainer]:
+    L.seed_everything(0, verbose=False)
+    data = DataLoader(TensorDataset(torch.randn(24, 4), torch.arange(24) % 2), batch_size=8)
+    model = LoggingModel()
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.fit(model, data)
+    return model, trainer
+
+
+def test_log_number_logs_a_host_tensor() -> None:
+    _, trainer = fit([])
+    value = trainer.callback_metrics["step_number"]
+    assert value.device.type == "cpu" and value.dtype == torch.float64 and value.item() == 2.0
+
+
+def test_is_a_logged_no_op_off_cuda(caplog: pytest.LogCaptureFixture) -> None:
+    callback = AsyncProgressBarMetrics()
+    with caplog.at_level(logging.INFO, logger="lightning_speedup.metrics"):
+        model, trainer = fit([callback])
+    assert any("the accelerator is cpu" in r.getMessage() for r in caplog.records)
+    assert not callback.active and "log" not in vars(model) and not callback.deferred
+    assert trainer.progress_bar_metrics["train_loss"] == pytest.approx(
+        trainer.callback_metrics["train_loss"].item()
+    )
+
+
+@pytest.mark.parametrize("max_lag", [0, -1, 2.0, True])
+def test_max_lag_must_be_a_positive_int(max_lag: Any) -> None:
+    with pytest.raises(ValueError, match="max_lag must be an int >= 1"):
+        AsyncProgressBarMetrics(max_lag=max_lag)
+
+
+def test_the_wrapper_passes_everything_but_cuda_step_metrics_through() -> None:
+    # The interception rules, with the module's log replaced by a recorder (on the CPU no tensor is on
+    # CUDA, so every prog_bar call passes through unchanged; numbers become host tensors unless reduced).
+    calls: list[tuple[str, Any, dict[str, Any]]] = []
+
+    def record(name: str, value: Any, **kwargs: Any) -> None:
+        calls.append((name, value, kwargs))
+
+    module = LoggingModel()
+    module._current_fx_name = "training_step"
+    log = AsyncProgressBarMetrics()._log(module, record)
+    log("loss", torch.tensor(1.5), prog_bar=True)
+    log("lr", 0.25, prog_bar=True)
+    log("reduced", 3.0, sync_dist=True)
+    log("flag", True)
+    names = {name: (value, kwargs) for name, value, kwargs in calls}
+    assert names["loss"][1]["prog_bar"] is True and names["loss"][0].item() == 1.5
+    lr, kwargs = names["lr"]
+    assert isinstance(lr, Tensor) and lr.device.type == "cpu" and lr.item() == 0.25 and kwargs["prog_bar"]
+    assert names["reduced"][0] == 3.0 and names["flag"][0] is True  # reduced numbers and bools as they were
