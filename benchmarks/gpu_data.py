@@ -19,7 +19,7 @@ Fashion-MNIST, ResNet-9 ``ImageClassifier``, bf16-mixed, one GPU, Adam 1e-3:
                     shows them without that sync
   b_in_process      b_async_metrics with num_workers=0: the prefetcher's fetch thread gathers (one index per
                     batch), pins and copies; no worker processes, no inter-process queues, no pin-memory thread
-  d_compute / d_compute_prefetch
+  d_compute / d_compute_prefetch (and d_compute_async / d_compute_prefetch_async, with AsyncProgressBarMetrics)
                     the prefetcher's cost where data is not the bottleneck: uint8 DataLoader + GPUAugment
                     feeding a 16x heavier ResNet-9 (width 256, batch 512), without and with GPUPrefetcher(2)
 
@@ -185,12 +185,15 @@ def make_resident(
     return make
 
 
-def make_compute(prefetch: bool) -> Callable[..., tuple[L.LightningDataModule, list[L.Callback]]]:
+def make_compute(
+    prefetch: bool, async_metrics: bool = False
+) -> Callable[..., tuple[L.LightningDataModule, list[L.Callback]]]:
     def make(
         data: FashionMNIST, args: argparse.Namespace, seed: int
     ) -> tuple[L.LightningDataModule, list[L.Callback]]:
         dm = loader_module(data, args, args.compute_batch_size, augment=False, output="uint8")
-        return dm, ([GPUPrefetcher(depth=2)] if prefetch else []) + [gpu_augment(seed)]
+        extra = [AsyncProgressBarMetrics()] if async_metrics else []
+        return dm, [*extra, *([GPUPrefetcher(depth=2)] if prefetch else []), gpu_augment(seed)]
 
     return make
 
@@ -249,6 +252,22 @@ def configs(args: argparse.Namespace) -> list[Config]:
             "same + GPUPrefetcher",
             cbs,
             make_compute(True),
+            width=args.compute_width,
+            compute=True,
+        ),
+        Config(
+            "d_compute_async",
+            "d_compute + AsyncProgressBarMetrics (the host runs ahead of the GPU)",
+            cbs,
+            make_compute(False, async_metrics=True),
+            width=args.compute_width,
+            compute=True,
+        ),
+        Config(
+            "d_compute_prefetch_async",
+            "d_compute_async + GPUPrefetcher",
+            cbs,
+            make_compute(True, async_metrics=True),
             width=args.compute_width,
             compute=True,
         ),
@@ -499,6 +518,8 @@ def main() -> None:
         / ips.get("c_resident_gpuaug", float("nan")),
         "speedup_c_async_over_a": ips.get("c_async_metrics", float("nan"))
         / ips.get("a_baseline", float("nan")),
+        "prefetch_cost_compute_bound_async_metrics": 1
+        - ips.get("d_compute_prefetch_async", float("nan")) / ips.get("d_compute_async", float("nan")),
         "prefetch_cost_compute_bound": 1
         - ips.get("d_compute_prefetch", float("nan")) / ips.get("d_compute", float("nan")),
     }

@@ -273,3 +273,23 @@ SPEEDUP = register_recipe(
         },
     )
 )
+
+
+def _async_metrics(ctx: RunContext) -> Callback:
+    from lightning_speedup.metrics import AsyncProgressBarMetrics
+
+    return AsyncProgressBarMetrics()
+
+
+_async_metrics.__name__ = "AsyncProgressBarMetrics()"
+
+# Issue 4: Lightning reads train_loss (logged with prog_bar=True) with .item() after every step, a host-device
+# sync that keeps the host from running ahead of the GPU; in benchmarks/gpu_data.py AsyncProgressBarMetrics took
+# the resident pipeline to 1.18-1.38x the images/s (H200). A candidate until its time to target is measured.
+register_recipe(
+    SPEEDUP.extended(
+        name="speedup-async-metrics",
+        description="speedup + AsyncProgressBarMetrics (progress-bar metrics read without a per-step host-device sync).",
+        extra_callbacks=(_async_metrics,),
+    )
+)

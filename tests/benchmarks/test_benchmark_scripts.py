@@ -42,7 +42,8 @@ def test_gpu_data_script(fashion_mnist_dir: Path, tmp_path: Path) -> None:
     record = json.loads(out.read_text())
     assert set(record["medians"]) == {
         "a_baseline", "b_prefetch_gpuaug", "b_per_sample_fetch", "b_training_thread", "b_in_process",
-        "c_resident_gpuaug", "b_async_metrics", "c_async_metrics", "d_compute", "d_compute_prefetch",
+        "c_resident_gpuaug", "b_async_metrics", "c_async_metrics", "d_compute", "d_compute_prefetch", "d_compute_async",
+        "d_compute_prefetch_async",
     }  # fmt: skip
     derived = record["derived"]
     for ratio in (
