@@ -345,8 +345,10 @@ class PrefetchLoader:
         if self.device.type != "cuda":
             return iter(self.loader)
         self._close_live()
+        _check_not_shared(self.loader)
         prefetching = _CUDAPrefetchIterator(iter(self.loader), self)
         self._live = prefetching.fetch
+        _claim(self.loader, prefetching.fetch)
         return prefetching
 
     def _close_live(self) -> None:
@@ -401,6 +403,29 @@ class PrefetchLoader:
             f"PrefetchLoader({self.loader!r}, device={self.device}, depth={self.depth}, "
             f"background={self.background})"
         )
+
+
+# The running fetch thread of each DataLoader with persistent workers. Such a loader hands the same worker
+# iterator to every pass, so two passes at once (a validation run inside a training epoch over the very
+# DataLoader object the training uses) would consume it from two threads.
+_PERSISTENT_FETCH: weakref.WeakKeyDictionary[Any, _FetchThread] = weakref.WeakKeyDictionary()
+
+
+def _check_not_shared(loader: object) -> None:
+    running = _PERSISTENT_FETCH.get(loader) if getattr(loader, "persistent_workers", False) else None
+    if running is not None and running.thread.is_alive():
+        raise RuntimeError(
+            "GPUPrefetcher: this DataLoader has persistent_workers=True and another pass over it is still "
+            "running (its batches are being fetched on a background thread); with persistent workers every "
+            "pass shares one worker iterator, so two passes at once would take each other's batches. This "
+            "happens when the same DataLoader object serves training and validation: give each loop its own "
+            "DataLoader (or use persistent_workers=False)."
+        )
+
+
+def _claim(loader: object, fetch: _FetchThread | None) -> None:
+    if fetch is not None and getattr(loader, "persistent_workers", False):
+        _PERSISTENT_FETCH[loader] = fetch
 
 
 def _check_flag(name: str, value: object) -> None:

@@ -366,13 +366,28 @@ def test_loops_that_stop_early_leave_no_fetch_thread_in_a_persistent_loader() ->
         assert torch.equal(labels, torch.arange(64))  # every full pass still sees every sample, in order
     assert not _prefetch_threads()  # each early pass's thread was joined by the next iter()
 
+    def persistent() -> DataLoader:
+        return DataLoader(
+            NestedUint8(), batch_size=8, pin_memory=True, num_workers=2, persistent_workers=True,
+            collate_fn=collate_nested,
+        )  # fmt: skip
+
     model = NestedCheck()
     trainer = gpu_trainer(
         max_steps=11, limit_val_batches=2, val_check_interval=4, callbacks=[GPUPrefetcher(depth=2)]
     )
-    trainer.fit(model, loader, loader)  # stops mid-epoch; validation stops after 2 of 8 batches, twice
+    # Stops mid-epoch; validation stops after 2 of 8 batches, twice. Each loop has its own DataLoader: one
+    # persistent DataLoader for both would have its worker iterator reset by validation mid-epoch (with
+    # or without the prefetcher); with the fetch thread running, the prefetcher refuses it (below).
+    trainer.fit(model, persistent(), persistent())
     assert model.checked == 11 + 2 * 2
     assert not _prefetch_threads()  # teardown stopped the train loader's, still 2 batches ahead
+
+    shared = persistent()
+    with pytest.raises(RuntimeError, match="same DataLoader object serves training and validation"):
+        gpu_trainer(
+            max_steps=6, limit_val_batches=2, val_check_interval=4, callbacks=[GPUPrefetcher(depth=2)]
+        ).fit(NestedCheck(), shared, shared)
 
 
 class DDPPrefetchModel(NestedCheck):

@@ -226,6 +226,29 @@ def test_closing_or_dropping_the_iterator_stops_the_thread_and_releases_the_sour
     assert not thread.is_alive() and source.released.wait(10)
 
 
+def test_a_persistent_loader_with_a_running_pass_is_refused() -> None:
+    # The guard of the CUDA path's iter(): one running fetch thread per DataLoader with persistent workers.
+    from lightning_speedup.data.prefetch import _check_not_shared, _claim, _FetchThread
+
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, daemon=True)
+    fetch = _FetchThread(thread, threading.Event(), threading.Semaphore(1))
+    persistent = DataLoader(TensorDataset(torch.arange(4.0)), num_workers=1, persistent_workers=True)
+    plain = DataLoader(TensorDataset(torch.arange(4.0)))
+    _claim(persistent, fetch)
+    _claim(plain, fetch)  # not tracked: every pass over it gets its own worker iterator
+    _check_not_shared(persistent)  # registered, but its thread is not running
+    thread.start()
+    try:
+        with pytest.raises(RuntimeError, match="give each loop its own DataLoader"):
+            _check_not_shared(persistent)
+        _check_not_shared(plain)
+    finally:
+        release.set()
+        thread.join(10)
+    _check_not_shared(persistent)  # the pass ended
+
+
 def test_closing_an_iterator_that_never_started_is_immediate() -> None:
     source = CountingSource(5)
     it = _BackgroundIterator(iter(source), lambda x: x, 2)
