@@ -90,3 +90,34 @@ def test_the_wrapper_passes_everything_but_cuda_step_metrics_through() -> None:
     lr, kwargs = names["lr"]
     assert isinstance(lr, Tensor) and lr.device.type == "cpu" and lr.item() == 0.25 and kwargs["prog_bar"]
     assert names["reduced"][0] == 3.0 and names["flag"][0] is True  # reduced numbers and bools as they were
+
+
+class Arrival:
+    """Stands in for a CUDA event: whether the copy has arrived, and a record of being waited for."""
+
+    def __init__(self, done: bool) -> None:
+        self.done, self.waited = done, False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = True
+
+
+def test_the_progress_bar_shows_the_newest_arrived_copy_and_waits_only_at_epoch_end() -> None:
+    callback = AsyncProgressBarMetrics(max_lag=3)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    late = Arrival(False)
+    for value, arrival in ((1.0, Arrival(True)), (2.0, Arrival(True)), (3.0, late)):
+        callback._pending["loss"].append((torch.tensor(value), arrival))
+    callback._publish(trainer)
+    assert trainer.progress_bar_metrics["loss"] == 2.0  # the newest that arrived; the third is in flight
+    assert list(callback._pending["loss"]) == [(callback._pending["loss"][0][0], late)] and not late.waited
+    for value in (4.0, 5.0, 6.0):  # more copies than max_lag: the oldest in flight is dropped
+        callback._pending["loss"].append((torch.tensor(value), Arrival(False)))
+    assert [t.item() for t, _ in callback._pending["loss"]] == [4.0, 5.0, 6.0]
+    callback._publish(trainer, wait=True)  # the end of an epoch: every copy waited for, the last one shown
+    assert trainer.progress_bar_metrics["loss"] == 6.0 and not callback._pending["loss"]

@@ -97,8 +97,8 @@ def stall_advice(
             f"the loop synchronises the host with the GPU every step, at {where}; after each sync the GPU idles "
             "while the host prepares the next step. A metric logged with self.log(..., prog_bar=True) on step is "
             "converted with .item() every step (lightning/fabric/utilities/apply_func.py), even without a "
-            "progress bar: log it with prog_bar=False (loggers still get it every log_every_n_steps), and avoid "
-            ".item()/.cpu()/print of CUDA tensors in training_step"
+            "progress bar: add ls.AsyncProgressBarMetrics() (the bar shows it without the sync; no change to the "
+            "module) or log it with prog_bar=False, and avoid .item()/.cpu()/print of CUDA tensors in training_step"
         )
     cpus = os.cpu_count() or 1
     for loader in _flatten(loaders):
@@ -214,6 +214,7 @@ class DataStallMonitor(Callback):
         self.sync_sites: dict[str, float] | None = None
         self._sync_watch: Any = None
         self._sync_caught: list[warnings.WarningMessage] = []
+        self._sync_mode_before = 0
 
     # -- clocks ----------------------------------------------------------------------------------
 
@@ -279,12 +280,13 @@ class DataStallMonitor(Callback):
         self._sync_watch = warnings.catch_warnings(record=True)
         self._sync_caught = self._sync_watch.__enter__()
         warnings.simplefilter("always")
+        self._sync_mode_before = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("warn")
 
     def _stop_sync_watch(self) -> None:
         if self._sync_watch is None:
             return
-        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.set_sync_debug_mode(self._sync_mode_before)  # what the user had set
         self._sync_watch.__exit__(None, None, None)
         self._sync_watch = None
         sites: dict[str, float] = {}
