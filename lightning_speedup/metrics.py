@@ -39,10 +39,10 @@ def log_number(module: L.LightningModule, name: str, value: float, **kwargs: Any
     module.log(name, torch.tensor(float(value), dtype=torch.float64), **kwargs)
 
 
-# Hooks of a training batch: Lightning logs from them on step only unless told otherwise.
+# Hooks of a training batch where Lightning logs on step only by default (its _FxValidator, Lightning 2.6).
 _TRAIN_STEP_HOOKS = frozenset({
     "training_step", "on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
-    "on_before_optimizer_step", "optimizer_step", "on_before_zero_grad", "lr_scheduler_step",
+    "on_before_optimizer_step", "optimizer_step", "configure_gradient_clipping", "on_before_zero_grad",
 })  # fmt: skip
 
 
@@ -65,8 +65,8 @@ class AsyncProgressBarMetrics(Callback):
     training-batch hooks (validation syncs once per validation run), and everything on a non-CUDA device
     (there ``.item()`` does not wait for anything; it logs that once).
 
-    Measured (``benchmarks/gpu_data.py``): Fashion-MNIST ResNet-9 with CUDA graphs on an H200, 17-31% more
-    images per second; see ``docs/methods/gpu-data.md``.
+    Measured (``benchmarks/gpu_data.py``, H200): Fashion-MNIST ResNet-9 with CUDA graphs, 1.04-1.38x the
+    images per second of the same pipelines without it; see ``docs/methods/gpu-data.md``.
 
     Args:
         max_lag: copies kept in flight per metric; with more, the oldest is dropped (never waited for).
