@@ -46,6 +46,12 @@ _TRAIN_STEP_HOOKS = frozenset({
 })  # fmt: skip
 
 
+def _running_hook(module: L.LightningModule) -> str | None:
+    """The Lightning hook now running on ``module`` (the private ``_current_fx_name``, as ``self.log`` reads it;
+    checked against Lightning 2.6.6), or None outside a hook."""
+    return module._current_fx_name
+
+
 class AsyncProgressBarMetrics(Callback):
     """Show on-step progress-bar metrics without synchronising the host with the GPU after every step.
 
@@ -110,7 +116,7 @@ class AsyncProgressBarMetrics(Callback):
                 and not kwargs.get("sync_dist")
             ):
                 value = torch.tensor(float(value), dtype=torch.float64)  # see log_number
-            step_only = module._current_fx_name in _TRAIN_STEP_HOOKS and on_step is not False and not on_epoch
+            step_only = _running_hook(module) in _TRAIN_STEP_HOOKS and on_step is not False and not on_epoch
             if prog_bar and step_only and isinstance(value, Tensor) and value.is_cuda and value.numel() == 1:
                 original(
                     name, value, prog_bar=False, logger=logger, on_step=on_step, on_epoch=on_epoch, **kwargs
