@@ -196,7 +196,17 @@ class AsyncProgressBarMetrics(Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._restore is not None and stage == "fit":
+        if stage == "fit":
+            self._release()
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._release()  # Lightning does not call teardown when fit raises
+
+    def _release(self) -> None:
+        if self._restore is not None:
             self._restore()
             self._restore = None
-            self._pending.clear()
+        self._pending.clear()

@@ -121,3 +121,19 @@ def test_the_progress_bar_shows_the_newest_arrived_copy_and_waits_only_at_epoch_
     assert [t.item() for t, _ in callback._pending["loss"]] == [4.0, 5.0, 6.0]
     callback._publish(trainer, wait=True)  # the end of an epoch: every copy waited for, the last one shown
     assert trainer.progress_bar_metrics["loss"] == 6.0 and not callback._pending["loss"]
+
+
+def test_a_failed_fit_restores_the_modules_log() -> None:
+    # Lightning calls on_exception, not teardown, when fit raises; the module must get its own log back.
+    module = LoggingModel()
+    callback = AsyncProgressBarMetrics()
+    original = module.log
+    module.log = callback._log(module, original)  # type: ignore[method-assign]
+
+    def restore() -> None:
+        del module.log
+
+    callback._restore = restore
+    callback._pending["loss"].append((torch.tensor(1.0), Arrival(True)))
+    callback.on_exception(None, module, RuntimeError("boom"))  # type: ignore[arg-type]
+    assert "log" not in vars(module) and not callback.active and not callback._pending

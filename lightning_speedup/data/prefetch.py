@@ -559,6 +559,15 @@ class GPUPrefetcher(Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._release()
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._release()  # Lightning does not call teardown when fit raises
+
+    def _release(self) -> None:
         for loader in list(self._wrapped):
             loader._close_live()  # a run that stopped mid-epoch leaves a fetch thread waiting
         self._wrapped.clear()

@@ -388,6 +388,7 @@ def test_loops_that_stop_early_leave_no_fetch_thread_in_a_persistent_loader() ->
         gpu_trainer(
             max_steps=6, limit_val_batches=2, val_check_interval=4, callbacks=[GPUPrefetcher(depth=2)]
         ).fit(NestedCheck(), shared, shared)
+    assert not _prefetch_threads()  # on_exception stopped the training pass's thread
 
 
 class DDPPrefetchModel(NestedCheck):

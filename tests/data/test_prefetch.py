@@ -354,3 +354,15 @@ def test_loader_wrapping_hooks_in_after_lightning_prepares_the_loaders() -> None
     uninstall()
     assert "process_dataloader" not in vars(trainer.strategy)
     assert trainer.strategy.process_dataloader == original
+
+
+def test_a_failed_fit_stops_the_fetch_threads_of_the_loaders_it_wrapped() -> None:
+    # Lightning calls on_exception, not teardown, when fit raises.
+    prefetcher = GPUPrefetcher()
+    loader = PrefetchLoader([], "cpu")
+    running = _BackgroundIterator(iter(CountingSource(1000)), lambda x: x, 2)
+    next(running)  # the thread now waits for a free slot, two items ahead
+    loader._live = running.fetch  # what the CUDA path's iter() records
+    prefetcher._wrapped.add(loader)
+    prefetcher.on_exception(None, None, RuntimeError("boom"))  # type: ignore[arg-type]
+    assert not running.thread.is_alive() and not prefetcher._wrapped and loader._live is None
