@@ -344,8 +344,9 @@ class PrefetchLoader:
     def __iter__(self) -> Iterator[Any]:
         if self.device.type != "cuda":
             return iter(self.loader)
+        previous = self._live
         self._close_live()
-        _check_not_shared(self.loader)
+        _check_not_shared(self.loader, previous)
         prefetching = _CUDAPrefetchIterator(iter(self.loader), self)
         self._live = prefetching.fetch
         _claim(self.loader, prefetching.fetch)
@@ -411,9 +412,11 @@ class PrefetchLoader:
 _PERSISTENT_FETCH: weakref.WeakKeyDictionary[Any, _FetchThread] = weakref.WeakKeyDictionary()
 
 
-def _check_not_shared(loader: object) -> None:
+def _check_not_shared(loader: object, own: _FetchThread | None = None) -> None:
+    """Refuse a persistent DataLoader whose fetch thread from another pass is running (``own``: this
+    wrapper's previous pass, which ``_close_live`` already waited for and, if it is stuck, warned about)."""
     running = _PERSISTENT_FETCH.get(loader) if getattr(loader, "persistent_workers", False) else None
-    if running is not None and running.thread.is_alive():
+    if running is not None and running is not own and running.thread.is_alive():
         raise RuntimeError(
             "GPUPrefetcher: this DataLoader has persistent_workers=True and another pass over it is still "
             "running (its batches are being fetched on a background thread); with persistent workers every "

@@ -242,6 +242,7 @@ def test_a_persistent_loader_with_a_running_pass_is_refused() -> None:
     try:
         with pytest.raises(RuntimeError, match="give each loop its own DataLoader"):
             _check_not_shared(persistent)
+        _check_not_shared(persistent, own=fetch)  # its own previous pass: already waited for and warned about
         _check_not_shared(plain)
     finally:
         release.set()
