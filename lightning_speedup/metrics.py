@@ -23,6 +23,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_speedup._chain import chain_method
+
 log = logging.getLogger(__name__)
 
 __all__ = ["AsyncProgressBarMetrics", "log_number"]
@@ -36,7 +38,12 @@ def log_number(module: L.LightningModule, name: str, value: float, **kwargs: Any
     device="cuda")`` synchronises), which every step keeps the host from running ahead of the GPU.
     Logged as a CPU tensor, the value stays on the host and reaches loggers and the progress bar the same.
     """
-    module.log(name, torch.tensor(float(value), dtype=torch.float64), **kwargs)
+    module.log(name, _host_scalar(value), **kwargs)
+
+
+def _host_scalar(value: float) -> Tensor:
+    """A number as the CPU tensor :func:`log_number` logs (float64, so large counts stay exact)."""
+    return torch.tensor(float(value), dtype=torch.float64)
 
 
 # Hooks of a training batch where Lightning logs on step only by default (its _FxValidator, Lightning 2.6).
@@ -115,7 +122,7 @@ class AsyncProgressBarMetrics(Callback):
                 and not isinstance(value, bool)
                 and not kwargs.get("sync_dist")
             ):
-                value = torch.tensor(float(value), dtype=torch.float64)  # see log_number
+                value = _host_scalar(value)  # as log_number logs it
             step_only = _running_hook(module) in _TRAIN_STEP_HOOKS and on_step is not False and not on_epoch
             if prog_bar and step_only and isinstance(value, Tensor) and value.is_cuda and value.numel() == 1:
                 original(
@@ -164,20 +171,7 @@ class AsyncProgressBarMetrics(Callback):
                     trainer.strategy.root_device.type,
                 )
             return
-        had_attribute = "log" in vars(pl_module)
-        original = pl_module.log
-        wrapper = self._log(pl_module, original)
-        pl_module.log = wrapper  # type: ignore[method-assign]
-
-        def restore() -> None:
-            if vars(pl_module).get("log") is not wrapper:
-                return  # someone wrapped it after us; theirs still calls ours
-            if had_attribute:
-                pl_module.log = original  # type: ignore[method-assign]
-            else:
-                del pl_module.log
-
-        self._restore = restore
+        self._restore = chain_method(pl_module, "log", lambda original: self._log(pl_module, original))
 
     @override
     def on_train_batch_end(

@@ -38,6 +38,8 @@ from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_speedup._chain import chain_method
+
 log = logging.getLogger(__name__)
 
 __all__ = ["GPUPrefetcher", "PrefetchLoader", "iter_tensors", "map_tensors"]
@@ -452,7 +454,8 @@ def _check_depth(depth: object) -> None:
 def _install_dataloader_wrapper(strategy: Strategy, wrap: Callable[[object], object]) -> Callable[[], None]:
     """Make ``strategy.process_dataloader`` also apply ``wrap``; return a function that undoes it.
 
-    The only place this package reaches past Lightning's callback API; checked against Lightning 2.6.6.
+    One of the two places this package hooks into Lightning beyond the callback API (the other is
+    ``AsyncProgressBarMetrics`` chaining the module's ``log``); checked against Lightning 2.6.6.
     Lightning calls the public ``Strategy.process_dataloader`` on every train/val/test/predict loader
     after it has injected the ``DistributedSampler`` and before it creates the iterator
     (``trainer/connectors/data_connector.py::_process_dataloader``); it is where Lightning's own
@@ -462,23 +465,11 @@ def _install_dataloader_wrapper(strategy: Strategy, wrap: Callable[[object], obj
     already created the first epoch's iterator. A callback cannot subclass the user's strategy, so the
     bound method of this strategy instance is chained, not replaced, and restored in ``teardown``.
     """
-    original = strategy.process_dataloader
-    had_instance_attr = "process_dataloader" in vars(strategy)
 
-    def process_dataloader(dataloader: object) -> object:
-        return wrap(original(dataloader))
+    def make(original: Callable[[object], object]) -> Callable[[object], object]:
+        return lambda dataloader: wrap(original(dataloader))
 
-    strategy.process_dataloader = process_dataloader  # type: ignore[method-assign]
-
-    def uninstall() -> None:
-        if vars(strategy).get("process_dataloader") is not process_dataloader:
-            return  # someone chained on top of us; leave their wrapper (it still calls ours)
-        if had_instance_attr:
-            strategy.process_dataloader = original  # type: ignore[method-assign]
-        else:
-            del strategy.process_dataloader
-
-    return uninstall
+    return chain_method(strategy, "process_dataloader", make)
 
 
 class GPUPrefetcher(Callback):
