@@ -23,6 +23,7 @@ from lightning_speedup.distributed import (
     ParameterAveragingStrategy,
 )
 from lightning_speedup.metrics import AsyncProgressBarMetrics
+from lightning_speedup.pipeline import PipelineStrategy
 from lightning_speedup.quantization import QATPrecision
 from lightning_speedup.schedules import (
     LRRangeTest,
@@ -49,6 +50,7 @@ __all__ = [
     "LocalSGDStrategy",
     "OneCycle",
     "ParameterAveragingStrategy",
+    "PipelineStrategy",
     "QATPrecision",
     "RangeTestDivergedError",
     "WarmupCosine",

@@ -1,0 +1,155 @@
+"""A small pipeline-ready model and the runs the pipeline tests compare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+VOCAB, CONTEXT, WIDTH = 16, 8, 16
+
+
+class Embed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, WIDTH)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.tok(idx)  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(WIDTH)
+        self.fc = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + torch.tanh(self.fc(self.norm(x)))
+
+
+class TinyLM(L.LightningModule):
+    """Embedding, ``n_blocks`` residual blocks, a head: the shape of a GPT, small enough for many CPU runs."""
+
+    def __init__(self, n_blocks: int = 4, lr: float = 0.05, optimizer: str = "adam") -> None:
+        super().__init__()
+        self.embed = Embed()
+        self.blocks = nn.ModuleList([Block() for _ in range(n_blocks)])
+        self.head = nn.Linear(WIDTH, VOCAB)
+        self.lr, self.optimizer_name = lr, optimizer
+        self.train_losses: list[float] = []
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        return [self.embed, *self.blocks, self.head]
+
+    def pipeline_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(output.flatten(0, 1), target.flatten())
+
+    def pipeline_metrics(self, output: Tensor, target: Tensor) -> dict[str, Tensor]:
+        return {"acc": (output.argmax(-1) == target).float().mean()}
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self.pipeline_loss(self(batch[0]), batch[1])
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        out = self(batch[0])
+        self.log("val_loss", self.pipeline_loss(out, batch[1]))
+        self.log("val_acc", self.pipeline_metrics(out, batch[1])["acc"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def dataset(n: int = 64, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, VOCAB, (n, CONTEXT), generator=g)
+    y = (x + 1) % VOCAB  # learnable: next symbol
+    return TensorDataset(x, y)
+
+
+def loader(n: int = 64, batch_size: int = 8, drop_last: bool = True) -> DataLoader:
+    return DataLoader(dataset(n), batch_size=batch_size, shuffle=False, drop_last=drop_last)
+
+
+class RecordLosses(L.Callback):
+    """Writes the per-step train loss (rank 0) and the final full checkpoint (every rank takes part)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.losses.append(float(trainer.callback_metrics["train_loss_step"]))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        held = sum(p.numel() for p in pl_module.parameters() if p.device.type != "meta")
+        (self.out / f"held_params_rank{trainer.global_rank}.json").write_text(json.dumps(held))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.out / "final.ckpt")
+        if trainer.global_rank == 0:
+            (self.out / "losses.json").write_text(json.dumps(self.losses))
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            (self.out / "metrics.json").write_text(json.dumps(metrics))
+
+
+def fit(out: Path, strategy: Any = "auto", devices: int = 1, max_steps: int = 4, seed: int = 0,
+        module_kwargs: dict[str, Any] | None = None, ckpt_path: str | None = None, data: Any = None,
+        model: L.LightningModule | None = None, **trainer_kwargs: Any) -> Path:
+    """Train TinyLM and leave ``final.ckpt``, ``losses.json`` and ``metrics.json`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(seed, verbose=False)
+    model = model if model is not None else TinyLM(**(module_kwargs or {}))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[RecordLosses(out)], use_distributed_sampler=False,
+        **trainer_kwargs,
+    )
+    if isinstance(data, L.LightningDataModule):
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    else:
+        trainer.fit(model, train_dataloaders=data if data is not None else loader(), ckpt_path=ckpt_path)
+    return out
+
+
+def final_state(out: Path) -> dict[str, Tensor]:
+    return torch.load(out / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def losses(out: Path) -> list[float]:
+    return json.loads((out / "losses.json").read_text())
+
+
+class ReplicaShards(L.LightningDataModule):
+    """Replica ``d`` of ``dp`` gets rows ``[8i + 4d, 8i + 4d + 4)`` of batch ``i``: together the replicas see
+    exactly the single-process batches of :func:`loader`, so the runs are comparable."""
+
+    def __init__(self, batch_size: int = 8) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        strategy = self.trainer.strategy
+        dp, d = strategy.dp_size, strategy.dp_rank
+        share = self.batch_size // dp
+        data = dataset()
+        idx = [i * self.batch_size + d * share + j for i in range(len(data) // self.batch_size) for j in range(share)]
+        return DataLoader(torch.utils.data.Subset(data, idx), batch_size=share, shuffle=False, drop_last=True)
