@@ -68,6 +68,9 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.2
     bias: bool = False
+    # Tied input/output embeddings (nanoGPT). A pipeline puts the embedding and the head on different
+    # stages, which cannot share a parameter: pipelined runs use tie_weights=False.
+    tie_weights: bool = True
 
 
 class CausalSelfAttention(nn.Module):
@@ -130,7 +133,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # weight tying
+        if cfg.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):  # GPT-2's scaled init of residual projections
@@ -154,6 +158,38 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)
+
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        """The layers in order for :class:`~lightning_speedup.PipelineStrategy`: embeddings, blocks, head."""
+        return [_Embeddings(self), *self.blocks, _Head(self)]
+
+
+class _Embeddings(nn.Module):
+    """(B, T) token ids -> (B, T, C): the GPT's token and position embeddings, as one pipeline layer.
+
+    Holds the GPT's own submodules, so parameter names stay ``tok_emb.weight``, ... of the full model.
+    """
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.tok_emb, self.pos_emb, self.drop, self.block_size = gpt.tok_emb, gpt.pos_emb, gpt.drop, gpt.cfg.block_size
+
+    def forward(self, idx: Tensor) -> Tensor:
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        return self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+
+
+class _Head(nn.Module):
+    """(B, T, C) -> (B, T, vocab): final LayerNorm and output projection, as one pipeline layer."""
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.ln_f, self.lm_head = gpt.ln_f, gpt.lm_head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lm_head(self.ln_f(x))
 
 
 def count_parameters(model: nn.Module) -> int:

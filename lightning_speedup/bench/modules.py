@@ -136,6 +136,7 @@ class CharLM(_CompilableModule):
         n_head: int = 6,
         n_embd: int = 384,
         dropout: float = 0.2,
+        tie_weights: bool = True,
         optimizer: str = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.01,
@@ -146,8 +147,15 @@ class CharLM(_CompilableModule):
     ) -> None:
         super().__init__(compile=compile, compile_mode=compile_mode)
         self.save_hyperparameters()
-        cfg = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout)
+        cfg = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, tie_weights=tie_weights)
         self.net = GPT(cfg)
+
+    # The pipeline contract (PipelineStrategy): the layers in order and the loss of the last stage's output.
+    def pipeline_layers(self) -> list[nn.Module]:
+        return self.net.pipeline_layers()
+
+    def pipeline_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), target.reshape(-1))  # (B*T, vocab)
 
     def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch  # (B, T), (B, T)

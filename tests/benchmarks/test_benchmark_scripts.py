@@ -219,3 +219,20 @@ def test_rebuild_report_script(tmp_path: Path) -> None:
     _run("rebuild_report.py", str(folder))
     report = (folder / "report.md").read_text()
     assert "NVIDIA H200" in report and "speedup-onecycle" in report and "2.52x" in report
+
+
+def test_pipeline_bubble_script(tmp_path: Path) -> None:
+    out = tmp_path / "bubble.json"
+    _run("pipeline_bubble.py", "--pipeline-size", "2", "--microbatches", "1", "--schedules", "1f1b", "gpipe",
+         "--forward-ms", "1", "--backward-ms", "1", "--steps", "4", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["schedule"] for r in rows] == ["gpipe", "1f1b"]
+    assert all(0.0 <= r["bubble_measured_rank0"] <= 1.0 for r in rows)
+
+
+def test_pipeline_overhead_script(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    _run("pipeline_overhead.py", "--accelerator", "cpu", "--layers", "2", "--width", "16", "--heads", "2",
+         "--context", "8", "--batch-size", "8", "--steps", "4", "--warmup", "2", "--repeats", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["median_s"]) == {"bare", "lightning"}

@@ -96,7 +96,8 @@ class RecordLosses(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self.losses.append(float(trainer.callback_metrics["train_loss_step"]))
+        m = trainer.callback_metrics
+        self.losses.append(float(m["train_loss_step"] if "train_loss_step" in m else m["train_loss"]))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         held = sum(p.numel() for p in pl_module.parameters() if p.device.type != "meta")

@@ -228,3 +228,20 @@ def test_time_balance_measures_layers() -> None:
     _fit_one_process(model, strategy)
     assert strategy.plan is not None and strategy.plan.balance == "time"
     assert all(c > 0 for c in strategy.plan.costs)
+
+
+def test_bench_gpt_is_pipeline_ready(tmp_path: Path) -> None:
+    """The char-LM GPT of the bench pipelines as it is (untied embeddings): same training as without."""
+    from lightning_speedup.bench.modules import CharLM
+
+    def gpt(tie: bool = False) -> CharLM:
+        L.seed_everything(0, verbose=False)
+        return CharLM(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0, tie_weights=tie)
+
+    ref = fit(tmp_path / "ref", model=gpt(), max_steps=3)
+    run = fit(tmp_path / "pp", model=gpt(), strategy=_pp("1f1b"), devices=2, max_steps=3)
+    a, b = final_state(ref), final_state(run)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="lm_head.weight.*tied weights"):
+        _fit_one_process(gpt(tie=True), PipelineStrategy("interleaved_1f1b", n_microbatches=2))

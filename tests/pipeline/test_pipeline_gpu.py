@@ -1,0 +1,66 @@
+"""PipelineStrategy on one CUDA GPU: bf16-mixed, CUDA stages, several stages in one process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_speedup import PipelineStrategy
+from lightning_speedup.bench.modules import CharLM
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left() -> Iterator[None]:
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class _Losses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        self.losses.append(float(trainer.callback_metrics["train_loss"]))
+
+
+def _run(strategy: object) -> tuple[list[float], dict[str, torch.Tensor], float]:
+    L.seed_everything(0, verbose=False)
+    model = CharLM(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0, tie_weights=False, lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 65, (16 * 8, 64), generator=g)
+    data = DataLoader(TensorDataset(x, torch.roll(x, -1, 1)), batch_size=16, drop_last=True)
+    rec = _Losses()
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", strategy=strategy, max_steps=8,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False, callbacks=[rec],
+                        gradient_clip_val=1.0)
+    trainer.fit(model, data)
+    val = trainer.validate(model, DataLoader(TensorDataset(x[:20], torch.roll(x[:20], -1, 1)), batch_size=8),
+                           verbose=False)[0]["val_loss"]
+    return rec.losses, {k: v.float().cpu() for k, v in model.state_dict().items()}, float(val)
+
+
+@pytest.mark.parametrize(("schedule", "stages_per_rank"), [("1f1b", 1), ("interleaved_1f1b", 2),
+                                                             ("zero_bubble", 2)])
+def test_bf16_pipeline_on_one_gpu_trains_like_the_plain_module(schedule: str, stages_per_rank: int) -> None:
+    ref_losses, ref_state, ref_val = _run("auto")
+    losses, state, val = _run(PipelineStrategy(schedule, n_microbatches=4, stages_per_rank=stages_per_rank))
+    assert losses[-1] < losses[0] - 0.5  # it learns
+    # bf16 autocast: the same arithmetic in micro-batches rounds differently; the curves stay together
+    assert losses == pytest.approx(ref_losses, rel=2e-2)
+    assert val == pytest.approx(ref_val, rel=2e-2)
+    assert set(state) == set(ref_state)
+
+
+def test_stages_live_on_the_gpu() -> None:
+    strategy = PipelineStrategy("interleaved_1f1b", n_microbatches=2, stages_per_rank=2)
+    _run(strategy)
+    # after fit the whole trained model is reassembled (on the CPU, as Lightning leaves modules)
+    assert strategy.plan is not None and strategy.plan.num_stages == 2
