@@ -185,7 +185,7 @@ def test_resumed_run_ends_as_the_uninterrupted_one(name: str, tmp_path: Path) ->
 
 def test_every_stateful_piece_has_a_case() -> None:
     """A new public callback or plugin that keeps state must be added to CASES (or to the pickling list)."""
-    covered = {type(p).__name__ for make in CASES.values() for p in sum(make(), [])}
+    covered = {type(p).__name__ for make in CASES.values() for group in make() for p in group}
     stateful = {
         name
         for name in ls.__all__
