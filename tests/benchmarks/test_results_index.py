@@ -38,3 +38,16 @@ def test_index_lists_every_entry() -> None:
         for entry in topic.iterdir():
             if entry.is_dir() or entry.suffix == ".json":
                 assert f"({topic.name}/{entry.name}" in text, entry
+
+
+LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
+
+
+def test_relative_links_in_the_docs_resolve() -> None:
+    broken = [
+        f"{doc.relative_to(ROOT)}: {target}"
+        for doc in DOCS
+        for target in LINK.findall(doc.read_text())
+        if "://" not in target and not target.startswith("mailto:") and not (doc.parent / target).exists()
+    ]
+    assert not broken, "broken links:\n" + "\n".join(broken)
