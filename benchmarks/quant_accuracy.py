@@ -12,7 +12,7 @@ Per task and seed, on one GPU with bf16-mixed:
    tinygemm, nf4: bitsandbytes). The QAT model is also evaluated before conversion (fake quant) and
    the largest logit difference between the two is recorded: training and deployment must agree.
 
-Models: ResNet-9 ``ImageClassifier`` and the 6-layer ``CharLM`` of DESIGN.md; the default layer
+Models: ResNet-9 ``ImageClassifier`` and the 6-layer ``CharLM`` of docs/design.md; the default layer
 selection quantizes every Conv2d/Linear except the first and the last (stem conv and classifier;
 the first block's qkv and the tied lm_head). Formats: int8 (per channel), int4 (groups of 32), nf4
 (blocks of 64), weight-only. Data is resident on the GPU and sampled there (no augmentation).

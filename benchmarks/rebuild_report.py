@@ -4,7 +4,7 @@ For result folders whose settings no longer match the registered recipes (``--re
 the meta comes from the folder's own ``bench.json`` plus the recipe summaries stored in its
 ``report.json`` when there is one, the machine from the runs themselves.
 
-    python benchmarks/rebuild_report.py benchmarks/results/2026-11-27-h200-schedules/fashion-mnist
+    python benchmarks/rebuild_report.py benchmarks/results/schedules/2026-11-27-h200-schedules/fashion-mnist
 """
 
 from __future__ import annotations

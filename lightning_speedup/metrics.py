@@ -78,8 +78,7 @@ class AsyncProgressBarMetrics(Callback):
     training-batch hooks (validation syncs once per validation run), and everything on a non-CUDA device
     (there ``.item()`` does not wait for anything; it logs that once).
 
-    Measured (``benchmarks/gpu_data.py``, H200): Fashion-MNIST ResNet-9 with CUDA graphs, 1.04-1.38x the
-    images per second of the same pipelines without it; see ``docs/methods/gpu-data.md``.
+    Measured trade-off: ``docs/methods/gpu-data.md``.
 
     Args:
         max_lag: copies kept in flight per metric; with more, the oldest is dropped (never waited for).

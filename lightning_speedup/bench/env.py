@@ -1,4 +1,4 @@
-"""Hardware and software facts recorded with every result (DESIGN.md: measured claims only)."""
+"""Hardware and software facts recorded with every result (docs/design.md: measured claims only)."""
 
 from __future__ import annotations
 

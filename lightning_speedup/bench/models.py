@@ -1,4 +1,4 @@
-"""The reference models of DESIGN.md: a ResNet-9-style CNN and a character-level GPT.
+"""The reference models of docs/design.md: a ResNet-9-style CNN and a character-level GPT.
 
 ResNet-9 follows the DAWNBench/airbench layout (Page, "How to train your ResNet", 2018):
 prep conv, three conv-bn-relu(-pool) layers, residual blocks after the first and the last,

@@ -1,4 +1,4 @@
-"""The reference tasks of DESIGN.md: what to train, on which data, to which target.
+"""The reference tasks of docs/design.md: what to train, on which data, to which target.
 
 A task builds the LightningModule and the data pipeline for a resolved :class:`Recipe`. Data
 pipelines are registered per task by name (``recipe.data``), so a feature that adds a faster
@@ -155,7 +155,7 @@ def _fashion_gpu(ctx: RunContext) -> tuple[L.LightningDataModule, list[Callback]
     from lightning_speedup.data import GPUPrefetcher
 
     # Pinned by the DataLoader's pin thread: unpinned batches would be pinned by GPUPrefetcher on the
-    # training thread (the likely reason this pipeline ran slower than the plain DataLoader on 2026-11-27).
+    # training thread, which made this pipeline slower than the plain DataLoader.
     dm = _fashion_datamodule(ctx, augment=False, output="uint8")
     return dm, [GPUPrefetcher(depth=2), _gpu_augment(ctx)]
 

@@ -1,6 +1,6 @@
 """LightningDataModules for the reference tasks, in the shape a typical Lightning user writes them.
 
-``FashionMNISTDataModule(augment=True, output="float")`` is the baseline pipeline of DESIGN.md:
+``FashionMNISTDataModule(augment=True, output="float")`` is the baseline pipeline of docs/design.md:
 per-sample CPU augmentation (random crop with 2-pixel padding, horizontal flip) inside a ``Dataset``,
 then normalisation, fed by a ``DataLoader`` with worker processes. ``output="uint8"`` hands out raw
 uint8 images with no CPU work, for pipelines that augment and convert on the GPU (4x fewer bytes);

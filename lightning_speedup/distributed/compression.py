@@ -75,11 +75,6 @@ def int8_decode(codes: Int8Blocks, out: Tensor | None = None, block: int = INT8_
     return out
 
 
-def cast_encode(x: Tensor, compress: str) -> Tensor:
-    """``x`` in the 16-bit wire dtype of ``compress`` ("bf16" or "fp16"); a copy in any case."""
-    return x.to(_CAST[compress], copy=True)
-
-
 def roundtrip(x: Tensor, compress: str) -> Tensor:
     """What the receiver decodes from ``x`` under ``compress``, as float32 (``x`` itself for "none")."""
     if compress == "none":

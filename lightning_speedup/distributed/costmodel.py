@@ -48,8 +48,8 @@ class Link:
     single point-to-point exchange achieves (``p2p_gbps``; default: the line rate).
 
     Measured links have both: NCCL's ring all-reduce spreads over several channels and connections,
-    while one send/receive pair to a neighbour often gets less (2026-11-27, sockets transport: 0.6-0.7 of
-    the all-reduce bus bandwidth), and gossip only does the latter.
+    while one send/receive pair to a neighbour often gets less (over NCCL's sockets transport,
+    well under the all-reduce bus bandwidth), and gossip only does the latter.
     """
 
     bandwidth_gbps: float

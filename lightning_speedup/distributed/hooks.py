@@ -18,9 +18,9 @@ does not line up with the buckets of a resumed one. The hooks here:
   matrix of the model at once: same-shape matrices batched across all buckets (``bmm``, batched
   Gram-Schmidt, multi-tensor copies), and three collectives per step (uncompressed tensors, ``P``,
   ``Q``) whatever the number of buckets. The per-bucket version this replaces issued three
-  collectives and a batch of small kernels per bucket from the backward pass's thread; on two H200s
-  over NVLink it ran at 0.38x DDP's tokens/s, this one at 0.74x (``docs/methods/distributed.md``:
-  the compression cannot hide behind the backward pass, as DDP's all-reduce does). The collectives
+  collectives and a batch of small kernels per bucket from the backward pass's thread, and ran about
+  half as fast (``docs/methods/distributed.md``; the compression cannot hide behind the backward pass,
+  as DDP's all-reduce does). The collectives
   are issued in order on the calling thread (see the comment in ``_powersgd_step``), so they cannot
   deadlock on gloo.
 """

@@ -54,20 +54,10 @@ FILE_FORMAT = "lightning_speedup.quantized"
 FILE_VERSION = 1
 
 # Preference order per (device type, weight format, activation format); the first backend that can run
-# a layer wins. CUDA order from benchmarks/quant_speed.py on an H200 (2026-11-27, tokens/s vs bf16 for
-# batch-1 decode / 16x512 prefill; 1.3B GPT: benchmarks/results/2026-11-27-h200-quant-speed.json, its
-# triton rows from 2026-11-27-h200-quant-speed-1b-triton-dequant.json; 6.65B: ...-quant-speed-6b-all.json):
-#   int8 weight-only  torch 0.18x / 0.78x (the only backend)
-#   int8 + int8 act   1.3B: bnb 0.63x / 0.49x, torch._int_mm 0.43x / 0.29x
-#                     6.65B (...-quant-speed-6b-eager-round20.json): triton 0.70x / 1.37x, bnb 0.87x / 0.79x,
-#                     torch._int_mm 0.65x / 0.49x; triton first: the fastest prefill by far (the format is
-#                     for compute-bound work) and bit-exact with the torch backend, so with the QAT model
-#   int4 g32          1.3B: triton 1.32x / 0.94x, tinygemm 1.17x / 0.05x, torch 0.11x / 0.66x
-#                     6.65B: triton 1.46x / 0.96x, tinygemm 1.31x / 0.05x
-#   nf4               1.3B: triton 1.17x / 0.94x, bnb 1.01x / 0.94x, torch 0.09x / 0.62x
-#                     6.65B: triton 1.13x / 0.97x, bnb 1.04x / 0.97x
-#   fp4               bnb 1.00x / 0.94x (6.65B: 1.04x / 0.96x); the Triton kernel runs fp4 as it runs nf4
-#                     (another 16-entry codebook), so it takes nf4's place
+# a layer wins. The CUDA order is fastest batch-1 decode first, as measured by benchmarks/quant_speed.py
+# (docs/methods/quantization.md); W8A8 puts triton first because it has by far the fastest prefill (the
+# format is for compute-bound work) and is bit-exact with the torch backend. The Triton kernel runs fp4
+# as it runs nf4 (another 16-entry codebook), so fp4 takes nf4's order.
 # Triton needs the triton package (PyTorch's CUDA wheels ship it); without it the next backend is used.
 AUTO_BACKENDS: dict[tuple[str, str, str | None], tuple[str, ...]] = {
     ("cuda", "int8", None): ("torch",),

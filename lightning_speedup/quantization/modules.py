@@ -571,15 +571,6 @@ class QuantizedConv2d(nn.Module):
         )
 
 
-def layer_nbytes(module: nn.Module) -> int:
-    """Bytes of a layer's own tensors, counting bitsandbytes' quantization state too."""
-    if isinstance(module, (QuantizedLinear, QuantizedConv2d)):
-        return module.nbytes()
-    return sum(_tensor_bytes(t) for t in module.parameters(recurse=False)) + sum(
-        _tensor_bytes(t) for t in module.buffers(recurse=False)
-    )
-
-
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers of ``model`` (shared tensors counted once), quantized or not.
 

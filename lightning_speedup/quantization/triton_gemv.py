@@ -29,8 +29,8 @@ Compiled for sm_90 (its bundled ``ptxas``, no GPU needed: benchmarks/triton_gemv
 5.1-6.4 SASS instructions per weight with Triton 3.9 and 5.4-5.9 with Triton 3.6 (bfloat16 ``x``; see
 ``AUTOTUNE_TILES``), the nf4/fp4 loop 7.6-8.9 and 8.0-8.4 (each codebook lookup is a 64-bit address and
 a load from L1). Measured on an H200 (benchmarks/triton_gemv_layers.py), the kernel streams 2.0-2.15 TB/s
-of packed weights, 1.6-1.8x faster than cuBLAS' bfloat16 GEMV (int4 g32) and 1.1-1.3x (nf4): bound by its
-instructions, not by HBM.
+of packed weights, faster than cuBLAS' bfloat16 GEMV (numbers in ``docs/methods/quantization.md``): bound by
+its instructions, not by HBM.
 
 :func:`dequantize_packed` is the prefill path's other kernel: one pass from the packed bytes to the
 (N, K) weight in the layer's dtype, bit-exact with the torch backend's dequantization.

@@ -212,7 +212,7 @@ def test_rebuild_report_script(tmp_path: Path) -> None:
     """Rebuilds a committed device bench folder's report from its runs (copied, so nothing changes)."""
     import shutil
 
-    src = ROOT / "benchmarks" / "results" / "2026-11-27-h200-schedules" / "fashion-mnist"
+    src = ROOT / "benchmarks" / "results" / "schedules" / "2026-11-27-h200-schedules" / "fashion-mnist"
     folder = tmp_path / "bench"
     shutil.copytree(src, folder)
     (folder / "report.md").unlink()

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Runs one named job set on a GPU machine and packs its results.
+#
+#   bash benchmarks/run_on_gpu.sh SET [SECONDS]      (SECONDS: wall-clock budget, default 540)
+#
+# SET is one of the functions named set_* below (`bash benchmarks/run_on_gpu.sh list` prints them).
+# Each job runs on the GPUs it names, under the remaining budget; its console log and outputs go to
+# $WORK (default /tmp/work) and, when $OUT is set, into $OUT/results.tgz. Result files that the docs
+# cite are copied by hand into benchmarks/results/<topic>/ and indexed by benchmarks/results_index.py.
+#
+# To add a set: write a function `set_NAME` that calls `job NAME GPUS COMMAND...` for each job
+# (background independent GPUs with `&` and end with `wait`).
+set -u
+
+# --- job plumbing -----------------------------------------------------------------------------
+JOBS_START=$(date +%s)
+JOBS_DEADLINE=$((JOBS_START + ${2:-540}))
+export WORK=${WORK:-/tmp/work}
+mkdir -p "$WORK"
+
+# Seconds left for a command that must finish before the deadline (bench starts no run after it).
+budget() { echo $((JOBS_DEADLINE - $(date +%s) - 30)); }
+
+# job NAME GPUS COMMAND...: run COMMAND on CUDA devices GPUS under the remaining budget, log to $WORK/NAME.log.
+job() {
+  local name=$1 gpu=$2
+  shift 2
+  local left=$((JOBS_DEADLINE - $(date +%s)))
+  if [ "$left" -le 5 ]; then
+    echo "[job $name] skipped: no time left" | tee "$WORK/$name.log"
+    return 4
+  fi
+  local t0=$(date +%s)
+  CUDA_VISIBLE_DEVICES=$gpu timeout --signal=INT --kill-after=20 "$left" "$@" >"$WORK/$name.log" 2>&1
+  local rc=$?
+  echo "[job $name] gpu $gpu rc=$rc after $(($(date +%s) - t0)) s (t=$(($(date +%s) - JOBS_START)) s)"
+  return $rc
+}
+
+# Print the tail of every log (warnings dropped) and pack $WORK into $OUT/results.tgz.
+pack() {
+  for f in "$WORK"/*.log; do
+    echo "=== $(basename "$f")"
+    grep -v -i -E "warning|warn\(|^\s*$" "$f" | tail -n "${TAIL_LINES:-16}"
+  done
+  [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" --exclude="*.ckpt" --exclude="*.pt" -C "$(dirname "$WORK")" "$(basename "$WORK")"
+}
+
+# --- job sets ---------------------------------------------------------------------------------
+# Headline time to target: baseline vs speedup recipe on both reference tasks (1 GPU each).
+set_headline() {
+  job headline-fashion 0 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist \
+    --recipe baseline --recipe speedup --seeds 3 --out "$WORK/headline-fashion" &
+  job headline-charlm 1 lightning-speedup bench --time-budget "$(budget)" --task char-lm \
+    --recipe baseline --recipe speedup --seeds 3 --out "$WORK/headline-charlm" &
+  wait
+}
+
+# LR schedules: schedule recipes side by side on both tasks, and the LR range test validation.
+set_schedules() {
+  job sched-fashion 0 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist \
+    --recipe speedup --recipe speedup-onecycle --recipe speedup-wsd --seeds 3 --out "$WORK/sched-fashion" &
+  job sched-charlm 1 lightning-speedup bench --time-budget "$(budget)" --task char-lm \
+    --recipe speedup --recipe speedup-onecycle --recipe speedup-wsd --seeds 3 --out "$WORK/sched-charlm" &
+  job lr-range 2 python benchmarks/lr_range_validation.py --out "$WORK/lr_range_validation.json" &
+  wait
+}
+
+# GPU data path: loader configurations a-d at batch 2048 and 512 (median of 3), and the bench pair.
+set_gpu_data() {
+  local flags=(--compile --compile-mode reduce-overhead --fused --channels-last --repeats 3)
+  local configs=(a_baseline b_prefetch_gpuaug b_async_metrics b_in_process c_resident_gpuaug c_async_metrics)
+  job gpu-data-b2048 0 python benchmarks/gpu_data.py "${flags[@]}" --batch-size 2048 --steps 150 \
+    --only "${configs[@]}" d_compute d_compute_prefetch --out "$WORK/gpu_data_b2048.json" &
+  job gpu-data-b512 1 python benchmarks/gpu_data.py "${flags[@]}" --batch-size 512 --steps 300 \
+    --only "${configs[@]}" --out "$WORK/gpu_data_b512.json" &
+  job gpu-data-compute-pair 2 python benchmarks/gpu_data.py "${flags[@]}" \
+    --only d_compute d_compute_prefetch d_compute_async d_compute_prefetch_async \
+    --out "$WORK/gpu_data_compute_pair.json" &
+  wait
+}
+
+# Quantization: accuracy of each format over 3 seeds, decode speed at 6B shape (eager and compiled).
+set_quantization() {
+  local six_b=(--layers 32 --width 4096 --heads 32 --repeats 3)
+  job quant-accuracy 0 python benchmarks/quant_accuracy.py --seeds 0 1 2 --out "$WORK/quant_accuracy.json" &
+  job quant-speed-6b-eager 1 python benchmarks/quant_speed.py "${six_b[@]}" \
+    --only int4_g32_triton nf4_triton int4_g32_tinygemm nf4_bnb w8a8_triton w8a8_torch_int_mm w8a8_bnb \
+    --out "$WORK/quant_speed_6b_eager.json" &
+  job quant-speed-6b-compiled 2 python benchmarks/quant_speed.py "${six_b[@]}" --compile \
+    --only int4_g32_triton nf4_triton w8a8_triton --out "$WORK/quant_speed_6b_compiled.json" &
+  wait
+}
+
+# Distributed: throughput of every strategy and time to target over sockets, on all visible GPUs.
+set_distributed() {
+  local n k gpus
+  n=$(nvidia-smi -L | wc -l)
+  gpus=$(seq -s, 0 $((n - 1)))
+  k=$n
+  job "dist${k}-throughput" "$gpus" python benchmarks/distributed_charlm.py --devices "$k" --repeats 3 \
+    --out "$WORK/distributed_charlm_${k}gpu.json"
+  job "dist${k}-ttt" "$gpus" python benchmarks/distributed_charlm.py --devices "$k" --mode ttt \
+    --networks sockets --max-minutes 3 --schedule-steps 1500 --eval-every 50 \
+    --out "$WORK/distributed_charlm_${k}gpu_ttt.json"
+}
+
+# GPU and multi-GPU tests of the suite.
+set_tests() {
+  job gpu-tests 0 python -m pytest -m gpu -q -p no:cacheprovider tests --junitxml="$WORK/gpu-tests.xml"
+  job multigpu-tests 0,1 python -m pytest -m multigpu -q -p no:cacheprovider tests \
+    --junitxml="$WORK/multigpu-tests.xml"
+}
+
+# --- main -------------------------------------------------------------------------------------
+sets=$(declare -F | awk '{print $3}' | sed -n 's/^set_//p' | tr _ - | tr '\n' ' ')
+name=${1:-}
+if [ -z "$name" ] || [ "$name" = list ]; then
+  echo "job sets: $sets"
+  [ -z "$name" ] && exit 2 || exit 0
+fi
+fn="set_${name//-/_}"
+if ! declare -F "$fn" >/dev/null; then
+  echo "unknown job set '$name'; choose one of: $sets" >&2
+  exit 2
+fi
+source "$(dirname "$0")/device_env.sh"
+"$fn"
+pack
