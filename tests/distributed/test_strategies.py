@@ -330,6 +330,15 @@ def test_resume_is_bitwise_exact(shakespeare_path: Path, tmp_path: Path, name: s
             r"rank \(PowerSGD approximation rank\)",
         ),
         (lambda: lsd.CompressedDDPStrategy(ddp_comm_hook=print), r"installs its own comm hook"),
+        (lambda: lsd.CompressedDDPStrategy(min_compression_rate=-1), r"min_compression_rate must be >= 0"),
+        (
+            lambda: lsd.CompressedDDPStrategy(foo=1),
+            r"CompressedDDPStrategy got unknown keyword arguments 'foo'",
+        ),
+        (
+            lambda: lsd.DiLoCoStrategy(find_unused_parameter=True),
+            r"unknown keyword arguments 'find_unused_parameter' \(did you mean 'find_unused_parameters'\?\)",
+        ),
     ],
 )
 def test_bad_arguments_are_rejected_early(build: Any, match: str) -> None:
@@ -408,6 +417,17 @@ def test_world_size_one_warns_and_is_single_device_training(shakespeare_path: Pa
     L.seed_everything(0, verbose=False)
     initial = CharMLP(loaders(shakespeare_path)[2]).state_dict()  # what _fit starts from
     assert not torch.equal(initial["emb.weight"], local[0]["state"]["emb.weight"])  # it trained
+
+
+def test_ddp_arguments_at_their_defaults_are_accepted() -> None:
+    """LightningCLI passes every DDP argument at its default; that must not count as setting it."""
+    s = lsd.DiLoCoStrategy(sync_every=7, ddp_comm_hook=None, model_averaging_period=None, static_graph=False)
+    assert s.sync_every == 7
+    c = lsd.CompressedDDPStrategy(
+        compression="powersgd", rank=8, ddp_comm_state=None, find_unused_parameters=True
+    )
+    assert c.powersgd_rank == 8
+    assert c._ddp_kwargs == {"gradient_as_bucket_view": True, "find_unused_parameters": True}
 
 
 def test_strings_resolve_and_a_typo_lists_them() -> None:
