@@ -445,3 +445,17 @@ def test_strings_resolve_and_a_typo_lists_them() -> None:
     with pytest.raises(KeyError, match="diloco") as err:
         StrategyRegistry.get("dilocoo")
     assert all(name in str(err.value) for name in OUR_STRINGS)
+
+
+def test_a_misspelled_strategy_string_gets_the_closest_registered_name() -> None:
+    from lightning_speedup import check_strategy_name
+
+    with pytest.raises(
+        ValueError, match=r"Unknown strategy 'local_sgdd'\. Did you mean 'local_sgd'.*registers \["
+    ) as err:
+        check_strategy_name("local_sgdd")
+    assert all(name in str(err.value) for name in OUR_STRINGS)
+    with pytest.raises(ValueError, match=r"Did you mean 'ddp_powersgd'"):
+        check_strategy_name("ddp_powersdg")
+    assert check_strategy_name("DiLoCo") == "diloco"
+    assert check_strategy_name("ddp") == "ddp" and check_strategy_name("auto") == "auto"
