@@ -148,6 +148,12 @@ def _is_default(value: Any, default: Any) -> bool:
     )
 
 
+def run_total_steps(trainer: Trainer) -> int | None:
+    """The run's total optimizer steps when the Trainer knows them (finite), else ``None``."""
+    total = trainer.estimated_stepping_batches
+    return int(total) if total != float("inf") and total >= 0 else None
+
+
 def check_hierarchical(hierarchical: bool | int) -> None:
     """Raise if ``hierarchical`` is neither a bool nor a block size >= 1."""
     if isinstance(hierarchical, bool):
@@ -238,6 +244,19 @@ class ParameterAveragingStrategy(DDPStrategy):
     def _after_step(self) -> Traffic:
         """Run after each local optimizer step (``self._step`` already counts it); return the traffic."""
         raise NotImplementedError
+
+    def _inactive_reason(self, total_steps: int, start_step: int) -> str | None:
+        """Why the technique will not act in a run of ``total_steps`` resumed at ``start_step``, or ``None``."""
+        return None
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        trainer = self.lightning_module.trainer
+        total = run_total_steps(trainer)
+        reason = None if total is None else self._inactive_reason(total, trainer.global_step)
+        if reason:
+            rank_zero_warn(f"{type(self).__name__} will not act in this run: {reason}")
 
     def _final_sync(self) -> Traffic:
         """Bring every process to the exact final model at the end of ``fit``."""

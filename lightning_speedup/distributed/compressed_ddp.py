@@ -33,6 +33,7 @@ from lightning_speedup.distributed.averaging import (
     check_ddp_kwargs,
     check_int,
     put_rank_states,
+    run_total_steps,
 )
 from lightning_speedup.distributed.hooks import (
     LowPrecisionState,
@@ -165,6 +166,19 @@ class CompressedDDPStrategy(DDPStrategy):
             self._hook_state = LowPrecisionState(self.compression)
             self.model.register_comm_hook(self._hook_state, low_precision_hook)
         self._bytes_reported = 0
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.compression != "powersgd":
+            return
+        total = run_total_steps(self.lightning_module.trainer)
+        if total is not None and total <= self.start_iter:
+            rank_zero_warn(
+                f"CompressedDDPStrategy(compression='powersgd') will not act in this run: it all-reduces in fp32 "
+                f"for the first start_iter={self.start_iter} iterations and the run has {total} optimizer steps, "
+                "so this is plain DDP. Lower start_iter or train longer."
+            )
 
     @override
     def optimizer_step(

@@ -6,6 +6,8 @@ about the algorithms, not float32 rounding.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -459,3 +461,43 @@ def test_a_misspelled_strategy_string_gets_the_closest_registered_name() -> None
         check_strategy_name("ddp_powersdg")
     assert check_strategy_name("DiLoCo") == "diloco"
     assert check_strategy_name("ddp") == "ddp" and check_strategy_name("auto") == "auto"
+
+
+@pytest.mark.parametrize(
+    ("strategy", "match"),
+    [
+        (
+            lambda: lsd.DiLoCoStrategy(sync_every=10),
+            r"DiLoCoStrategy will not act in this run: the run ends at optimizer step 4, before the first outer "
+            r"step \(step 10; sync_every=10",
+        ),
+        (
+            lambda: lsd.CompressedDDPStrategy(compression="powersgd", start_iter=100),
+            r"will not act in this run: .*start_iter=100 iterations and the run has 4 optimizer steps",
+        ),
+    ],
+    ids=["diloco", "powersgd"],
+)
+def test_a_run_too_short_for_the_technique_warns_once(
+    shakespeare_path: Path, tmp_path: Path, strategy: Any, match: str
+) -> None:
+    with pytest.warns(UserWarning) as record:
+        _fit("short", strategy(), 1, shakespeare_path, tmp_path, module=CharMLP, max_steps=4)
+    said = [str(w.message) for w in record if "will not act in this run" in str(w.message)]
+    assert len(said) == 1, said
+    assert re.search(match, said[0]), said[0]
+
+
+def test_a_run_long_enough_does_not_warn(shakespeare_path: Path, tmp_path: Path) -> None:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(
+            "long",
+            lsd.DiLoCoStrategy(sync_every=2),
+            1,
+            shakespeare_path,
+            tmp_path,
+            module=CharMLP,
+            max_steps=4,
+        )
+    assert not [w for w in record if "will not act in this run" in str(w.message)]
