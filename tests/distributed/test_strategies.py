@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -463,6 +463,14 @@ def test_a_misspelled_strategy_string_gets_the_closest_registered_name() -> None
     assert check_strategy_name("ddp") == "ddp" and check_strategy_name("auto") == "auto"
 
 
+@pytest.fixture
+def no_process_group_left() -> Iterator[None]:
+    """A one-process fit runs in this process and leaves its process group; later spawning tests need none."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize(
     ("strategy", "match"),
     [
@@ -475,11 +483,16 @@ def test_a_misspelled_strategy_string_gets_the_closest_registered_name() -> None
             lambda: lsd.CompressedDDPStrategy(compression="powersgd", start_iter=100),
             r"will not act in this run: .*start_iter=100 iterations and the run has 4 optimizer steps",
         ),
+        (
+            lambda: lsd.LocalSGDStrategy(sync_every=16),
+            r"LocalSGDStrategy will not act in this run: the run ends at optimizer step 4, before the first "
+            r"averaging \(step 16",
+        ),
     ],
-    ids=["diloco", "powersgd"],
+    ids=["diloco", "powersgd", "local_sgd"],
 )
 def test_a_run_too_short_for_the_technique_warns_once(
-    shakespeare_path: Path, tmp_path: Path, strategy: Any, match: str
+    shakespeare_path: Path, tmp_path: Path, strategy: Any, match: str, no_process_group_left: None
 ) -> None:
     with pytest.warns(UserWarning) as record:
         _fit("short", strategy(), 1, shakespeare_path, tmp_path, module=CharMLP, max_steps=4)
@@ -488,7 +501,9 @@ def test_a_run_too_short_for_the_technique_warns_once(
     assert re.search(match, said[0]), said[0]
 
 
-def test_a_run_long_enough_does_not_warn(shakespeare_path: Path, tmp_path: Path) -> None:
+def test_a_run_long_enough_does_not_warn(
+    shakespeare_path: Path, tmp_path: Path, no_process_group_left: None
+) -> None:
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         _fit(
