@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_speedup as ls
 
@@ -31,6 +32,10 @@ class TinyModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(32, 4, generator=g)), batch_size=4)
 
 
 def _callback(trainer: L.Trainer, cls: type) -> Any:
@@ -305,3 +310,30 @@ def test_configurable_from_yaml(name: str, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     cli = LightningCLI(TinyModule, run=False, args=["--config", str(path)], save_config_callback=None)
     check(cli.trainer)
+
+
+def test_a_real_fit_from_yaml(tmp_path: Path) -> None:
+    """``fit`` from a config with a schedule callback and a strategy of this project, on CPU."""
+    config = {
+        "trainer": {
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 4,
+            "strategy": {"class_path": "lightning_speedup.DiLoCoStrategy", "init_args": {"sync_every": 2}},
+            "callbacks": [{"class_path": "lightning_speedup.OneCycle", "init_args": {"max_lr": 0.3}}],
+        }
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    try:
+        cli = LightningCLI(TinyModule, args=["fit", "--config", str(path)], save_config_callback=None)
+    finally:
+        if torch.distributed.is_initialized():  # the one-process fit ran here
+            torch.distributed.destroy_process_group()
+    assert cli.trainer.global_step == 4
+    assert isinstance(cli.trainer.strategy, ls.DiLoCoStrategy) and cli.trainer.strategy.sync_every == 2
+    schedule = _callback(cli.trainer, ls.OneCycle)
+    assert schedule.steps_taken == [4] and schedule.peak_lrs == [[0.3]]
