@@ -8,7 +8,12 @@ strings with Lightning's ``StrategyRegistry``. Heavy optional parts are imported
 from __future__ import annotations
 
 from lightning_speedup import augment, quantization
-from lightning_speedup._registry import register_strategies, registered_strategy, strategy_names
+from lightning_speedup._registry import (
+    check_strategy_name,
+    register_strategies,
+    registered_strategy,
+    strategy_names,
+)
 from lightning_speedup.data import (
     DataStallMonitor,
     DeviceResidentDataModule,
@@ -57,6 +62,7 @@ __all__ = [
     "WarmupStableDecay",
     "__version__",
     "augment",
+    "check_strategy_name",
     "quantization",
     "register_strategies",
     "registered_strategy",

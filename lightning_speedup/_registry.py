@@ -4,12 +4,16 @@ A strategy class opts in with the :func:`registered_strategy` decorator and defi
 ``register_strategies(cls, strategy_registry)`` classmethod (the convention of
 ``lightning.pytorch.strategies.DDPStrategy``), which registers each alias with its preset init
 parameters. Importing :mod:`lightning_speedup` calls :func:`register_strategies`, so
-``L.Trainer(strategy="diloco")`` works right after ``import lightning_speedup``, and a typo makes
-Lightning list our names next to its own.
+``L.Trainer(strategy="diloco")`` works right after ``import lightning_speedup``.
+
+Lightning's Trainer rejects an unknown string with a fixed list of a few of its own examples and has
+no hook to extend that message, so :func:`check_strategy_name` is the place that suggests the closest
+registered name (ours included); the project's own entry points call it before building a Trainer.
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, TypeVar
 
 _T = TypeVar("_T", bound=type)
@@ -52,3 +56,25 @@ def register_strategies(registry: Any = None) -> list[str]:
 def strategy_names() -> list[str]:
     """The strategy strings this package registered (empty until strategies land)."""
     return register_strategies()
+
+
+def check_strategy_name(name: str) -> str:
+    """Return ``name`` (lower-cased, as the Trainer reads it) if Lightning's ``StrategyRegistry`` knows it.
+
+    Raises:
+        ValueError: an unknown name; the message suggests the closest registered names and lists the
+            project's own strings (which Lightning's Trainer error does not show).
+    """
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    ours = register_strategies()
+    key = name.lower()
+    known = StrategyRegistry.available_strategies()
+    if key == "auto" or key in known:
+        return key
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(
+        f"Unknown strategy {name!r}.{hint} lightning_speedup registers {sorted(ours)}; Lightning's own names are "
+        "listed by lightning.pytorch.strategies.StrategyRegistry.available_strategies()."
+    )

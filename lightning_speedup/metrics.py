@@ -93,6 +93,7 @@ class AsyncProgressBarMetrics(Callback):
         self.max_lag = max_lag
         self._pending: defaultdict[str, deque[tuple[Tensor, torch.cuda.Event]]] = defaultdict(self._new_queue)
         self._restore: Callable[[], None] | None = None
+        self._warned_inactive = False
         #: Names of the metrics whose progress-bar copy this callback manages in the current run.
         self.deferred: set[str] = set()
 
@@ -163,10 +164,11 @@ class AsyncProgressBarMetrics(Callback):
         if stage != "fit" or self._restore is not None:
             return
         if trainer.strategy.root_device.type != "cuda":
-            if trainer.is_global_zero:
-                log.info(
-                    "AsyncProgressBarMetrics: the accelerator is %s, where .item() does not wait for a device; "
-                    "logging is left as it is.",
+            if trainer.is_global_zero and not self._warned_inactive:
+                self._warned_inactive = True
+                log.warning(
+                    "AsyncProgressBarMetrics will not act in this run: the accelerator is %s, where .item() does "
+                    "not wait for a device; logging is left as it is.",
                     trainer.strategy.root_device.type,
                 )
             return

@@ -342,7 +342,9 @@ class Cutout(ImageOp):
     """Fill a ``size`` x ``size`` square at a random centre (per sample) with ``fill``; DeVries & Taylor (2017).
 
     As in the paper, the centre is uniform over the whole image and the square is clipped at the
-    borders, so squares near an edge cover less area.
+    borders, so squares near an edge cover less area. The image size is known only at the first call,
+    which raises ``ValueError`` if ``size`` exceeds the image's shorter side (a square that large
+    blanks most or all of every image).
     """
 
     def __init__(self, size: int, fill: float = 0.0) -> None:
@@ -354,6 +356,11 @@ class Cutout(ImageOp):
         images = check_images(images, "Cutout")
         _check_generator(generator, images.device, "Cutout")
         B, _, H, W = images.shape
+        if self.size > min(H, W):
+            raise ValueError(
+                f"Cutout(size={self.size}) is larger than the {H}x{W} images it got, so it would blank most or all "
+                f"of every image; pick size <= {min(H, W)} (DeVries & Taylor use about half the side)."
+            )
         cy = torch.randint(0, H, (B,), device=images.device, generator=generator)
         cx = torch.randint(0, W, (B,), device=images.device, generator=generator)
         return cy, cx

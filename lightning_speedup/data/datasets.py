@@ -8,11 +8,14 @@ data lists every place that was tried and the two ways to get the files.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import struct
+import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +27,16 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "LIGHTNING_SPEEDUP_DATA"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_URLS = (
-    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-    "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/",
-)
+# https only: the S3 website mirror the Zalando README also lists serves plain http.
+FASHION_MNIST_URLS = ("https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/",)
+# MD5 of each official .gz file, as published in the Zalando repository's README (torchvision checks the same).
+FASHION_MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -121,21 +130,76 @@ def fashion_mnist_search_path(path: str | Path | None = None) -> list[Path]:
     return candidates
 
 
-def download_fashion_mnist(dest: Path, timeout: float = 30.0) -> Path:
-    """Download the four official ``.gz`` files into ``dest``; raises ``OSError`` when offline."""
+def _check_url(base: str, allow_http_loopback: bool) -> None:
+    parts = urllib.parse.urlsplit(base)
+    if parts.scheme == "https":
+        return
+    if parts.scheme == "http" and allow_http_loopback and parts.hostname in _LOOPBACK_HOSTS:
+        return
+    raise ValueError(
+        f"Refusing to download Fashion-MNIST from {base!r}: only https URLs are allowed "
+        "(allow_http_loopback=True admits http://127.0.0.1 for tests)."
+    )
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_fashion_mnist(
+    dest: Path,
+    timeout: float = 30.0,
+    *,
+    base_urls: Sequence[str] | None = None,
+    checksums: Mapping[str, str] | None = None,
+    allow_http_loopback: bool = False,
+) -> Path:
+    """Download the four official ``.gz`` files into ``dest`` over https and verify their published MD5s.
+
+    Args:
+        base_urls: mirrors to try in order (default :data:`FASHION_MNIST_URLS`); each must be https.
+        checksums: expected MD5 per file name (default :data:`FASHION_MNIST_MD5`, the published ones).
+        allow_http_loopback: for tests only: also accept ``http://`` URLs whose host is the loopback
+            interface (a local ``http.server``); never a remote http host.
+
+    Raises:
+        ValueError: a URL that is not https.
+        DataError: a downloaded file whose MD5 differs from the published one (the file is deleted).
+        OSError: every mirror failed (offline, not found); the message has each mirror's error.
+    """
+    urls = FASHION_MNIST_URLS if base_urls is None else tuple(base_urls)
+    expected = FASHION_MNIST_MD5 if checksums is None else checksums
+    for base in urls:
+        _check_url(base, allow_http_loopback)
     dest.mkdir(parents=True, exist_ok=True)
     errors = []
-    for base in FASHION_MNIST_URLS:
+    for base in urls:
         try:
             for stem in FASHION_MNIST_FILES.values():
-                target = dest / f"{stem}.gz"
+                name = f"{stem}.gz"
+                target = dest / name
                 if target.is_file():
                     continue
                 tmp = target.with_suffix(".gz.part")
-                log.info("downloading %s%s.gz", base, stem)
-                with urllib.request.urlopen(f"{base}{stem}.gz", timeout=timeout) as resp:
-                    tmp.write_bytes(resp.read())
-                tmp.replace(target)  # a half-written file never looks complete
+                log.info("downloading %s%s", base, name)
+                try:
+                    with urllib.request.urlopen(f"{base}{name}", timeout=timeout) as resp:
+                        tmp.write_bytes(resp.read())
+                    got = _md5(tmp)
+                    if got != expected[name]:
+                        raise DataError(
+                            f"Downloaded {name} from {base} has MD5 {got}, but the published checksum is "
+                            f"{expected[name]}: the download is corrupt or not the official file, and was deleted. "
+                            "Try again, or fetch the file by hand and check it."
+                        )
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                tmp.replace(target)  # a half-written or unverified file never looks complete
             return dest
         except OSError as err:
             errors.append(f"{base}: {err}")

@@ -102,7 +102,8 @@ class GPUAugment(Callback):
     (``default_collate``'s output) just get new entries.
 
     Args:
-        *ops: ops from :mod:`lightning_speedup.augment`, applied in order.
+        *args: ops from :mod:`lightning_speedup.augment`, applied in order.
+        ops: the same as a list, instead of positionally (the form a LightningCLI YAML config uses).
         seed: seed of the augmentation stream; ``None`` draws one from torch's global RNG at setup
             (so ``seed_everything`` fixes it) and broadcasts rank 0's value.
         image_key: where the images ``(B, C, H, W)`` are in the batch: an index for tuples/lists, a
@@ -111,18 +112,25 @@ class GPUAugment(Callback):
         convert_eval: apply the deterministic ops to evaluation batches too.
 
     Raises:
-        ValueError: no ops, a mixing op with ``label_key=None``, or a seed that is not an int.
+        ValueError: no ops, ops given both positionally and as ``ops=``, a mixing op with ``label_key=None``, or a seed that is not an int.
         TypeError: an op that is not from :mod:`lightning_speedup.augment` (or a subclass of its bases).
     """
 
     def __init__(
         self,
-        *ops: ImageOp,
+        *args: ImageOp,
+        ops: Sequence[ImageOp] | None = None,
         seed: int | None = None,
         image_key: Key = 0,
         label_key: Key | None = 1,
         convert_eval: bool = True,
     ) -> None:
+        if args and ops is not None:
+            raise ValueError(
+                "Pass the ops either positionally, GPUAugment(op1, op2), or as ops=[op1, op2]; not both."
+            )
+        # ``ops=`` is the keyword form a LightningCLI/jsonargparse config can set (``ops: [{class_path: ...}]``).
+        ops = tuple(args) if ops is None else tuple(ops)
         if not ops:
             raise ValueError(
                 "GPUAugment needs at least one op, e.g. GPUAugment(ls.augment.RandomCrop(28, padding=2))."

@@ -514,6 +514,7 @@ class GPUPrefetcher(Callback):
         self._uninstall: Callable[[], None] | None = None
         self._device: torch.device | None = None
         self._wrapped: weakref.WeakSet[PrefetchLoader] = weakref.WeakSet()
+        self._warned_inactive = False
 
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the callbacks; the loaders of this process's run do not travel.
@@ -541,9 +542,11 @@ class GPUPrefetcher(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         device = trainer.strategy.root_device
         if device.type != "cuda":
-            if trainer.is_global_zero:
-                log.info(
-                    "GPUPrefetcher: the accelerator is %s, not CUDA; batches pass through unchanged.",
+            if trainer.is_global_zero and not self._warned_inactive:
+                self._warned_inactive = True
+                log.warning(
+                    "GPUPrefetcher will not act in this run: the accelerator is %s, not CUDA; batches pass "
+                    "through unchanged.",
                     device.type,
                 )
             return

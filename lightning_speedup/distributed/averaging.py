@@ -23,6 +23,8 @@ Subclasses implement :meth:`_after_step` (what happens after each local optimize
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -105,6 +107,53 @@ def check_int(name: str, value: object, minimum: int, meaning: str = "") -> None
         raise ValueError(f"{name} must be an int >= {minimum}{note}, got {value!r}.")
 
 
+def _ddp_keyword_defaults() -> dict[str, Any]:
+    """Keyword arguments ``DDPStrategy`` accepts (its own, then those it forwards to ``DistributedDataParallel``)."""
+    defaults: dict[str, Any] = {}
+    for fn in (DistributedDataParallel.__init__, DDPStrategy.__init__):
+        for name, param in inspect.signature(fn).parameters.items():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                defaults[name] = param.default
+    for name in ("self", "module"):
+        defaults.pop(name, None)
+    return defaults
+
+
+def check_ddp_kwargs(owner: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Return ``kwargs`` without the DDP arguments left at their defaults; raise for names DDP does not take.
+
+    LightningCLI (jsonargparse) passes every DDP argument it finds in the signatures, at its default; those
+    mean "not set" and are dropped. DDPStrategy forwards unknown keywords to ``DistributedDataParallel``,
+    which would reject them only inside a worker at ``fit``; checking here makes a typo fail at construction.
+    """
+    defaults = _ddp_keyword_defaults()
+    unknown = sorted(k for k in kwargs if k not in defaults)
+    if unknown:
+        hints = [
+            f"{k!r} (did you mean {close[0]!r}?)"
+            if (close := difflib.get_close_matches(k, list(defaults), n=1))
+            else repr(k)
+            for k in unknown
+        ]
+        raise ValueError(
+            f"{owner} got unknown keyword arguments {', '.join(hints)}; it takes its own arguments and those of "
+            "DDPStrategy / DistributedDataParallel."
+        )
+    return {k: v for k, v in kwargs.items() if not _is_default(v, defaults[k])}
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    return value is default or (
+        type(value) is type(default) and not isinstance(value, torch.Tensor) and value == default
+    )
+
+
+def run_total_steps(trainer: Trainer) -> int | None:
+    """The run's total optimizer steps when the Trainer knows them (finite), else ``None``."""
+    total = trainer.estimated_stepping_batches
+    return int(total) if total != float("inf") and total >= 0 else None
+
+
 def check_hierarchical(hierarchical: bool | int) -> None:
     """Raise if ``hierarchical`` is neither a bool nor a block size >= 1."""
     if isinstance(hierarchical, bool):
@@ -152,6 +201,7 @@ class ParameterAveragingStrategy(DDPStrategy):
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}.")
         check_int("consensus_every", consensus_every, 0, "0 = off")
         flat = hierarchical is False or (not isinstance(hierarchical, bool) and hierarchical == 1)
+        ddp_kwargs = check_ddp_kwargs(type(self).__name__, ddp_kwargs)
         if ddp_kwargs and flat:
             raise ValueError(
                 f"{type(self).__name__} does not wrap the model in DistributedDataParallel, so DDP arguments "
@@ -194,6 +244,19 @@ class ParameterAveragingStrategy(DDPStrategy):
     def _after_step(self) -> Traffic:
         """Run after each local optimizer step (``self._step`` already counts it); return the traffic."""
         raise NotImplementedError
+
+    def _inactive_reason(self, total_steps: int, start_step: int) -> str | None:
+        """Why the technique will not act in a run of ``total_steps`` resumed at ``start_step``, or ``None``."""
+        return None
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        trainer = self.lightning_module.trainer
+        total = run_total_steps(trainer)
+        reason = None if total is None else self._inactive_reason(total, trainer.global_step)
+        if reason:
+            rank_zero_warn(f"{type(self).__name__} will not act in this run: {reason}")
 
     def _final_sync(self) -> Traffic:
         """Bring every process to the exact final model at the end of ``fit``."""

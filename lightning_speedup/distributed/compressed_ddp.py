@@ -27,7 +27,14 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_speedup._registry import registered_strategy
-from lightning_speedup.distributed.averaging import CHECKPOINT_KEY, _log_metric, check_int, put_rank_states
+from lightning_speedup.distributed.averaging import (
+    CHECKPOINT_KEY,
+    _log_metric,
+    check_ddp_kwargs,
+    check_int,
+    put_rank_states,
+    run_total_steps,
+)
 from lightning_speedup.distributed.hooks import (
     LowPrecisionState,
     PowerSGDState,
@@ -64,13 +71,16 @@ class CompressedDDPStrategy(DDPStrategy):
         cuda_graphs: PowerSGD on CUDA: replay the compression as CUDA graphs once DDP's buckets are
             stable (``PowerSGDState.cuda_graphs``); ``False`` runs it eagerly every step.
         log_metrics: log ``dist/bytes_sent`` (gradient bytes this process sent) per optimizer step.
+        gradient_as_bucket_view: ``True`` here (DDP's default is ``False``): parameters' ``.grad`` are views of
+            the communication buckets, which saves a copy of every gradient into the buckets and back each step,
+            and one gradient-sized buffer.
         **kwargs: everything ``DDPStrategy`` takes (``start_method``, ``find_unused_parameters``, ...),
-            except its own comm-hook arguments. ``gradient_as_bucket_view`` defaults to ``True`` here (DDP's
-            default is ``False``): parameters' ``.grad`` are views of the communication buckets, which saves
-            a copy of every gradient into the buckets and back each step, and one gradient-sized buffer.
+            except its own comm-hook arguments; those left at their defaults (as LightningCLI passes them) are
+            ignored.
 
     Raises:
-        ValueError: an unknown ``compression``, ``rank`` < 1, ``start_iter`` < 0, DDP comm-hook arguments
+        ValueError: an unknown ``compression``, ``rank`` < 1, ``start_iter`` < 0, ``min_compression_rate`` < 0,
+            a keyword that neither ``DDPStrategy`` nor ``DistributedDataParallel`` takes, DDP comm-hook arguments
             (``ddp_comm_hook``, ``ddp_comm_state``, ``ddp_comm_wrapper``, ``model_averaging_period``) that would
             conflict with the chosen hook; in ``setup``: bf16 on a backend that cannot sum bfloat16.
 
@@ -91,12 +101,19 @@ class CompressedDDPStrategy(DDPStrategy):
         seed: int = 0,
         cuda_graphs: bool = True,
         log_metrics: bool = True,
+        gradient_as_bucket_view: bool = True,
         **kwargs: Any,
     ) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(f"Unknown compression {compression!r}; choose one of {list(COMPRESSIONS)}.")
         check_int("rank (PowerSGD approximation rank)", rank, 1)
         check_int("start_iter", start_iter, 0)
+        if not min_compression_rate >= 0:
+            raise ValueError(
+                f"min_compression_rate must be >= 0 (compress a matrix only if it shrinks by this factor; 0 = all), "
+                f"got {min_compression_rate!r}."
+            )
+        kwargs = check_ddp_kwargs(type(self).__name__, kwargs)
         clashing = sorted(
             k
             for k in ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
@@ -109,8 +126,7 @@ class CompressedDDPStrategy(DDPStrategy):
             )
         # Gradients as views of DDP's buckets: the hook then writes the averaged gradient where the optimizer
         # reads it, instead of DDP copying every gradient into its bucket and back (two passes over the model).
-        kwargs.setdefault("gradient_as_bucket_view", True)
-        super().__init__(**kwargs)
+        super().__init__(gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
         self.compression = compression
         self.powersgd_rank = rank
         self.start_iter = start_iter
@@ -150,6 +166,19 @@ class CompressedDDPStrategy(DDPStrategy):
             self._hook_state = LowPrecisionState(self.compression)
             self.model.register_comm_hook(self._hook_state, low_precision_hook)
         self._bytes_reported = 0
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.compression != "powersgd":
+            return
+        total = run_total_steps(self.lightning_module.trainer)
+        if total is not None and total <= self.start_iter:
+            rank_zero_warn(
+                f"CompressedDDPStrategy(compression='powersgd') will not act in this run: it all-reduces in fp32 "
+                f"for the first start_iter={self.start_iter} iterations and the run has {total} optimizer steps, "
+                "so this is plain DDP. Lower start_iter or train longer."
+            )
 
     @override
     def optimizer_step(

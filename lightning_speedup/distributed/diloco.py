@@ -119,6 +119,17 @@ class DiLoCoStrategy(ParameterAveragingStrategy):
         self._outer_opt: Optimizer | None = None
 
     @override
+    def _inactive_reason(self, total_steps: int, start_step: int) -> str | None:
+        first_outer = (max(self.warmup_steps, start_step) // self.sync_every + 1) * self.sync_every
+        if first_outer <= total_steps:
+            return None
+        return (
+            f"the run ends at optimizer step {total_steps}, before the first outer step (step {first_outer}; "
+            f"sync_every={self.sync_every}, warmup_steps={self.warmup_steps}), so the only outer step is the "
+            "final one at the end of fit. Lower sync_every or train longer."
+        )
+
+    @override
     def _on_setup(self) -> None:
         assert self._params is not None
         self._params.pack()

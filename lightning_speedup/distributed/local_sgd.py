@@ -72,6 +72,19 @@ class LocalSGDStrategy(ParameterAveragingStrategy):
             self._params.pack()
             self._reference = self._params.clone_buckets()
 
+    @override
+    def _inactive_reason(self, total_steps: int, start_step: int) -> str | None:
+        if start_step < min(self.warmup_steps, total_steps):
+            return None
+        first_sync = (start_step // self.sync_every + 1) * self.sync_every
+        if first_sync <= total_steps:
+            return None
+        return (
+            f"the run ends at optimizer step {total_steps}, before the first averaging (step {first_sync}; "
+            f"sync_every={self.sync_every}), so the processes are averaged only once, at the end of fit. Lower "
+            "sync_every or train longer."
+        )
+
     def _is_sync_step(self, step: int) -> bool:
         return step <= self.warmup_steps or step % self.sync_every == 0
 

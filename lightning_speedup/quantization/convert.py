@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -296,7 +298,19 @@ def save(model: nn.Module, path: str | Path) -> None:
         tensors[name] = entry
         prefixes.append(name + ".")
     rest = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(tuple(prefixes))}
-    torch.save({"header": header, "layers": tensors, "state_dict": rest}, Path(path))
+    _save_atomically({"header": header, "layers": tensors, "state_dict": rest}, Path(path))
+
+
+def _save_atomically(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: an interrupted save leaves the old file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load(
@@ -322,11 +336,16 @@ def load(
             layer the model lacks or whose shape differs (the message names the file and layer).
     """
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(
+            f"{path} is empty (0 bytes), not a quantized-model file written by quantization.save."
+        )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         raise ValueError(
-            f"{path} is not a quantized-model file written by lightning_speedup.quantization.save: {err}"
+            f"{path} is not a quantized-model file written by lightning_speedup.quantization.save ({reason})."
         ) from err
     header = blob.get("header") if isinstance(blob, dict) else None
     if not isinstance(header, dict) or header.get("format") != FILE_FORMAT:
@@ -338,6 +357,7 @@ def load(
         raise ValueError(
             f"{path} has file version {header.get('version')}; this library reads version {FILE_VERSION}."
         )
+    _check_contents(path, blob)
     if weights is not None:
         expected = QuantSpec.create(weights).weights
         found = sorted({layer["spec"]["weights"] for layer in header["layers"].values()})
@@ -401,6 +421,41 @@ def load(
             f"{path} does not fit the model: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}."
         )
     return model
+
+
+def _check_contents(path: Path, blob: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the file and the entry when a file with a valid header has broken contents.
+
+    Checked before ``load`` changes the model, so a damaged file leaves the model as it was.
+    """
+
+    def broken(what: str) -> ValueError:
+        return ValueError(f"{path} is damaged: {what}. Write it again with quantization.save.")
+
+    layers, entries = blob["header"].get("layers"), blob.get("layers")
+    if not isinstance(layers, dict) or not isinstance(entries, dict):
+        raise broken("the header or the tensor section lacks its 'layers' table")
+    if not isinstance(blob.get("state_dict"), dict):
+        raise broken("the 'state_dict' section is missing")
+    for name, meta in layers.items():
+        fields = ("kind", "spec", "backend", "weight_shape", "weight_dtype")
+        if not isinstance(meta, dict) or any(f not in meta for f in fields):
+            raise broken(f"layer {name!r} lacks some of its header fields {list(fields)}")
+        if meta["kind"] not in ("linear", "conv2d") or not isinstance(
+            getattr(torch, str(meta["weight_dtype"]), None), torch.dtype
+        ):
+            raise broken(f"layer {name!r} has kind {meta['kind']!r} / weight dtype {meta['weight_dtype']!r}")
+        if meta["backend"] not in BACKENDS and meta["kind"] == "linear":
+            raise broken(f"layer {name!r} names an unknown backend {meta['backend']!r}")
+        try:
+            QuantSpec.create(**meta["spec"])
+        except (TypeError, ValueError) as err:
+            raise broken(f"layer {name!r} has an invalid recipe {meta['spec']!r} ({err})") from err
+        entry = entries.get(name)
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(k), Tensor) for k in ("codes", "scale")
+        ):
+            raise broken(f"layer {name!r} has no 'codes'/'scale' tensors")
 
 
 def _layer_device(module: nn.Module) -> torch.device:

@@ -42,6 +42,16 @@ BASES: tuple[str, ...] = ("bf16-mixed", "32-true")
 STATE_VERSION = 1
 
 
+def _autocast_supports(device: object) -> bool:
+    """Whether ``device`` names a device type torch autocast runs on (unknown names raise inside torch)."""
+    if not isinstance(device, str):
+        return False
+    try:
+        return torch.amp.is_autocast_available(device)
+    except RuntimeError:
+        return False
+
+
 class QATPrecision(Precision):
     """Train with fake-quantized weights (and optionally int8 activations) on top of a base precision.
 
@@ -64,7 +74,8 @@ class QATPrecision(Precision):
 
     Raises:
         ValueError: bad recipe (see :meth:`QuantSpec.create`), unknown base, negative ``start_step``,
-            ``freeze_step < start_step``, or a checkpoint written with another recipe.
+            ``freeze_step < start_step``, a ``device`` autocast does not support, or a checkpoint written with
+            another recipe.
     """
 
     def __init__(
@@ -100,6 +111,11 @@ class QATPrecision(Precision):
             )
         if indivisible not in ("skip", "error"):
             raise ValueError(f"indivisible must be 'skip' or 'error', got {indivisible!r}.")
+        if device is not None and not _autocast_supports(device):
+            raise ValueError(
+                f"device={device!r} is not a device type torch autocast supports (e.g. 'cuda', 'cpu'); pass one "
+                "of those, or None to follow the device the model is on."
+            )
         self.precision = base  # type: ignore[assignment]
         self.start_step = start_step
         self.freeze_step = freeze_step

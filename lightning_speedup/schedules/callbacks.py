@@ -134,6 +134,8 @@ class LRScheduleCallback(Callback):
         self.cycle_momentum = cycle_momentum
         self.base_momentum = self._validated_momentum("base_momentum", base_momentum)
         self.max_momentum = self._validated_momentum("max_momentum", max_momentum)
+        if cycle_momentum:
+            self._check_momentum_order(self.base_momentum, self.max_momentum)
         if range_test is not None and not isinstance(range_test, LRRangeTest):
             raise ValueError(f"range_test must be an LRRangeTest or None, got {type(range_test).__name__}.")
         if range_test is not None and self.peak_lr != "auto":
@@ -169,6 +171,10 @@ class LRScheduleCallback(Callback):
     def check_total_steps(self, total_steps: int) -> None:
         """Raise ``ValueError`` if the schedule cannot run for ``total_steps`` steps."""
 
+    def schedule_settings(self) -> dict[str, Any]:
+        """The settings that shape the schedule; a resume compares them with the checkpoint's."""
+        return {self._peak_name: self.peak_lr, "total_steps": self.total_steps}
+
     # ------------------------------------------------------------------ argument checks
 
     @staticmethod
@@ -193,6 +199,22 @@ class LRScheduleCallback(Callback):
                 raise ValueError(f"{name} is an empty sequence; pass a float or one value per param group.")
             return [check_momentum(f"{name}[{i}]", v) for i, v in enumerate(value)]
         return check_momentum(name, value)
+
+    @staticmethod
+    def _check_momentum_order(base: Momentum, top: Momentum) -> None:
+        bases = list(base) if isinstance(base, Sequence) else None
+        tops = list(top) if isinstance(top, Sequence) else None
+        n = max(len(bases or [0]), len(tops or [0]))
+        for i in range(n):
+            b = bases[i] if bases is not None and i < len(bases) else (base if bases is None else None)
+            t = tops[i] if tops is not None and i < len(tops) else (top if tops is None else None)
+            if b is not None and t is not None and b > t:  # type: ignore[operator]
+                where = f" (param group {i})" if bases is not None or tops is not None else ""
+                raise ValueError(
+                    f"base_momentum={b} is above max_momentum={t}{where}: momentum is base_momentum at the peak LR "
+                    "and max_momentum at the lowest LR, so base_momentum must be <= max_momentum. Swap them, or "
+                    "pass cycle_momentum=False."
+                )
 
     @staticmethod
     def _per_group(name: str, value: Any, n_groups: int) -> list[Any]:
@@ -238,6 +260,16 @@ class LRScheduleCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        others = [
+            type(cb).__name__
+            for cb in trainer.callbacks
+            if isinstance(cb, LRScheduleCallback) and cb is not self
+        ]
+        if others:
+            raise ValueError(
+                f"The Trainer has {type(self).__name__} and {', '.join(others)}: each sets the learning rate of "
+                "every optimizer, so only the last would take effect. Keep one schedule callback."
+            )
         if self.total_steps is None and trainer.max_epochs == -1 and trainer.max_steps == -1:
             raise ValueError(
                 f"{type(self).__name__} needs to know how long the run is, but the Trainer was configured to "
@@ -334,7 +366,26 @@ class LRScheduleCallback(Callback):
             "steps": list(self._steps),
             "peak_lrs": [list(p) for p in self._peaks],
             "auto_lr": self._auto_lr,
+            "schedule": type(self).__name__,
+            "settings": self.schedule_settings(),
         }
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning keys callback state by class, so a checkpoint of another schedule class would be
+        # ignored and this schedule would restart from its step 0 in the middle of the run.
+        states = checkpoint.get("callbacks", {})
+        if any(key.split("{")[0] == type(self).__qualname__ for key in states):
+            return
+        saved = sorted({s["schedule"] for s in states.values() if isinstance(s, dict) and "schedule" in s})
+        if saved:
+            raise ValueError(
+                f"The checkpoint's LR schedule is {', '.join(saved)}, but this run uses {type(self).__name__}; "
+                "resuming would restart the schedule from its first step mid-run. Resume with the same schedule "
+                "callback, or load only the weights (model.load_state_dict) to start a new schedule."
+            )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -451,6 +502,18 @@ class LRScheduleCallback(Callback):
         self._steps = [int(s) for s in state["steps"]]
         self._peaks = [[float(v) for v in row] for row in state["peak_lrs"]]
         self._auto_lr = state.get("auto_lr")
+        saved_settings = state.get("settings", {})
+        changed = [
+            f"{k}: {saved_settings[k]!r} -> {v!r}"
+            for k, v in self.schedule_settings().items()
+            if k in saved_settings and saved_settings[k] != v
+        ]
+        if changed:
+            rank_zero_warn(
+                f"{type(self).__name__}: this run's settings differ from the checkpoint's ({'; '.join(changed)}); "
+                "the schedule continues exactly as checkpointed and the new values are ignored. Start a fresh "
+                "run (load only the weights) to use them."
+            )
         if self.total_steps is None and total != self._total:
             rank_zero_warn(
                 f"{type(self).__name__}: the checkpoint's schedule is {self._total} steps long but this run is "
@@ -556,6 +619,25 @@ class OneCycle(LRScheduleCallback):
         return self.peak_lr
 
     @override
+    def schedule_settings(self) -> dict[str, Any]:
+        return {
+            **super().schedule_settings(),
+            **{
+                k: getattr(self, k)
+                for k in (
+                    "pct_start",
+                    "anneal_strategy",
+                    "div_factor",
+                    "final_div_factor",
+                    "three_phase",
+                    "cycle_momentum",
+                    "base_momentum",
+                    "max_momentum",
+                )
+            },
+        }
+
+    @override
     def schedule_values(
         self, step: int, total_steps: int, peak_lr: float, base_momentum: float, max_momentum: float
     ) -> tuple[float, float]:
@@ -624,6 +706,16 @@ class WarmupCosine(LRScheduleCallback):
         )
 
     @override
+    def schedule_settings(self) -> dict[str, Any]:
+        return {
+            **super().schedule_settings(),
+            **{
+                k: getattr(self, k)
+                for k in ("warmup", "min_lr_ratio", "cycle_momentum", "base_momentum", "max_momentum")
+            },
+        }
+
+    @override
     def schedule_values(
         self, step: int, total_steps: int, peak_lr: float, base_momentum: float, max_momentum: float
     ) -> tuple[float, float]:
@@ -682,6 +774,24 @@ class WarmupStableDecay(LRScheduleCallback):
             high_open=True,
             hint="The floor as a fraction of the peak.",
         )
+
+    @override
+    def schedule_settings(self) -> dict[str, Any]:
+        return {
+            **super().schedule_settings(),
+            **{
+                k: getattr(self, k)
+                for k in (
+                    "warmup",
+                    "decay",
+                    "decay_shape",
+                    "min_lr_ratio",
+                    "cycle_momentum",
+                    "base_momentum",
+                    "max_momentum",
+                )
+            },
+        }
 
     @override
     def schedule_values(

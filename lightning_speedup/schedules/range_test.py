@@ -287,6 +287,10 @@ def _endless_batches(trainer: pl.Trainer) -> Iterator[tuple[Any, int, int]]:
     from lightning.pytorch.utilities.combined_loader import CombinedLoader
     from lightning_utilities.core.apply_func import apply_to_collection
 
+    if trainer.train_dataloader is None:
+        # The loaders are built lazily: with max_steps (or total_steps) nothing has asked for them before
+        # on_fit_start. Load them the way trainer.estimated_stepping_batches does.
+        trainer.fit_loop.setup_data()
     iterables = trainer.train_dataloader
     if iterables is None:
         raise ValueError("The LR range test needs a training dataloader, and the Trainer has none.")

@@ -263,6 +263,21 @@ def test_bad_inputs_name_found_and_expected_shapes() -> None:
         GPUAugment(MixUp(0.2, 10), label_key=None)
     with pytest.raises(ValueError, match="image_key must be an int"):
         GPUAugment(RandomHorizontalFlip(), image_key=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not both"):
+        GPUAugment(RandomHorizontalFlip(), ops=[RandomHorizontalFlip()])
+    with pytest.raises(ValueError, match=r"Cutout\(size=100\) is larger than the 28x28 images.*size <= 28"):
+        Cutout(100)(torch.zeros(2, 1, 28, 28))
+
+
+def test_gpu_augment_takes_ops_as_a_keyword_list() -> None:
+    """``ops=[...]`` (the form a LightningCLI config sets) builds the same pipeline as positional ops."""
+    images = torch.rand(4, 1, 28, 28)
+    positional = GPUAugment(RandomCrop(28, padding=2), RandomHorizontalFlip(), seed=1)
+    keyword = GPUAugment(ops=[RandomCrop(28, padding=2), RandomHorizontalFlip()], seed=1)
+    assert repr(positional.pipeline) == repr(keyword.pipeline)
+    assert torch.equal(
+        positional.pipeline(images, generator=gen(3))[0], keyword.pipeline(images, generator=gen(3))[0]
+    )
 
 
 def test_package_reexports_the_ops() -> None:

@@ -6,6 +6,7 @@ import gzip
 import http.server
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,16 +95,23 @@ def test_missing_data_error_lists_places_and_fixes(isolated: Path) -> None:
     assert datasets.ENV_VAR in msg and "download disabled" in msg
 
 
-def test_download_from_a_real_local_server(
-    isolated: Path, fashion_mnist_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+# MD5 of the shared copies in ../shared/data/fashion-mnist: the same images and labels as the official files,
+# gzipped again (2020 timestamps), so their .gz checksums differ from the published ones in FASHION_MNIST_MD5.
+SHARED_MD5 = {
+    "train-images-idx3-ubyte.gz": "cf8536b0aa1a6ac5fa3f23001093305c",
+    "train-labels-idx1-ubyte.gz": "10bea18fdb374794d4bb42e356e600c9",
+    "t10k-images-idx3-ubyte.gz": "f78720b4224f21cce2f2ccf2d7a94c9a",
+    "t10k-labels-idx1-ubyte.gz": "0d30e22e447f3c33dab9ed536400ac01",
+}
+
+
+@pytest.fixture
+def local_server(isolated: Path, fashion_mnist_dir: Path) -> Iterator[tuple[str, Path]]:
+    """A real HTTP server on 127.0.0.1 serving copies of the real files; yields (base URL, served folder)."""
     served = isolated / "served"
     served.mkdir()
-    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+    for name in FILES:
         shutil.copy(fashion_mnist_dir / name, served / name)
-    # The server offers the test split under the train names too, to keep the transfer small.
-    shutil.copy(served / "t10k-images-idx3-ubyte.gz", served / "train-images-idx3-ubyte.gz")
-    shutil.copy(served / "t10k-labels-idx1-ubyte.gz", served / "train-labels-idx1-ubyte.gz")
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
@@ -116,13 +124,58 @@ def test_download_from_a_real_local_server(
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        monkeypatch.setattr(datasets, "FASHION_MNIST_URLS", (f"http://127.0.0.1:{server.server_port}/",))
-        data = load_fashion_mnist(None, download=True)
+        yield f"http://127.0.0.1:{server.server_port}/", served
     finally:
         server.shutdown()
-    assert data.source == isolated / "cache" / "lightning_speedup" / "fashion-mnist"
-    assert data.train_images.shape == (10000, 28, 28)
-    assert not list(data.source.glob("*.part"))
+
+
+def test_download_from_a_real_local_server_verifies_checksums(
+    isolated: Path, local_server: tuple[str, Path]
+) -> None:
+    base, _ = local_server
+    dest = isolated / "cache" / "lightning_speedup" / "fashion-mnist"
+    datasets.download_fashion_mnist(dest, base_urls=[base], checksums=SHARED_MD5, allow_http_loopback=True)
+    data = load_fashion_mnist(None, download=False)  # found in the user cache
+    assert data.source == dest
+    assert data.train_images.shape == (60000, 28, 28) and data.test_labels.shape == (10000,)
+    assert not list(dest.glob("*.part"))
+
+
+def test_a_checksum_mismatch_deletes_the_download_and_names_the_file(
+    isolated: Path, local_server: tuple[str, Path]
+) -> None:
+    base, served = local_server
+    labels = served / "t10k-labels-idx1-ubyte.gz"
+    corrupt = bytearray(labels.read_bytes())
+    corrupt[100] ^= 0xFF
+    labels.write_bytes(bytes(corrupt))
+    dest = isolated / "dl"
+    with pytest.raises(
+        DataError, match=r"Downloaded t10k-labels-idx1-ubyte.gz from .* has MD5 [0-9a-f]{32}, but "
+    ):
+        datasets.download_fashion_mnist(
+            dest, base_urls=[base], checksums=SHARED_MD5, allow_http_loopback=True
+        )
+    assert not (dest / "t10k-labels-idx1-ubyte.gz").exists()
+    assert not list(dest.glob("*.part"))
+    # The published checksums are the defaults: the re-gzipped shared copies do not pass them either.
+    with pytest.raises(
+        DataError,
+        match=r"train-images-idx3-ubyte.gz .* published checksum is 8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    ):
+        datasets.download_fashion_mnist(isolated / "dl2", base_urls=[base], allow_http_loopback=True)
+
+
+def test_download_refuses_plain_http() -> None:
+    assert all(url.startswith("https://") for url in datasets.FASHION_MNIST_URLS)
+    with pytest.raises(ValueError, match=r"only https URLs are allowed"):
+        datasets.download_fashion_mnist(Path("unused"), base_urls=["http://example.com/"])
+    with pytest.raises(
+        ValueError, match=r"only https URLs are allowed"
+    ):  # the test override is loopback-only
+        datasets.download_fashion_mnist(
+            Path("unused"), base_urls=["http://example.com/"], allow_http_loopback=True
+        )
 
 
 def test_wrong_magic_number(tmp_path: Path) -> None:

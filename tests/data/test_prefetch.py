@@ -316,10 +316,17 @@ def fit(callbacks: list[L.Callback], **loader_kwargs: Any) -> tuple[NestedModel,
 def test_callback_is_a_logged_no_op_on_cpu(caplog: pytest.LogCaptureFixture) -> None:
     baseline, _ = fit([])
     prefetcher = GPUPrefetcher(depth=2)
-    with caplog.at_level(logging.INFO, logger="lightning_speedup.data.prefetch"):
+    with caplog.at_level(logging.WARNING, logger="lightning_speedup.data.prefetch"):
         model, trainer = fit([prefetcher])
-    messages = [r.getMessage() for r in caplog.records if r.name == "lightning_speedup.data.prefetch"]
-    assert messages == ["GPUPrefetcher: the accelerator is cpu, not CUDA; batches pass through unchanged."]
+        fit([prefetcher])  # said once per callback, not once per fit or stage
+    records = [r for r in caplog.records if r.name == "lightning_speedup.data.prefetch"]
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (
+            logging.WARNING,
+            "GPUPrefetcher will not act in this run: the accelerator is cpu, not CUDA; batches pass through "
+            "unchanged.",
+        )
+    ]
     assert not prefetcher.active and "process_dataloader" not in vars(trainer.strategy)
     assert isinstance(trainer.train_dataloader, DataLoader)
     assert set(model.seen) == {Pair} and len(model.seen) == 2 * (3 + 3)

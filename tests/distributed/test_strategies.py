@@ -6,7 +6,9 @@ about the algorithms, not float32 rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +332,15 @@ def test_resume_is_bitwise_exact(shakespeare_path: Path, tmp_path: Path, name: s
             r"rank \(PowerSGD approximation rank\)",
         ),
         (lambda: lsd.CompressedDDPStrategy(ddp_comm_hook=print), r"installs its own comm hook"),
+        (lambda: lsd.CompressedDDPStrategy(min_compression_rate=-1), r"min_compression_rate must be >= 0"),
+        (
+            lambda: lsd.CompressedDDPStrategy(foo=1),
+            r"CompressedDDPStrategy got unknown keyword arguments 'foo'",
+        ),
+        (
+            lambda: lsd.DiLoCoStrategy(find_unused_parameter=True),
+            r"unknown keyword arguments 'find_unused_parameter' \(did you mean 'find_unused_parameters'\?\)",
+        ),
     ],
 )
 def test_bad_arguments_are_rejected_early(build: Any, match: str) -> None:
@@ -410,6 +421,17 @@ def test_world_size_one_warns_and_is_single_device_training(shakespeare_path: Pa
     assert not torch.equal(initial["emb.weight"], local[0]["state"]["emb.weight"])  # it trained
 
 
+def test_ddp_arguments_at_their_defaults_are_accepted() -> None:
+    """LightningCLI passes every DDP argument at its default; that must not count as setting it."""
+    s = lsd.DiLoCoStrategy(sync_every=7, ddp_comm_hook=None, model_averaging_period=None, static_graph=False)
+    assert s.sync_every == 7
+    c = lsd.CompressedDDPStrategy(
+        compression="powersgd", rank=8, ddp_comm_state=None, find_unused_parameters=True
+    )
+    assert c.powersgd_rank == 8
+    assert c._ddp_kwargs == {"gradient_as_bucket_view": True, "find_unused_parameters": True}
+
+
 def test_strings_resolve_and_a_typo_lists_them() -> None:
     t = L.Trainer(accelerator="cpu", devices=2, strategy="diloco", logger=False)
     assert isinstance(t.strategy, lsd.DiLoCoStrategy) and t.strategy.sync_every == 100
@@ -425,3 +447,72 @@ def test_strings_resolve_and_a_typo_lists_them() -> None:
     with pytest.raises(KeyError, match="diloco") as err:
         StrategyRegistry.get("dilocoo")
     assert all(name in str(err.value) for name in OUR_STRINGS)
+
+
+def test_a_misspelled_strategy_string_gets_the_closest_registered_name() -> None:
+    from lightning_speedup import check_strategy_name
+
+    with pytest.raises(
+        ValueError, match=r"Unknown strategy 'local_sgdd'\. Did you mean 'local_sgd'.*registers \["
+    ) as err:
+        check_strategy_name("local_sgdd")
+    assert all(name in str(err.value) for name in OUR_STRINGS)
+    with pytest.raises(ValueError, match=r"Did you mean 'ddp_powersgd'"):
+        check_strategy_name("ddp_powersdg")
+    assert check_strategy_name("DiLoCo") == "diloco"
+    assert check_strategy_name("ddp") == "ddp" and check_strategy_name("auto") == "auto"
+
+
+@pytest.fixture
+def no_process_group_left() -> Iterator[None]:
+    """A one-process fit runs in this process and leaves its process group; later spawning tests need none."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "match"),
+    [
+        (
+            lambda: lsd.DiLoCoStrategy(sync_every=10),
+            r"DiLoCoStrategy will not act in this run: the run ends at optimizer step 4, before the first outer "
+            r"step \(step 10; sync_every=10",
+        ),
+        (
+            lambda: lsd.CompressedDDPStrategy(compression="powersgd", start_iter=100),
+            r"will not act in this run: .*start_iter=100 iterations and the run has 4 optimizer steps",
+        ),
+        (
+            lambda: lsd.LocalSGDStrategy(sync_every=16),
+            r"LocalSGDStrategy will not act in this run: the run ends at optimizer step 4, before the first "
+            r"averaging \(step 16",
+        ),
+    ],
+    ids=["diloco", "powersgd", "local_sgd"],
+)
+def test_a_run_too_short_for_the_technique_warns_once(
+    shakespeare_path: Path, tmp_path: Path, strategy: Any, match: str, no_process_group_left: None
+) -> None:
+    with pytest.warns(UserWarning) as record:
+        _fit("short", strategy(), 1, shakespeare_path, tmp_path, module=CharMLP, max_steps=4)
+    said = [str(w.message) for w in record if "will not act in this run" in str(w.message)]
+    assert len(said) == 1, said
+    assert re.search(match, said[0]), said[0]
+
+
+def test_a_run_long_enough_does_not_warn(
+    shakespeare_path: Path, tmp_path: Path, no_process_group_left: None
+) -> None:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(
+            "long",
+            lsd.DiLoCoStrategy(sync_every=2),
+            1,
+            shakespeare_path,
+            tmp_path,
+            module=CharMLP,
+            max_steps=4,
+        )
+    assert not [w for w in record if "will not act in this run" in str(w.message)]

@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -255,6 +256,62 @@ def test_load_rejects_files_that_are_not_quantized_models(tmp_path: Path) -> Non
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match=r"garbage.pt is not a quantized-model file"):
         load(garbage, _mlp())
+
+
+def test_load_names_the_file_and_the_reason_for_empty_and_text_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.pt is empty \(0 bytes\)"):
+        load(empty, _mlp())
+    text = tmp_path / "notes.pt"
+    text.write_text("hello\n")
+    with pytest.raises(ValueError, match=r"notes.pt is not a quantized-model file .*\(\w+Error: .+\)"):
+        load(text, _mlp())
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda b: b["header"]["layers"]["2"].pop("spec"), r"layer '2' lacks some of its header fields"),
+        (lambda b: b["layers"].pop("2"), r"layer '2' has no 'codes'/'scale' tensors"),
+        (
+            lambda b: b["header"]["layers"]["2"]["spec"].update(weights="int3"),
+            r"layer '2' has an invalid recipe",
+        ),
+        (lambda b: b["header"]["layers"]["2"].update(weight_dtype="float99"), r"weight dtype 'float99'"),
+        (lambda b: b.pop("state_dict"), r"the 'state_dict' section is missing"),
+        (lambda b: b["header"].pop("layers"), r"lacks its 'layers' table"),
+    ],
+)
+def test_load_of_a_damaged_file_names_the_file_and_leaves_the_model(
+    tmp_path: Path, damage: Any, message: str
+) -> None:
+    path = tmp_path / "m.pt"
+    save(quantize(_mlp(), "int8"), path)
+    blob = torch.load(path, weights_only=True)
+    damage(blob)
+    torch.save(blob, path)
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"m.pt is damaged: .*{message}"):
+        load(path, model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not quantized_layers(model)
+
+
+def test_save_replaces_the_file_atomically(tmp_path: Path) -> None:
+    """save writes a temporary file and renames it: a save that fails half-way leaves the previous file whole."""
+    from lightning_speedup.quantization.convert import _save_atomically
+
+    path = tmp_path / "m.pt"
+    save(quantize(_mlp(), "int8"), path)
+    good = path.read_bytes()
+    with pytest.raises(Exception, match="pickle"):
+        _save_atomically({"tensor": torch.zeros(1000), "fn": lambda: 0}, path)  # a lambda cannot be pickled
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # no temporary file left behind
+    save(quantize(_mlp(), "nf4"), path)
+    assert quantized_layers(load(path, _mlp(), weights="nf4"))
 
 
 def test_load_rejects_another_architecture(tmp_path: Path) -> None:

@@ -245,3 +245,9 @@ def test_bf16_qat_under_torch_compile_on_cuda(tmp_path: Path, fmnist: Any) -> No
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         expected, out = model.net(x).float(), real(x).float()
     torch.testing.assert_close(out, expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+
+
+def test_an_unknown_autocast_device_is_rejected_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"device='tpu' is not a device type torch autocast supports"):
+        QATPrecision("int8", device="tpu")
+    assert QATPrecision("int8", device="cpu").start_step == 0

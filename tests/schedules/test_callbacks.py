@@ -176,6 +176,40 @@ def test_resume_from_mid_training_checkpoint_is_exact(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
+def _checkpoint_after_one_epoch(tmp_path: Path, schedule: L.Callback) -> Path:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    trainer = make_trainer(max_epochs=1, callbacks=[schedule, checkpoint], enable_checkpointing=True)
+    trainer.fit(Regressor("sgd"), regression_loader(n_batches=6))
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    return path
+
+
+def test_resume_with_changed_settings_warns_naming_them(tmp_path: Path) -> None:
+    """The checkpointed schedule continues (exact resume), and the warning names what was ignored."""
+    ckpt = _checkpoint_after_one_epoch(tmp_path, OneCycle(max_lr=0.1, pct_start=0.3))
+    schedule = OneCycle(max_lr=0.2, pct_start=0.4)
+    trainer = make_trainer(max_epochs=2, callbacks=[schedule])
+    with pytest.warns(UserWarning, match=r"max_lr: 0.1 -> 0.2; pct_start: 0.3 -> 0.4.*continues exactly as"):
+        trainer.fit(Regressor("sgd"), regression_loader(n_batches=6), ckpt_path=str(ckpt))
+    assert schedule.peak_lrs == [[0.1]] and schedule.steps_taken == [12]
+
+
+def test_resume_with_another_schedule_class_is_refused(tmp_path: Path) -> None:
+    ckpt = _checkpoint_after_one_epoch(tmp_path, OneCycle(max_lr=0.1))
+    trainer = make_trainer(max_epochs=2, callbacks=[WarmupStableDecay(peak_lr=0.1)])
+    with pytest.raises(
+        ValueError, match=r"checkpoint's LR schedule is OneCycle, but this run uses WarmupStableDecay"
+    ):
+        trainer.fit(Regressor("sgd"), regression_loader(n_batches=6), ckpt_path=str(ckpt))
+
+
+def test_two_schedule_callbacks_are_refused() -> None:
+    trainer = make_trainer(callbacks=[OneCycle(max_lr=0.1), WarmupStableDecay(peak_lr=0.1)])
+    with pytest.raises(ValueError, match=r"OneCycle and WarmupStableDecay: each sets the learning rate"):
+        trainer.fit(Regressor("sgd"), regression_loader(n_batches=6))
+    assert trainer.global_step == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # logging next to LearningRateMonitor
 # ------------------------------------------------------------------------------------------------
@@ -223,6 +257,14 @@ def test_logged_values_match_learning_rate_monitor(tmp_path: Path) -> None:
         (lambda: WarmupStableDecay(decay_shape="exp"), "decay_shape must be one of"),  # type: ignore[arg-type]
         (lambda: LRRangeTest(min_lr=0.0), "min_lr must be a finite number > 0"),
         (lambda: LRRangeTest(min_lr=1.0, max_lr=0.1), "must be below max_lr"),
+        (
+            lambda: OneCycle(max_lr=0.1, base_momentum=0.95, max_momentum=0.85),
+            r"base_momentum=0.95 is above max_momentum=0.85",
+        ),
+        (
+            lambda: WarmupCosine(cycle_momentum=True, base_momentum=[0.8, 0.9], max_momentum=0.85),
+            r"base_momentum=0.9 is above max_momentum=0.85 \(param group 1\)",
+        ),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(make: Any, match: str) -> None:

@@ -194,3 +194,23 @@ def test_range_test_refuses_manual_optimization() -> None:
     with pytest.raises(ValueError, match="needs automatic optimization"):
         trainer.fit(model, regression_loader(n_batches=10))
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("schedule_kwargs", "trainer_kwargs"),
+    [({}, {"max_epochs": None, "max_steps": 10}), ({"total_steps": 10}, {"max_epochs": 1})],
+    ids=["max_steps", "total_steps"],
+)
+def test_auto_lr_works_when_the_run_length_is_given_in_steps(
+    schedule_kwargs: dict[str, Any], trainer_kwargs: dict[str, Any]
+) -> None:
+    """Neither max_steps nor total_steps makes Lightning load the training loader before on_fit_start."""
+    schedule = OneCycle(
+        max_lr="auto", range_test=LRRangeTest(min_lr=1e-4, max_lr=1.0, num_steps=15), **schedule_kwargs
+    )
+    trainer = make_trainer(callbacks=[schedule], **trainer_kwargs)
+    trainer.fit(Regressor("sgd", (0.01,)), regression_loader(n_batches=10))
+    assert schedule.range_test_result is not None and len(schedule.range_test_result.losses) >= 10
+    assert schedule.peak_lrs == [[schedule.range_test_result.lr]]
+    assert schedule.schedule_total_steps == 10
+    assert trainer.global_step == 10  # one epoch of the 10-batch loader
