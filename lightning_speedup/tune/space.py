@@ -201,12 +201,12 @@ def config_in_space(config: Mapping[str, Any], space: Mapping[str, Any]) -> bool
 
 def _describe_domain(domain: Domain) -> str:
     sampler = domain.get_sampler()
-    parts = [type(sampler).__name__]
+    inner = sampler.get_sampler() if isinstance(sampler, Quantized) else sampler
+    name = type(inner).__name__.lstrip("_")  # Ray's samplers are private classes (_LogUniform, ...)
+    base = getattr(inner, "base", None)
+    parts = [name if base is None else f"{name}(base={base!r})"]
     if isinstance(sampler, Quantized):
-        parts = [f"Quantized(q={sampler.q!r}, {type(sampler.get_sampler()).__name__})"]
-    base = getattr(sampler, "base", None)
-    if base is not None:
-        parts.append(f"base={base!r}")
+        parts = [f"Quantized({parts[0]}, q={sampler.q!r})"]
     if isinstance(domain, Categorical):
         return f"choice({domain.categories!r}, {', '.join(parts)})"
     if isinstance(domain, (Float, Integer)):

@@ -174,6 +174,11 @@ def test_resume_after_interrupt_does_not_rerun_finished_trials(
     with pytest.raises(ValueError, match="num_samples: was 4, now 5"):
         tune_lightning(build_mlp, space, "val_acc", "max", 5, resume=True, **kwargs)
 
+    for changed in ({"lr": tune.loguniform(1e-5, 3e-2)}, {"lr": tune.uniform(1e-4, 3e-2)}):
+        with pytest.raises(
+            ValueError, match=r"search_space: was \{'lr': 'float\(0.0001, 0.03, LogUniform\)'}, now"
+        ):
+            tune_lightning(build_mlp, {**space, **changed}, "val_acc", "max", 4, resume=True, **kwargs)
     second = tune_lightning(build_mlp, space, "val_acc", "max", 4, resume=True, **kwargs)
     df = second.dataframe()
     assert second.complete and len(df) == 4 and (df["status"] == "finished").all()
