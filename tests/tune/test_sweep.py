@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 import pytest
+
+pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'lightning-speedup[tune]'")
 import ray
 import torch
 from ray import tune

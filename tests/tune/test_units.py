@@ -9,6 +9,8 @@ from typing import Any
 
 import lightning as L
 import pytest
+
+pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'lightning-speedup[tune]'")
 import ray
 import torch
 from ray import tune
