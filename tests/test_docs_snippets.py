@@ -18,6 +18,8 @@ from typing import Any
 
 import lightning as L
 import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs" / "methods").glob("*.md"))]
@@ -96,8 +98,11 @@ def build(config: dict[str, Any]) -> tuple[L.LightningModule, L.LightningDataMod
 
 def _namespace(tmp_path: Path, fashion_mnist_dir: Path) -> dict[str, Any]:
     from lightning_speedup.bench.modules import ImageClassifier
-    from lightning_speedup.data import FashionMNISTDataModule
+    from lightning_speedup.data import FashionMNISTDataModule, load_fashion_mnist
 
+    raw = load_fashion_mnist(fashion_mnist_dir, download=False)
+    images = torch.as_tensor(raw.test_images[:64]).unsqueeze(1)  # (B, 1, 28, 28) uint8
+    labels = torch.as_tensor(raw.test_labels[:64]).long()
     return {
         "__name__": "__snippet__",
         "_cpu_trainer": _cpu_trainer(tmp_path),
@@ -106,6 +111,14 @@ def _namespace(tmp_path: Path, fashion_mnist_dir: Path) -> dict[str, Any]:
             fashion_mnist_dir, batch_size=64, num_workers=0, augment=False, train_subset=256, val_subset=128
         ),
         "build": build,
+        # quantization.md: a fresh float instance of the model's architecture, a float model and its
+        # validation loader.
+        "MyModel": lambda: ImageClassifier(width=8),
+        "float_model": ImageClassifier(width=8),
+        "val_loader": DataLoader(TensorDataset(images.float().div(255), labels), batch_size=32),
+        # gpu-data.md: a batch of raw images and their labels.
+        "images_uint8": images,
+        "labels": labels,
     }
 
 
@@ -130,3 +143,21 @@ def test_snippet_runs_on_cpu(
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():  # a sweep snippet started a local cluster
             ray.shutdown()
+
+
+def test_extract_reads_the_gpu_only_marker_and_adapt_makes_a_cpu_trainer(tmp_path: Path) -> None:
+    doc = tmp_path / "card.md"
+    doc.write_text(
+        "text\n\n```python\nx = 1\n```\n\n"
+        + GPU_ONLY
+        + '\n```python\nL.Trainer(accelerator="gpu", devices=4)\n```\n'
+    )
+    plain, gpu = extract(doc)
+    assert (plain.code, plain.gpu_only, plain.line) == ("x = 1\n", False, 4)
+    assert gpu.gpu_only and adapt(gpu.code) == '_cpu_trainer(accelerator="gpu", devices=4)\n'
+    trainer = _cpu_trainer(tmp_path)(accelerator="gpu", devices=4, max_epochs=10)
+    assert (type(trainer.accelerator).__name__, trainer.num_devices, trainer.max_epochs) == (
+        "CPUAccelerator",
+        1,
+        1,
+    )
