@@ -68,11 +68,17 @@ def _find_shared(sub: str) -> Path | None:
 
 @pytest.fixture(scope="session")
 def fashion_mnist_dir() -> Path:
-    """The real Fashion-MNIST IDX files (../shared/data/fashion-mnist)."""
+    """The real Fashion-MNIST IDX files (../shared/data/fashion-mnist, or wherever the package finds them)."""
     path = _find_shared("fashion-mnist")
-    if path is None:
-        pytest.fail("Fashion-MNIST not found in ../shared/data or .data; the tests need the real files.")
-    return path
+    if path is not None:
+        return path
+    from lightning_speedup.data import find_fashion_mnist
+    from lightning_speedup.data.datasets import DataError
+
+    try:  # $LIGHTNING_SPEEDUP_DATA, Debian's dataset-fashion-mnist, the user cache
+        return Path(find_fashion_mnist(None, download=False))
+    except DataError as err:
+        pytest.fail(f"Fashion-MNIST not found in ../shared/data or .data, nor by the package: {err}")
 
 
 @pytest.fixture(scope="session")
