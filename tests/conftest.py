@@ -6,12 +6,39 @@ device machine with ``pytest -m "gpu or multigpu"``.
 
 from __future__ import annotations
 
+import importlib.abc
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+
+HIDE_ENV = "LIGHTNING_SPEEDUP_HIDE"
+
+
+class _HiddenPackages(importlib.abc.MetaPathFinder):
+    """Makes the packages named in ``LIGHTNING_SPEEDUP_HIDE`` (e.g. ``ray,bitsandbytes``) unimportable.
+
+    Runs the suite as on a machine without the optional extras (the lent GPU machines have neither Ray
+    nor bitsandbytes), so that the skips of the extras' tests can be checked on a machine that has them.
+    """
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> None:
+        if fullname.split(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (hidden by {HIDE_ENV})", name=fullname)
+
+
+_hidden = {name.strip() for name in os.environ.get(HIDE_ENV, "").split(",") if name.strip()}
+if _hidden:
+    sys.meta_path.insert(0, _HiddenPackages(_hidden))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The shared data folder sits beside the checkout (../shared/data); `.data/` inside the repo is where
@@ -41,11 +68,17 @@ def _find_shared(sub: str) -> Path | None:
 
 @pytest.fixture(scope="session")
 def fashion_mnist_dir() -> Path:
-    """The real Fashion-MNIST IDX files (../shared/data/fashion-mnist)."""
+    """The real Fashion-MNIST IDX files (../shared/data/fashion-mnist, or wherever the package finds them)."""
     path = _find_shared("fashion-mnist")
-    if path is None:
-        pytest.fail("Fashion-MNIST not found in ../shared/data or .data; the tests need the real files.")
-    return path
+    if path is not None:
+        return path
+    from lightning_speedup.data import find_fashion_mnist
+    from lightning_speedup.data.datasets import DataError
+
+    try:  # $LIGHTNING_SPEEDUP_DATA, Debian's dataset-fashion-mnist, the user cache
+        return Path(find_fashion_mnist(None, download=False))
+    except DataError as err:
+        pytest.fail(f"Fashion-MNIST not found in ../shared/data or .data, nor by the package: {err}")
 
 
 @pytest.fixture(scope="session")

@@ -197,3 +197,36 @@ def config_in_space(config: Mapping[str, Any], space: Mapping[str, Any]) -> bool
         return True
 
     return check(space, "")
+
+
+def _describe_domain(domain: Domain) -> str:
+    sampler = domain.get_sampler()
+    inner = sampler.get_sampler() if isinstance(sampler, Quantized) else sampler
+    name = type(inner).__name__.lstrip("_")  # Ray's samplers are private classes (_LogUniform, ...)
+    base = getattr(inner, "base", None)
+    parts = [name if base is None else f"{name}(base={base!r})"]
+    if isinstance(sampler, Quantized):
+        parts = [f"Quantized({parts[0]}, q={sampler.q!r})"]
+    if isinstance(domain, Categorical):
+        return f"choice({domain.categories!r}, {', '.join(parts)})"
+    if isinstance(domain, (Float, Integer)):
+        return f"{type(domain).__name__.lower()}({domain.lower!r}, {domain.upper!r}, {', '.join(parts)})"
+    return f"{type(domain).__name__}({', '.join(parts)})"
+
+
+def describe_search_space(space: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """The searched parameters of a validated ``space`` with their ranges, choices or grids (JSON-able).
+
+    Constants are left out: a constant such as a data path may move between a sweep and its resume
+    without changing what is searched.
+    """
+    described: dict[str, str] = {}
+    for key, value in space.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Domain):
+            described[path] = _describe_domain(value)
+        elif _is_grid(value):
+            described[path] = f"grid_search({list(value['grid_search'])!r})"
+        elif isinstance(value, Mapping):
+            described.update(describe_search_space(value, f"{path}/"))
+    return dict(sorted(described.items()))

@@ -39,7 +39,7 @@ from lightning_speedup.tune.searchers import (
     make_scheduler,
     make_searcher,
 )
-from lightning_speedup.tune.space import grid_size, validate_search_space
+from lightning_speedup.tune.space import describe_search_space, grid_size, validate_search_space
 from lightning_speedup.tune.trial import Build, check_trainer_kwargs, run_trial
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ def _settings(
     seed: int | None,
     objective: TimeToTarget | None,
     searched: list[str],
+    space: dict[str, str],
     trainer_kwargs: Mapping[str, Any],
     request: Mapping[str, float],
 ) -> dict[str, Any]:
@@ -118,17 +119,37 @@ def _settings(
         "seed": seed,
         "objective": repr(objective),
         "searched": sorted(searched),
+        "search_space": space,
         "max_epochs": trainer_kwargs.get("max_epochs"),
         "max_steps": trainer_kwargs.get("max_steps"),
         "resources": dict(request),
     }
 
 
+def _write_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Write the settings file atomically: an interrupted write leaves the old file or none, never half."""
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, path / SETTINGS_FILE)
+
+
 def _check_resume_settings(path: Path, settings: dict[str, Any]) -> None:
     file = path / SETTINGS_FILE
     if not file.exists():
         return
-    saved = json.loads(file.read_text())
+    try:
+        saved = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"resume=True: {file} (the settings the sweep was started with) is not valid JSON ({err}). "
+            "Restore it, or start a new sweep under another name."
+        ) from err
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"resume=True: {file} should hold a JSON object of the sweep's settings, got "
+            f"{type(saved).__name__}. Restore it, or start a new sweep under another name."
+        )
     diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
     if diff:
         lines = "; ".join(f"{k}: was {old!r}, now {new!r}" for k, (old, new) in diff.items())
@@ -300,7 +321,7 @@ def tune_lightning(
     experiment_path = f"{storage.rstrip('/')}/{name}"
     settings = _settings(
         tuned_metric, tuned_mode, num_samples, searcher, scheduler, seed, objective, searched,
-        trainer_kwargs, request,
+        describe_search_space(search_space), trainer_kwargs, request,
     )  # fmt: skip
 
     # ---- the cluster ----
@@ -346,8 +367,7 @@ def tune_lightning(
         if resume:
             log.warning("resume=True but there is no sweep at %s yet; starting a new one.", experiment_path)
         if not _is_uri(experiment_path):
-            Path(experiment_path).mkdir(parents=True, exist_ok=True)
-            (Path(experiment_path) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+            _write_settings(Path(experiment_path), settings)
         tuner = tune.Tuner(
             trainable,
             param_space=dict(search_space),
@@ -438,10 +458,13 @@ def _quiet_forced_snapshots() -> Iterator[None]:
 
 
 def _restore(path: str, trainable: Callable[..., Any], search_space: Mapping[str, Any]) -> tune.Tuner:
-    """Ray's restore: finished and errored trials kept, unfinished ones restarted from scratch.
+    """Ray's restore: finished and errored trials kept, unfinished ones run again under their own id.
 
-    A trial keeps only its best weights (no optimizer state), so it cannot continue mid-run; it
-    restarts with the same configuration. ``_resume_config`` is Ray's (developer) API for exactly this
+    Ray's ``RESTART`` would rerun an unfinished trial under a new trial id, which the searcher restored
+    with the sweep never suggested: Optuna raises ``KeyError`` at its first result and the random
+    searcher waits for the old id for ever. ``RESUME`` keeps the id; ``run_trial`` never reads a Ray
+    checkpoint (a trial keeps only its best weights, no optimizer state), so the trial starts from its
+    first epoch with the same configuration. ``_resume_config`` is Ray's (developer) API for this
     per-status choice; checked against Ray 2.60.
     """
     return tune.Tuner.restore(
@@ -450,7 +473,7 @@ def _restore(path: str, trainable: Callable[..., Any], search_space: Mapping[str
         param_space=dict(search_space),
         _resume_config=ResumeConfig(
             finished=ResumeConfig.ResumeType.SKIP,
-            unfinished=ResumeConfig.ResumeType.RESTART,
+            unfinished=ResumeConfig.ResumeType.RESUME,
             errored=ResumeConfig.ResumeType.SKIP,
         ),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import subprocess
 import sys
@@ -29,6 +30,19 @@ from lightning_speedup.quantization import (
     weight_bytes,
 )
 
+
+def _has_bitsandbytes() -> bool:
+    # find_spec, not import: importing bitsandbytes initialises CUDA in this process (see test_multigpu).
+    try:
+        return importlib.util.find_spec("bitsandbytes") is not None
+    except ModuleNotFoundError:  # hidden by LIGHTNING_SPEEDUP_HIDE (tests/conftest.py)
+        return False
+
+
+needs_bnb = pytest.mark.skipif(
+    not _has_bitsandbytes(), reason="bitsandbytes is an optional extra: pip install 'lightning-speedup[quant]'"
+)
+
 # (weights, activations, backend, exact): "exact" backends compute with the same float ops as QAT.
 CASES = [
     ("int8", None, "torch", True),
@@ -37,9 +51,10 @@ CASES = [
     ("fp4", None, "torch", True),
     ("int4", "int8", "torch", True),
     ("int8", "int8", "torch", False),  # int32 accumulation vs float32 summation: ~1e-7 relative
-    ("nf4", None, "bnb", True),
-    ("fp4", None, "bnb", True),
-    ("int8", "int8", "bnb", False),  # bitsandbytes casts activations to float16 before quantizing them
+    pytest.param("nf4", None, "bnb", True, marks=needs_bnb),
+    pytest.param("fp4", None, "bnb", True, marks=needs_bnb),
+    # bitsandbytes casts activations to float16 before quantizing them
+    pytest.param("int8", "int8", "bnb", False, marks=needs_bnb),
 ]
 
 
@@ -88,6 +103,7 @@ def test_converted_model_reproduces_the_qat_model(
     assert isinstance(qat[2].weight, nn.Parameter), "convert() must not modify its input by default"
 
 
+@needs_bnb
 def test_bnb_cpu_inference_kernel_matches_to_bfloat16_precision() -> None:
     qat = _trained_qat("nf4", None)
     x = torch.randn(5, 64)
@@ -143,6 +159,11 @@ def test_weight_memory() -> None:
                               ("nf4", 256 * 512 // 2 + 256 * 512 // 64 * 4)]:  # fmt: skip
         real = quantize(layer, weights)
         assert weight_bytes(real) - weight_bytes(layer) == expected - fp_bytes
+
+
+@needs_bnb
+def test_bnb_weight_memory_equals_the_torch_backends() -> None:
+    layer = nn.Sequential(nn.Linear(8, 8), nn.Linear(256, 512, bias=False), nn.Linear(8, 8))
     assert weight_bytes(quantize(layer, "nf4", backend="bnb")) == weight_bytes(quantize(layer, "nf4"))
 
 
@@ -335,9 +356,9 @@ def test_load_rejects_another_architecture(tmp_path: Path) -> None:
         ("int4", None, "triton", TritonLinear),
         ("nf4", None, "triton", TritonLinear),
         ("int8", "int8", "torch", TorchQuantizedLinear),
-        ("nf4", None, "bnb", BnbLinear),
-        ("fp4", None, "bnb", BnbLinear),
-        ("int8", "int8", "bnb", BnbLinear),
+        pytest.param("nf4", None, "bnb", BnbLinear, marks=needs_bnb),
+        pytest.param("fp4", None, "bnb", BnbLinear, marks=needs_bnb),
+        pytest.param("int8", "int8", "bnb", BnbLinear, marks=needs_bnb),
     ],
 )
 @pytest.mark.parametrize("rows", [1, 16, 300])
@@ -374,6 +395,7 @@ def test_auto_backend_on_cuda(weights: str, caplog: pytest.LogCaptureFixture) ->
     assert "picked triton" in caplog.text and isinstance(real[2], TritonLinear)
 
 
+@needs_bnb
 def test_bitsandbytes_is_imported_only_for_bnb_layers() -> None:
     code = (
         "import sys, torch, lightning_speedup.quantization as q\n"

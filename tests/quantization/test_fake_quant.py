@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
@@ -16,6 +15,11 @@ from lightning_speedup.quantization import (
     quantize_weight,
 )
 from lightning_speedup.quantization.modules import pack_nibbles
+
+bnbf = pytest.importorskip(
+    "bitsandbytes.functional",
+    reason="bitsandbytes is an optional extra: pip install 'lightning-speedup[quant]'",
+)
 
 
 def _weight(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import Any
 
 import lightning as L
@@ -92,7 +93,8 @@ def build_mlp(config: dict[str, Any]) -> tuple[L.LightningModule, L.LightningDat
     """``build`` for the sweeps: ``config`` holds ``lr`` (searched), ``data_dir`` and optional knobs.
 
     ``marker_dir`` (optional) gets one empty file per trial start, named after the trial id, so tests can
-    count how often each trial ran.
+    count how often each trial ran. ``batch_sleep_s`` (optional) sleeps after every training batch, so
+    a test can interrupt a sweep while a trial is running.
     """
     if config.get("marker_dir"):
         from ray import tune
@@ -104,6 +106,18 @@ def build_mlp(config: dict[str, Any]) -> tuple[L.LightningModule, L.LightningDat
     module = TinyMLP(
         lr=config["lr"], hidden=config.get("hidden", 32), log_metrics=config.get("log_metrics", True)
     )
-    return module, TensorDataModule(
+    datamodule = TensorDataModule(
         data, batch_size=config.get("batch_size", 128), shuffle=config.get("shuffle", True)
     )
+    if config.get("batch_sleep_s"):
+        return module, datamodule, [_SleepAfterBatch(float(config["batch_sleep_s"]))]
+    return module, datamodule
+
+
+class _SleepAfterBatch(L.Callback):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    @override
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        time.sleep(self.seconds)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
+pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'lightning-speedup[tune]'")
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "tuning_sweep.ipynb"

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+
+pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'lightning-speedup[tune]'")
 import ray
 import torch
 from ray import tune
@@ -170,6 +176,11 @@ def test_resume_after_interrupt_does_not_rerun_finished_trials(
     with pytest.raises(ValueError, match="num_samples: was 4, now 5"):
         tune_lightning(build_mlp, space, "val_acc", "max", 5, resume=True, **kwargs)
 
+    for changed in ({"lr": tune.loguniform(1e-5, 3e-2)}, {"lr": tune.uniform(1e-4, 3e-2)}):
+        with pytest.raises(
+            ValueError, match=r"search_space: was \{'lr': 'float\(0.0001, 0.03, LogUniform\)'}, now"
+        ):
+            tune_lightning(build_mlp, {**space, **changed}, "val_acc", "max", 4, resume=True, **kwargs)
     second = tune_lightning(build_mlp, space, "val_acc", "max", 4, resume=True, **kwargs)
     df = second.dataframe()
     assert second.complete and len(df) == 4 and (df["status"] == "finished").all()
@@ -264,3 +275,36 @@ def test_fractional_gpu_trials_share_the_gpu(
     assert results.complete and history["trial_id"].nunique() == 2
     assert (history["on_cuda"] == 1.0).all()
     assert results.best_metric > 0.5
+
+
+@pytest.mark.parametrize("searcher", ["tpe", "random"])
+def test_resume_after_interrupt_in_the_middle_of_a_trial_finishes_the_sweep(
+    fashion_mnist_dir: Path, tmp_path: Path, searcher: str
+) -> None:
+    """Ctrl+C while the third of four trials runs, then resume: Ray's restart of an unfinished trial gave
+    it a new id, which the Optuna searcher did not know (KeyError) and the random searcher waited on."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    cmd = [
+        sys.executable, "-m", "tests.tune.interrupted_sweep",
+        searcher, str(tmp_path / "sweeps"), str(markers), str(fashion_mnist_dir.resolve()),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    sweep = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(markers.iterdir())) < 3 and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sweep.poll() is None, f"the sweep ended before its third trial started:\n{sweep.stdout.read()}"
+    sweep.send_signal(signal.SIGINT)  # the third trial is in its first batches (each sleeps 0.05 s)
+    sweep.communicate(timeout=60)
+    first = _markers(markers)
+    assert len(first) == 3
+
+    resumed = subprocess.run([*cmd, "resume"], env=env, capture_output=True, text=True, timeout=150)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    outcome = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert outcome["complete"]
+    assert sorted(outcome["status"].values()) == ["finished"] * 4
+    runs = _markers(markers)
+    assert set(first) <= set(outcome["status"]), "every trial of the first run is kept under its id"
+    assert sorted(runs.values()) == [1, 1, 1, 2], f"only the interrupted trial runs again: {runs}"

@@ -9,6 +9,8 @@ from typing import Any
 
 import lightning as L
 import pytest
+
+pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'lightning-speedup[tune]'")
 import ray
 import torch
 from ray import tune
@@ -23,7 +25,8 @@ from lightning_speedup.tune import (
 )
 from lightning_speedup.tune.callback import CHECKPOINT_FILE
 from lightning_speedup.tune.searchers import asha_max_t, default_concurrency, make_searcher
-from lightning_speedup.tune.space import grid_size
+from lightning_speedup.tune.space import describe_search_space, grid_size
+from lightning_speedup.tune.sweep import SETTINGS_FILE, _check_resume_settings, _write_settings
 from lightning_speedup.tune.trial import check_built, make_trainer
 from tests.tune.tasks import build_mlp
 
@@ -341,3 +344,36 @@ def test_trial_trainer_gets_placement_defaults_and_every_callback(tmp_path: Path
     assert names.index(ModelSummary) < names.index(LearningRateMonitor) < names.index(TuneReportCallback)
     assert trainer.default_root_dir == str(tmp_path)
     assert kwargs["callbacks"] == [user_cb]  # the caller's dict is not consumed
+
+
+def test_search_space_description_names_ranges_choices_and_grids_but_not_constants() -> None:
+    space = {
+        "lr": tune.qloguniform(1e-4, 1e-1, 1e-5),
+        "opt": {"width": tune.choice([16, 32]), "depth": tune.grid_search([1, 2])},
+        "data_dir": "/data",
+    }
+    assert describe_search_space(space) == {
+        "lr": "float(0.0001, 0.1, Quantized(LogUniform, q=1e-05))",
+        "opt/depth": "grid_search([1, 2])",
+        "opt/width": "choice([16, 32], Uniform)",
+    }
+    assert describe_search_space({"lr": tune.loguniform(1e-4, 1e-1)}) != describe_search_space(
+        {"lr": tune.uniform(1e-4, 1e-1)}
+    )
+
+
+def test_settings_file_is_written_atomically_and_a_corrupt_one_is_named(tmp_path: Path) -> None:
+    _write_settings(tmp_path / "sweep", {"num_samples": 4})
+    assert [p.name for p in (tmp_path / "sweep").iterdir()] == [SETTINGS_FILE]
+    _check_resume_settings(tmp_path / "sweep", {"num_samples": 4})
+    with pytest.raises(ValueError, match="num_samples: was 4, now 5"):
+        _check_resume_settings(tmp_path / "sweep", {"num_samples": 5})
+    file = tmp_path / "sweep" / SETTINGS_FILE
+    file.write_text('{"num_samples": ')
+    with pytest.raises(
+        ValueError, match=rf"{file} \(the settings the sweep was started with\) is not valid JSON"
+    ):
+        _check_resume_settings(tmp_path / "sweep", {"num_samples": 4})
+    file.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="should hold a JSON object"):
+        _check_resume_settings(tmp_path / "sweep", {"num_samples": 4})
