@@ -305,7 +305,9 @@ def run_one(
                 ],
                 logger=CSVLogger(str(run_dir), name="", version=""),
                 enable_checkpointing=False,
-                enable_progress_bar=False,
+                # Lightning's progress bar shows where a long epoch is, on a terminal; in logs and CI it
+                # would only add noise, and the one-line-per-validation progress is there anyway.
+                enable_progress_bar=sys.stderr.isatty(),
                 enable_model_summary=False,
                 **kwargs,
             )

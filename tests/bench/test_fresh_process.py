@@ -39,21 +39,27 @@ def test_cache_both_gives_each_seed_its_own_cache_and_the_warm_run_reuses_it(
     assert seen[0] == seen[1] and seen[2] == seen[3]  # warm reuses its seed's cold cache
     assert seen[0]["TORCHINDUCTOR_CACHE_DIR"] != seen[2]["TORCHINDUCTOR_CACHE_DIR"]  # seeds do not share
     assert not (out / "caches").exists()  # cleaned up without --keep-caches
-    assert (out / "runs" / "baseline-seed0.json").exists() and (out / "runs" / "baseline-seed0-warm.json").exists()
+    assert (out / "runs" / "baseline-seed0.json").exists() and (
+        out / "runs" / "baseline-seed0-warm.json"
+    ).exists()
     row = json.loads((out / "report.json").read_text())["summary"][0]
     assert row["cold"]["runs"] == 2 and row["warm"]["runs"] == 2 and row["headline"] == "cold"
     assert row["ttt_median_s"] == row["cold"]["ttt_median_s"]
     assert row["warm"]["ttt_median_s"] is not None
     assert row["compile_s"] == 0.0 and row["sanity_s"] is not None and row["cudagraph_s"] is None
     md = (out / "report.md").read_text()
-    assert "cold: time to target" in md and "warm: time to target" in md and "| compile | sanity check |" in md
+    assert (
+        "cold: time to target" in md and "warm: time to target" in md and "| compile | sanity check |" in md
+    )
     cells = next(line for line in md.splitlines() if line.startswith("| baseline |")).split("|")
     assert cells[2].strip().endswith(")") and cells[4].strip().endswith(")")  # both columns filled
     data = json.loads((out / "report.json").read_text())["data"]
     assert data["path"] == str(fashion_mnist_dir.resolve()) and len(data["sha256"]) == 64
 
 
-def test_cache_warm_fills_once_then_measures_runs_that_reuse_it(fashion_mnist_dir: Path, tmp_path: Path) -> None:
+def test_cache_warm_fills_once_then_measures_runs_that_reuse_it(
+    fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "warm"
     assert _bench(fashion_mnist_dir, out, "--cache", "warm", "--seeds", "2", "--keep-caches") == EXIT_OK
     runs = _runs(out)

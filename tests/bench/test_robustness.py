@@ -69,7 +69,9 @@ def test_resume_retries_a_failed_run(fashion_mnist_dir: Path, tmp_path: Path, ca
     assert json.loads(saved.read_text())["error"] is None
 
 
-def test_a_second_bench_on_a_locked_folder_fails_at_once(fashion_mnist_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_a_second_bench_on_a_locked_folder_fails_at_once(
+    fashion_mnist_dir: Path, tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "l"
     with OutLock(out):
         t0 = time.monotonic()
@@ -79,7 +81,9 @@ def test_a_second_bench_on_a_locked_folder_fails_at_once(fashion_mnist_dir: Path
     assert not (out / "runs").exists()
 
 
-def test_demo_never_deletes_a_report_it_did_not_write(fashion_mnist_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_demo_never_deletes_a_report_it_did_not_write(
+    fashion_mnist_dir: Path, tmp_path: Path, capsys
+) -> None:  # type: ignore[no-untyped-def]
     earlier = tmp_path / "earlier"
     (earlier / "runs").mkdir(parents=True)
     (earlier / "report.md").write_text("earlier results")
