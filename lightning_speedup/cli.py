@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NOT_REACHED, EXIT_INCOMPLETE = 0, 2, 3, 4
+DEFAULT_PRICE_PER_GPU_HOUR = 4.54  # USD; source and date in --price-per-gpu-hour's help
 EXIT_TERMINATED = 128 + 15  # what a shell reports for a process ended by SIGTERM
 
 # The demo's reduced budget on a CPU: about 3-4 minutes for both recipes on 2 cores. ResNet-9 at a
@@ -57,6 +58,11 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
         "cold run, then a warm run reusing its caches, side by side in the report",
     )  # fmt: skip
     p.add_argument("--keep-caches", action="store_true", help="keep the runs' cache folders under OUT/caches")
+    p.add_argument(
+        "--price-per-gpu-hour", type=float, default=DEFAULT_PRICE_PER_GPU_HOUR, metavar="USD",
+        help=f"converts time to target into money in the reports (default {DEFAULT_PRICE_PER_GPU_HOUR}: Spheron's "
+        "on-demand H200 SXM price per GPU-hour as of 17 March 2026, spheron.network/blog/nvidia-h200-vs-b200-vs-gb200)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +133,9 @@ def _bench(args: argparse.Namespace, model_kwargs: dict | None = None, command: 
         cache=getattr(args, "cache", "cold"),
     )  # fmt: skip
     cfg.resolve()  # unknown names and bad numbers fail here, before anything is written
+    price = getattr(args, "price_per_gpu_hour", DEFAULT_PRICE_PER_GPU_HOUR)
+    if price is None or price < 0:
+        raise ValueError(f"--price-per-gpu-hour must be >= 0 (US dollars), got {price}.")
     budget = getattr(args, "time_budget", None)
     if budget is not None and budget < 0:
         raise ValueError(f"--time-budget must be >= 0 seconds, got {budget}.")
@@ -140,6 +149,7 @@ def _bench(args: argparse.Namespace, model_kwargs: dict | None = None, command: 
         cfg, out, resume=resume, time_budget_s=budget, keep_caches=getattr(args, "keep_caches", False)
     )
     meta["command"] = command
+    meta["price_per_gpu_hour"] = price
     rows = write_report(results, meta, out)
     print()
     print(table(rows, meta))
@@ -162,6 +172,7 @@ def _demo(args: argparse.Namespace) -> int:
         task="fashion-mnist", recipes=["baseline", "speedup"], seeds=args.seeds, target=None, max_epochs=None,
         out=args.out, overwrite=False, data=args.data, train_subset=None, val_subset=None,
         accelerator="auto", no_stop=False, cache=args.cache, keep_caches=args.keep_caches,
+        price_per_gpu_hour=args.price_per_gpu_hour,
     )  # fmt: skip
     model_kwargs = {}
     if torch.cuda.is_available():

@@ -39,10 +39,13 @@ def _stats(runs: Sequence[RunResult], base: float | None) -> dict[str, Any]:
         "compile_s": _median([r.compile_s for r in runs]),
         "sanity_s": _median([r.sanity_s for r in runs]),
         "cudagraph_s": _median([r.cudagraph_s for r in runs]),
+        "avg_power_w": _median([r.avg_power_w for r in runs]),
     }
 
 
-def summarize(results: Sequence[RunResult], recipes: Sequence[str]) -> list[dict[str, Any]]:
+def summarize(
+    results: Sequence[RunResult], recipes: Sequence[str], price: float | None = None
+) -> list[dict[str, Any]]:
     """One row per recipe, with its cold and warm runs side by side.
 
     The row's top-level time to target and speed-up are the headline: cold when the bench ran cold runs,
@@ -62,6 +65,10 @@ def summarize(results: Sequence[RunResult], recipes: Sequence[str]) -> list[dict
             kinds[c]["speedup"] = (b / t) if (b and t) else None
         headline = "cold" if by_cache["cold"] or not by_cache["warm"] else "warm"
         h = kinds[headline]
+        # One device per run: its time to target in device-hours, money at the given price, and energy
+        # from the mean power nvidia-smi reported over the run.
+        gpu_h = h["ttt_median_s"] / 3600 if h["ttt_median_s"] is not None else None
+        energy_wh = gpu_h * h["avg_power_w"] if (gpu_h is not None and h["avg_power_w"] is not None) else None
         rows.append(
             {
                 "recipe": name,
@@ -82,6 +89,9 @@ def summarize(results: Sequence[RunResult], recipes: Sequence[str]) -> list[dict
                 "compile_s": h["compile_s"],
                 "sanity_s": h["sanity_s"],
                 "cudagraph_s": h["cudagraph_s"],
+                "gpu_hours_to_target": gpu_h,
+                "cost_to_target": gpu_h * price if (gpu_h is not None and price is not None) else None,
+                "energy_to_target_wh": energy_wh,
                 "samples_per_s": _median([r.samples_per_s for r in runs]),
                 "peak_mem_mb": max((r.peak_mem_mb for r in runs if r.peak_mem_mb is not None), default=None),
                 "errors": [r.error for r in runs if r.error],
@@ -110,8 +120,9 @@ def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     metric = meta["metric"]
     header = (
         f"| recipe | cold: time to target (median, min-max) | speed-up | warm: time to target | speed-up | "
-        f"epochs | best {metric} | warm-up | compile | sanity check | CUDA graphs | samples/s | peak mem |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        f"epochs | best {metric} | warm-up | compile | sanity check | CUDA graphs | samples/s | peak mem | "
+        "GPU-hours | cost | energy |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     for r in rows:
@@ -125,7 +136,8 @@ def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{_fmt(r['best_metric'], '.4f')} | {_fmt(r['warmup_s'], '.1f', ' s')} | "
             f"{_fmt(r['compile_s'], '.1f', ' s')} | {_fmt(r['sanity_s'], '.1f', ' s')} | "
             f"{_fmt(r['cudagraph_s'], '.1f', ' s')} | {_fmt(r['samples_per_s'], ',.0f')} | "
-            f"{_fmt(r['peak_mem_mb'], ',.0f', ' MiB')} |"
+            f"{_fmt(r['peak_mem_mb'], ',.0f', ' MiB')} | {_fmt(r.get('gpu_hours_to_target'), '.4f')} | "
+            f"{_fmt(r.get('cost_to_target'), '.3f', ' $')} | {_fmt(r.get('energy_to_target_wh'), '.1f', ' Wh')} |"
         )
     return "\n".join(lines)
 
@@ -139,7 +151,9 @@ COLUMNS = (
     "the median step, plus the sanity check; **compile**: seconds in Dynamo and Inductor compilation "
     "(`torch._dynamo.utils.compilation_time_metrics`); **sanity check**: the sanity-check validation (Lightning's "
     "hooks); **CUDA graphs**: graph capture, not measured separately yet (empty). Warm-up columns are medians "
-    "of the headline (cold) runs; '-' means not measured or not applicable."
+    "of the headline (cold) runs; '-' means not measured or not applicable. **GPU-hours**: the headline median time "
+    "to target on the run's one device; **cost**: GPU-hours at the price per GPU-hour stated below the table; "
+    "**energy**: GPU-hours times the mean power `nvidia-smi` reported over the runs (empty on a CPU)."
 )
 
 
@@ -166,6 +180,8 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     if data:
         parts.append(f"Data: `{data['path']}` (sha256 {data['sha256'][:16]}...).")
     parts += ["", table(rows, meta), "", COLUMNS]
+    if meta.get("price_per_gpu_hour") is not None:
+        parts.append(f"Price: {meta['price_per_gpu_hour']} $ per GPU-hour (`--price-per-gpu-hour`).")
     fills = meta.get("warm_fills")
     if fills:
         parts += ["", "Throw-away runs that filled the warm caches (not measured runs):"]
@@ -212,7 +228,7 @@ def plot(results: Sequence[RunResult], meta: dict[str, Any], path: Path) -> None
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     recipes = list(meta["recipes"])
-    rows = {row["recipe"]: row for row in summarize(results, recipes)}
+    rows = {row["recipe"]: row for row in summarize(results, recipes, meta.get("price_per_gpu_hour"))}
     for r in results:
         if not r.history:
             continue
@@ -278,7 +294,7 @@ def remove_demo_report(out_dir: Path) -> None:
 
 
 def write_report(results: Sequence[RunResult], meta: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
-    rows = summarize(results, list(meta["recipes"]))
+    rows = summarize(results, list(meta["recipes"]), meta.get("price_per_gpu_hour"))
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {**meta, "summary": rows, "runs": [r.to_dict() for r in results]}
     write_atomic(out_dir / "report.json", json.dumps(payload, indent=2) + "\n")

@@ -227,6 +227,8 @@ class RunResult:
     compile_s: float | None = None
     sanity_s: float | None = None
     cudagraph_s: float | None = None
+    # Mean GPU power over the run (nvidia-smi samples); None where no power is reported (a CPU).
+    avg_power_w: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

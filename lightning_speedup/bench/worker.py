@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from lightning_speedup.bench.env import PowerSampler
 from lightning_speedup.bench.runner import BenchConfig, cache_environment, run_one, write_atomic
 
 
@@ -22,10 +23,12 @@ def main(argv: list[str]) -> int:
     spec_path, result_path = Path(argv[0]), Path(argv[1])
     spec = json.loads(spec_path.read_text())
     cfg = BenchConfig(**spec["config"])
-    result = run_one(
-        cfg, spec["recipe"], spec["seed"], Path(spec["run_dir"]), echo=lambda s: print(s, flush=True),
-        label=spec["label"],
-    )  # fmt: skip
+    with PowerSampler() as power:
+        result = run_one(
+            cfg, spec["recipe"], spec["seed"], Path(spec["run_dir"]), echo=lambda s: print(s, flush=True),
+            label=spec["label"],
+        )  # fmt: skip
+    result.avg_power_w = power.mean_w
     result.cache_env = {k: os.environ[k] for k in cache_environment(Path()) if k in os.environ}
     result.pid = os.getpid()
     write_atomic(result_path, json.dumps(result.to_dict(), indent=2) + "\n")

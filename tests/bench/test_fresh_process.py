@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from lightning_speedup.cli import EXIT_OK, main
 
 TINY = ["--train-subset", "600", "--val-subset", "128", "--max-epochs", "1", "--model-arg", "width=4"]
@@ -26,7 +28,10 @@ def test_cache_both_gives_each_seed_its_own_cache_and_the_warm_run_reuses_it(
     fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "both"
-    assert _bench(fashion_mnist_dir, out, "--cache", "both", "--seeds", "2") == EXIT_OK
+    assert (
+        _bench(fashion_mnist_dir, out, "--cache", "both", "--seeds", "2", "--price-per-gpu-hour", "2")
+        == EXIT_OK
+    )
     runs = _runs(out)
     # Interleaved by seed, a cold run before the warm run that reuses its caches.
     assert [(r["seed"], r["cache"]) for r in runs] == [(0, "cold"), (0, "warm"), (1, "cold"), (1, "warm")]
@@ -53,7 +58,16 @@ def test_cache_both_gives_each_seed_its_own_cache_and_the_warm_run_reuses_it(
     )
     cells = next(line for line in md.splitlines() if line.startswith("| baseline |")).split("|")
     assert cells[2].strip().endswith(")") and cells[4].strip().endswith(")")  # both columns filled
-    data = json.loads((out / "report.json").read_text())["data"]
+    # Cost: the headline (cold) median time in device-hours at the given price; no power sensor on a CPU.
+    assert row["gpu_hours_to_target"] == pytest.approx(row["cold"]["ttt_median_s"] / 3600)
+    assert row["cost_to_target"] == pytest.approx(2 * row["gpu_hours_to_target"])
+    assert row["energy_to_target_wh"] is None and all(r["avg_power_w"] is None for r in runs)
+    assert "| GPU-hours | cost | energy |" in md and "Price: 2.0 $ per GPU-hour" in md
+    # The report describes what ran (a reduced budget), not the full task; numbers rounded for people.
+    report = json.loads((out / "report.json").read_text())
+    assert report["task_description"] not in md and "Reduced budget" in md and "'width': 4" in md
+    assert "0.0000000" not in md
+    data = report["data"]
     assert data["path"] == str(fashion_mnist_dir.resolve()) and len(data["sha256"]) == 64
 
 
