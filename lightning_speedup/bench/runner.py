@@ -170,9 +170,16 @@ class BenchConfig:
                 raise ValueError(f"--model-arg {key}={value}: sizes and counts must be >= 1 (e.g. {key}=16).")
         if self.data_path is not None and not Path(self.data_path).exists():
             # An explicit path is what the user meant: never fall back to another copy of the data.
-            raise ValueError(
-                f"--data {self.data_path} does not exist. Pass the folder (fashion-mnist) or text file (char-lm) "
-                "that holds the data, or leave --data out to let the bench search the usual places."
+            from lightning_speedup.data import DataError
+
+            needs = (
+                "char-lm needs a UTF-8 text file"
+                if task.name == "char-lm"
+                else "fashion-mnist needs its folder"
+            )
+            raise DataError(
+                f"{needs}, and --data {self.data_path} does not exist. Pass the folder (fashion-mnist) or text "
+                "file (char-lm) that holds the data, or leave --data out to let the bench search the usual places."
             )
         task.locate_data(self.data_path)  # missing data fails here, with the places tried and the fixes
         target = task.default_target if self.target is None else self.target
