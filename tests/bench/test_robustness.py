@@ -152,3 +152,19 @@ def test_version() -> None:
         env={**os.environ, "PYTHONPATH": str(REPO)}, check=True,
     )  # fmt: skip
     assert proc.stdout.strip() == f"lightning-speedup {__version__}"
+
+
+def test_demo_replaces_only_its_own_report(tmp_path: Path) -> None:
+    from lightning_speedup.bench.report import remove_demo_report
+
+    own = tmp_path / "demo-out"
+    (own / "runs").mkdir(parents=True)
+    (own / "report.json").write_text(json.dumps({"command": "demo"}))
+    (own / "notes.txt").write_text("mine")
+    remove_demo_report(own)
+    assert not (own / "runs").exists() and not (own / "report.json").exists()
+    assert (own / "notes.txt").read_text() == "mine"  # only the report's own files go
+    (own / "report.json").write_text("{not json")
+    with pytest.raises(FileExistsError, match="the demo did not write"):
+        remove_demo_report(own)
+    assert (own / "report.json").exists()
