@@ -46,8 +46,9 @@ install-dev: torch
 # Fashion-MNIST: Debian's package when apt can install it; otherwise the loader finds
 # ../shared/data, $$LIGHTNING_SPEEDUP_DATA, the user cache, or downloads the official files.
 data:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then \
+	@if [ -z "$(NO_APT)" ] && [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null && echo "sudo -n") ); \
+	  echo "installing Debian's dataset-fashion-mnist with apt-get as root ($${SUDO:-already root}); skip it with: make demo NO_APT=1"; \
 	  ($$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
 	   || ($$SUDO apt-get update -qq >/dev/null 2>&1 && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) \
 	  && echo "installed Debian's dataset-fashion-mnist" \

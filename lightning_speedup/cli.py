@@ -2,7 +2,8 @@
 
 Exit status: 0 when every recipe reached its target, 3 when one did not (or a run failed),
 2 for bad input (unknown task or recipe, a target out of range, an output folder in use),
-4 when ``--time-budget`` stopped the bench early (finish it with ``--resume``).
+4 when ``--time-budget`` stopped the bench early, 143 when a SIGTERM stopped it (finish either with
+``--resume``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NOT_REACHED, EXIT_INCOMPLETE = 0, 2, 3, 4
+DEFAULT_PRICE_PER_GPU_HOUR = 4.54  # USD; source and date in --price-per-gpu-hour's help
+EXIT_TERMINATED = 128 + 15  # what a shell reports for a process ended by SIGTERM
 
 # The demo's reduced budget on a CPU: about 3-4 minutes for both recipes on 2 cores. ResNet-9 at a
 # quarter of its width (width 16, 0.4M parameters), 10k training / 2k test images, 4 epochs.
@@ -44,6 +47,22 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="override a model argument for quick runs, e.g. width=16 (ResNet-9) or n_layer=2")  # fmt: skip
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (default auto)")
     p.add_argument("--no-stop", action="store_true", help="keep training after the target is reached")
+    _add_cache_args(p)
+
+
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache", choices=["cold", "warm", "both"], default="cold",
+        help="compile caches of each run (every run is a fresh process): cold = empty, as a user's first run "
+        "(default); warm = filled first by a throw-away run of the recipe (reported apart); both = per seed a "
+        "cold run, then a warm run reusing its caches, side by side in the report",
+    )  # fmt: skip
+    p.add_argument("--keep-caches", action="store_true", help="keep the runs' cache folders under OUT/caches")
+    p.add_argument(
+        "--price-per-gpu-hour", type=float, default=DEFAULT_PRICE_PER_GPU_HOUR, metavar="USD",
+        help=f"converts time to target into money in the reports (default {DEFAULT_PRICE_PER_GPU_HOUR}: Spheron's "
+        "on-demand H200 SXM price per GPU-hour as of 17 March 2026, spheron.network/blog/nvidia-h200-vs-b200-vs-gb200)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lightning-speedup",
         description="Measure how much faster Lightning trains with lightning_speedup (time to target).",
     )
+    from lightning_speedup import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench = sub.add_parser("bench", help="time-to-target of recipes on a task; writes report.json/.md/.png")
     _add_bench_args(bench)
@@ -61,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("demo-out"),
         help="output folder (default demo-out; the demo replaces its own earlier report there)",
     )
-    demo.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
     demo.add_argument("--data", default=None, help="Fashion-MNIST folder (default: search)")
     demo.add_argument("--seeds", type=int, default=1)
+    _add_cache_args(demo)
     sub.add_parser("list", help="list tasks and recipes")
     return parser
 
@@ -98,8 +120,8 @@ def parse_model_args(pairs: Sequence[str]) -> dict[str, object]:
     return out
 
 
-def _bench(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
-    from lightning_speedup.bench.report import check_out_dir, table, write_report
+def _bench(args: argparse.Namespace, model_kwargs: dict | None = None, command: str = "bench") -> int:
+    from lightning_speedup.bench.report import check_out_dir, remove_demo_report, table, write_report
     from lightning_speedup.bench.runner import BenchConfig, run_bench
 
     if model_kwargs is None:
@@ -108,19 +130,35 @@ def _bench(args: argparse.Namespace, model_kwargs: dict | None = None) -> int:
         task=args.task, recipes=args.recipes, seeds=args.seeds, target=args.target, max_epochs=args.max_epochs,
         first_seed=getattr(args, "first_seed", 0), data_path=args.data, train_subset=args.train_subset, val_subset=args.val_subset,
         model_kwargs=model_kwargs, accelerator=args.accelerator, stop_at_target=not args.no_stop,
+        cache=getattr(args, "cache", "cold"),
     )  # fmt: skip
     cfg.resolve()  # unknown names and bad numbers fail here, before anything is written
+    price = getattr(args, "price_per_gpu_hour", DEFAULT_PRICE_PER_GPU_HOUR)
+    if price is None or price < 0:
+        raise ValueError(f"--price-per-gpu-hour must be >= 0 (US dollars), got {price}.")
+    budget = getattr(args, "time_budget", None)
+    if budget is not None and budget < 0:
+        raise ValueError(f"--time-budget must be >= 0 seconds, got {budget}.")
     out = args.out or Path("bench-out") / f"{args.task}-{datetime.now():%Y%m%d-%H%M%S}"
     resume = getattr(args, "resume", False)
-    if not resume:
+    if command == "demo":
+        remove_demo_report(out)  # only a report the demo wrote; anything else is refused
+    elif not resume:
         check_out_dir(out, args.overwrite)
     results, meta, complete = run_bench(
-        cfg, out, resume=resume, time_budget_s=getattr(args, "time_budget", None)
+        cfg, out, resume=resume, time_budget_s=budget, keep_caches=getattr(args, "keep_caches", False)
     )
+    meta["command"] = command
+    meta["price_per_gpu_hour"] = price
     rows = write_report(results, meta, out)
     print()
     print(table(rows, meta))
     print(f"\nreport: {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}")
+    if meta.get("stopped") == "SIGTERM":
+        print(
+            "stopped by SIGTERM: the finished runs are saved; run the same command with --resume to finish."
+        )
+        return EXIT_TERMINATED
     if not complete:
         print("incomplete: the time budget ran out; run the same command with --resume to finish.")
         return EXIT_INCOMPLETE
@@ -132,8 +170,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     ns = argparse.Namespace(
         task="fashion-mnist", recipes=["baseline", "speedup"], seeds=args.seeds, target=None, max_epochs=None,
-        out=args.out, overwrite=args.overwrite, data=args.data, train_subset=None, val_subset=None,
-        accelerator="auto", no_stop=False,
+        out=args.out, overwrite=False, data=args.data, train_subset=None, val_subset=None,
+        accelerator="auto", no_stop=False, cache=args.cache, keep_caches=args.keep_caches,
+        price_per_gpu_hour=args.price_per_gpu_hour,
     )  # fmt: skip
     model_kwargs = {}
     if torch.cuda.is_available():
@@ -150,16 +189,7 @@ def _demo(args: argparse.Namespace) -> int:
             c["train_subset"], c["val_subset"], c["max_epochs"], c["target"],
         )  # fmt: skip
         model_kwargs = {"width": c["width"]}
-    if ns.out.exists() and ns.overwrite:
-        import shutil
-
-        for name in ("report.json", "report.md", "report.png", "runs"):
-            target = ns.out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    return _bench(ns, model_kwargs)
+    return _bench(ns, model_kwargs, command="demo")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,4 +215,12 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_INCOMPLETE", "EXIT_NOT_REACHED", "EXIT_OK", "build_parser", "main"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_INCOMPLETE",
+    "EXIT_NOT_REACHED",
+    "EXIT_OK",
+    "EXIT_TERMINATED",
+    "build_parser",
+    "main",
+]

@@ -6,6 +6,7 @@ import datetime as _dt
 import os
 import platform
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +60,47 @@ def environment() -> dict[str, Any]:
 
 def device_label(info: dict[str, Any]) -> str:
     return info["gpu"] or f"CPU ({info['cpu_count']} cores)"
+
+
+class PowerSampler:
+    """Mean power draw of one GPU while a run trains, from ``nvidia-smi`` sampled every ``interval_s``.
+
+    ``mean_w`` is None where ``nvidia-smi`` reports no power (a CPU, or a GPU without the sensor).
+    """
+
+    def __init__(self, gpu_index: int = 0, interval_s: float = 0.5) -> None:
+        self.gpu_index, self.interval_s = gpu_index, interval_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> float | None:
+        out = _run(
+            ["nvidia-smi", "--query-gpu=power.draw", "--format=csv,noheader,nounits", f"-i={self.gpu_index}"]
+        )
+        try:
+            return float(out) if out else None
+        except ValueError:  # "[N/A]" on boards without the sensor
+            return None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            watts = self._read()
+            if watts is None:
+                return
+            self.samples.append(watts)
+
+    def __enter__(self) -> PowerSampler:
+        if torch.cuda.is_available() and self._read() is not None:
+            self._thread = threading.Thread(target=self._loop, name="power-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def mean_w(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None

@@ -1,10 +1,26 @@
-"""Runs recipes x seeds as separate fits, interleaved (A B A B ...), and collects the results."""
+"""Runs recipes x seeds as separate fits, interleaved (A B A B ...), and collects the results.
+
+Every run is a fresh process (``python -m lightning_speedup.bench.worker``) with compile caches of its
+own (Inductor, Triton, CUDA's kernel cache, the project's compiled artifacts), as a user's first run on
+a new machine: ``cache="cold"`` gives each run empty caches; ``"warm"`` first fills one recipe's caches
+with a throw-away run, then measures runs that reuse them; ``"both"`` runs, per seed, a cold run and
+then a warm run that reuses the cold run's caches, so the report can set them side by side.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import json
 import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -26,6 +42,98 @@ from lightning_speedup.bench.timing import TimeToTarget
 
 log = logging.getLogger(__name__)
 
+CACHE_MODES = ("cold", "warm", "both")
+
+
+def _check_accelerator(name: str) -> None:
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    allowed = ["auto", *AcceleratorRegistry.available_accelerators()]
+    if name not in allowed:
+        raise ValueError(f"--accelerator must be one of {sorted(allowed)}, got {name!r}.")
+
+
+def cache_environment(cache_dir: Path) -> dict[str, str]:
+    """Environment variables that point every on-disk compile cache of a run into ``cache_dir``.
+
+    Inductor keeps its FX-graph, AOT-autograd and autotuning caches under ``TORCHINDUCTOR_CACHE_DIR``;
+    Triton its kernels under ``TRITON_CACHE_DIR``; the CUDA driver its JIT-compiled PTX under
+    ``CUDA_CACHE_PATH``; ``LIGHTNING_SPEEDUP_COMPILE_CACHE`` is where the project's compiled-artifact
+    cache keeps its files.
+    """
+    return {
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "inductor"),
+        "TRITON_CACHE_DIR": str(cache_dir / "triton"),
+        "CUDA_CACHE_PATH": str(cache_dir / "cuda"),
+        "LIGHTNING_SPEEDUP_COMPILE_CACHE": str(cache_dir / "artifacts"),
+        # Local caches on (their defaults), remote ones off: the run sees exactly this folder.
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+        "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE": "0",
+        "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE": "0",
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a reader (or an
+    interrupted bench) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    """``json.loads`` of a file, with an error that names the file."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); it was cut short or edited. Delete it (a run file is then "
+            "rerun by --resume) or choose another --out."
+        ) from err
+
+
+class BenchLocked(ValueError):
+    """Another bench holds the output folder."""
+
+
+class OutLock:
+    """An exclusive ``fcntl.flock`` on ``OUT/.lock`` for the life of one bench: two benches on one folder
+    would run every run twice and skew each other's timings. The file holds the holder's pid."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BenchLocked(
+                f"{self.path.parent} is in use by another bench (pid {holder}). Wait for it to finish, "
+                "stop it, or choose another --out."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
 
 @dataclass
 class BenchConfig:
@@ -43,6 +151,7 @@ class BenchConfig:
     accelerator: str = "auto"
     stop_at_target: bool = True
     first_seed: int = 0
+    cache: str = "cold"
 
     def resolve(self) -> tuple[Task, list[str], float, int]:
         """Validate names and numbers up front, before any run starts."""
@@ -55,6 +164,23 @@ class BenchConfig:
         if twice:
             raise ValueError(f"Recipe(s) {twice} listed more than once; use --seeds for repeats.")
         task.check_model_kwargs(self.model_kwargs)
+        for key, value in self.model_kwargs.items():
+            # Sizes and counts (width, n_layer, block_size, ...) are the model's only integer arguments.
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"--model-arg {key}={value}: sizes and counts must be >= 1 (e.g. {key}=16).")
+        if self.data_path is not None and not Path(self.data_path).exists():
+            # An explicit path is what the user meant: never fall back to another copy of the data.
+            from lightning_speedup.data import DataError
+
+            needs = (
+                "char-lm needs a UTF-8 text file"
+                if task.name == "char-lm"
+                else "fashion-mnist needs its folder"
+            )
+            raise DataError(
+                f"{needs}, and --data {self.data_path} does not exist. Pass the folder (fashion-mnist) or text "
+                "file (char-lm) that holds the data, or leave --data out to let the bench search the usual places."
+            )
         task.locate_data(self.data_path)  # missing data fails here, with the places tried and the fixes
         target = task.default_target if self.target is None else self.target
         task.check_target(target)
@@ -62,6 +188,16 @@ class BenchConfig:
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}.")
         if self.first_seed < 0:
             raise ValueError(f"--first-seed must be >= 0, got {self.first_seed}.")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"--cache must be one of {list(CACHE_MODES)}, got {self.cache!r}.")
+        for flag, value in (("--train-subset", self.train_subset), ("--val-subset", self.val_subset)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1 (or left out for the whole split), got {value}.")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ValueError(
+                f"--max-epochs must be >= 1 (or left out for the task's budget), got {self.max_epochs}."
+            )
+        _check_accelerator(self.accelerator)
         max_epochs = self.max_epochs or task.default_max_epochs
         if max_epochs < 1:
             raise ValueError(f"--max-epochs must be >= 1, got {max_epochs}.")
@@ -88,6 +224,18 @@ class RunResult:
     history: list[dict[str, float]]
     error: str | None = None
     environment: dict[str, Any] | None = None  # where the run ran (runs of one bench may span machines)
+    # "cold": empty compile caches; "warm": caches filled by an earlier run of the same recipe.
+    cache: str = "cold"
+    # The cache variables the run's process saw (``os.environ`` inside the worker) and its pid.
+    cache_env: dict[str, str] | None = None
+    pid: int | None = None
+    # Warm-up split: Dynamo + Inductor compile seconds (torch._dynamo.utils.compilation_time_metrics),
+    # the sanity-check validation, and CUDA-graph capture (not measured separately yet: left empty).
+    compile_s: float | None = None
+    sanity_s: float | None = None
+    cudagraph_s: float | None = None
+    # Mean GPU power over the run (nvidia-smi samples); None where no power is reported (a CPU).
+    avg_power_w: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,11 +290,6 @@ def run_one(
     # An explicit --max-epochs applies to every recipe; otherwise a recipe's own budget (a schedule's
     # length), else the task's.
     max_epochs = cfg.max_epochs or recipe.max_epochs or default_epochs
-    if recipe.compile:
-        # Each run compiles as a fresh process would: without this, runs after the first reuse the
-        # in-memory graphs of dynamo and show almost no warm-up. (Inductor's on-disk cache stays, as
-        # it does for a user who trains twice.)
-        torch._dynamo.reset()
     L.seed_everything(seed, workers=True, verbose=False)
     ctx = RunContext(
         task=task, recipe=recipe, seed=seed, data_path=cfg.data_path, train_subset=cfg.train_subset,
@@ -171,7 +314,9 @@ def run_one(
                 ],
                 logger=CSVLogger(str(run_dir), name="", version=""),
                 enable_checkpointing=False,
-                enable_progress_bar=False,
+                # Lightning's progress bar shows where a long epoch is, on a terminal; in logs and CI it
+                # would only add noise, and the one-line-per-validation progress is there anyway.
+                enable_progress_bar=sys.stderr.isatty(),
                 enable_model_summary=False,
                 **kwargs,
             )
@@ -186,18 +331,27 @@ def run_one(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     s = timer.summary()
-    return RunResult(task=task.name, recipe=recipe_name, seed=seed, error=error, **s)
+    return RunResult(
+        task=task.name, recipe=recipe_name, seed=seed, error=error, compile_s=_compile_seconds(), **s
+    )
 
 
-_RESUME_KEYS = ("task", "target", "max_epochs", "train_subset", "val_subset", "model_kwargs")
+def _compile_seconds() -> float:
+    """Seconds this process spent in Dynamo frame compilation, backend (Inductor) compile included."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))
+
+
+_RESUME_KEYS = ("task", "target", "max_epochs", "train_subset", "val_subset", "model_kwargs", "cache")
 
 
 def _check_resumable(out_dir: Path, meta: dict[str, Any]) -> None:
     saved_path = out_dir / "bench.json"
     if not saved_path.exists():
         return
-    saved = json.loads(saved_path.read_text())
-    diff = [k for k in _RESUME_KEYS if saved.get(k) != meta.get(k)]
+    saved = read_json(saved_path)
+    diff = [k for k in _RESUME_KEYS if saved.get(k, "cold" if k == "cache" else None) != meta.get(k)]
     if diff:
         changes = ", ".join(f"{k}: {saved.get(k)!r} there, {meta.get(k)!r} now" for k in diff)
         raise ValueError(
@@ -206,59 +360,259 @@ def _check_resumable(out_dir: Path, meta: dict[str, Any]) -> None:
         )
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived: the running child was stopped and nothing more starts."""
+
+
+class _Children:
+    """The running worker, so that SIGTERM to the bench reaches it too (a scheduler may signal only the
+    main process); a SIGTERM to the whole group reaches the worker directly."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[str] | None = None
+        self.terminated = False
+
+    def on_sigterm(self, signum: int, frame: object) -> None:
+        self.terminated = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+
+def _run_in_process(
+    cfg: BenchConfig,
+    name: str,
+    seed: int,
+    run_dir: Path,
+    cache_dir: Path,
+    label: str,
+    echo: Callable[[str], None],
+    children: _Children,
+) -> RunResult:
+    """One run in a fresh Python process whose compile caches live in ``cache_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"config": asdict(cfg), "recipe": name, "seed": seed, "run_dir": str(run_dir), "label": label}
+    spec_path, result_path = run_dir / "spec.json", run_dir / "result.json"
+    result_path.unlink(missing_ok=True)
+    write_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
+    env = {**os.environ, **cache_environment(cache_dir)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lightning_speedup.bench.worker", str(spec_path), str(result_path)],
+        env=env, stdout=subprocess.PIPE, text=True, bufsize=1,
+    )  # fmt: skip
+    children.proc = proc
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the worker's progress lines, through this process's echo
+            echo(line.rstrip("\n"))
+        rc = proc.wait()
+    finally:
+        children.proc = None
+    if children.terminated or rc == -signal.SIGTERM:
+        raise _Terminated
+    if rc != 0 or not result_path.exists():
+        error = f"the run's process exited with status {rc} before it wrote a result (see its output above)"
+        echo(f"  {label}: FAILED ({error})")
+        return RunResult(
+            task=cfg.task, recipe=name, seed=seed, reached=False, time_to_target_s=None, epochs_to_target=None,
+            steps_to_target=None, best_metric=None, final_metric=None, warmup_s=None, first_step_s=None,
+            samples_per_s=None, peak_mem_mb=None, total_s=0.0, epochs=0, history=[], error=error,
+        )  # fmt: skip
+    return RunResult(**read_json(result_path))
+
+
+def _plan(cfg: BenchConfig, recipes: list[str]) -> list[tuple[int, str, str]]:
+    """(seed, recipe, cache) in the order they run: interleaved by seed, a cold run before the warm run
+    that reuses its caches."""
+    seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
+    caches = {"cold": ["cold"], "warm": ["warm"], "both": ["cold", "warm"]}[cfg.cache]
+    return [(seed, name, cache) for seed in seeds for name in recipes for cache in caches]
+
+
+def _run_file(out_dir: Path, name: str, seed: int, cache: str, mode: str) -> str:
+    # Cold runs keep the names of benches before the cache modes existed.
+    return f"{name}-seed{seed}" if cache == "cold" else f"{name}-seed{seed}-warm"
+
+
+def _cache_dir(caches: Path, name: str, seed: int, cache: str, mode: str) -> Path:
+    if mode == "warm":  # one cache per recipe, filled by the throw-away run
+        return caches / f"{name}-warm"
+    return caches / f"{name}-seed{seed}"  # "both": the warm run reuses its own seed's cold cache
+
+
+def _sha256(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def check_data(task: str, path: Path) -> dict[str, Any]:
+    """Read the data once before the first run (a truncated or empty file fails here, not inside a run)
+    and return its path and SHA-256 for the report."""
+    from lightning_speedup.data import DataError
+
+    if task == "fashion-mnist":
+        from lightning_speedup.data.datasets import load_fashion_mnist
+
+        try:
+            load_fashion_mnist(path, download=False)
+        except (DataError, ValueError, OSError, EOFError, RuntimeError) as err:
+            raise ValueError(
+                f"The Fashion-MNIST files in {path} cannot be read ({type(err).__name__}: {err}). Replace them "
+                "with the official files (delete the folder and let the bench download them, or `sudo apt-get "
+                "install dataset-fashion-mnist`), or pass another folder with --data."
+            ) from err
+        files = [f for f in path.iterdir() if f.is_file() and "idx" in f.name]
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"{path} cannot be read as UTF-8 text ({err}); pass a UTF-8 text file with --data."
+            ) from err
+        if len(text) < 1000:
+            raise ValueError(
+                f"{path} holds {len(text)} characters; the char-LM needs a text of at least 1,000 characters "
+                "(Tiny Shakespeare has 1.1M). Pass a longer UTF-8 text file with --data."
+            )
+        files = [path]
+    return {"path": str(path.resolve()), "sha256": _sha256(files)}
+
+
 def run_bench(
     cfg: BenchConfig,
     out_dir: Path,
     echo: Callable[[str], None] = print,
     resume: bool = False,
     time_budget_s: float | None = None,
+    keep_caches: bool = False,
 ) -> tuple[list[RunResult], dict[str, Any], bool]:
-    """Every recipe x seed, interleaved by seed so that drifts of a shared machine hit all recipes alike.
+    """Every recipe x seed, interleaved by seed so that drifts of a shared machine hit all recipes alike,
+    each in its own process with its own compile caches (see the module docstring).
 
-    Each finished run is saved at once as ``runs/RECIPE-seedN.json``. With ``resume`` those runs are
-    loaded instead of rerun. With ``time_budget_s`` no new run starts once that much time has passed.
-    Returns the results, the metadata, and whether every planned run is done.
+    Each finished run is saved at once as ``runs/RECIPE-seedN.json`` (``-warm`` for warm runs). With
+    ``resume`` those runs are loaded instead of rerun; failed ones are rerun. With ``time_budget_s`` no
+    new run starts once that much time has passed. A SIGTERM stops the running run (it is not recorded)
+    and starts nothing more; ``meta["stopped"]`` then says why. Returns the results, the metadata, and
+    whether every planned run is done.
     """
     task, recipes, target, max_epochs = cfg.resolve()
+    if time_budget_s is not None and time_budget_s < 0:
+        raise ValueError(f"--time-budget must be >= 0 seconds, got {time_budget_s}.")
+    data = check_data(task.name, task.locate_data(cfg.data_path))
     env = environment()
-    plan = [(seed, name) for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for name in recipes]
+    plan = _plan(cfg, recipes)
     meta = _meta(cfg, task, recipes, target, max_epochs, env)
+    meta["data"] = data
     if resume:
         _check_resumable(out_dir, meta)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench.json").write_text(json.dumps({k: meta[k] for k in _RESUME_KEYS}, indent=2) + "\n")
+    with OutLock(out_dir):
+        return _run_plan(cfg, out_dir, plan, meta, env, echo, resume, time_budget_s, keep_caches)
+
+
+def _run_plan(
+    cfg: BenchConfig,
+    out_dir: Path,
+    plan: list[tuple[int, str, str]],
+    meta: dict[str, Any],
+    env: dict[str, Any],
+    echo: Callable[[str], None],
+    resume: bool,
+    time_budget_s: float | None,
+    keep_caches: bool,
+) -> tuple[list[RunResult], dict[str, Any], bool]:
+    task = get_task(cfg.task)
+    write_atomic(out_dir / "bench.json", json.dumps({k: meta[k] for k in _RESUME_KEYS}, indent=2) + "\n")
+    recipes = list(meta["recipes"])
     echo(
-        f"bench {task.name}: {len(recipes)} recipe(s) x {cfg.seeds} seed(s) = {len(plan)} runs, target "
-        f"{task.metric} {'>=' if task.mode == 'max' else '<='} {target}, at most {max_epochs} epochs, on "
-        f"{env['gpu'] or 'CPU'}"
+        f"bench {task.name}: {len(recipes)} recipe(s) x {cfg.seeds} seed(s), cache {cfg.cache} = {len(plan)} "
+        f"runs, target {task.metric} {'>=' if task.mode == 'max' else '<='} {meta['target']}, at most "
+        f"{meta['max_epochs']} epochs, on {env['gpu'] or 'CPU'}; each run in a fresh process"
     )
-    results = []
+    caches = out_dir / "caches"
+    children = _Children()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, children.on_sigterm) if in_main else None
+    results: list[RunResult] = []
+    fills: dict[str, RunResult] = {}
     t_start = time.perf_counter()
-    for i, (seed, name) in enumerate(plan, 1):
-        label = f"[{i}/{len(plan)}] {name} seed={seed}"
-        saved = out_dir / "runs" / f"{name}-seed{seed}.json"
-        if resume and saved.exists():
-            results.append(RunResult(**json.loads(saved.read_text())))
-            echo(f"{label}: done earlier, loaded from {saved}")
-            continue
-        if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
-            echo(
-                f"time budget of {time_budget_s:.0f}s used: {len(plan) - i + 1} run(s) left; rerun with --resume"
-            )
-            _environment_of_runs(meta, results)
-            return results, meta, False
-        echo(label)
-        run_dir = out_dir / "runs" / f"{name}-seed{seed}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        res = dataclasses.replace(run_one(cfg, name, seed, run_dir, echo=echo, label=label), environment=env)
-        saved.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
-        shown = f"{res.time_to_target_s:.1f}s" if res.reached else "not reached"
-        echo(
-            f"  -> {shown} (best {task.metric} {res.best_metric}, {res.epochs} epochs, {res.total_s:.1f}s total)"
-        )
-        results.append(res)
-    _environment_of_runs(meta, results)
+    try:
+        for i, (seed, name, cache) in enumerate(plan, 1):
+            label = f"[{i}/{len(plan)}] {name} seed={seed}" + (" warm" if cache == "warm" else "")
+            stem = _run_file(out_dir, name, seed, cache, cfg.cache)
+            saved = out_dir / "runs" / f"{stem}.json"
+            if resume and saved.exists():
+                earlier = RunResult(**read_json(saved))
+                if earlier.error is None:
+                    results.append(earlier)
+                    echo(f"{label}: done earlier, loaded from {saved}")
+                    continue
+                echo(f"{label}: failed earlier ({earlier.error}); running it again")
+            if children.terminated:
+                raise _Terminated
+            if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+                echo(
+                    f"time budget of {time_budget_s:.0f}s used: {len(plan) - i + 1} run(s) left; rerun with --resume"
+                )
+                meta["stopped"] = "time budget"
+                return results, meta, False
+            cache_dir = _cache_dir(caches, name, seed, cache, cfg.cache)
+            # A warm run needs filled caches: "warm" fills a recipe's once per bench; "both" reuses the
+            # cold run's, which a resumed bench may have loaded from disk after its caches were removed.
+            if cache == "warm" and (
+                (cfg.cache == "warm" and name not in fills)
+                or (cfg.cache == "both" and not cache_dir.exists())
+            ):
+                shutil.rmtree(cache_dir, ignore_errors=True)
+                echo(f"{label}: filling {name}'s compile caches with a throw-away run (not measured)")
+                fill = _run_in_process(
+                    cfg,
+                    name,
+                    seed,
+                    out_dir / "runs" / f"{name}-fill",
+                    cache_dir,
+                    f"{label} fill",
+                    echo,
+                    children,
+                )
+                fills[name] = dataclasses.replace(fill, environment=env)
+            elif cache == "cold":
+                shutil.rmtree(cache_dir, ignore_errors=True)  # an interrupted earlier attempt's leftovers
+            echo(label)
+            res = _run_in_process(cfg, name, seed, out_dir / "runs" / stem, cache_dir, label, echo, children)
+            res = dataclasses.replace(res, environment=env, cache=cache)
+            write_atomic(saved, json.dumps(res.to_dict(), indent=2) + "\n")
+            shown = f"{res.time_to_target_s:.1f}s" if res.reached else "not reached"
+            best = "-" if res.best_metric is None else f"{res.best_metric:.4g}"
+            echo(f"  -> {shown} (best {task.metric} {best}, {res.epochs} epochs, {res.total_s:.1f}s total)")
+            results.append(res)
+            if cfg.cache != "warm" and (cache == "warm" or cfg.cache == "cold") and not keep_caches:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+    except _Terminated:
+        echo("SIGTERM: the running run was stopped and is not recorded; rerun with --resume to finish")
+        meta["stopped"] = "SIGTERM"
+        return results, meta, False
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if fills:
+            meta["warm_fills"] = {n: _fill_summary(r) for n, r in fills.items()}
+        _environment_of_runs(meta, results)
+        if not keep_caches:
+            shutil.rmtree(caches, ignore_errors=True)
     return results, meta, True
+
+
+def _fill_summary(r: RunResult) -> dict[str, Any]:
+    """What the throw-away run that filled a recipe's caches cost (reported, never measured as a run)."""
+    return {
+        "seed": r.seed, "total_s": r.total_s, "warmup_s": r.warmup_s, "compile_s": r.compile_s,
+        "time_to_target_s": r.time_to_target_s, "error": r.error,
+    }  # fmt: skip
 
 
 def _machine(env: dict[str, Any]) -> tuple[Any, ...]:
@@ -292,5 +646,7 @@ def _meta(
         "train_subset": cfg.train_subset,
         "val_subset": cfg.val_subset,
         "model_kwargs": cfg.model_kwargs,
+        "data_path": cfg.data_path,
+        "cache": cfg.cache,
         "environment": env,
     }

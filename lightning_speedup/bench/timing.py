@@ -189,6 +189,7 @@ class TimeToTarget(Callback):
             "best_metric": self.best_metric,
             "final_metric": self.history[-1]["metric"] if self.history else None,
             "warmup_s": self.warmup_s,
+            "sanity_s": self.sanity_s,
             "first_step_s": self.step_times[0] if self.step_times else None,
             "samples_per_s": self.samples_per_s,
             "peak_mem_mb": self.peak_mem_mb,

@@ -110,8 +110,12 @@ def test_missing_data_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monke
     rc = main(["bench", "--task", "char-lm", "--recipe", "baseline", "--data", str(tmp_path / "none.txt"),
                "--out", str(tmp_path / "o")])  # fmt: skip
     assert rc == EXIT_BAD_INPUT
-    assert "char-lm needs a UTF-8 text file" in capsys.readouterr().err
+    assert "none.txt does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    monkeypatch.chdir(tmp_path)  # no --data and nothing to find: the search's own message
+    rc = main(["bench", "--task", "char-lm", "--recipe", "baseline", "--out", str(tmp_path / "o")])
+    assert rc == EXIT_BAD_INPUT
+    assert "char-lm needs a UTF-8 text file" in capsys.readouterr().err
 
 
 def test_list(capsys) -> None:  # type: ignore[no-untyped-def]
