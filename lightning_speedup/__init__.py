@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from lightning_speedup import augment, quantization
 from lightning_speedup._registry import register_strategies, registered_strategy, strategy_names
+from lightning_speedup.compile import Compile, EagerCUDAGraphs
 from lightning_speedup.data import (
     DataStallMonitor,
     DeviceResidentDataModule,
@@ -37,10 +38,12 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AsyncProgressBarMetrics",
+    "Compile",
     "CompressedDDPStrategy",
     "DataStallMonitor",
     "DeviceResidentDataModule",
     "DiLoCoStrategy",
+    "EagerCUDAGraphs",
     "GPUAugment",
     "GPUPrefetcher",
     "GossipSGDStrategy",
