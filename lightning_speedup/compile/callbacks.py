@@ -100,6 +100,7 @@ class Compile(Callback):
         self._eager: list[float] = []
         self._compiled_times: list[float] = []
         self._compile_step_s: float | None = None
+        self._artifacts_hit = False
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -128,7 +129,7 @@ class Compile(Callback):
             # are found by the first compiled call.
             self._key = cache_key(pl_module, batch, self.mode, self.scope, device_name(pl_module.device))
             hit = self.cache is not None and self.cache.load_artifacts(self._key)
-            self._artifacts_hit = hit
+            self._artifacts_hit = bool(hit)
             if not self.auto:
                 self._compile(pl_module)
                 rank_zero_info(
@@ -170,9 +171,7 @@ class Compile(Callback):
         assert self._key is not None
         remaining = float(trainer.estimated_stepping_batches) - trainer.global_step
         record = self.cache.read_record(self._key) if self.cache is not None else None
-        compile_s, speedup, source = expected_costs(
-            self.scope, record, getattr(self, "_artifacts_hit", False)
-        )
+        compile_s, speedup, source = expected_costs(self.scope, record, self._artifacts_hit)
         self.decision = decide_compile(median(self._eager), max(remaining, 0.0), compile_s, speedup, source)
         verb = "compiling" if self.decision.compile else "not compiling"
         rank_zero_info(f"Compile(auto): {verb} ({self.scope}): {self.decision.reason}.")
