@@ -256,3 +256,15 @@ def test_compile_always_regional_trains_with_eager_backend(tmp_path) -> None:
     model = _fit(cb, 5, tmp_path)
     assert cb.compiled and all(b._compiled_call_impl is not None for b in model.net.blocks)
     torch._dynamo.reset()
+
+
+def test_method_card_snippet_runs() -> None:
+    """docs/methods/compile.md's Python snippet builds its Trainer."""
+    import pathlib
+    import re
+
+    card = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "methods" / "compile.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    namespace: dict = {}
+    exec(snippet, namespace)  # noqa: S102
+    assert any(isinstance(c, Compile) and c.auto for c in namespace["trainer"].callbacks)
