@@ -266,5 +266,20 @@ def test_method_card_snippet_runs() -> None:
     card = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "methods" / "compile.md").read_text()
     (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
     namespace: dict = {}
-    exec(snippet, namespace)  # noqa: S102
+    exec(snippet, namespace)
     assert any(isinstance(c, Compile) and c.auto for c in namespace["trainer"].callbacks)
+
+
+def test_compile_from_lightning_cli_yaml() -> None:
+    """The card's YAML instantiates the callback through jsonargparse, as LightningCLI does."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[L.Callback])
+    cfg = parser.parse_string(
+        "callbacks:\n"
+        "  - class_path: lightning_speedup.Compile\n"
+        "    init_args: {scope: regional, auto: true, mode: null, cache: true, regions: [Block]}\n"
+    )
+    (cb,) = parser.instantiate_classes(cfg).callbacks
+    assert isinstance(cb, Compile) and cb.auto and cb.scope == "regional" and cb.regions == ["Block"]
