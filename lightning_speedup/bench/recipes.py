@@ -160,6 +160,15 @@ def get_recipe(name: str) -> Recipe:
     unknown name lists the known ones and the closest match."""
     if name not in _RECIPES:
         load_recipe_files()
+    if name not in _RECIPES and ":" in name:
+        # An ablation step ("<task>:baseline+bf16"), registered on demand so a fresh process finds it too.
+        from lightning_speedup.bench.ablation import ablation_recipes
+
+        task = name.split(":", 1)[0]
+        try:
+            ablation_recipes(task)
+        except ValueError:
+            pass  # not a task's ablation: the unknown-name error below says what exists
     try:
         return _RECIPES[name]
     except KeyError:
