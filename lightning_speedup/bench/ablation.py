@@ -45,6 +45,12 @@ def _differing(a: Recipe, b: Recipe) -> list[str]:
     return [t for t, fields in TECHNIQUES.items() if any(getattr(a, f) != getattr(b, f) for f in fields)]
 
 
+def _resolved(recipe: Recipe, defaults: dict[str, Any]) -> Recipe:
+    return dataclasses.replace(
+        recipe, **{k: v for k, v in defaults.items() if hasattr(recipe, k) and getattr(recipe, k) is None}
+    )
+
+
 def _with(recipe: Recipe, source: Recipe, techniques: list[str], name: str, description: str) -> Recipe:
     changes: dict[str, Any] = {f: getattr(source, f) for t in techniques for f in TECHNIQUES[t]}
     return dataclasses.replace(recipe, name=name, description=description, per_task={}, **changes)
@@ -53,7 +59,10 @@ def _with(recipe: Recipe, source: Recipe, techniques: list[str], name: str, desc
 def ablation_recipes(task: str, start: str = "baseline", end: str = "speedup") -> list[str]:
     """Register and return, in order: ``start``, ``start`` plus one technique at a time up to ``end``'s
     settings, ``end``, then ``end`` minus each technique. Names carry the task: ``<task>:baseline+bf16``."""
-    a, b = get_recipe(start).for_task(task), get_recipe(end).for_task(task)
+    from lightning_speedup.bench.tasks import get_task
+
+    defaults = get_task(task).defaults  # a field left None and one set to the task's default are the same
+    a, b = (_resolved(get_recipe(n).for_task(task), defaults) for n in (start, end))
     techniques = _differing(a, b)
     names = [start]
     current = a

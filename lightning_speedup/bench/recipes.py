@@ -11,6 +11,7 @@ Callbacks are listed as factories ``(RunContext) -> Callback`` so each run gets 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -165,10 +166,8 @@ def get_recipe(name: str) -> Recipe:
         from lightning_speedup.bench.ablation import ablation_recipes
 
         task = name.split(":", 1)[0]
-        try:
+        with contextlib.suppress(ValueError):  # not a task's ablation: the error below lists what exists
             ablation_recipes(task)
-        except ValueError:
-            pass  # not a task's ablation: the unknown-name error below says what exists
     try:
         return _RECIPES[name]
     except KeyError:

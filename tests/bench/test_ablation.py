@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 
-from lightning_speedup.bench import get_recipe
-from lightning_speedup.bench.ablation import TECHNIQUES, ablation_recipes
+from lightning_speedup.bench import get_recipe, get_task
+from lightning_speedup.bench.ablation import TECHNIQUES, _resolved, ablation_recipes
 
 
 @pytest.mark.parametrize("task", ["fashion-mnist", "char-lm"])
 def test_ladder_adds_then_removes_one_technique_at_a_time(task: str) -> None:
     names = ablation_recipes(task)
-    base, end = get_recipe("baseline").for_task(task), get_recipe("speedup").for_task(task)
+    defaults = get_task(task).defaults
+
+    def resolved(name: str):  # type: ignore[no-untyped-def]
+        return _resolved(get_recipe(name).for_task(task), defaults)
+
+    base, end = resolved("baseline"), resolved("speedup")
     k = names.index("speedup")
     assert names[0] == "baseline" and k >= 3
 
     def techniques_differing(r1, r2) -> set[str]:  # type: ignore[no-untyped-def]
         return {t for t, fs in TECHNIQUES.items() if any(getattr(r1, f) != getattr(r2, f) for f in fs)}
 
-    ladder = [get_recipe(n).for_task(task) for n in names[: k + 1]]
-    for prev, nxt in zip(ladder, ladder[1:]):
+    ladder = [resolved(n) for n in names[: k + 1]]
+    for prev, nxt in itertools.pairwise(ladder):
         assert len(techniques_differing(prev, nxt)) == 1, (prev.name, nxt.name)
     for name in names[k + 1 :]:
-        r = get_recipe(name).for_task(task)
+        r = resolved(name)
         removed = techniques_differing(r, end)
         assert removed and removed <= techniques_differing(base, end)
         assert all(getattr(r, f) == getattr(base, f) for t in removed for f in TECHNIQUES[t])
