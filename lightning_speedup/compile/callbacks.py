@@ -247,17 +247,19 @@ class EagerCUDAGraphs(Callback):
         # The first training call runs eagerly; later calls replay the graphs captured here.
         if not module.training or not torch.is_grad_enabled() or self.graphed:
             return
+        # make_graphed_callables refuses a module with hooks: this one goes first (safe here, as the module
+        # call iterates over a copy of its hooks).
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         sample = tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in args)
-        # make_graphed_callables refuses autocast's weight cache; capture under the same autocast without it.
+        # It also refuses autocast's weight cache; capture under the same autocast without it.
         autocast = torch.is_autocast_enabled("cuda")
         with torch.autocast(
             "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False
         ):
             torch.cuda.make_graphed_callables(module, sample, num_warmup_iters=self.num_warmup_iters)
         self.graphed = True
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
