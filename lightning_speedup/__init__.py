@@ -14,6 +14,7 @@ from lightning_speedup._registry import (
     registered_strategy,
     strategy_names,
 )
+from lightning_speedup.compile import Compile, EagerCUDAGraphs
 from lightning_speedup.data import (
     DataStallMonitor,
     DeviceResidentDataModule,
@@ -43,10 +44,12 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AsyncProgressBarMetrics",
+    "Compile",
     "CompressedDDPStrategy",
     "DataStallMonitor",
     "DeviceResidentDataModule",
     "DiLoCoStrategy",
+    "EagerCUDAGraphs",
     "GPUAugment",
     "GPUPrefetcher",
     "GossipSGDStrategy",

@@ -47,6 +47,9 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="override a model argument for quick runs, e.g. width=16 (ResNet-9) or n_layer=2")  # fmt: skip
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (default auto)")
     p.add_argument("--no-stop", action="store_true", help="keep training after the target is reached")
+    p.add_argument("--ablation", action="store_true",
+                   help="add the ablation ladder of --task: baseline plus one technique at a time up to speedup, "
+                   "then speedup minus one at a time")  # fmt: skip
     _add_cache_args(p)
 
 
@@ -126,6 +129,10 @@ def _bench(args: argparse.Namespace, model_kwargs: dict | None = None, command: 
 
     if model_kwargs is None:
         model_kwargs = parse_model_args(getattr(args, "model_arg", []))
+    if getattr(args, "ablation", False):
+        from lightning_speedup.bench.ablation import ablation_recipes
+
+        args.recipes = list(args.recipes) + ablation_recipes(args.task)
     cfg = BenchConfig(
         task=args.task, recipes=args.recipes, seeds=args.seeds, target=args.target, max_epochs=args.max_epochs,
         first_seed=getattr(args, "first_seed", 0), data_path=args.data, train_subset=args.train_subset, val_subset=args.val_subset,

@@ -2,18 +2,23 @@
 
 A :class:`Recipe` names the Trainer arguments (precision, strategy, extra kwargs), the optimizer and
 its learning rate, the callbacks, the data pipeline and model switches (``channels_last``,
-``compile``). ``per_task`` overrides any field for one task. Later features extend the ``speedup``
-recipe or register ablations with :func:`register_recipe`; nothing copies a training script.
+``compile``). ``per_task`` overrides any field for one task. The package holds ``baseline``, ``speedup-levers``,
+``speedup`` and the candidates the cold bench compares for ``speedup``; ablations and candidates that
+lost live in ``benchmarks/recipes.py`` (see :func:`load_recipe_files`).
 
 Callbacks are listed as factories ``(RunContext) -> Callback`` so each run gets fresh instances.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import importlib.util
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -22,6 +27,8 @@ if TYPE_CHECKING:
     from lightning_speedup.bench.tasks import RunContext
 
 CallbackFactory = Callable[["RunContext"], "Callback"]
+COMPILE_CHOICES = (False, True, "full", "regional", "auto")
+CUDA_GRAPHS_CHOICES = (None, "inductor", "eager")
 
 
 @dataclass(frozen=True)
@@ -35,9 +42,14 @@ class Recipe:
     optimizer: str | None = None
     lr: float | None = None
     weight_decay: float | None = None
-    compile: bool = False
+    # False; True or "full" (the model's forward); "regional" (repeated blocks, lightning_speedup.Compile);
+    # "auto" (regional, only when the measured eager step time says it repays its cost in the run's steps).
+    compile: bool | str = False
     # torch.compile's mode: None (default), "reduce-overhead" (CUDA graphs), ...
     compile_mode: str | None = None
+    compile_cache: bool = True  # regional/auto: keep compiled artifacts across processes
+    # None; "inductor" (compile with mode="reduce-overhead"); "eager" (make_graphed_callables, no Inductor)
+    cuda_graphs: str | None = None
     fused_optimizer: bool = False  # torch's fused Adam/AdamW/SGD kernel on CUDA (one launch per step)
     channels_last: bool = False
     data: str = "baseline"
@@ -48,6 +60,25 @@ class Recipe:
     strategy: str | None = None
     trainer_kwargs: Mapping[str, Any] = field(default_factory=dict)
     per_task: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.compile not in COMPILE_CHOICES:
+            raise ValueError(
+                f"Recipe {self.name!r}: compile={self.compile!r}; choose one of {list(COMPILE_CHOICES)}."
+            )
+        if self.cuda_graphs not in CUDA_GRAPHS_CHOICES:
+            raise ValueError(
+                f"Recipe {self.name!r}: cuda_graphs={self.cuda_graphs!r}; choose one of {list(CUDA_GRAPHS_CHOICES)}."
+            )
+        if self.cuda_graphs == "inductor" and self.compile not in (True, "full"):
+            raise ValueError(
+                f"Recipe {self.name!r}: cuda_graphs='inductor' captures the compiled model; set compile='full' "
+                "or use cuda_graphs='eager' without compile."
+            )
+        if self.cuda_graphs == "eager" and self.compile:
+            raise ValueError(
+                f"Recipe {self.name!r}: cuda_graphs='eager' graphs the uncompiled model; set compile=False."
+            )
 
     def for_task(self, task: str) -> Recipe:
         """This recipe with the overrides for ``task`` applied."""
@@ -99,12 +130,44 @@ def register_recipe(recipe: Recipe, replace: bool = False) -> Recipe:
     return recipe
 
 
+RECIPES_ENV = "LIGHTNING_SPEEDUP_RECIPES"
+_loaded_files: set[str] = set()
+
+
+def load_recipe_files() -> None:
+    """Register the recipes of the benchmark files: ``./benchmarks/recipes.py`` when run from the repository,
+    and every path in ``$LIGHTNING_SPEEDUP_RECIPES`` (separated by ``os.pathsep``). Each file is run once."""
+    paths = [Path("benchmarks/recipes.py")]
+    paths += [Path(p) for p in os.environ.get(RECIPES_ENV, "").split(os.pathsep) if p]
+    for path in paths:
+        resolved = str(path.resolve())
+        if resolved in _loaded_files or not path.is_file():
+            if not path.is_file() and path != paths[0]:
+                raise ValueError(f"${RECIPES_ENV} names {str(path)!r}, which is not a file.")
+            continue
+        _loaded_files.add(resolved)
+        spec = importlib.util.spec_from_file_location(f"_ls_recipes_{len(_loaded_files)}", path)
+        assert spec is not None and spec.loader is not None
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
 def available_recipes() -> list[str]:
+    load_recipe_files()
     return sorted(_RECIPES)
 
 
 def get_recipe(name: str) -> Recipe:
-    """The registered recipe ``name``; an unknown name lists the known ones and the closest match."""
+    """The registered recipe ``name`` (benchmark recipes included, see :func:`load_recipe_files`); an
+    unknown name lists the known ones and the closest match."""
+    if name not in _RECIPES:
+        load_recipe_files()
+    if name not in _RECIPES and ":" in name:
+        # An ablation step ("<task>:baseline+bf16"), registered on demand so a fresh process finds it too.
+        from lightning_speedup.bench.ablation import ablation_recipes
+
+        task = name.split(":", 1)[0]
+        with contextlib.suppress(ValueError):  # not a task's ablation: the error below lists what exists
+            ablation_recipes(task)
     try:
         return _RECIPES[name]
     except KeyError:
@@ -148,11 +211,10 @@ LEVERS = register_recipe(
 )
 
 
-# --- Candidate recipes of the feature issues, registered so the bench can measure them. Whether one of
-# them joins `speedup` is decided by the measured numbers (docs/methods/), not here.
+# --- speedup and the candidates measured cold against it.
 
 
-def _schedule(name: str, **kwargs: float) -> CallbackFactory:
+def schedule(name: str, **kwargs: float) -> CallbackFactory:
     """A factory of ``lightning_speedup.schedules.<name>(**kwargs)``, named in reports as the call reads."""
 
     def make(ctx: RunContext) -> Callback:
@@ -164,132 +226,98 @@ def _schedule(name: str, **kwargs: float) -> CallbackFactory:
     return make
 
 
-def _one_cycle(max_lr: float) -> CallbackFactory:
-    return _schedule("OneCycle", max_lr=max_lr)
+def one_cycle(max_lr: float) -> CallbackFactory:
+    return schedule("OneCycle", max_lr=max_lr)
 
 
-def _wsd(peak_lr: float) -> CallbackFactory:
-    return _schedule("WarmupStableDecay", peak_lr=peak_lr, warmup=0.05, decay=0.3)
+def wsd(peak_lr: float) -> CallbackFactory:
+    return schedule("WarmupStableDecay", peak_lr=peak_lr, warmup=0.05, decay=0.3)
 
 
-register_recipe(
-    BASELINE.extended(
-        name="baseline-onecycle",
-        description="baseline with a per-step OneCycle schedule (max_lr 3e-3, 10 epochs; LM: 1e-3, 40 epochs).",
-        callbacks=(_one_cycle(3e-3),),
-        max_epochs=10,
-        per_task={"char-lm": {"callbacks": (_one_cycle(1e-3),), "max_epochs": 40}},
-    )
-)
-register_recipe(
-    LEVERS.extended(
-        name="speedup-onecycle",
-        description="speedup-levers with a per-step OneCycle schedule (max_lr 4e-3, 10 epochs; LM: 1e-3, 40 epochs).",
-        callbacks=(_one_cycle(4e-3),),
-        max_epochs=10,
-        per_task={
-            # The LM at 2e-3 diverged in 2 of 3 seeds on the device (best val loss 1.97 and 1.63).
-            "char-lm": {**LEVERS.per_task["char-lm"], "callbacks": (_one_cycle(1e-3),), "max_epochs": 40}
-        },
-    )
-)
-
-
-register_recipe(
-    LEVERS.extended(
-        name="speedup-wsd",
-        description=(
-            "speedup-levers with warmup-stable-decay (peak 4e-3, 5% warm-up, 1-sqrt decay over the last 30%, "
-            "10 epochs; LM: 1e-3, 40 epochs)."
-        ),
-        callbacks=(_wsd(4e-3),),
-        max_epochs=10,
-        per_task={"char-lm": {**LEVERS.per_task["char-lm"], "callbacks": (_wsd(1e-3),), "max_epochs": 40}},
-    )
-)
-register_recipe(
-    LEVERS.extended(
-        name="speedup-gpu-data",
-        description="speedup-levers fed raw uint8 batches, copied by GPUPrefetcher on a side stream and augmented by GPUAugment.",
-        data="gpu",
-    )
-)
-register_recipe(
-    LEVERS.extended(
-        name="speedup-resident",
-        description="speedup-levers with the data set resident in GPU memory, shuffled and batched there, GPUAugment.",
-        data="resident",
-    )
-)
-
-
-# The project's answer until round 7 of 2026-11-27: Lightning's levers plus the techniques that won on the
-# device (issue 3: the schedule per task; issue 4: device-resident data). Its numbers against the baseline:
-# benchmarks/results/2026-11-27-h200-final/ (measured there under the name `speedup`).
-SPEEDUP_NO_CUDAGRAPHS = register_recipe(
-    LEVERS.extended(
-        name="speedup-no-cudagraphs",
-        description=(
-            "speedup-levers + lightning_speedup: the data set resident in GPU memory with GPUAugment and "
-            "OneCycle (max_lr 4e-3, 10 epochs) for images; for the LM (baseline data pipeline) "
-            "WarmupStableDecay (peak 1e-3, 5% warm-up, 1-sqrt decay over the last 30%, 40 epochs)."
-        ),
-        data="resident",
-        callbacks=(_one_cycle(4e-3),),
-        max_epochs=10,
-        per_task={
-            "char-lm": {
-                **LEVERS.per_task["char-lm"],
-                "data": "baseline",
-                "callbacks": (_wsd(1e-3),),
-                "max_epochs": 40,
-            }
-        },
-    )
-)
-
-
-# Issue 4: the compiled resident step was host-bound (10.8 ms per 512 28x28 images on an H200; Adam's
-# foreach step first in host time). CUDA graphs replay the compiled forward and backward with one launch
-# each, the fused Adam kernel updates every parameter in one: 1.52x faster to the target (median of 3
-# seeds) and 1.70x the samples/s of speedup-no-cudagraphs on an H200
-# (benchmarks/results/2026-11-27-h200-gpu-data/bench-cudagraphs-fused-round7c/). Images only: the LM's
-# step was not measured with CUDA graphs, so it keeps the default compile mode and optimizer kernel.
-SPEEDUP = register_recipe(
-    SPEEDUP_NO_CUDAGRAPHS.extended(
-        name="speedup",
-        description=(
-            "speedup-no-cudagraphs with, for images, torch.compile(mode='reduce-overhead') (the compiled forward "
-            "and backward as CUDA graphs) and the fused Adam kernel."
-        ),
-        compile_mode="reduce-overhead",
-        fused_optimizer=True,
-        per_task={
-            "char-lm": {
-                **SPEEDUP_NO_CUDAGRAPHS.per_task["char-lm"],
-                "compile_mode": None,
-                "fused_optimizer": False,
-            }
-        },
-    )
-)
-
-
-def _async_metrics(ctx: RunContext) -> Callback:
+def async_metrics(ctx: RunContext) -> Callback:
     from lightning_speedup.metrics import AsyncProgressBarMetrics
 
     return AsyncProgressBarMetrics()
 
 
-_async_metrics.__name__ = "AsyncProgressBarMetrics()"
+async_metrics.__name__ = "AsyncProgressBarMetrics()"
 
-# Issue 4: Lightning reads train_loss (logged with prog_bar=True) with .item() after every step, a host-device
-# sync that keeps the host from running ahead of the GPU; in benchmarks/gpu_data.py AsyncProgressBarMetrics took
-# the resident pipeline to 1.18-1.38x the images/s (H200). A candidate until its time to target is measured.
-register_recipe(
+_LM_SPEEDUP = {
+    **LEVERS.per_task["char-lm"],
+    "data": "baseline",
+    "callbacks": (wsd(1e-3),),
+    "max_epochs": 40,
+    "compile_mode": None,
+    "fused_optimizer": False,
+    "cuda_graphs": None,
+}
+
+# Lightning's levers plus the techniques that won on the device: device-resident data with GPUAugment and
+# OneCycle for images, warmup-stable-decay for the LM; for images the compiled step replayed as CUDA graphs
+# with the fused Adam kernel, because the small model's step is host-bound.
+SPEEDUP = register_recipe(
+    LEVERS.extended(
+        name="speedup",
+        description=(
+            "speedup-levers + lightning_speedup: the data set resident in GPU memory with GPUAugment, OneCycle "
+            "(max_lr 4e-3, 10 epochs), torch.compile(mode='reduce-overhead') and the fused Adam kernel for "
+            "images; for the LM (baseline data pipeline) WarmupStableDecay (peak 1e-3, 5% warm-up, 1-sqrt "
+            "decay over the last 30%, 40 epochs)."
+        ),
+        data="resident",
+        callbacks=(one_cycle(4e-3),),
+        max_epochs=10,
+        compile_mode="reduce-overhead",
+        cuda_graphs="inductor",
+        fused_optimizer=True,
+        per_task={"char-lm": _LM_SPEEDUP},
+    )
+)
+
+# Candidates for `speedup`, to be chosen by cold time to target (a fresh process, empty compile caches):
+# a cold compile can cost more than it saves on a short run, so each asks how much of it pays.
+_EAGER_LM = {**_LM_SPEEDUP, "compile": False, "callbacks": (wsd(1e-3), async_metrics)}
+SPEEDUP_EAGER = register_recipe(
     SPEEDUP.extended(
-        name="speedup-async-metrics",
-        description="speedup + AsyncProgressBarMetrics (progress-bar metrics read without a per-step host-device sync).",
-        extra_callbacks=(_async_metrics,),
+        name="speedup-eager",
+        description="speedup without torch.compile, with AsyncProgressBarMetrics (no per-step host sync).",
+        compile=False,
+        compile_mode=None,
+        cuda_graphs=None,
+        extra_callbacks=(async_metrics,),
+        per_task={"char-lm": _EAGER_LM},
+    )
+)
+register_recipe(
+    SPEEDUP_EAGER.extended(
+        name="speedup-eager-cudagraphs",
+        description=(
+            "speedup-eager with the training forward/backward as CUDA graphs without Inductor "
+            "(EagerCUDAGraphs, make_graphed_callables) and the fused Adam kernel, for images."
+        ),
+        cuda_graphs="eager",
+        per_task={"char-lm": _EAGER_LM},
+    )
+)
+register_recipe(
+    SPEEDUP_EAGER.extended(
+        name="speedup-regional",
+        description=(
+            "speedup-eager with regional compilation (each repeated block compiled once, lightning_speedup."
+            "Compile) and the cross-process compiled-artifact cache."
+        ),
+        compile="regional",
+        per_task={"char-lm": {**_EAGER_LM, "compile": "regional"}},
+    )
+)
+register_recipe(
+    SPEEDUP_EAGER.extended(
+        name="speedup-auto",
+        description=(
+            "speedup-eager with compile='auto': regional compilation only when the measured eager step time "
+            "and the steps left say it repays its cost; the artifact cache on."
+        ),
+        compile="auto",
+        per_task={"char-lm": {**_EAGER_LM, "compile": "auto"}},
     )
 )

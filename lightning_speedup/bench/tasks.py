@@ -46,6 +46,24 @@ class RunContext:
         return self.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
+def compile_callbacks(ctx: RunContext) -> list[Callback]:
+    """The callbacks of the recipe's ``compile="regional"|"auto"`` and ``cuda_graphs="eager"`` (CUDA only;
+    ``compile=True|"full"`` is applied by the module itself)."""
+    from lightning_speedup.compile import Compile, EagerCUDAGraphs
+
+    r = ctx.recipe
+    if not ctx.on_cuda:
+        return []
+    out: list[Callback] = []
+    if r.compile in ("regional", "auto"):
+        out.append(
+            Compile(scope="regional", auto=r.compile == "auto", mode=r.compile_mode, cache=r.compile_cache)
+        )
+    if r.cuda_graphs == "eager":
+        out.append(EagerCUDAGraphs(module_attr="net"))
+    return out
+
+
 PipelineBuilder = Callable[[RunContext], tuple[L.LightningDataModule, list[Callback]]]
 
 
@@ -78,7 +96,8 @@ class Task:
                 f"Recipe {ctx.recipe.name!r} asks for data pipeline {name!r}, which task {self.name!r} "
                 f"does not have. Available: {', '.join(sorted(self.pipelines))}."
             )
-        return self.pipelines[name](ctx)
+        dm, callbacks = self.pipelines[name](ctx)
+        return dm, callbacks + compile_callbacks(ctx)
 
     def check_target(self, target: float) -> None:
         lo, hi = self.metric_range
@@ -113,8 +132,8 @@ def _fashion_module(ctx: RunContext, dm: L.LightningDataModule) -> L.LightningMo
         lr=t.setting(r, "lr"),
         weight_decay=t.setting(r, "weight_decay"),
         channels_last=r.channels_last,
-        compile=r.compile and ctx.on_cuda,
-        compile_mode=r.compile_mode,
+        compile=r.compile in (True, "full") and ctx.on_cuda,
+        compile_mode="reduce-overhead" if r.cuda_graphs == "inductor" else r.compile_mode,
         fused_optimizer=r.fused_optimizer,
         **ctx.model_kwargs,
     )
@@ -214,8 +233,8 @@ def _charlm_module(ctx: RunContext, dm: L.LightningDataModule) -> L.LightningMod
         optimizer=t.setting(r, "optimizer"),
         lr=t.setting(r, "lr"),
         weight_decay=t.setting(r, "weight_decay"),
-        compile=r.compile and ctx.on_cuda,
-        compile_mode=r.compile_mode,
+        compile=r.compile in (True, "full") and ctx.on_cuda,
+        compile_mode="reduce-overhead" if r.cuda_graphs == "inductor" else r.compile_mode,
         fused_optimizer=r.fused_optimizer,
         **ctx.model_kwargs,
     )

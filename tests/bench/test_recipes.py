@@ -41,6 +41,7 @@ def test_speedup_adds_cudagraphs_and_fused_adam_for_images_only() -> None:
         get_recipe("speedup-no-cudagraphs").for_task("fashion-mnist"),
     )
     assert mine.compile_mode == "reduce-overhead" and base.compile_mode is None
+    assert mine.cuda_graphs == "inductor" and base.cuda_graphs is None
     assert mine.fused_optimizer and not base.fused_optimizer
     assert (mine.data, mine.max_epochs, mine.batch_size) == (base.data, base.max_epochs, base.batch_size)
     lm, lm_base = (
@@ -53,6 +54,84 @@ def test_speedup_adds_cudagraphs_and_fused_adam_for_images_only() -> None:
     assert model._forward is not None and model.compile_mode == "reduce-overhead"
     with pytest.raises(RuntimeError, match="Unrecognized mode=bogus"):
         ImageClassifier(compile=True, compile_mode="bogus", width=4).configure_model()
+
+
+def test_cold_start_candidates() -> None:
+    """The candidates for `speedup` differ from it only in how (and whether) they compile."""
+    base = get_recipe("speedup")
+    for task in ("fashion-mnist", "char-lm"):
+        sp = base.for_task(task)
+        eager = get_recipe("speedup-eager").for_task(task)
+        assert eager.compile is False and eager.cuda_graphs is None and eager.compile_mode is None
+        assert [c.__name__ for c in eager.callbacks] == [c.__name__ for c in sp.callbacks] + [
+            "AsyncProgressBarMetrics()"
+        ]
+        same = ("precision", "batch_size", "lr", "data", "max_epochs", "channels_last", "drop_last")
+        assert all(getattr(eager, f) == getattr(sp, f) for f in same)
+        assert get_recipe("speedup-regional").for_task(task).compile == "regional"
+        assert get_recipe("speedup-auto").for_task(task).compile == "auto"
+        for name in ("speedup-regional", "speedup-auto", "speedup-eager-cudagraphs"):
+            r = get_recipe(name).for_task(task)
+            assert r.callbacks == eager.callbacks and r.data == eager.data, name
+    assert get_recipe("speedup-eager-cudagraphs").for_task("fashion-mnist").cuda_graphs == "eager"
+    assert get_recipe("speedup-eager-cudagraphs").for_task("fashion-mnist").fused_optimizer
+    assert get_recipe("speedup-eager-cudagraphs").for_task("char-lm").cuda_graphs is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (
+            {"compile": "partial"},
+            r"compile='partial'; choose one of \[False, True, 'full', 'regional', 'auto'\]",
+        ),
+        ({"cuda_graphs": "yes"}, "cuda_graphs='yes'; choose one of"),
+        ({"cuda_graphs": "inductor"}, "set compile='full'"),
+        ({"cuda_graphs": "eager", "compile": "regional"}, "set compile=False"),
+    ],
+)
+def test_recipe_rejects_bad_compile_fields(changes: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Recipe(name="x", description="x", **changes)
+
+
+def test_compile_callbacks_only_on_cuda(shakespeare_path) -> None:  # type: ignore[no-untyped-def]
+    from lightning_speedup.bench.tasks import compile_callbacks
+
+    task = get_task("char-lm")
+    ctx = RunContext(task=task, recipe=get_recipe("speedup-regional"), seed=0, accelerator="cpu")
+    assert compile_callbacks(ctx) == []  # on CPU the module trains uncompiled, as `compile=True` does
+
+
+def test_benchmark_recipes_load_from_the_repository_or_the_env(tmp_path) -> None:
+    """The package alone registers its own recipes; benchmarks/recipes.py adds the ablations from the repo
+    root (the cwd) or through $LIGHTNING_SPEEDUP_RECIPES."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    code = "from lightning_speedup.bench import available_recipes; print(' '.join(available_recipes()))"
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env.pop("LIGHTNING_SPEEDUP_RECIPES", None)
+    alone = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
+    assert alone.stdout.split() == [
+        "baseline", "speedup", "speedup-auto", "speedup-eager", "speedup-eager-cudagraphs", "speedup-levers",
+        "speedup-regional",
+    ]  # fmt: skip
+    env["LIGHTNING_SPEEDUP_RECIPES"] = str(repo / "benchmarks" / "recipes.py")
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
+    assert {"baseline-onecycle", "speedup-wsd", "speedup-async-metrics", "speedup-gpu-data"} <= set(
+        loaded.stdout.split()
+    )
+    env["LIGHTNING_SPEEDUP_RECIPES"] = str(tmp_path / "missing.py")
+    bad = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "missing.py', which is not a file" in bad.stderr
 
 
 def test_fused_optimizer_lever() -> None:

@@ -1,0 +1,83 @@
+"""Ablation and candidate recipes that are not the package's: registered for `lightning-speedup bench`
+when it runs from the repository root (``lightning_speedup.bench.recipes.load_recipe_files`` loads this file),
+or from anywhere with ``LIGHTNING_SPEEDUP_RECIPES=/path/to/benchmarks/recipes.py``.
+
+Candidates that lost their comparison stay here so their results can be reproduced; the method cards in
+docs/methods/ link the numbers.
+"""
+
+from __future__ import annotations
+
+from lightning_speedup.bench.recipes import (
+    BASELINE,
+    LEVERS,
+    SPEEDUP,
+    async_metrics,
+    one_cycle,
+    register_recipe,
+    wsd,
+)
+
+_LM_LEVERS = LEVERS.per_task["char-lm"]
+
+register_recipe(
+    BASELINE.extended(
+        name="baseline-onecycle",
+        description="baseline with a per-step OneCycle schedule (max_lr 3e-3, 10 epochs; LM: 1e-3, 40 epochs).",
+        callbacks=(one_cycle(3e-3),),
+        max_epochs=10,
+        per_task={"char-lm": {"callbacks": (one_cycle(1e-3),), "max_epochs": 40}},
+    )
+)
+register_recipe(
+    LEVERS.extended(
+        name="speedup-onecycle",
+        description="speedup-levers with a per-step OneCycle schedule (max_lr 4e-3, 10 epochs; LM: 1e-3, 40 epochs).",
+        callbacks=(one_cycle(4e-3),),
+        max_epochs=10,
+        # The LM diverged at 2e-3.
+        per_task={"char-lm": {**_LM_LEVERS, "callbacks": (one_cycle(1e-3),), "max_epochs": 40}},
+    )
+)
+register_recipe(
+    LEVERS.extended(
+        name="speedup-wsd",
+        description=(
+            "speedup-levers with warmup-stable-decay (peak 4e-3, 5% warm-up, 1-sqrt decay over the last 30%, "
+            "10 epochs; LM: 1e-3, 40 epochs)."
+        ),
+        callbacks=(wsd(4e-3),),
+        max_epochs=10,
+        per_task={"char-lm": {**_LM_LEVERS, "callbacks": (wsd(1e-3),), "max_epochs": 40}},
+    )
+)
+register_recipe(
+    LEVERS.extended(
+        name="speedup-gpu-data",
+        description="speedup-levers fed raw uint8 batches, copied by GPUPrefetcher on a side stream and augmented by GPUAugment.",
+        data="gpu",
+    )
+)
+register_recipe(
+    LEVERS.extended(
+        name="speedup-resident",
+        description="speedup-levers with the data set resident in GPU memory, shuffled and batched there, GPUAugment.",
+        data="resident",
+    )
+)
+register_recipe(
+    SPEEDUP.extended(
+        name="speedup-no-cudagraphs",
+        description="speedup compiled in torch.compile's default mode and Adam's foreach kernel (no CUDA graphs).",
+        compile_mode=None,
+        cuda_graphs=None,
+        fused_optimizer=False,
+    )
+)
+register_recipe(
+    SPEEDUP.extended(
+        name="speedup-async-metrics",
+        description="speedup + AsyncProgressBarMetrics (progress-bar metrics read without a per-step host-device sync).",
+        extra_callbacks=(async_metrics,),
+    )
+)

@@ -1,0 +1,271 @@
+"""Lightning adapters: :class:`Compile` (regional or whole-model ``torch.compile``, a cross-process
+artifact cache, ``auto`` by measurement) and :class:`EagerCUDAGraphs` (CUDA graphs without Inductor)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_speedup.compile.core import (
+    MODES,
+    ArtifactCache,
+    CompileDecision,
+    CompileRecord,
+    cache_key,
+    compile_model,
+    decide_compile,
+    device_name,
+    expected_costs,
+    median,
+)
+
+log = logging.getLogger(__name__)
+
+_SCOPES = ("regional", "full")
+_BACKENDS_OFF_CUDA = ("eager", "aot_eager")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Compile(Callback):
+    """Compile the LightningModule's repeated blocks (``scope="regional"``) or its ``forward``
+    (``scope="full"``) before training, or with ``auto=True`` only when the measured eager step time and
+    the steps the run has left say compiling repays its cost.
+
+    Args:
+        scope: ``"regional"`` compiles each instance of the repeated block class in place (compiled once per
+            class); ``"full"`` compiles the module's ``forward`` (``training_step`` must call ``self(...)``).
+        auto: measure ``measure_steps`` eager steps, then compile only if
+            ``remaining_steps * eager_step * (1 - 1/speedup) > compile_seconds``, with compile seconds and
+            speed-up from the cache's record of an earlier run with the same key, else conservative priors
+            (``lightning_speedup.compile.core.PRIOR_*``). The reason is logged at INFO in one line.
+        regions: class names of the blocks to compile (``["Block"]``); default: found automatically.
+        mode: ``torch.compile`` mode (``None``, ``"default"``, ``"reduce-overhead"``, ``"max-autotune"``, ...).
+        backend: ``"inductor"`` (CUDA only here; elsewhere the callback warns once and does nothing) or
+            ``"eager"`` / ``"aot_eager"`` (anywhere; for tests and debugging).
+        cache: keep compiled artifacts across processes (``torch.compiler.save_cache_artifacts``).
+        cache_dir: where; default ``$LIGHTNING_SPEEDUP_COMPILE_CACHE`` or ``~/.cache/lightning_speedup/compile``.
+        measure_steps: eager steps timed by ``auto`` (after one unmeasured warm-up step) and compiled steps
+            timed afterwards for the cache's record.
+    """
+
+    def __init__(
+        self,
+        scope: str = "regional",
+        auto: bool = False,
+        regions: Sequence[str] | None = None,
+        mode: str | None = None,
+        backend: str = "inductor",
+        cache: bool = True,
+        cache_dir: str | None = None,
+        measure_steps: int = 5,
+    ) -> None:
+        if scope not in _SCOPES:
+            raise ValueError(
+                f"Compile(scope={scope!r}): choose 'regional' (repeated blocks) or 'full' (forward)."
+            )
+        if mode not in MODES:
+            raise ValueError(f"Compile(mode={mode!r}): torch.compile's modes are {list(MODES)}.")
+        if not isinstance(measure_steps, int) or measure_steps < 1:
+            raise ValueError(f"Compile(measure_steps={measure_steps!r}) must be a positive integer.")
+        if regions is not None and (isinstance(regions, str) or not all(isinstance(r, str) for r in regions)):
+            raise ValueError(f"Compile(regions={regions!r}) must be a list of class names, e.g. ['Block'].")
+        if regions is not None and scope != "regional":
+            raise ValueError("Compile(regions=...) only applies to scope='regional'.")
+        self.scope = scope
+        self.auto = auto
+        self.regions = list(regions) if regions is not None else None
+        self.mode = mode
+        self.backend = backend
+        self.cache = ArtifactCache(cache_dir) if cache else None
+        self.measure_steps = measure_steps
+        self.decision: CompileDecision | None = None
+        self.compiled = False
+        self._active = False
+        self._key: str | None = None
+        self._steps = 0
+        self._t0 = 0.0
+        self._eager: list[float] = []
+        self._compiled_times: list[float] = []
+        self._compile_step_s: float | None = None
+        self._artifacts_hit = False
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        device = trainer.strategy.root_device
+        self._active = device.type == "cuda" or self.backend in _BACKENDS_OFF_CUDA
+        if not self._active:
+            rank_zero_warn(
+                f"Compile: Inductor on {device.type} is not where compiling pays for itself here; training "
+                "uncompiled. (backend='eager' or 'aot_eager' runs anywhere, for tests.)"
+            )
+
+    def _compile(self, pl_module: L.LightningModule) -> None:
+        compile_model(pl_module, self.scope, self.regions, mode=self.mode, backend=self.backend)
+        self.compiled = True
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active:
+            return
+        if self._key is None:
+            # The key needs the input shapes, first known here; compilation is lazy, so artifacts loaded now
+            # are found by the first compiled call.
+            self._key = cache_key(pl_module, batch, self.mode, self.scope, device_name(pl_module.device))
+            hit = self.cache is not None and self.cache.load_artifacts(self._key)
+            self._artifacts_hit = bool(hit)
+            if not self.auto:
+                self._compile(pl_module)
+                rank_zero_info(
+                    f"Compile: compiled ({self.scope}, mode={self.mode}); artifact cache {'hit' if hit else 'miss'}."
+                )
+        _sync(pl_module.device)
+        self._t0 = time.perf_counter()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active or self._done_measuring():
+            return
+        _sync(pl_module.device)
+        elapsed = time.perf_counter() - self._t0
+        self._steps += 1
+        if self.compiled:
+            if self._compile_step_s is None:
+                self._compile_step_s = elapsed
+                self._save_artifacts()
+            else:
+                self._compiled_times.append(elapsed)
+                if len(self._compiled_times) == self.measure_steps:
+                    self._write_record()
+            return
+        if self._steps == 1:
+            return  # the first eager step pays one-off costs (allocator, cuDNN autotuning)
+        self._eager.append(elapsed)
+        if self.auto and len(self._eager) == self.measure_steps and self.decision is None:
+            self._decide(trainer, pl_module)
+
+    def _done_measuring(self) -> bool:
+        if self.auto and self.decision is not None and not self.decision.compile:
+            return True
+        return len(self._compiled_times) >= self.measure_steps
+
+    def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert self._key is not None
+        remaining = float(trainer.estimated_stepping_batches) - trainer.global_step
+        record = self.cache.read_record(self._key) if self.cache is not None else None
+        compile_s, speedup, source = expected_costs(self.scope, record, self._artifacts_hit)
+        self.decision = decide_compile(median(self._eager), max(remaining, 0.0), compile_s, speedup, source)
+        verb = "compiling" if self.decision.compile else "not compiling"
+        rank_zero_info(f"Compile(auto): {verb} ({self.scope}): {self.decision.reason}.")
+        if self.decision.compile:
+            self._compile(pl_module)
+
+    def _save_artifacts(self) -> None:
+        if self.cache is not None and self._key is not None:
+            self.cache.save_artifacts(self._key)
+
+    def _write_record(self) -> None:
+        if self.cache is None or self._key is None or not self._eager or self._compile_step_s is None:
+            return
+        compiled = median(self._compiled_times)
+        eager = median(self._eager)
+        record = CompileRecord(compile_s=max(self._compile_step_s - compiled, 0.0), speedup=eager / compiled)
+        self.cache.write_record(self._key, record)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation compiled its own (eval, no-grad) graphs after the first save: store them too.
+        if self._active and self.compiled:
+            self._save_artifacts()
+
+
+class EagerCUDAGraphs(Callback):
+    """CUDA graphs without Inductor: ``torch.cuda.make_graphed_callables`` on the training forward and
+    backward of ``pl_module.<module_attr>``, for host-bound small-model steps where launch overhead dominates.
+
+    The graph replays fixed shapes: the training DataLoader must drop its last incomplete batch
+    (``drop_last=True``; checked at train start). Pair it with a fused optimizer (``fused=True``), which
+    updates every parameter in one kernel. Evaluation runs the module uncompiled. On CPU it warns once and
+    does nothing.
+    """
+
+    def __init__(self, module_attr: str = "net", num_warmup_iters: int = 3) -> None:
+        if not module_attr.isidentifier():
+            raise ValueError(
+                f"EagerCUDAGraphs(module_attr={module_attr!r}) must name an attribute, e.g. 'net'."
+            )
+        if num_warmup_iters < 1:
+            raise ValueError(f"EagerCUDAGraphs(num_warmup_iters={num_warmup_iters}) must be at least 1.")
+        self.module_attr = module_attr
+        self.num_warmup_iters = num_warmup_iters
+        self.graphed = False
+        self._hook: Any = None
+
+    def _module(self, pl_module: L.LightningModule) -> nn.Module:
+        module = getattr(pl_module, self.module_attr, None)
+        if not isinstance(module, nn.Module):
+            raise ValueError(
+                f"EagerCUDAGraphs(module_attr={self.module_attr!r}): {type(pl_module).__name__} has no submodule "
+                f"of that name; pass the attribute that holds the network."
+            )
+        return module
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.strategy.root_device.type != "cuda":
+            rank_zero_warn("EagerCUDAGraphs: CUDA graphs need a CUDA device; training without them.")
+            return
+        module = self._module(pl_module)
+        loader = trainer.train_dataloader
+        if getattr(loader, "drop_last", True) is False:
+            raise ValueError(
+                "EagerCUDAGraphs replays fixed input shapes, but the training DataLoader keeps its last "
+                "incomplete batch: build it with drop_last=True."
+            )
+        if self._hook is None and not self.graphed:
+            self._hook = module.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        # The first training call runs eagerly; later calls replay the graphs captured here.
+        if not module.training or not torch.is_grad_enabled() or self.graphed:
+            return
+        # make_graphed_callables refuses a module with hooks: this one goes first (safe here, as the module
+        # call iterates over a copy of its hooks).
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        sample = tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in args)
+        # It also refuses autocast's weight cache; capture under the same autocast without it.
+        autocast = torch.is_autocast_enabled("cuda")
+        with torch.autocast(
+            "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False
+        ):
+            torch.cuda.make_graphed_callables(module, sample, num_warmup_iters=self.num_warmup_iters)
+        self.graphed = True
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+__all__ = ["Compile", "EagerCUDAGraphs"]

@@ -1,0 +1,46 @@
+"""CPU smoke tests of the reference loop and the compile cold-start benchmark (toy sizes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _script(name: str, *args: str, tmp_path: Path) -> dict:
+    out = tmp_path / "out.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args, "--out", str(out)],
+        env=env, check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def test_reference_loop_reaches_a_toy_target_on_cpu(tmp_path: Path, fashion_mnist_dir) -> None:  # type: ignore[no-untyped-def]
+    result = _script(
+        "reference_loop.py", "--device", "cpu", "--data", str(fashion_mnist_dir), "--train-subset", "256",
+        "--val-subset", "128", "--width", "4", "--batch-size", "64", "--max-epochs", "2", "--target", "0.0",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert result["reached"] and result["time_to_target_s"] == result["history"][0]["elapsed_s"] > 0
+    assert result["seed"] == 0 and result["torch"] and result["date"] and result["gpu"] is None
+    assert result["args"]["compile"] == "none" and result["args"]["precision"] == "32"
+    assert 0.0 <= result["history"][0]["val_acc"] <= 1.0 and result["history"][0]["step"] == 4
+
+
+@pytest.mark.parametrize("variants", [["regional+cache"]])
+def test_compile_cold_start_runs_each_variant_in_a_fresh_process(tmp_path: Path, variants: list[str]) -> None:
+    result = _script(
+        "compile_cold_start.py", "--device", "cpu", "--tiny", "--backend", "aot_eager", "--models", "gpt6",
+        "--steps", "1", "--variants", *variants, tmp_path=tmp_path,
+    )  # fmt: skip
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == variants
+    assert all("error" not in r and r["first_step_s"] > 0 and r["steps_s"] > 0 for r in rows), rows

@@ -1,0 +1,285 @@
+"""Regional compilation, the artifact cache and its key, the auto decision, the callback's errors."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounter
+
+from lightning_speedup.bench.models import GPT, GPTConfig
+from lightning_speedup.compile import (
+    ArtifactCache,
+    Compile,
+    CompileRecord,
+    EagerCUDAGraphs,
+    cache_key,
+    compile_regions,
+    decide_compile,
+    default_cache_dir,
+    find_regions,
+)
+from lightning_speedup.compile.core import CACHE_ENV, PRIOR_COMPILE_S, expected_costs
+
+
+def _gpt(n_layer: int = 3, width: int = 16) -> GPT:
+    return GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=n_layer, n_head=2, n_embd=width, dropout=0.0))
+
+
+class _TwoKinds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(3)])
+        self.b = nn.ModuleList([_Wide() for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in (*self.a, *self.b):
+            x = m(x)
+        return x
+
+
+class _Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+def test_find_regions_picks_the_repeated_block() -> None:
+    gpt = _gpt()
+    found = find_regions(gpt)
+    assert [type(m).__name__ for m in found] == ["Block"] * 3
+    assert find_regions(nn.Linear(2, 2)) == []
+    assert [type(m).__name__ for m in find_regions(_TwoKinds(), ["_Wide"])] == ["_Wide", "_Wide"]
+    with pytest.raises(ValueError, match=r"\['Nope'\] are not submodule classes of GPT.*Block"):
+        find_regions(gpt, ["Nope"])
+
+
+def test_regional_compile_compiles_each_block_class_once() -> None:
+    torch._dynamo.reset()
+    gpt = _gpt(n_layer=4)
+    idx = torch.randint(0, 11, (2, 8))
+    expected = gpt(idx)
+    keys = list(gpt.state_dict())
+    counter = CompileCounter()
+    regions = compile_regions(gpt, backend=counter)  # type: ignore[arg-type]
+    assert len(regions) == 4
+    out = gpt(idx)
+    out.sum().backward()
+    gpt(idx)
+    assert counter.frame_count == 1, "four identical blocks should compile once"
+    torch.testing.assert_close(out, expected)
+    assert list(gpt.state_dict()) == keys  # in-place compile: checkpoints keep their keys
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    two = _TwoKinds()
+    compile_regions(two, ["_Wide"], backend=counter)  # type: ignore[arg-type]
+    two(torch.randn(2, 4))
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_cache_key_hits_and_misses() -> None:
+    gpt, x = _gpt(), torch.zeros(2, 8, dtype=torch.long)
+    key = cache_key(gpt, x, None, "regional", "cpu")
+    assert key == cache_key(_gpt(), torch.ones(2, 8, dtype=torch.long), None, "regional", "cpu")
+    assert key != cache_key(gpt, torch.zeros(4, 8, dtype=torch.long), None, "regional", "cpu")  # shape
+    assert key != cache_key(_gpt(n_layer=4), x, None, "regional", "cpu")  # model
+    assert key != cache_key(_gpt(width=32), x, None, "regional", "cpu")  # parameter shapes
+    assert key != cache_key(gpt.to(torch.bfloat16), x, None, "regional", "cpu")  # dtype
+    assert key != cache_key(_gpt(), x, "max-autotune", "regional", "cpu")
+    assert key != cache_key(_gpt(), x, None, "full", "cpu")
+    assert key != cache_key(_gpt(), x, None, "regional", "NVIDIA H200")
+    assert key != cache_key(_gpt(), x, None, "regional", "cpu", torch_version="2.11.0")
+
+
+def test_cache_dir_default_and_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert str(default_cache_dir()).endswith(".cache/lightning_speedup/compile")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    assert ArtifactCache().directory == tmp_path / "c"
+    assert ArtifactCache(tmp_path / "d").directory == tmp_path / "d"
+
+
+def test_artifact_cache_round_trip_and_corrupt_file(tmp_path) -> None:
+    """Real Inductor artifacts (a tiny CPU function) are saved, reloaded; a corrupt file warns and is rebuilt."""
+    torch._dynamo.reset()
+    cache = ArtifactCache(tmp_path)
+    assert not cache.load_artifacts("k")  # miss
+
+    @torch.compile(backend="inductor")
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x) + 1
+
+    f(torch.randn(8))
+    assert cache.save_artifacts("k")
+    assert cache.artifact_path("k").stat().st_size > 0
+    assert cache.load_artifacts("k")  # hit
+
+    cache.artifact_path("k").write_bytes(b"not an artifact")
+    with pytest.warns(UserWarning, match=r"unreadable compile cache file .*k\.bin"):
+        assert not cache.load_artifacts("k")
+    assert not cache.artifact_path("k").exists()
+    assert cache.save_artifacts("k") and cache.load_artifacts("k")  # rebuilt
+    torch._dynamo.reset()
+
+
+def test_records_round_trip_and_corrupt(tmp_path) -> None:
+    cache = ArtifactCache(tmp_path)
+    assert cache.read_record("k") is None
+    cache.write_record("k", CompileRecord(compile_s=3.5, speedup=1.8))
+    assert cache.read_record("k") == CompileRecord(3.5, 1.8)
+    cache.record_path("k").write_text("{truncated")
+    with pytest.warns(UserWarning, match=r"k\.json"):
+        assert cache.read_record("k") is None
+    assert not cache.record_path("k").exists()
+
+
+@pytest.mark.parametrize(
+    ("eager_ms", "steps", "compile_s", "speedup", "want"),
+    [
+        (10.0, 10_000, 20.0, 1.5, True),  # 33 s saved > 20 s
+        (10.0, 1_000, 20.0, 1.5, False),  # 3.3 s saved < 20 s
+        (1.0, math.inf, 60.0, 1.1, True),  # a run bounded by time
+        (10.0, 10_000, 1.0, 0.9, False),  # compiled is slower
+        (10.0, 0, 0.0, 2.0, False),  # nothing left to save
+    ],
+)
+def test_auto_decision_on_stubbed_timings(
+    eager_ms: float, steps: float, compile_s: float, speedup: float, want: bool
+) -> None:
+    d = decide_compile(eager_ms / 1e3, steps, compile_s, speedup)
+    assert d.compile is want
+    if want:
+        assert d.reason.startswith("compiling pays for itself") and d.expected_saving_s > 0
+    else:
+        assert d.reason.startswith(("compiling would not pay for itself", "compiled steps are not expected"))
+
+
+def test_auto_costs_prefer_records() -> None:
+    assert expected_costs("regional", CompileRecord(2.0, 3.0), False) == (
+        2.0,
+        3.0,
+        "measured by an earlier run with the same key",
+    )
+    s, _, src = expected_costs("full", None, False)
+    assert s == PRIOR_COMPILE_S["full"] and src == "documented priors"
+    assert expected_costs("full", None, True)[0] < s
+    with pytest.raises(ValueError, match="positive speed-up"):
+        decide_compile(0.01, 10, 1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"scope": "whole"}, "choose 'regional'"),
+        ({"mode": "fast"}, "torch.compile's modes"),
+        ({"measure_steps": 0}, "positive integer"),
+        ({"regions": "Block"}, "list of class names"),
+        ({"scope": "full", "regions": ["Block"]}, "only applies to scope='regional'"),
+    ],
+)
+def test_compile_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Compile(**kwargs)
+
+
+def test_cuda_graphs_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="must name an attribute"):
+        EagerCUDAGraphs(module_attr="a.b")
+    with pytest.raises(ValueError, match="at least 1"):
+        EagerCUDAGraphs(num_warmup_iters=0)
+
+
+class _LM(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _gpt(n_layer=2)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net(idx)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x).flatten(0, 1), y.flatten())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(callback: L.Callback, steps: int, tmp_path) -> _LM:
+    torch.manual_seed(0)
+    data = torch.randint(0, 11, (steps * 2, 9))
+    ds = torch.utils.data.TensorDataset(data[:, :-1], data[:, 1:])
+    model = _LM()
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    ).fit(model, torch.utils.data.DataLoader(ds, batch_size=2, drop_last=True))
+    return model
+
+
+def test_inductor_on_cpu_warns_and_does_nothing(tmp_path) -> None:
+    cb = Compile(cache_dir=str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="training uncompiled"):
+        _fit(cb, 3, tmp_path)
+    assert not cb.compiled and not (tmp_path / "cache").exists()
+
+
+def test_auto_logs_its_decision(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    torch._dynamo.reset()
+    cb = Compile(auto=True, backend="eager", measure_steps=2, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO):
+        _fit(cb, 6, tmp_path)
+    assert cb.decision is not None and not cb.decision.compile and not cb.compiled  # 3 steps left: no
+    assert "Compile(auto): not compiling (regional): compiling would not pay for itself" in caplog.text
+    torch._dynamo.reset()
+
+
+def test_compile_always_regional_trains_with_eager_backend(tmp_path) -> None:
+    torch._dynamo.reset()
+    cb = Compile(backend="eager", measure_steps=2, cache_dir=str(tmp_path / "cache"))
+    model = _fit(cb, 5, tmp_path)
+    assert cb.compiled and all(b._compiled_call_impl is not None for b in model.net.blocks)
+    torch._dynamo.reset()
+
+
+def test_method_card_snippet_runs() -> None:
+    """docs/methods/compile.md's Python snippet builds its Trainer."""
+    import pathlib
+    import re
+
+    card = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "methods" / "compile.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    namespace: dict = {}
+    exec(snippet, namespace)
+    assert any(isinstance(c, Compile) and c.auto for c in namespace["trainer"].callbacks)
+
+
+def test_compile_from_lightning_cli_yaml() -> None:
+    """The card's YAML instantiates the callback through jsonargparse, as LightningCLI does."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[L.Callback])
+    cfg = parser.parse_string(
+        "callbacks:\n"
+        "  - class_path: lightning_speedup.Compile\n"
+        "    init_args: {scope: regional, auto: true, mode: null, cache: true, regions: [Block]}\n"
+    )
+    (cb,) = parser.instantiate_classes(cfg).callbacks
+    assert isinstance(cb, Compile) and cb.auto and cb.scope == "regional" and cb.regions == ["Block"]

@@ -1,0 +1,81 @@
+"""GPU tests (skipped on CPU): EagerCUDAGraphs trains like eager; Compile's regional compile and artifact cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_speedup.bench.models import ResNet9
+from lightning_speedup.compile import Compile, EagerCUDAGraphs
+
+
+class _Classifier(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = ResNet9(width=8)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x).float(), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+
+
+class _Losses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def _fit(precision: str, callbacks: list[L.Callback], drop_last: bool = True) -> list[float]:
+    torch.manual_seed(0)
+    x, y = torch.randn(16 * 32, 1, 28, 28), torch.randint(0, 10, (16 * 32,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, drop_last=drop_last)
+    losses = _Losses()
+    model = _Classifier()
+    L.Trainer(
+        accelerator="gpu", devices=1, precision=precision, max_epochs=2, callbacks=[*callbacks, losses],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    ).fit(model, loader)  # fmt: skip
+    return losses.losses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("precision", "tol"), [("32-true", 1e-3), ("bf16-mixed", 3e-2)])
+def test_eager_cuda_graphs_train_like_eager(precision: str, tol: float) -> None:
+    torch.backends.cudnn.deterministic = True
+    eager = _fit(precision, [])
+    graphs = EagerCUDAGraphs()
+    graphed = _fit(precision, [graphs])
+    assert graphs.graphed and len(graphed) == len(eager) == 32
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+def test_eager_cuda_graphs_need_drop_last() -> None:
+    with pytest.raises(ValueError, match="drop_last=True"):
+        _fit("32-true", [EagerCUDAGraphs()], drop_last=False)
+
+
+@pytest.mark.gpu
+def test_regional_compile_saves_and_reloads_artifacts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    torch._dynamo.reset()
+    first = Compile(cache_dir=str(tmp_path), measure_steps=2)
+    eager = _fit("bf16-mixed", [])
+    compiled = _fit("bf16-mixed", [first])
+    assert first.compiled and not first._artifacts_hit and any(tmp_path.glob("*.bin"))
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), atol=5e-2, rtol=5e-2)
+    torch._dynamo.reset()
+    second = Compile(cache_dir=str(tmp_path), measure_steps=2)
+    _fit("bf16-mixed", [second])
+    assert second._artifacts_hit
