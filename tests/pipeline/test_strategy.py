@@ -7,6 +7,7 @@ over four Adam steps parameters agree to ~1e-6 and losses to ~1e-7 relative, so 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -168,10 +169,14 @@ def test_bad_settings_rejected_at_construction(kwargs: dict[str, object], match:
 
 @pytest.fixture(autouse=True)
 def _no_process_group_left() -> object:
-    """One-process runs initialise a process group in this process; later forked runs must not inherit it."""
+    """One-process runs initialise a process group and set Lightning's launch variables (LOCAL_RANK, ...) in
+    this process; later forked runs must inherit neither (with LOCAL_RANK set, Lightning launches no peers)."""
+    environ = dict(os.environ)
     yield
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def _fit_one_process(model: L.LightningModule, strategy: PipelineStrategy, data: object = None) -> None:
