@@ -112,6 +112,23 @@ set_tests() {
     --junitxml="$WORK/multigpu-tests.xml"
 }
 
+# Pipeline on one GPU: the GPU tests, then the strategy's per-step cost over a bare schedule loop.
+set_pipeline() {
+  job pipeline-gpu-tests 0 python -m pytest -q -p no:cacheprovider tests/pipeline/test_pipeline_gpu.py \
+    tests/compile/test_gpu.py
+  job pipeline-overhead 0 python benchmarks/pipeline_overhead.py --repeats 3 --out "$WORK/pipeline_overhead.json"
+}
+
+# Cold start (every run a fresh process with empty compile caches), 3 seeds, one task per call.
+set_cold_fashion() {
+  job cold-fashion 0 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --cache cold \
+    --recipe baseline --recipe speedup --recipe speedup-eager --seeds 3 --out "$WORK/cold-fashion"
+}
+set_cold_charlm() {
+  job cold-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache cold \
+    --recipe baseline --recipe speedup --recipe speedup-eager --seeds 3 --out "$WORK/cold-charlm"
+}
+
 # --- main -------------------------------------------------------------------------------------
 sets=$(declare -F | awk '{print $3}' | sed -n 's/^set_//p' | tr _ - | tr '\n' ' ')
 name=${1:-}
