@@ -122,11 +122,11 @@ set_pipeline() {
 # Cold start (every run a fresh process with empty compile caches), 3 seeds, one task per call.
 set_cold_fashion() {
   job cold-fashion 0 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --cache cold \
-    --recipe baseline --recipe speedup --recipe speedup-eager --seeds 3 --out "$WORK/cold-fashion"
+    --recipe baseline --recipe speedup-compiled --recipe speedup --seeds 3 --out "$WORK/cold-fashion"
 }
 set_cold_charlm() {
   job cold-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache cold \
-    --recipe baseline --recipe speedup --recipe speedup-eager --seeds 3 --out "$WORK/cold-charlm"
+    --recipe baseline --recipe speedup-compiled --recipe speedup --seeds 3 --out "$WORK/cold-charlm"
 }
 
 # --- main -------------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ def test_ladder_adds_then_removes_one_technique_at_a_time(task: str) -> None:
         removed = techniques_differing(r, end)
         assert removed and removed <= techniques_differing(base, end)
         assert all(getattr(r, f) == getattr(base, f) for t in removed for f in TECHNIQUES[t])
-    if task == "fashion-mnist":
-        assert f"{task}:speedup-compile-cuda-graphs" in names  # CUDA graphs capture the compile
+    # speedup compiles nothing (chosen by cold runs), so no step of the ladder compiles either
+    assert not any(resolved(n).compile for n in names)
 
 
 def test_identical_recipes_give_a_two_step_ladder() -> None:

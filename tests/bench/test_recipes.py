@@ -28,16 +28,16 @@ def test_baseline_matches_design() -> None:
 def test_speedup_per_task_overrides() -> None:
     fm = get_recipe("speedup").for_task("fashion-mnist")
     lm = get_recipe("speedup").for_task("char-lm")
-    assert fm.precision == lm.precision == "bf16-mixed" and fm.compile and fm.channels_last
+    assert fm.precision == lm.precision == "bf16-mixed" and not fm.compile and not lm.compile and fm.channels_last
     assert fm.batch_size == 512 and lm.batch_size == 128 and not lm.channels_last
 
 
 def test_speedup_adds_cudagraphs_and_fused_adam_for_images_only() -> None:
-    """speedup = speedup-no-cudagraphs + reduce-overhead compile + fused Adam, for images; a bad mode fails at setup."""
+    """speedup-compiled = speedup-no-cudagraphs + reduce-overhead compile + fused Adam, for images."""
     from lightning_speedup.bench.modules import ImageClassifier
 
     mine, base = (
-        get_recipe("speedup").for_task("fashion-mnist"),
+        get_recipe("speedup-compiled").for_task("fashion-mnist"),
         get_recipe("speedup-no-cudagraphs").for_task("fashion-mnist"),
     )
     assert mine.compile_mode == "reduce-overhead" and base.compile_mode is None
@@ -45,10 +45,10 @@ def test_speedup_adds_cudagraphs_and_fused_adam_for_images_only() -> None:
     assert mine.fused_optimizer and not base.fused_optimizer
     assert (mine.data, mine.max_epochs, mine.batch_size) == (base.data, base.max_epochs, base.batch_size)
     lm, lm_base = (
-        get_recipe("speedup").for_task("char-lm"),
+        get_recipe("speedup-compiled").for_task("char-lm"),
         get_recipe("speedup-no-cudagraphs").for_task("char-lm"),
     )
-    assert lm == dataclasses.replace(lm_base, name="speedup", description=lm.description)
+    assert lm == dataclasses.replace(lm_base, name="speedup-compiled", description=lm.description)
     model = ImageClassifier(compile=True, compile_mode="reduce-overhead", width=4)
     model.configure_model()
     assert model._forward is not None and model.compile_mode == "reduce-overhead"
@@ -58,10 +58,10 @@ def test_speedup_adds_cudagraphs_and_fused_adam_for_images_only() -> None:
 
 def test_cold_start_candidates() -> None:
     """The candidates for `speedup` differ from it only in how (and whether) they compile."""
-    base = get_recipe("speedup")
+    base = get_recipe("speedup-compiled")
     for task in ("fashion-mnist", "char-lm"):
         sp = base.for_task(task)
-        eager = get_recipe("speedup-eager").for_task(task)
+        eager = get_recipe("speedup").for_task(task)
         assert eager.compile is False and eager.cuda_graphs is None and eager.compile_mode is None
         assert [c.__name__ for c in eager.callbacks] == [c.__name__ for c in sp.callbacks] + [
             "AsyncProgressBarMetrics()"
@@ -70,12 +70,12 @@ def test_cold_start_candidates() -> None:
         assert all(getattr(eager, f) == getattr(sp, f) for f in same)
         assert get_recipe("speedup-regional").for_task(task).compile == "regional"
         assert get_recipe("speedup-auto").for_task(task).compile == "auto"
-        for name in ("speedup-regional", "speedup-auto", "speedup-eager-cudagraphs"):
+        for name in ("speedup-regional", "speedup-auto", "speedup-cudagraphs"):
             r = get_recipe(name).for_task(task)
             assert r.callbacks == eager.callbacks and r.data == eager.data, name
-    assert get_recipe("speedup-eager-cudagraphs").for_task("fashion-mnist").cuda_graphs == "eager"
-    assert get_recipe("speedup-eager-cudagraphs").for_task("fashion-mnist").fused_optimizer
-    assert get_recipe("speedup-eager-cudagraphs").for_task("char-lm").cuda_graphs is None
+    assert get_recipe("speedup-cudagraphs").for_task("fashion-mnist").cuda_graphs == "eager"
+    assert get_recipe("speedup-cudagraphs").for_task("fashion-mnist").fused_optimizer
+    assert get_recipe("speedup-cudagraphs").for_task("char-lm").cuda_graphs is None
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,7 @@ def test_benchmark_recipes_load_from_the_repository_or_the_env(tmp_path) -> None
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     )
     assert alone.stdout.split() == [
-        "baseline", "speedup", "speedup-auto", "speedup-eager", "speedup-eager-cudagraphs", "speedup-levers",
+        "baseline", "speedup", "speedup-auto", "speedup-compiled", "speedup-cudagraphs", "speedup-levers",
         "speedup-regional",
     ]  # fmt: skip
     env["LIGHTNING_SPEEDUP_RECIPES"] = str(repo / "benchmarks" / "recipes.py")
