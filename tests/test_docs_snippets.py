@@ -10,6 +10,7 @@ line before it; it is compiled, not run. New method cards are picked up by the g
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ def test_snippet_runs_on_cpu(
     if snippet.gpu_only:
         pytest.skip(f"marked {GPU_ONLY}: compiled only")
     monkeypatch.setenv("HOME", str(tmp_path))  # sweeps default to ~/ray_results
+    # Ray's worker processes unpickle the stand-ins from this test package: they need the repository on their path.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("LIGHTNING_SPEEDUP_DATA", str(fashion_mnist_dir))
     monkeypatch.chdir(tmp_path)
     try:
