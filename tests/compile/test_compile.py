@@ -243,8 +243,15 @@ def test_inductor_on_cpu_warns_and_does_nothing(tmp_path) -> None:
 def test_auto_logs_its_decision(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     torch._dynamo.reset()
     cb = Compile(auto=True, backend="eager", measure_steps=2, cache_dir=str(tmp_path / "cache"))
-    with caplog.at_level(logging.INFO):
-        _fit(cb, 6, tmp_path)
+    # The decision goes through Lightning's rank-zero logger, which may not propagate to the root logger
+    # that caplog listens on (Lightning gives it its own handler when the root has none).
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    lightning_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+            _fit(cb, 6, tmp_path)
+    finally:
+        lightning_log.removeHandler(caplog.handler)
     assert cb.decision is not None and not cb.decision.compile and not cb.compiled  # 3 steps left: no
     assert "Compile(auto): not compiling (regional): compiling would not pay for itself" in caplog.text
     torch._dynamo.reset()
