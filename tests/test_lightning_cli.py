@@ -125,6 +125,23 @@ def _qat(t: L.Trainer) -> None:
     assert (p.precision, p.start_step) == ("32-true", 3)
 
 
+def _pipeline(t: L.Trainer) -> None:
+    s = t.strategy
+    assert isinstance(s, ls.PipelineStrategy)
+    assert (s.schedule_name, s.n_microbatches_arg, s.stages_per_rank, s.balance) == ("interleaved_1f1b", 8, 2, "time")
+
+
+def _compile(t: L.Trainer) -> None:
+    (c,) = [c for c in t.callbacks if isinstance(c, ls.Compile)]
+    assert (c.scope, c.auto, c.backend, c.measure_steps) == ("full", True, "eager", 3)
+
+
+def _eager_graphs(t: L.Trainer) -> None:
+    (c,) = [c for c in t.callbacks if isinstance(c, ls.EagerCUDAGraphs)]
+    assert (c.module_attr, c.num_warmup_iters) == ("body", 5)
+
+
+
 CASES: dict[str, tuple[dict[str, Any], Check]] = {
     "AsyncProgressBarMetrics": (
         {
@@ -230,6 +247,27 @@ CASES: dict[str, tuple[dict[str, Any], Check]] = {
             },
         },
         _compressed,
+    ),
+    "PipelineStrategy": (
+        {
+            "accelerator": "cpu",
+            "strategy": {
+                "class_path": "lightning_speedup.PipelineStrategy",
+                "init_args": {"schedule": "interleaved_1f1b", "n_microbatches": 8, "stages_per_rank": 2,
+                              "balance": "time"},
+            },
+        },
+        _pipeline,
+    ),
+    "Compile": (
+        {"callbacks": [{"class_path": "lightning_speedup.Compile",
+                        "init_args": {"scope": "full", "auto": True, "backend": "eager", "measure_steps": 3}}]},
+        _compile,
+    ),
+    "EagerCUDAGraphs": (
+        {"callbacks": [{"class_path": "lightning_speedup.EagerCUDAGraphs",
+                        "init_args": {"module_attr": "body", "num_warmup_iters": 5}}]},
+        _eager_graphs,
     ),
     "DiLoCoStrategy": (
         {
