@@ -140,12 +140,17 @@ def test_snippet_runs_on_cpu(
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("LIGHTNING_SPEEDUP_DATA", str(fashion_mnist_dir))
     monkeypatch.chdir(tmp_path)
-    try:
-        exec(compiled, _namespace(tmp_path, fashion_mnist_dir))
-    finally:
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():  # a sweep snippet started a local cluster
-            ray.shutdown()
+    exec(compiled, _namespace(tmp_path, fashion_mnist_dir))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_ray_cluster_for_all_snippets() -> Any:
+    """The first sweep snippet starts a local Ray cluster and the later ones reuse it: starting a second
+    cluster in the same process right after a shutdown can time out waiting for its GCS on a busy machine."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def test_extract_reads_the_gpu_only_marker_and_adapt_makes_a_cpu_trainer(tmp_path: Path) -> None:
