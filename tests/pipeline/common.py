@@ -154,3 +154,19 @@ class ReplicaShards(L.LightningDataModule):
         data = dataset()
         idx = [i * self.batch_size + d * share + j for i in range(len(data) // self.batch_size) for j in range(share)]
         return DataLoader(torch.utils.data.Subset(data, idx), batch_size=share, shuffle=False, drop_last=True)
+
+
+class PredictLM(TinyLM):
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self(batch[0])
+
+
+class SavePredictions(L.Callback):
+    """Each process saves what ``predict_step`` returned (picklable, for spawned processes)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        torch.save(outputs, self.out / f"rank{trainer.global_rank}_batch{batch_idx}.pt")

@@ -18,7 +18,9 @@ from torch import nn
 from lightning_speedup import PipelineStrategy
 from lightning_speedup.pipeline import SCHEDULES
 from tests.pipeline.common import (
+    PredictLM,
     ReplicaShards,
+    SavePredictions,
     TinyLM,
     dataset,
     final_state,
@@ -32,7 +34,8 @@ STAGES_PER_RANK = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zero_bubble": 
 
 def _pp(schedule: str, **kwargs: object) -> PipelineStrategy:
     kwargs.setdefault("n_microbatches", 4)
-    return PipelineStrategy(schedule=schedule, start_method="fork", **kwargs)  # type: ignore[arg-type]
+    # spawn, not fork: earlier test modules can leave threads (stores, loggers) whose locks a fork would copy held
+    return PipelineStrategy(schedule=schedule, start_method="spawn", **kwargs)  # type: ignore[arg-type]
 
 
 def _assert_same_training(ref: Path, run: Path) -> None:
@@ -109,18 +112,10 @@ def test_validate_and_predict_equal_the_plain_module(tmp_path: Path) -> None:
     assert piped["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
     assert piped["val_acc"] == pytest.approx(plain["val_acc"], rel=1e-6)
 
-    class Predict(TinyLM):
-        def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-            return self(batch[0])
-
-    class Save(L.Callback):
-        def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object,
-                                 batch: object, batch_idx: int, dataloader_idx: int = 0) -> None:
-            torch.save(outputs, tmp_path / f"rank{trainer.global_rank}_batch{batch_idx}.pt")
-
-    pm = Predict()
+    pm = PredictLM()
     pm.load_state_dict(model.state_dict())
-    L.Trainer(devices=2, strategy=_pp("gpipe"), use_distributed_sampler=False, callbacks=[Save()], **kw).predict(
+    L.Trainer(devices=2, strategy=_pp("gpipe"), use_distributed_sampler=False, callbacks=[SavePredictions(tmp_path)],
+              **kw).predict(
         pm, val, return_predictions=False
     )
     expected = [model(x) for x, _ in val]
@@ -171,6 +166,11 @@ def test_bad_settings_rejected_at_construction(kwargs: dict[str, object], match:
 def _no_process_group_left() -> object:
     """One-process runs initialise a process group and set Lightning's launch variables (LOCAL_RANK, ...) in
     this process; later forked runs must inherit neither (with LOCAL_RANK set, Lightning launches no peers)."""
+    # Earlier test modules may have left a process group or Lightning's launch variables in this process.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        os.environ.pop(key, None)
     environ = dict(os.environ)
     yield
     if torch.distributed.is_initialized():
