@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -101,6 +103,21 @@ def test_checkpoint_roundtrip_and_exact_resume(tmp_path: Path) -> None:
 
 
 def test_validate_and_predict_equal_the_plain_module(tmp_path: Path) -> None:
+    """Run in a fresh interpreter: after the whole suite's earlier modules, this process's state once made a
+    spawned rank abort (SIGABRT) in validate; the check itself is :func:`check_validate_and_predict`."""
+    repo = str(Path(__file__).resolve().parents[2])
+    code = ("import sys; from pathlib import Path; "
+            "from tests.pipeline.test_strategy import check_validate_and_predict; "
+            "check_validate_and_predict(Path(sys.argv[1]))")
+    env = {**os.environ, "PYTHONPATH": repo, "PYTHONWARNINGS": "ignore"}
+    for key in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def check_validate_and_predict(tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
     model = TinyLM()
     val = torch.utils.data.DataLoader(dataset(20, seed=1), batch_size=8)  # batches of 8, 8 and 4
