@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 VOCAB, CONTEXT, WIDTH = 16, 8, 16
+# What Lightning's launchers leave in os.environ; a process that inherits them launches no peers.
+LAUNCH_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")
 
 
 class Embed(nn.Module):

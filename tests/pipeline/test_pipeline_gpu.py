@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import lightning as L
 import pytest
 import torch
@@ -14,16 +11,6 @@ from lightning_speedup import PipelineStrategy
 from lightning_speedup.bench.modules import CharLM
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def _no_process_group_left() -> Iterator[None]:
-    environ = dict(os.environ)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(environ)
 
 
 class _Losses(L.Callback):

@@ -20,6 +20,7 @@ from torch import nn
 from lightning_speedup import PipelineStrategy
 from lightning_speedup.pipeline import SCHEDULES
 from tests.pipeline.common import (
+    LAUNCH_VARIABLES,
     PredictLM,
     ReplicaShards,
     SavePredictions,
@@ -110,7 +111,7 @@ def test_validate_and_predict_equal_the_plain_module(tmp_path: Path) -> None:
             "from tests.pipeline.test_strategy import check_validate_and_predict; "
             "check_validate_and_predict(Path(sys.argv[1]))")
     env = {**os.environ, "PYTHONPATH": repo, "PYTHONWARNINGS": "ignore"}
-    for key in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+    for key in LAUNCH_VARIABLES:
         env.pop(key, None)
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=repo, env=env, capture_output=True,
                           text=True, timeout=240, check=False)
@@ -177,23 +178,6 @@ def test_unknown_schedule_lists_the_valid_ones() -> None:
 def test_bad_settings_rejected_at_construction(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         PipelineStrategy(**kwargs)  # type: ignore[arg-type]
-
-
-@pytest.fixture(autouse=True)
-def _no_process_group_left() -> object:
-    """One-process runs initialise a process group and set Lightning's launch variables (LOCAL_RANK, ...) in
-    this process; later forked runs must inherit neither (with LOCAL_RANK set, Lightning launches no peers)."""
-    # Earlier test modules may have left a process group or Lightning's launch variables in this process.
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for key in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
-        os.environ.pop(key, None)
-    environ = dict(os.environ)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(environ)
 
 
 def _fit_one_process(model: L.LightningModule, strategy: PipelineStrategy, data: object = None) -> None:
