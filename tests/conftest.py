@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import importlib.abc
 import os
+import secrets
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -44,6 +47,41 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The shared data folder sits beside the checkout (../shared/data); `.data/` inside the repo is where
 # it is copied for the device machine.
 _DATA_CANDIDATES = [REPO_ROOT.parent / "shared" / "data", REPO_ROOT / ".data"]
+
+
+_RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+_ray_auth: dict[str, object] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every local Ray cluster of the suite uses one token file of its own.
+
+    Ray (>= 2.5x) turns token authentication on for a new local cluster and keeps the token at
+    ``~/.ray/auth_token``, caching it in the process. A test that points ``HOME`` elsewhere while a
+    cluster starts leaves the process holding a token that a later cluster's GCS does not know
+    ("InvalidAuthToken", seen in CI). A fixed token path makes the clusters agree whatever ``HOME`` is,
+    keeps authentication on as users get it, and writes nothing to the user's home.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="ls-ray-auth-"))
+    token = folder / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    _ray_auth.update(folder=folder, saved={k: os.environ.get(k) for k in _RAY_AUTH_VARS})
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    saved = _ray_auth.get("saved")
+    if isinstance(saved, dict):
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    folder = _ray_auth.get("folder")
+    if isinstance(folder, Path):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

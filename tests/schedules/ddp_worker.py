@@ -51,6 +51,10 @@ def main(out_dir: Path) -> None:
         "weights": [p.detach().double().sum().item() for p in model.parameters()],
     }
     (out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    # Tear the gloo group down before the interpreter exits: left to exit-time destruction, its threads
+    # can abort the process ("terminate called without an active exception", seen once in CI).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
