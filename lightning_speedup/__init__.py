@@ -1,25 +1,28 @@
 """lightning_speedup: callbacks, strategies and precision plugins that make Lightning training faster.
 
-Importing this package is cheap (no Ray, no bitsandbytes) and registers the project's strategy
-strings with Lightning's ``StrategyRegistry``. Heavy optional parts are imported on first use:
-``lightning_speedup.tune`` (Ray Tune) and ``lightning_speedup.quantization`` kernels (bitsandbytes).
+``__all__`` is what a user adds to a ``Trainer`` (callbacks, strategies, the QAT precision plugin), the
+GPU augmentation ops (``ls.augment``), quantization (``ls.quantization``), sweeps (``ls.tune``) and
+:func:`check_strategy_name`. Importing this package is cheap (no Ray, no bitsandbytes) and registers
+the project's strategy strings with Lightning's ``StrategyRegistry``. Heavy optional parts are
+imported on first use: ``ls.tune`` (Ray Tune, imported when the attribute is first read) and the
+``lightning_speedup.quantization`` kernels (bitsandbytes).
 """
 
 from __future__ import annotations
 
-from lightning_speedup import augment, quantization
-from lightning_speedup._registry import (
-    check_strategy_name,
-    register_strategies,
-    registered_strategy,
-    strategy_names,
-)
+import importlib
+import sys
+from types import ModuleType
+
+from lightning_speedup import _registry, quantization
+from lightning_speedup._registry import check_strategy_name
 from lightning_speedup.compile import Compile, EagerCUDAGraphs
 from lightning_speedup.data import (
     DataStallMonitor,
     DeviceResidentDataModule,
     GPUAugment,
     GPUPrefetcher,
+    augment,
 )
 from lightning_speedup.distributed import (
     CompressedDDPStrategy,
@@ -39,6 +42,11 @@ from lightning_speedup.schedules import (
     WarmupCosine,
     WarmupStableDecay,
 )
+
+# ``ls.augment`` is the module ``lightning_speedup.data.augment`` under a second name, not a copy:
+# registering the alias makes ``import lightning_speedup.augment`` and LightningCLI's
+# ``class_path: lightning_speedup.augment.RandomCrop`` resolve to the same classes.
+sys.modules[f"{__name__}.augment"] = augment
 
 __version__ = "0.1.0.dev0"
 
@@ -67,9 +75,21 @@ __all__ = [
     "augment",
     "check_strategy_name",
     "quantization",
-    "register_strategies",
-    "registered_strategy",
-    "strategy_names",
+    "tune",
 ]
 
-register_strategies()
+# Submodules read as attributes on first use: ``tune`` imports Ray, which a plain import must not.
+_LAZY_SUBMODULES = ("tune",)
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+_registry.register_strategies()

@@ -1,4 +1,4 @@
-"""One mechanism for the project's strategy strings.
+"""One mechanism for the project's strategy strings (private plumbing; only :func:`check_strategy_name` is public).
 
 A strategy class opts in with the :func:`registered_strategy` decorator and defines Lightning's own
 ``register_strategies(cls, strategy_registry)`` classmethod (the convention of
@@ -51,11 +51,6 @@ def register_strategies(registry: Any = None) -> list[str]:
             owned = [n for n in registry.available_strategies() if registry[n]["strategy"] is cls]
         names.extend(sorted(owned))
     return names
-
-
-def strategy_names() -> list[str]:
-    """The strategy strings this package registered (empty until strategies land)."""
-    return register_strategies()
 
 
 def check_strategy_name(name: str) -> str:

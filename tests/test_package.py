@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -28,6 +29,37 @@ def test_version() -> None:
     assert lightning_speedup.__version__
 
 
+def test_public_names() -> None:
+    """``__all__`` is the Trainer-facing API; the registry plumbing stays in the private ``_registry``."""
+    expected = {
+        "AsyncProgressBarMetrics", "Compile", "CompressedDDPStrategy", "DataStallMonitor",
+        "DeviceResidentDataModule", "DiLoCoStrategy", "EagerCUDAGraphs", "GPUAugment", "GPUPrefetcher",
+        "GossipSGDStrategy", "LRRangeTest", "LRScheduleCallback", "LocalSGDStrategy", "OneCycle",
+        "ParameterAveragingStrategy", "PipelineStrategy", "QATPrecision", "RangeTestDivergedError",
+        "WarmupCosine", "WarmupStableDecay", "__version__", "augment", "check_strategy_name",
+        "quantization", "tune",
+    }  # fmt: skip
+    assert set(lightning_speedup.__all__) == expected
+    for name in ("register_strategies", "registered_strategy", "strategy_names"):
+        assert not hasattr(lightning_speedup, name), name
+    # One augment module under two names: ls.augment is ls.data.augment, and importable as either.
+    assert lightning_speedup.augment is importlib.import_module("lightning_speedup.data.augment")
+    assert importlib.import_module("lightning_speedup.augment") is lightning_speedup.augment
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        _ = lightning_speedup.nonexistent  # type: ignore[attr-defined]
+
+
+def test_tune_is_imported_on_first_use() -> None:
+    code = (
+        "import sys, lightning_speedup as ls; "
+        "assert 'ray' not in sys.modules and 'tune' in dir(ls); "
+        "sweep = ls.tune.tune_lightning; "
+        "assert 'ray' in sys.modules and sweep.__module__ == 'lightning_speedup.tune.sweep'; print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 def test_registered_strategy_reaches_lightning() -> None:
     @_registry.registered_strategy
     class _TestStrategy(SingleDeviceStrategy):
@@ -36,9 +68,9 @@ def test_registered_strategy_reaches_lightning() -> None:
             strategy_registry.register("ls_test_single", cls, description="test alias", device="cpu")
 
     try:
-        names = lightning_speedup.register_strategies()
+        names = _registry.register_strategies()
         assert "ls_test_single" in names
-        assert lightning_speedup.register_strategies() == names  # idempotent
+        assert _registry.register_strategies() == names  # idempotent
         trainer = L.Trainer(strategy="ls_test_single", accelerator="cpu", logger=False)
         assert isinstance(trainer.strategy, _TestStrategy)
         with pytest.raises(ValueError, match="ls_test_singel"):

@@ -1,4 +1,4 @@
-"""Batched image augmentation on the device, with every random parameter drawn per sample.
+"""Batched image augmentation on the device, with every random parameter drawn per sample (``ls.augment``).
 
 torchvision's v2 transforms applied to a batched tensor draw *one* set of random parameters for the
 whole batch (every image gets the same crop and the same flip); per-sample randomness then needs a
@@ -12,7 +12,8 @@ Yun et al. (ICCV 2019), here with one mixing weight per sample.
 Every op is a plain callable on a ``(B, C, H, W)`` tensor and takes an optional ``torch.Generator``
 (on the images' device) so a run is reproducible given the seed. Image ops (:class:`ImageOp`) map
 images to images; mixing ops (:class:`MixOp`) map ``(images, labels)`` to ``(images, soft_labels)``.
-:class:`Compose` chains both kinds. Plain torch only: no Lightning import.
+:class:`Compose` chains both kinds. Plain torch only: no Lightning import. ``lightning_speedup.augment``
+(``ls.augment``) is this module under a second name, registered by the package's ``__init__``.
 """
 
 from __future__ import annotations
