@@ -3,7 +3,7 @@
 ``tune_lightning(build, search_space, metric="val_acc", mode="max")`` runs a sweep with Ray Tune
 (Liaw et al., 2018): Gaussian-process Bayesian optimisation through Optuna (or TPE, or random search),
 ASHA early stopping, one device per trial (fractions of a GPU allowed), best-only weights-only
-checkpoints, and resume after an interruption. ``objective=TimeToTarget(metric, target)`` tunes for the
+checkpoints, and resume after an interruption. ``objective=TimeToTargetObjective(metric, target)`` tunes for the
 fastest wall time to a quality target instead. Importing this package imports Ray; the top-level
 ``lightning_speedup`` package does not import it.
 """
@@ -21,7 +21,7 @@ except ImportError as _err:  # pragma: no cover - depends on the installed extra
 
 from lightning_speedup.tune.callback import MetricNotReportedError, TuneReportCallback
 from lightning_speedup.tune.cluster import InsufficientResourcesError, init_ray
-from lightning_speedup.tune.objective import TimeToTarget
+from lightning_speedup.tune.objective import TimeToTargetObjective
 from lightning_speedup.tune.results import TuneResults
 from lightning_speedup.tune.space import config_in_space, validate_search_space
 from lightning_speedup.tune.sweep import tune_lightning
@@ -29,7 +29,7 @@ from lightning_speedup.tune.sweep import tune_lightning
 __all__ = [
     "InsufficientResourcesError",
     "MetricNotReportedError",
-    "TimeToTarget",
+    "TimeToTargetObjective",
     "TuneReportCallback",
     "TuneResults",
     "config_in_space",

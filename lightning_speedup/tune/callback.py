@@ -6,7 +6,7 @@ schedulers such as ASHA (Li et al., 2020) can stop a weak trial between epochs. 
 along only when the tuned value improved, and it holds weights and hyper-parameters only (no
 optimizer state), which keeps sweeps of many trials from filling the disk; Tune keeps one per trial.
 
-With a :class:`~lightning_speedup.tune.TimeToTarget` objective the callback also scores each report
+With a :class:`~lightning_speedup.tune.TimeToTargetObjective` objective the callback also scores each report
 (see :mod:`lightning_speedup.tune.objective`) and stops the trial at the first validation that reaches
 the target. Time spent talking to Tune and writing checkpoints is excluded from the measured wall time.
 """
@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch import Callback
 from typing_extensions import override
 
-from lightning_speedup.tune.objective import TimeToTarget
+from lightning_speedup.tune.objective import TimeToTargetObjective
 
 CHECKPOINT_FILE = "model.ckpt"
 
@@ -66,7 +66,7 @@ class TuneReportCallback(Callback):
     Args:
         metric: the tuned logged metric (e.g. ``"val_acc"``); ignored when ``objective`` is given.
         mode: ``"max"`` or ``"min"`` for ``metric``.
-        objective: optional :class:`TimeToTarget`; the trial then reports ``"time_to_target_s"``
+        objective: optional :class:`TimeToTargetObjective`; the trial then reports ``"time_to_target_s"``
             (to minimise) and stops once the target is reached.
         checkpoint: send a weights-only checkpoint to Tune whenever the tuned value improves.
         report: where to send ``(metrics, checkpoint_dir)``; default: ``ray.tune.report`` of the trial.
@@ -80,7 +80,7 @@ class TuneReportCallback(Callback):
         self,
         metric: str,
         mode: str = "max",
-        objective: TimeToTarget | None = None,
+        objective: TimeToTargetObjective | None = None,
         checkpoint: bool = True,
         report: Reporter | None = None,
     ) -> None:
@@ -90,7 +90,7 @@ class TuneReportCallback(Callback):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
         self.objective = objective
         self.source_metric = objective.metric if objective else metric
-        self.tuned_key = TimeToTarget.key if objective else metric
+        self.tuned_key = TimeToTargetObjective.key if objective else metric
         self.tuned_mode = "min" if objective else mode
         self.checkpoint = checkpoint
         self._report = report or _ray_report
@@ -149,7 +149,7 @@ class TuneReportCallback(Callback):
             raise MetricNotReportedError(
                 f"The sweep tunes {self.source_metric!r}, but this trial logged no such metric by the end of "
                 f"validation; it logged {sorted(metrics) or 'nothing'}. Pass one of these as "
-                f"{'TimeToTarget(metric=...)' if self.objective else 'metric='}, or log it in "
+                f"{'TimeToTargetObjective(metric=...)' if self.objective else 'metric='}, or log it in "
                 f"validation_step with self.log({self.source_metric!r}, value)."
             )
         value = metrics[self.source_metric]
@@ -168,9 +168,9 @@ class TuneReportCallback(Callback):
                 score, reached = self._reached_at_s, True
             else:
                 score, reached = self.objective.score(elapsed, self._best_source, fraction)
-            metrics[TimeToTarget.key] = score
-            metrics[TimeToTarget.reached_key] = float(reached)
-            metrics[TimeToTarget.projected_key] = elapsed / max(fraction, 1e-6)
+            metrics[TimeToTargetObjective.key] = score
+            metrics[TimeToTargetObjective.reached_key] = float(reached)
+            metrics[TimeToTargetObjective.projected_key] = elapsed / max(fraction, 1e-6)
             stop = reached and self.objective.stop_at_target
 
         tuned = metrics[self.tuned_key]

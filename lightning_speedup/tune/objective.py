@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 
 
 @dataclass(frozen=True)
-class TimeToTarget:
+class TimeToTargetObjective:
     """Tune for the fastest wall time from the start of ``fit`` to a validation at or past ``target``.
 
     Args:
@@ -55,17 +55,19 @@ class TimeToTarget:
 
     def __post_init__(self) -> None:
         if not isinstance(self.metric, str) or not self.metric:
-            raise ValueError(f"TimeToTarget.metric must be a non-empty metric name, got {self.metric!r}.")
+            raise ValueError(
+                f"TimeToTargetObjective.metric must be a non-empty metric name, got {self.metric!r}."
+            )
         if self.mode not in ("max", "min"):
-            raise ValueError(f"TimeToTarget.mode must be 'max' or 'min', got {self.mode!r}.")
+            raise ValueError(f"TimeToTargetObjective.mode must be 'max' or 'min', got {self.mode!r}.")
         if not isinstance(self.target, (int, float)) or not math.isfinite(self.target) or self.target == 0:
             raise ValueError(
-                f"TimeToTarget.target must be a finite non-zero number, got {self.target!r} "
+                f"TimeToTargetObjective.target must be a finite non-zero number, got {self.target!r} "
                 "(the penalty of a miss is relative to the target)."
             )
         if not isinstance(self.penalty, (int, float)) or not self.penalty >= 1:
             raise ValueError(
-                f"TimeToTarget.penalty must be >= 1 so that a miss scores worse than its own run, "
+                f"TimeToTargetObjective.penalty must be >= 1 so that a miss scores worse than its own run, "
                 f"got {self.penalty!r}."
             )
 

@@ -2,7 +2,7 @@
 
 Built from Ray Tune's ``ResultGrid`` (kept as ``result_grid`` for anything not covered here). The best
 trial is the one with the best value of the tuned metric in *any* of its reports (a trial that ASHA
-stopped early still counts with what it reached); with a :class:`TimeToTarget` objective, only trials
+stopped early still counts with what it reached); with a :class:`TimeToTargetObjective` objective, only trials
 that reached the target compete on time, and the penalised score ranks the rest only when none did.
 
 Trials are kept in the order the sweep created them, read from what Ray stores with each trial, never
@@ -24,7 +24,7 @@ import pandas as pd
 from ray.tune import Checkpoint, ResultGrid
 
 from lightning_speedup.tune.callback import CHECKPOINT_FILE
-from lightning_speedup.tune.objective import TimeToTarget
+from lightning_speedup.tune.objective import TimeToTargetObjective
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -113,7 +113,7 @@ class TuneResults:
     mode: str
     num_trials: int
     searched: list[str]
-    objective: TimeToTarget | None = None
+    objective: TimeToTargetObjective | None = None
     path: str = ""
     best_config: dict[str, Any] | None = field(init=False, default=None)
     best_metric: float | None = field(init=False, default=None)
@@ -159,8 +159,8 @@ class TuneResults:
 
     def _trial_best(self, df: pd.DataFrame) -> float:
         values = pd.to_numeric(df[self.metric], errors="coerce").dropna()
-        if self.objective is not None and TimeToTarget.reached_key in df.columns:
-            reached = df.loc[values.index, TimeToTarget.reached_key] > 0
+        if self.objective is not None and TimeToTargetObjective.reached_key in df.columns:
+            reached = df.loc[values.index, TimeToTargetObjective.reached_key] > 0
             if reached.any():
                 values = values[reached]
         if values.empty:
@@ -169,7 +169,8 @@ class TuneResults:
 
     def _trial_reached(self, df: pd.DataFrame) -> bool:
         return bool(
-            self.objective is not None and (df.get(TimeToTarget.reached_key, pd.Series([0])) > 0).any()
+            self.objective is not None
+            and (df.get(TimeToTargetObjective.reached_key, pd.Series([0])) > 0).any()
         )
 
     def _pick_best(self) -> None:
@@ -225,7 +226,7 @@ class TuneResults:
                 row[self.metric] = self._trial_best(df)
                 row[f"last_{self.metric}"] = float(df[self.metric].iloc[-1])
                 if self.objective is not None:
-                    row[TimeToTarget.reached_key] = self._trial_reached(df)
+                    row[TimeToTargetObjective.reached_key] = self._trial_reached(df)
                     source = pd.to_numeric(df.get(self.objective.metric), errors="coerce")
                     if source is not None and not source.dropna().empty:
                         row[self.objective.metric] = float(

@@ -28,7 +28,7 @@ from ray.tune.search import Searcher
 
 from lightning_speedup.tune.callback import MetricNotReportedError
 from lightning_speedup.tune.cluster import check_resources, init_ray, normalize_resources, trial_slots
-from lightning_speedup.tune.objective import TimeToTarget
+from lightning_speedup.tune.objective import TimeToTargetObjective
 from lightning_speedup.tune.results import TuneResults
 from lightning_speedup.tune.searchers import (
     check_scheduler,
@@ -103,7 +103,7 @@ def _settings(
     searcher: Any,
     scheduler: Any,
     seed: int | None,
-    objective: TimeToTarget | None,
+    objective: TimeToTargetObjective | None,
     searched: list[str],
     space: dict[str, str],
     trainer_kwargs: Mapping[str, Any],
@@ -134,6 +134,20 @@ def _write_settings(path: Path, settings: dict[str, Any]) -> None:
     os.replace(tmp, path / SETTINGS_FILE)
 
 
+# The objective's class was called ``TimeToTarget`` before it was renamed; a sweep saved then stores
+# that name in its repr, which is otherwise the same objective.
+_OLD_OBJECTIVE_PREFIX = "TimeToTarget("
+
+
+def _upgrade_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """Settings saved by an older version, in today's form (so that an unchanged sweep still resumes)."""
+    objective = saved.get("objective")
+    if isinstance(objective, str) and objective.startswith(_OLD_OBJECTIVE_PREFIX):
+        renamed = f"{TimeToTargetObjective.__name__}({objective.removeprefix(_OLD_OBJECTIVE_PREFIX)}"
+        return {**saved, "objective": renamed}
+    return saved
+
+
 def _check_resume_settings(path: Path, settings: dict[str, Any]) -> None:
     file = path / SETTINGS_FILE
     if not file.exists():
@@ -150,6 +164,7 @@ def _check_resume_settings(path: Path, settings: dict[str, Any]) -> None:
             f"resume=True: {file} should hold a JSON object of the sweep's settings, got "
             f"{type(saved).__name__}. Restore it, or start a new sweep under another name."
         )
+    saved = _upgrade_settings(saved)
     diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
     if diff:
         lines = "; ".join(f"{k}: was {old!r}, now {new!r}" for k, (old, new) in diff.items())
@@ -179,7 +194,7 @@ def tune_lightning(
     scheduler: str | TrialScheduler | None = "asha",
     resources_per_trial: Mapping[str, float] | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
-    objective: TimeToTarget | None = None,
+    objective: TimeToTargetObjective | None = None,
     storage_path: str | os.PathLike[str] | None = None,
     name: str | None = None,
     resume: bool = False,
@@ -227,7 +242,7 @@ def tune_lightning(
         trainer_kwargs: arguments of ``lightning.Trainer`` for every trial (not ``accelerator``,
             ``devices``, ``num_nodes``: the resources decide those). Trials default to no logger, no
             progress bar, no model summary and no Lightning checkpoints.
-        objective: :class:`TimeToTarget` to tune for the fastest time to a quality target instead.
+        objective: :class:`TimeToTargetObjective` to tune for the fastest time to a quality target instead.
         storage_path: where sweeps are stored (default ``~/ray_results``; a URI such as ``s3://...``
             works too). The sweep lives in ``storage_path/name``.
         name: the sweep's name (default: ``tune_lightning_<date>-<time>``); needed to resume.
@@ -269,15 +284,15 @@ def tune_lightning(
     searcher_name = searcher if isinstance(searcher, str) else "random"
     searched = validate_search_space(search_space, searcher_name)
     if objective is not None:
-        if not isinstance(objective, TimeToTarget):
-            raise TypeError(f"objective must be a TimeToTarget(...) or None, got {objective!r}.")
+        if not isinstance(objective, TimeToTargetObjective):
+            raise TypeError(f"objective must be a TimeToTargetObjective(...) or None, got {objective!r}.")
         if metric is not None or mode is not None:
             raise ValueError(
                 f"objective={objective!r} decides what the sweep optimises (minimise "
-                f"{TimeToTarget.key!r}); leave metric and mode out. The quality metric is "
+                f"{TimeToTargetObjective.key!r}); leave metric and mode out. The quality metric is "
                 f"objective.metric={objective.metric!r}."
             )
-        tuned_metric, tuned_mode = TimeToTarget.key, "min"
+        tuned_metric, tuned_mode = TimeToTargetObjective.key, "min"
     else:
         if not isinstance(metric, str) or not metric:
             raise ValueError(
@@ -299,7 +314,7 @@ def tune_lightning(
         and trainer_kwargs.get("max_steps") is None
     ):
         raise ValueError(
-            "objective=TimeToTarget needs a finite step budget to project a trial's full run time: set "
+            "objective=TimeToTargetObjective needs a finite step budget to project a trial's full run time: set "
             "trainer_kwargs['max_epochs'] or trainer_kwargs['max_steps']."
         )
     scheduler_obj = make_scheduler(scheduler, trainer_kwargs)

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch import Callback
 
 from lightning_speedup.tune.callback import TuneReportCallback
-from lightning_speedup.tune.objective import TimeToTarget
+from lightning_speedup.tune.objective import TimeToTargetObjective
 
 # config -> (module, datamodule) or (module, datamodule, per-trial callbacks)
 Build = Callable[
@@ -130,7 +130,7 @@ def run_trial(
     trainer_kwargs: dict[str, Any],
     metric: str,
     mode: str,
-    objective: TimeToTarget | None,
+    objective: TimeToTargetObjective | None,
     checkpoint: bool,
     seed: int | None,
     cpus: float,

@@ -22,7 +22,7 @@ from ray import tune
 from lightning_speedup.tune import (
     InsufficientResourcesError,
     MetricNotReportedError,
-    TimeToTarget,
+    TimeToTargetObjective,
     config_in_space,
     init_ray,
     tune_lightning,
@@ -236,7 +236,7 @@ def test_unsatisfiable_resources_fail_before_any_trial(
 def test_time_to_target_scores_time_and_penalises_misses(
     ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
-    objective = TimeToTarget(metric="val_acc", target=0.6, penalty=2.0)
+    objective = TimeToTargetObjective(metric="val_acc", target=0.6, penalty=2.0)
     space = {"lr": tune.grid_search([3e-3, 1e-6]), "data_dir": str(fashion_mnist_dir)}
     results = tune_lightning(
         build_mlp, space, num_samples=1, objective=objective, searcher="random", scheduler=None, seed=0,

@@ -17,7 +17,7 @@ from ray import tune
 
 from lightning_speedup.tune import (
     MetricNotReportedError,
-    TimeToTarget,
+    TimeToTargetObjective,
     TuneReportCallback,
     config_in_space,
     tune_lightning,
@@ -61,7 +61,7 @@ def _noop_build(config: dict[str, Any]) -> Any:
         ({"search_space": {"x": tune.randn(0, 1)}}, ValueError, "Optuna.*cannot model"),
         ({"metric": None}, ValueError, "metric must name a logged validation metric"),
         ({"mode": "maximize"}, ValueError, "mode must be 'max' or 'min'"),
-        ({"objective": TimeToTarget()}, ValueError, "leave metric and mode out"),
+        ({"objective": TimeToTargetObjective()}, ValueError, "leave metric and mode out"),
         ({"num_samples": 0}, ValueError, "num_samples must be an int >= 1"),
         ({"trainer_kwargs": {"max_epoch": 2}}, ValueError, "Did you mean 'max_epochs'"),
         ({"trainer_kwargs": {"devices": 2}}, ValueError, "trains on one device"),
@@ -85,7 +85,7 @@ def test_bad_input_is_rejected_before_ray_starts(kwargs: dict[str, Any], error: 
 
 def test_objective_needs_a_step_budget() -> None:
     with pytest.raises(ValueError, match=r"max_epochs.*max_steps"):
-        tune_lightning(_noop_build, SPACE, objective=TimeToTarget(), scheduler=None)
+        tune_lightning(_noop_build, SPACE, objective=TimeToTargetObjective(), scheduler=None)
 
 
 def test_validate_search_space_returns_searched_names() -> None:
@@ -135,7 +135,7 @@ def test_default_concurrency_keeps_bayes_nearly_sequential() -> None:
 
 
 def test_time_to_target_scores() -> None:
-    obj = TimeToTarget(metric="val_acc", target=0.9, penalty=2.0)
+    obj = TimeToTargetObjective(metric="val_acc", target=0.9, penalty=2.0)
     assert obj.score(12.0, 0.91, fraction_done=0.3) == (12.0, True)
     # A miss: penalty * (elapsed / fraction done) * (1 + relative shortfall).
     value, reached = obj.score(10.0, 0.81, fraction_done=0.5)
@@ -144,7 +144,7 @@ def test_time_to_target_scores() -> None:
     # Closer to the target scores better; a miss always scores worse than its own full run.
     assert obj.score(10.0, 0.85, 1.0)[0] < obj.score(10.0, 0.5, 1.0)[0]
     assert obj.score(10.0, 0.899, 1.0)[0] > 10.0
-    low = TimeToTarget(metric="val_loss", target=1.5, mode="min")
+    low = TimeToTargetObjective(metric="val_loss", target=1.5, mode="min")
     assert low.reached(1.49) and not low.reached(1.51) and low.shortfall(3.0) == pytest.approx(1.0)
     assert not obj.reached(float("nan"))
 
@@ -156,7 +156,7 @@ def test_time_to_target_scores() -> None:
 )  # fmt: skip
 def test_time_to_target_rejects_bad_settings(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        TimeToTarget(**kwargs)
+        TimeToTargetObjective(**kwargs)
 
 
 # ---------------------------------------------------------------- the report callback in a real Trainer
@@ -215,7 +215,7 @@ def test_callback_names_the_missing_metric_and_what_was_logged(fashion_mnist_dir
 
 def test_callback_stops_at_target(fashion_mnist_dir: Path) -> None:
     sink = _Sink()
-    obj = TimeToTarget(metric="val_acc", target=0.5)
+    obj = TimeToTargetObjective(metric="val_acc", target=0.5)
     trainer = _fit(fashion_mnist_dir, TuneReportCallback("", objective=obj, report=sink), max_epochs=5)
     last = sink.reports[-1]
     assert last["reached_target"] == 1 and last["val_acc"] >= 0.5
@@ -377,3 +377,17 @@ def test_settings_file_is_written_atomically_and_a_corrupt_one_is_named(tmp_path
     file.write_text("[1, 2]")
     with pytest.raises(ValueError, match="should hold a JSON object"):
         _check_resume_settings(tmp_path / "sweep", {"num_samples": 4})
+
+
+def test_a_sweep_saved_before_the_objective_rename_still_resumes(tmp_path: Path) -> None:
+    """Settings saved when the objective class was called ``TimeToTarget`` match today's equal objective."""
+    objective = TimeToTargetObjective(metric="val_acc", target=0.9)
+    old = {"objective": repr(objective).replace("TimeToTargetObjective(", "TimeToTarget(", 1), "seed": 0}
+    assert old["objective"].startswith("TimeToTarget(metric='val_acc', target=0.9")
+    _write_settings(tmp_path / "sweep", old)
+    _check_resume_settings(tmp_path / "sweep", {"objective": repr(objective), "seed": 0})
+    other = TimeToTargetObjective(metric="val_acc", target=0.8)
+    with pytest.raises(
+        ValueError, match=r"objective: was \"TimeToTargetObjective\(metric='val_acc', target=0.9"
+    ):
+        _check_resume_settings(tmp_path / "sweep", {"objective": repr(other), "seed": 0})
