@@ -389,9 +389,9 @@ def worker(args: argparse.Namespace) -> None:
     from typing_extensions import override
 
     import lightning_speedup.distributed as lsd
+    from lightning_speedup.bench.datasets import load_text_corpus
     from lightning_speedup.bench.models import count_parameters
     from lightning_speedup.bench.modules import CharLM
-    from lightning_speedup.data import load_text_corpus
 
     local_rank = int(os.environ["LOCAL_RANK"])
     if args.smoke:  # CPU/gloo dry run: same code path, tiny sizes

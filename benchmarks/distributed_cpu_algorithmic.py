@@ -44,9 +44,9 @@ from typing_extensions import override
 
 import lightning_speedup.distributed  # noqa: F401  (defines the strategy classes)
 from lightning_speedup._registry import register_strategies
+from lightning_speedup.bench.datasets import load_text_corpus
 from lightning_speedup.bench.env import environment
 from lightning_speedup.bench.modules import CharLM
-from lightning_speedup.data import load_text_corpus
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "distributed_cpu_algorithmic.json"
 CONFIGS: dict[str, dict[str, Any]] = {

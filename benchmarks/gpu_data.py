@@ -54,16 +54,16 @@ import torch
 from typing_extensions import override
 
 from lightning_speedup import AsyncProgressBarMetrics
-from lightning_speedup.bench.env import device_label, environment
-from lightning_speedup.bench.modules import ImageClassifier
-from lightning_speedup.data import (
+from lightning_speedup.bench.datamodules import FashionMNISTDataModule
+from lightning_speedup.bench.datasets import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
-    FashionMNISTDataModule,
+    FashionMNIST,
     load_fashion_mnist,
 )
+from lightning_speedup.bench.env import device_label, environment
+from lightning_speedup.bench.modules import ImageClassifier
 from lightning_speedup.data.augment import Normalize, RandomCrop, RandomHorizontalFlip
-from lightning_speedup.data.datasets import FashionMNIST
 from lightning_speedup.data.gpu_augment import GPUAugment
 from lightning_speedup.data.prefetch import GPUPrefetcher
 from lightning_speedup.data.resident import DeviceResidentDataModule

@@ -44,9 +44,9 @@ import lightning as L
 import torch
 from _data import fashion_dir, text_path  # benchmarks/_data.py: scripts run from this folder
 
+from lightning_speedup.bench.datamodules import CharLMDataModule, FashionMNISTDataModule
 from lightning_speedup.bench.env import device_label, environment
 from lightning_speedup.bench.modules import CharLM, ImageClassifier
-from lightning_speedup.data import CharLMDataModule, FashionMNISTDataModule
 from lightning_speedup.schedules import LRRangeTest, OneCycle
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "lr_range_validation.json"

@@ -43,9 +43,14 @@ import torch
 from _data import text_path  # benchmarks/_data.py: scripts run from this folder
 from torch import Tensor
 
+from lightning_speedup.bench.datasets import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    load_fashion_mnist,
+    load_text_corpus,
+)
 from lightning_speedup.bench.env import device_label, environment
 from lightning_speedup.bench.modules import CharLM, ImageClassifier
-from lightning_speedup.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist, load_text_corpus
 from lightning_speedup.quantization import QATPrecision, convert, evaluate, quantize, quantized_layers
 from lightning_speedup.quantization.report import recovered_share
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _data import fashion_dir
 
+from lightning_speedup.bench.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 from lightning_speedup.bench.models import ResNet9
-from lightning_speedup.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 from lightning_speedup.data.augment import (
     Compose,
     Normalize,

@@ -55,9 +55,10 @@ import torch.nn.functional as F
 from ray import tune
 from torch import nn
 
+from lightning_speedup.bench.datamodules import FashionMNISTDataModule
+from lightning_speedup.bench.datasets import find_fashion_mnist
 from lightning_speedup.bench.env import environment
 from lightning_speedup.bench.modules import ImageClassifier
-from lightning_speedup.data import FashionMNISTDataModule, find_fashion_mnist
 from lightning_speedup.tune import init_ray, tune_lightning
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "tune_bayes_vs_random.json"

@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LIGHTNING_SPEEDUP_LOGLEVEL", "WARNING"))
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    from lightning_speedup.data import DataError
+    from lightning_speedup.bench.datasets import DataError
 
     try:
         if args.command == "list":

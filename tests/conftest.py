@@ -110,8 +110,7 @@ def fashion_mnist_dir() -> Path:
     path = _find_shared("fashion-mnist")
     if path is not None:
         return path
-    from lightning_speedup.data import find_fashion_mnist
-    from lightning_speedup.data.datasets import DataError
+    from lightning_speedup.bench.datasets import DataError, find_fashion_mnist
 
     try:  # $LIGHTNING_SPEEDUP_DATA, Debian's dataset-fashion-mnist, the user cache
         return Path(find_fashion_mnist(None, download=False))

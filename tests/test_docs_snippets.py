@@ -88,8 +88,8 @@ def _cpu_trainer(tmp_path: Path) -> Any:
 
 def build(config: dict[str, Any]) -> tuple[L.LightningModule, L.LightningDataModule]:
     """The README's ``build``: a sweep's config -> (module, data), here tiny."""
+    from lightning_speedup.bench.datamodules import FashionMNISTDataModule
     from lightning_speedup.bench.modules import ImageClassifier
-    from lightning_speedup.data import FashionMNISTDataModule
 
     return ImageClassifier(lr=config["lr"], width=8), FashionMNISTDataModule(
         config.get("data_dir"), batch_size=config["batch_size"], num_workers=0, augment=False,
@@ -98,8 +98,9 @@ def build(config: dict[str, Any]) -> tuple[L.LightningModule, L.LightningDataMod
 
 
 def _namespace(tmp_path: Path, fashion_mnist_dir: Path) -> dict[str, Any]:
+    from lightning_speedup.bench.datamodules import FashionMNISTDataModule
+    from lightning_speedup.bench.datasets import load_fashion_mnist
     from lightning_speedup.bench.modules import ImageClassifier
-    from lightning_speedup.data import FashionMNISTDataModule, load_fashion_mnist
 
     raw = load_fashion_mnist(fashion_mnist_dir, download=False)
     images = torch.as_tensor(raw.test_images[:64]).unsqueeze(1)  # (B, 1, 28, 28) uint8
@@ -137,7 +138,9 @@ def test_snippet_runs_on_cpu(
         pytest.skip(f"marked {GPU_ONLY}: compiled only")
     monkeypatch.setenv("HOME", str(tmp_path))  # sweeps default to ~/ray_results
     # Ray's worker processes unpickle the stand-ins from this test package: they need the repository on their path.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    )
     monkeypatch.setenv("LIGHTNING_SPEEDUP_DATA", str(fashion_mnist_dir))
     monkeypatch.chdir(tmp_path)
     exec(compiled, _namespace(tmp_path, fashion_mnist_dir))

@@ -1,4 +1,8 @@
-"""The time-to-target bench: tasks, recipes, the runner and reports (`lightning-speedup bench`)."""
+"""The time-to-target bench (`lightning-speedup bench`): tasks, recipes, the runner and reports.
+
+The reference tasks' data live here too: :mod:`~lightning_speedup.bench.datasets` (Fashion-MNIST, the
+char-LM corpus) and :mod:`~lightning_speedup.bench.datamodules` (their LightningDataModules).
+"""
 
 from lightning_speedup.bench.recipes import Recipe, available_recipes, get_recipe, register_recipe
 from lightning_speedup.bench.runner import BenchConfig, RunResult, run_bench, run_one

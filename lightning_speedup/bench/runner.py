@@ -170,7 +170,7 @@ class BenchConfig:
                 raise ValueError(f"--model-arg {key}={value}: sizes and counts must be >= 1 (e.g. {key}=16).")
         if self.data_path is not None and not Path(self.data_path).exists():
             # An explicit path is what the user meant: never fall back to another copy of the data.
-            from lightning_speedup.data import DataError
+            from lightning_speedup.bench.datasets import DataError
 
             needs = (
                 "char-lm needs a UTF-8 text file"
@@ -453,10 +453,10 @@ def _sha256(paths: Sequence[Path]) -> str:
 def check_data(task: str, path: Path) -> dict[str, Any]:
     """Read the data once before the first run (a truncated or empty file fails here, not inside a run)
     and return its path and SHA-256 for the report."""
-    from lightning_speedup.data import DataError
+    from lightning_speedup.bench.datasets import DataError
 
     if task == "fashion-mnist":
-        from lightning_speedup.data.datasets import load_fashion_mnist
+        from lightning_speedup.bench.datasets import load_fashion_mnist
 
         try:
             load_fashion_mnist(path, download=False)

@@ -20,10 +20,10 @@ import lightning as L
 import torch
 from lightning.pytorch import Callback
 
+from lightning_speedup.bench.datamodules import CharLMDataModule, FashionMNISTDataModule
+from lightning_speedup.bench.datasets import ENV_VAR, DataError, find_fashion_mnist
 from lightning_speedup.bench.modules import CharLM, ImageClassifier
 from lightning_speedup.bench.recipes import Recipe
-from lightning_speedup.data import CharLMDataModule, DataError, FashionMNISTDataModule, find_fashion_mnist
-from lightning_speedup.data.datasets import ENV_VAR
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,8 @@ def _fashion_baseline(ctx: RunContext) -> tuple[L.LightningDataModule, list[Call
 
 def _gpu_augment(ctx: RunContext) -> Callback:
     from lightning_speedup import augment
-    from lightning_speedup.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, GPUAugment
+    from lightning_speedup.bench.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from lightning_speedup.data import GPUAugment
 
     return GPUAugment(
         augment.RandomCrop(28, padding=2),

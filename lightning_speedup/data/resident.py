@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 from lightning_speedup.data.augment import batch_seed
-from lightning_speedup.data.datasets import load_fashion_mnist
 
 __all__ = ["DeviceResidentDataModule", "ResidentBatches", "tensor_bytes"]
 
@@ -238,7 +237,10 @@ class DeviceResidentDataModule(L.LightningDataModule):
         ``train_subset``/``val_subset`` keep the same fixed random subsets as
         :class:`FashionMNISTDataModule` with ``seed=subset_seed`` (for quick runs).
         """
-        from lightning_speedup.data.datamodules import _subset
+        # The bench's reference data set, imported on call: importing the data techniques does not
+        # import the bench (this constructor is a convenience for the reference task and examples).
+        from lightning_speedup.bench.datamodules import _subset
+        from lightning_speedup.bench.datasets import load_fashion_mnist
 
         data = load_fashion_mnist(data_dir)
         tr = _subset(len(data.train_labels), train_subset, subset_seed)

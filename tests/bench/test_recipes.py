@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 
 from lightning_speedup.bench import RunContext, get_recipe, get_task, register_recipe
+from lightning_speedup.bench.datasets import DataError
 from lightning_speedup.bench.recipes import _RECIPES, Recipe, available_recipes
 from lightning_speedup.bench.runner import BenchConfig, build_trainer_parts
-from lightning_speedup.data import DataError
 
 
 def test_baseline_matches_design() -> None:
@@ -28,7 +28,12 @@ def test_baseline_matches_design() -> None:
 def test_speedup_per_task_overrides() -> None:
     fm = get_recipe("speedup").for_task("fashion-mnist")
     lm = get_recipe("speedup").for_task("char-lm")
-    assert fm.precision == lm.precision == "bf16-mixed" and not fm.compile and not lm.compile and fm.channels_last
+    assert (
+        fm.precision == lm.precision == "bf16-mixed"
+        and not fm.compile
+        and not lm.compile
+        and fm.channels_last
+    )
     assert fm.batch_size == 512 and lm.batch_size == 128 and not lm.channels_last
 
 

@@ -8,8 +8,8 @@ import lightning as L
 import pytest
 
 from lightning_speedup.bench import TimeToTarget
+from lightning_speedup.bench.datamodules import FashionMNISTDataModule
 from lightning_speedup.bench.modules import ImageClassifier
-from lightning_speedup.data import FashionMNISTDataModule
 
 
 def _fit(data_dir: Path, timer: TimeToTarget, epochs: int) -> L.Trainer:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_speedup.augment as ls_augment
+from lightning_speedup import augment as ls_augment
 from lightning_speedup.data.augment import (
     ChannelsLast,
     Compose,

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from lightning_speedup.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTDataModule
+from lightning_speedup.bench.datamodules import FashionMNISTDataModule
+from lightning_speedup.bench.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from lightning_speedup.data.augment import Compose, Cutout, MixUp, Normalize, RandomCrop, RandomHorizontalFlip
 from lightning_speedup.data.gpu_augment import GPUAugment
 from lightning_speedup.data.prefetch import GPUPrefetcher, PrefetchLoader

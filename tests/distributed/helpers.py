@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-from lightning_speedup.data import load_text_corpus
+from lightning_speedup.bench.datasets import load_text_corpus
 
 CONTEXT = 8
 

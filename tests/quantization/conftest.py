@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_speedup.data import load_fashion_mnist
+from lightning_speedup.bench.datasets import load_fashion_mnist
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_speedup.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+from lightning_speedup.bench.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 from lightning_speedup.schedules import LRRangeTest, OneCycle, RangeTestDivergedError, WarmupCosine
 from tests.schedules.common import Regressor, make_trainer, regression_loader, single_thread  # noqa: F401
 from tests.schedules.test_callbacks import TwoOptimizers

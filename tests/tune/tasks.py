@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
-from lightning_speedup.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+from lightning_speedup.bench.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""LightningDataModules for the reference tasks, in the shape a typical Lightning user writes them.
+"""LightningDataModules for the bench's reference tasks, in the shape a typical Lightning user writes them.
 
 ``FashionMNISTDataModule(augment=True, output="float")`` is the baseline pipeline of docs/design.md:
 per-sample CPU augmentation (random crop with 2-pixel padding, horizontal flip) inside a ``Dataset``,
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_speedup.data.datasets import (
+from lightning_speedup.bench.datasets import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
     FashionMNIST,

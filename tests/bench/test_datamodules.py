@@ -7,14 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_speedup.data import (
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
-    CharLMDataModule,
-    FashionMNISTDataModule,
-    ImageBatches,
-    load_text_corpus,
-)
+from lightning_speedup.bench.datamodules import CharLMDataModule, FashionMNISTDataModule, ImageBatches
+from lightning_speedup.bench.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_text_corpus
 
 
 def test_fashion_float_batches_are_normalised(fashion_mnist_dir: Path) -> None:
@@ -83,7 +77,7 @@ def test_charlm_windows_and_validation_coverage(shakespeare_path: Path) -> None:
 
 def test_charlm_ranks_read_different_windows(shakespeare_path: Path) -> None:
     """Under DDP every rank's global RNG is seeded alike; the windows must still differ across ranks."""
-    from lightning_speedup.data.datamodules import RandomWindows
+    from lightning_speedup.bench.datamodules import RandomWindows
 
     ids = load_text_corpus(shakespeare_path).train_ids
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_speedup.data import datasets
-from lightning_speedup.data.datasets import (
+from lightning_speedup.bench import datasets
+from lightning_speedup.bench.datasets import (
     DataError,
     fashion_mnist_search_path,
     find_fashion_mnist,

@@ -1,4 +1,4 @@
-"""Real data sets for the reference tasks: Fashion-MNIST from IDX files and a character-level corpus.
+"""Real data sets for the bench's reference tasks: Fashion-MNIST from IDX files and a character-level corpus.
 
 Fashion-MNIST (Xiao et al., 2017) is read from the standard IDX files (gzipped or not) wherever users
 have them. The search order is documented in :func:`find_fashion_mnist` and the error for missing
@@ -71,7 +71,7 @@ def read_idx(path: str | Path) -> np.ndarray:
             size does not match its header.
     """
     path = Path(path)
-    fix = f"Delete {path} and get the file again (see `lightning_speedup.data.find_fashion_mnist`)."
+    fix = f"Delete {path} and get the file again (see `lightning_speedup.bench.datasets.find_fashion_mnist`)."
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
