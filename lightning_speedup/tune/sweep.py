@@ -16,16 +16,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 from ray.tune import Callback as TuneCallback
-from ray.tune import CheckpointConfig, FailureConfig, ResumeConfig, RunConfig, TuneConfig
+from ray.tune import CheckpointConfig, FailureConfig, ResultGrid, ResumeConfig, RunConfig, TuneConfig
 from ray.tune.execution.placement_groups import PlacementGroupFactory
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
+from lightning_speedup._validation import check_int
 from lightning_speedup.tune.callback import MetricNotReportedError
 from lightning_speedup.tune.cluster import check_resources, init_ray, normalize_resources, trial_slots
 from lightning_speedup.tune.objective import TimeToTargetObjective
@@ -96,36 +98,6 @@ def _describe(part: Any) -> str | None:
     return part if part is None or isinstance(part, str) else type(part).__name__
 
 
-def _settings(
-    metric: str,
-    mode: str,
-    num_samples: int,
-    searcher: Any,
-    scheduler: Any,
-    seed: int | None,
-    objective: TimeToTargetObjective | None,
-    searched: list[str],
-    space: dict[str, str],
-    trainer_kwargs: Mapping[str, Any],
-    request: Mapping[str, float],
-) -> dict[str, Any]:
-    """What a resumed sweep must agree on with the sweep it continues (JSON-able)."""
-    return {
-        "metric": metric,
-        "mode": mode,
-        "num_samples": num_samples,
-        "searcher": _describe(searcher),
-        "scheduler": _describe(scheduler),
-        "seed": seed,
-        "objective": repr(objective),
-        "searched": sorted(searched),
-        "search_space": space,
-        "max_epochs": trainer_kwargs.get("max_epochs"),
-        "max_steps": trainer_kwargs.get("max_steps"),
-        "resources": dict(request),
-    }
-
-
 def _write_settings(path: Path, settings: dict[str, Any]) -> None:
     """Write the settings file atomically: an interrupted write leaves the old file or none, never half."""
     path.mkdir(parents=True, exist_ok=True)
@@ -171,15 +143,6 @@ def _check_resume_settings(path: Path, settings: dict[str, Any]) -> None:
         raise ValueError(
             f"resume=True: the sweep at {path} was started with other settings ({lines}). Resume it with "
             "the settings it was started with, or start a new sweep under another name."
-        )
-
-
-def _validate_int(name: str, value: Any, minimum: int, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}."
         )
 
 
@@ -273,7 +236,91 @@ def tune_lightning(
             metric (the message lists the metrics it did log); the sweep stops there.
         RuntimeError: every trial failed (the first failure is chained).
     """
-    # ---- everything that needs no cluster is checked first ----
+    request = _validate_request(
+        build, search_space, metric, mode, num_samples, searcher=searcher, scheduler=scheduler,
+        resources_per_trial=resources_per_trial, trainer_kwargs=trainer_kwargs, objective=objective,
+        storage_path=storage_path, name=name, resume=resume, seed=seed, max_concurrent=max_concurrent,
+        n_initial=n_initial, address=address, checkpoint=checkpoint, tune_callbacks=tune_callbacks,
+        verbose=verbose,
+    )  # fmt: skip
+    tuner = _build_tuner(request)
+    return _collect_results(request, _fit(tuner, request.experiment_path))
+
+
+@dataclass(frozen=True)
+class _SweepRequest:
+    """A validated ``tune_lightning`` request: everything the sweep needs, checked before any cluster."""
+
+    build: Build
+    search_space: Mapping[str, Any]
+    searched: list[str]
+    metric: str  # the key the sweep optimises (``objective.key`` with an objective)
+    mode: str
+    objective: TimeToTargetObjective | None
+    num_samples: int
+    searcher: str | Searcher
+    searcher_name: str
+    scheduler: str | TrialScheduler | None
+    scheduler_obj: TrialScheduler | None
+    resources: dict[str, float]
+    trainer_kwargs: dict[str, Any]
+    storage: str
+    name: str
+    resume: bool
+    seed: int | None
+    max_concurrent: int | None
+    n_initial: int | None
+    address: str | None
+    checkpoint: bool
+    tune_callbacks: tuple[TuneCallback, ...]
+    verbose: int
+
+    @property
+    def experiment_path(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+    def settings(self) -> dict[str, Any]:
+        """What a resumed sweep must agree on with the sweep it continues (JSON-able)."""
+        return {
+            "metric": self.metric,
+            "mode": self.mode,
+            "num_samples": self.num_samples,
+            "searcher": _describe(self.searcher),
+            "scheduler": _describe(self.scheduler),
+            "seed": self.seed,
+            "objective": repr(self.objective),
+            "searched": sorted(self.searched),
+            "search_space": describe_search_space(self.search_space),
+            "max_epochs": self.trainer_kwargs.get("max_epochs"),
+            "max_steps": self.trainer_kwargs.get("max_steps"),
+            "resources": dict(self.resources),
+        }
+
+
+def _validate_request(
+    build: Build,
+    search_space: Mapping[str, Any],
+    metric: str | None,
+    mode: str | None,
+    num_samples: int,
+    *,
+    searcher: str | Searcher,
+    scheduler: str | TrialScheduler | None,
+    resources_per_trial: Mapping[str, float] | None,
+    trainer_kwargs: Mapping[str, Any] | None,
+    objective: TimeToTargetObjective | None,
+    storage_path: str | os.PathLike[str] | None,
+    name: str | None,
+    resume: bool,
+    seed: int | None,
+    max_concurrent: int | None,
+    n_initial: int | None,
+    address: str | None,
+    checkpoint: bool,
+    tune_callbacks: Sequence[TuneCallback],
+    verbose: int,
+) -> _SweepRequest:
+    """Check everything that needs no cluster (the errors ``tune_lightning`` documents) and fill defaults."""
     if not callable(build):
         raise TypeError(
             f"build must be a function config -> (LightningModule, LightningDataModule), got {build!r}."
@@ -301,23 +348,23 @@ def tune_lightning(
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min' for metric {metric!r}, got {mode!r}.")
         tuned_metric, tuned_mode = metric, mode
-    _validate_int("num_samples", num_samples, 1, allow_none=False)
-    _validate_int("max_concurrent", max_concurrent, 1)
-    _validate_int("n_initial", n_initial, 1)
-    _validate_int("seed", seed, 0)
-    _validate_int("verbose", verbose, 0, allow_none=False)
+    check_int("num_samples", num_samples, 1)
+    check_int("max_concurrent", max_concurrent, 1, allow_none=True)
+    check_int("n_initial", n_initial, 1, allow_none=True)
+    check_int("seed", seed, 0, allow_none=True)
+    check_int("verbose", verbose, 0)
     request = normalize_resources(resources_per_trial)
-    trainer_kwargs = check_trainer_kwargs(trainer_kwargs, request["GPU"])
+    checked_kwargs = check_trainer_kwargs(trainer_kwargs, request["GPU"])
     if (
         objective is not None
-        and trainer_kwargs.get("max_epochs") is None
-        and trainer_kwargs.get("max_steps") is None
+        and checked_kwargs.get("max_epochs") is None
+        and checked_kwargs.get("max_steps") is None
     ):
         raise ValueError(
-            "objective=TimeToTargetObjective needs a finite step budget to project a trial's full run time: set "
-            "trainer_kwargs['max_epochs'] or trainer_kwargs['max_steps']."
+            "objective=TimeToTargetObjective needs a finite step budget to project a trial's full run "
+            "time: set trainer_kwargs['max_epochs'] or trainer_kwargs['max_steps']."
         )
-    scheduler_obj = make_scheduler(scheduler, trainer_kwargs)
+    scheduler_obj = make_scheduler(scheduler, checked_kwargs)
     if name is not None and (not isinstance(name, str) or not name or "/" in name or name in (".", "..")):
         raise ValueError(f"name must be a plain directory name (no '/'), got {name!r}.")
     if resume and name is None:
@@ -332,83 +379,110 @@ def tune_lightning(
     storage = str(storage_path) if storage_path is not None else DEFAULT_STORAGE
     if not _is_uri(storage):
         storage = str(Path(storage).expanduser().resolve())
-    name = name or time.strftime("tune_lightning_%Y%m%d-%H%M%S")
-    experiment_path = f"{storage.rstrip('/')}/{name}"
-    settings = _settings(
-        tuned_metric, tuned_mode, num_samples, searcher, scheduler, seed, objective, searched,
-        describe_search_space(search_space), trainer_kwargs, request,
-    )  # fmt: skip
+    return _SweepRequest(
+        build=build,
+        search_space=search_space,
+        searched=searched,
+        metric=tuned_metric,
+        mode=tuned_mode,
+        objective=objective,
+        num_samples=num_samples,
+        searcher=searcher,
+        searcher_name=searcher_name,
+        scheduler=scheduler,
+        scheduler_obj=scheduler_obj,
+        resources=request,
+        trainer_kwargs=checked_kwargs,
+        storage=storage,
+        name=name or time.strftime("tune_lightning_%Y%m%d-%H%M%S"),
+        resume=resume,
+        seed=seed,
+        max_concurrent=max_concurrent,
+        n_initial=n_initial,
+        address=address,
+        checkpoint=checkpoint,
+        tune_callbacks=tuple(tune_callbacks),
+        verbose=verbose,
+    )
 
-    # ---- the cluster ----
+
+def _build_tuner(req: _SweepRequest) -> tune.Tuner:
+    """Connect to the cluster, check it can host a trial, and make a new ``Tuner`` or restore the saved one."""
     # A cluster started here forwards the trials' output (prints, Lightning's messages) only at
     # verbose=2; it is always in the Ray session's logs.
-    init_ray(address, log_to_driver=verbose >= 2)
+    init_ray(req.address, log_to_driver=req.verbose >= 2)
+    request = req.resources
     check_resources(request)
     slots = trial_slots(request)
-    concurrency = max_concurrent or default_concurrency(searcher_name, num_samples, slots)
-    n_init = n_initial or default_n_initial(num_samples)
+    concurrency = req.max_concurrent or default_concurrency(req.searcher_name, req.num_samples, slots)
+    n_init = req.n_initial or default_n_initial(req.num_samples)
     custom = {k: v for k, v in request.items() if k not in ("CPU", "GPU") and v > 0}
     bundle = {"CPU": request["CPU"], **({"GPU": request["GPU"]} if request["GPU"] > 0 else {}), **custom}
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
-            build=build,
-            trainer_kwargs=trainer_kwargs,
-            metric=tuned_metric if objective is None else objective.metric,
-            mode=tuned_mode,
-            objective=objective,
-            checkpoint=checkpoint,
-            seed=seed,
+            build=req.build,
+            trainer_kwargs=req.trainer_kwargs,
+            metric=req.metric if req.objective is None else req.objective.metric,
+            mode=req.mode,
+            objective=req.objective,
+            checkpoint=req.checkpoint,
+            seed=req.seed,
             cpus=request["CPU"],
             gpus=request["GPU"],
         ),
         PlacementGroupFactory([bundle]),
     )
 
+    experiment_path = req.experiment_path
     exists = tune.Tuner.can_restore(experiment_path)
-    if exists and not resume:
+    if exists and not req.resume:
         raise ValueError(
-            f"A sweep named {name!r} already exists at {experiment_path}. Pass resume=True to continue it, "
-            "or choose another name."
+            f"A sweep named {req.name!r} already exists at {experiment_path}. Pass resume=True to continue "
+            "it, or choose another name."
         )
     with _ABORTS_LOCK:
         _ABORTS.pop(experiment_path, None)
     if exists:
         if not _is_uri(experiment_path):
-            _check_resume_settings(Path(experiment_path), settings)
-        tuner = _restore(experiment_path, trainable, search_space)
+            _check_resume_settings(Path(experiment_path), req.settings())
+        tuner = _restore(experiment_path, trainable, req.search_space)
         log.info("Resuming the sweep at %s.", experiment_path)
-    else:
-        if resume:
-            log.warning("resume=True but there is no sweep at %s yet; starting a new one.", experiment_path)
-        if not _is_uri(experiment_path):
-            _write_settings(Path(experiment_path), settings)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=dict(search_space),
-            tune_config=TuneConfig(
-                metric=tuned_metric,
-                mode=tuned_mode,
-                search_alg=make_searcher(searcher, seed, n_init, concurrency),
-                scheduler=scheduler_obj,
-                num_samples=num_samples,
-                trial_dirname_creator=_trial_dirname,
-                # One Ray worker per concurrent trial, reused: torch and Lightning are imported once.
-                reuse_actors=True,
+        return tuner
+    if req.resume:
+        log.warning("resume=True but there is no sweep at %s yet; starting a new one.", experiment_path)
+    if not _is_uri(experiment_path):
+        _write_settings(Path(experiment_path), req.settings())
+    return tune.Tuner(
+        trainable,
+        param_space=dict(req.search_space),
+        tune_config=TuneConfig(
+            metric=req.metric,
+            mode=req.mode,
+            search_alg=make_searcher(req.searcher, req.seed, n_init, concurrency),
+            scheduler=req.scheduler_obj,
+            num_samples=req.num_samples,
+            trial_dirname_creator=_trial_dirname,
+            # One Ray worker per concurrent trial, reused: torch and Lightning are imported once.
+            reuse_actors=True,
+        ),
+        run_config=RunConfig(
+            name=req.name,
+            storage_path=req.storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1 if req.checkpoint else None,
+                checkpoint_score_attribute=req.metric,
+                checkpoint_score_order=req.mode,
             ),
-            run_config=RunConfig(
-                name=name,
-                storage_path=storage,
-                checkpoint_config=CheckpointConfig(
-                    num_to_keep=1 if checkpoint else None,
-                    checkpoint_score_attribute=tuned_metric,
-                    checkpoint_score_order=tuned_mode,
-                ),
-                failure_config=FailureConfig(max_failures=0),
-                callbacks=[_SweepMonitor(experiment_path), *tune_callbacks],
-                verbose=verbose,
-            ),
-        )
+            failure_config=FailureConfig(max_failures=0),
+            callbacks=[_SweepMonitor(experiment_path), *req.tune_callbacks],
+            verbose=req.verbose,
+        ),
+    )
+
+
+def _fit(tuner: tune.Tuner, experiment_path: str) -> ResultGrid:
+    """Run the sweep; a trial that did not log the tuned metric ends it with ``MetricNotReportedError``."""
     try:
         with _quiet_forced_snapshots():
             grid = tuner.fit()
@@ -422,21 +496,25 @@ def tune_lightning(
         aborted = _ABORTS.pop(experiment_path, None)
     if aborted is not None:
         raise MetricNotReportedError(aborted)
+    return grid
 
-    expected = num_samples * grid_size(search_space)
+
+def _collect_results(req: _SweepRequest, grid: ResultGrid) -> TuneResults:
+    """Wrap the finished grid; raise if every trial failed, warn about failures and an unfinished sweep."""
+    expected = req.num_samples * grid_size(req.search_space)
     results = TuneResults(
         result_grid=grid,
-        metric=tuned_metric,
-        mode=tuned_mode,
+        metric=req.metric,
+        mode=req.mode,
         num_trials=expected,
-        searched=searched,
-        objective=objective,
-        path=experiment_path,
+        searched=req.searched,
+        objective=req.objective,
+        path=req.experiment_path,
     )
     errors = results.errors
     if errors and len(errors) == len(grid):
         raise RuntimeError(
-            f"All {len(grid)} trials of the sweep at {experiment_path} failed; the first error follows."
+            f"All {len(grid)} trials of the sweep at {req.experiment_path} failed; the first error follows."
         ) from errors[0]
     if errors:
         log.warning("%d of %d trials failed; see results.dataframe()['error'].", len(errors), len(grid))
@@ -444,7 +522,7 @@ def tune_lightning(
         log.warning(
             "The sweep stopped before its %d trials finished (%d did). Continue it with "
             "tune_lightning(..., storage_path=%r, name=%r, resume=True).",
-            expected, grid.num_terminated + grid.num_errors, storage, name,
+            expected, grid.num_terminated + grid.num_errors, req.storage, req.name,
         )  # fmt: skip
     return results
 

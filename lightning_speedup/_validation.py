@@ -1,0 +1,48 @@
+"""The package's one integer check, so that every "must be an int >= k" error reads the same."""
+
+from __future__ import annotations
+
+from typing import overload
+
+
+@overload
+def check_int(name: str, value: object, minimum: int, *, meaning: str = "", prefix: str = "") -> int: ...
+
+
+@overload
+def check_int(
+    name: str, value: object, minimum: int, *, allow_none: bool, meaning: str = "", prefix: str = ""
+) -> int | None: ...
+
+
+def check_int(
+    name: str,
+    value: object,
+    minimum: int,
+    *,
+    allow_none: bool = False,
+    meaning: str = "",
+    prefix: str = "",
+) -> int | None:
+    """Return ``value`` if it is an ``int >= minimum`` (``None`` too with ``allow_none``).
+
+    ``bool`` is refused although it is an ``int`` subclass: ``True`` as a count is a mistake.
+
+    Args:
+        name: the argument's name, as the caller wrote it.
+        value: the value to check.
+        minimum: the smallest allowed value.
+        allow_none: accept ``None`` (the argument's "default"/"off" value).
+        meaning: what the number is, said in brackets after the bound.
+        prefix: what the argument belongs to, put before the message (e.g. ``"RandomCrop: "``).
+
+    Raises:
+        ValueError: ``"{prefix}{name} must be an int >= {minimum}[ or None][ ({meaning})], got {value!r}."``
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        alternative = " or None" if allow_none else ""
+        note = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{prefix}{name} must be an int >= {minimum}{alternative}{note}, got {value!r}.")
+    return value
