@@ -43,6 +43,7 @@ from lightning_speedup.quantization.modules import (
 )
 from lightning_speedup.quantization.precision import QATPrecision
 from lightning_speedup.quantization.qat import (
+    QATConfig,
     QATConv2d,
     QATLinear,
     freeze_scales,
@@ -59,6 +60,7 @@ __all__ = [
     "BACKENDS",
     "WEIGHT_FORMATS",
     "BnbLinear",
+    "QATConfig",
     "QATConv2d",
     "QATLinear",
     "QATPrecision",

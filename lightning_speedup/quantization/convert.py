@@ -42,6 +42,7 @@ from lightning_speedup.quantization.modules import (
 from lightning_speedup.quantization.qat import (
     Indivisible,
     LayerFilter,
+    QATConfig,
     QATConv2d,
     QATLinear,
     _set_submodule,
@@ -229,7 +230,7 @@ def _cast_float_tensors(model: nn.Module, dtype: torch.dtype) -> None:
 
 def quantize(
     model: nn.Module,
-    weights: str | int | QuantSpec,
+    weights: str | int | QuantSpec | QATConfig,
     activations: str | None = None,
     *,
     group_size: int | None = None,
@@ -243,15 +244,18 @@ def quantize(
 ) -> nn.Module:
     """Post-training quantization: absmax scales from the float weights, real low-bit layers.
 
-    Same layer selection and errors as :func:`.qat.prepare` and :func:`convert`; returns a new model
-    unless ``inplace=True``, so the float model stays usable for comparison.
+    ``weights`` is a :class:`~lightning_speedup.quantization.QATConfig` or its fields are given as
+    arguments. Same layer selection and errors as :func:`.qat.prepare` and
+    :func:`convert`; returns a new model unless ``inplace=True``, so the float model stays usable for
+    comparison.
     """
-    if not inplace:
-        model = copy.deepcopy(model)
-    prepare(
-        model, weights, activations, group_size=group_size, scale="absmax", include=include, exclude=exclude,
+    config = QATConfig.build(
+        weights, activations, group_size=group_size, include=include, exclude=exclude,
         exclude_first_last=exclude_first_last, indivisible=indivisible,
     )  # fmt: skip
+    if not inplace:
+        model = copy.deepcopy(model)
+    prepare(model, config)
     return convert(model, backend, dtype=dtype, inplace=True)
 
 

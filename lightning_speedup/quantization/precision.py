@@ -29,10 +29,11 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_speedup.quantization.formats import QuantSpec
+from lightning_speedup._validation import check_int
 from lightning_speedup.quantization.qat import (
     Indivisible,
     LayerFilter,
+    QATConfig,
     prepare,
     qat_modules,
     qat_state_keys,
@@ -56,14 +57,16 @@ class QATPrecision(Precision):
     """Train with fake-quantized weights (and optionally int8 activations) on top of a base precision.
 
     Args:
-        weights: ``"int8"``, ``"int4"``, ``"nf4"``, ``"fp4"`` (or 8/4).
+        weights: a :class:`~lightning_speedup.quantization.QATConfig` (the recipe and the layers it
+            applies to; then no other recipe or filter argument), or ``"int8"``, ``"int4"``, ``"nf4"``,
+            ``"fp4"`` (or 8/4).
         activations: ``None`` or ``"int8"`` (dynamic per token, Linear layers only).
         base: ``"bf16-mixed"`` (autocast to bfloat16, float32 master weights) or ``"32-true"``.
         start_step: optimizer steps taken with this plugin before fake quantization turns on; training
             float first and quantizing late is the usual QAT fine-tuning recipe.
         freeze_step: optimizer step at which the scales freeze (None: never); must be >= start_step.
-        group_size, scale, include, exclude, exclude_first_last, indivisible: see
-            :func:`lightning_speedup.quantization.prepare`.
+        group_size, scale, include, exclude, exclude_first_last, indivisible: the fields of
+            :class:`~lightning_speedup.quantization.QATConfig`, when ``weights`` is not one.
         device: autocast device type; by default the device the model is on when training starts.
 
     Example::
@@ -73,14 +76,14 @@ class QATPrecision(Precision):
         qmodel = lightning_speedup.quantization.convert(model)
 
     Raises:
-        ValueError: bad recipe (see :meth:`QuantSpec.create`), unknown base, negative ``start_step``,
+        ValueError: bad recipe or filters (see :class:`~lightning_speedup.quantization.QATConfig`), unknown base, negative ``start_step``,
             ``freeze_step < start_step``, a ``device`` autocast does not support, or a checkpoint written with
             another recipe.
     """
 
     def __init__(
         self,
-        weights: str | int,
+        weights: str | int | QATConfig,
         activations: str | None = None,
         base: Literal["bf16-mixed", "32-true"] = "bf16-mixed",
         start_step: int = 0,
@@ -94,14 +97,17 @@ class QATPrecision(Precision):
         indivisible: Indivisible = "skip",
         device: str | None = None,
     ) -> None:
-        self.spec = QuantSpec.create(weights, activations, group_size, scale)
+        self.config = QATConfig.build(
+            weights, activations, group_size=group_size, scale=scale, include=include, exclude=exclude,
+            exclude_first_last=exclude_first_last, indivisible=indivisible,
+        )  # fmt: skip
+        self.spec = self.config.spec
         if base not in BASES:
             raise ValueError(
                 f"base={base!r} is not supported; choose one of {BASES}. (fp16 mixed precision is not offered: "
                 "its loss scaler may skip steps, which would shift start_step/freeze_step.)"
             )
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step must be an int >= 0, got {start_step!r}.")
+        check_int("start_step", start_step, 0)
         if freeze_step is not None and (
             isinstance(freeze_step, bool) or not isinstance(freeze_step, int) or freeze_step < start_step
         ):
@@ -109,8 +115,6 @@ class QATPrecision(Precision):
                 f"freeze_step must be None or an int >= start_step ({start_step}), got {freeze_step!r}: scales can "
                 "only be frozen once fake quantization is on."
             )
-        if indivisible not in ("skip", "error"):
-            raise ValueError(f"indivisible must be 'skip' or 'error', got {indivisible!r}.")
         if device is not None and not _autocast_supports(device):
             raise ValueError(
                 f"device={device!r} is not a device type torch autocast supports (e.g. 'cuda', 'cpu'); pass one "
@@ -119,12 +123,6 @@ class QATPrecision(Precision):
         self.precision = base  # type: ignore[assignment]
         self.start_step = start_step
         self.freeze_step = freeze_step
-        self.layer_filters: dict[str, Any] = {
-            "include": include,
-            "exclude": exclude,
-            "exclude_first_last": exclude_first_last,
-            "indivisible": indivisible,
-        }
         self._device_given = device is not None
         autocast_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._base: Precision = MixedPrecision(base, autocast_device) if base == "bf16-mixed" else Precision()
@@ -164,7 +162,7 @@ class QATPrecision(Precision):
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         # In place: DDPStrategy.setup ignores the return value of convert_module.
-        prepare(module, self.spec, enabled=self.fake_quant_active, **self.layer_filters)
+        prepare(module, self.config, enabled=self.fake_quant_active)
         self._model = module
         if self._pending_state is not None:
             self._load_module_state(self._pending_state)

@@ -26,6 +26,7 @@ import fnmatch
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -237,6 +238,123 @@ _QAT_FOR: dict[type[nn.Module], type[QATLinear] | type[QATConv2d]] = {
 
 
 # --------------------------------------------------------------------------------------------------
+# The recipe and the layer selection, validated once
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """What to quantize and how: the recipe (a :class:`QuantSpec`) and which layers get it.
+
+    One object for :func:`prepare`, :func:`~lightning_speedup.quantization.quantize` and
+    :class:`~lightning_speedup.quantization.QATPrecision` (as torchao's ``QATConfig``), validated
+    when it is built; each of those also takes the same fields as keyword arguments and builds one.
+
+    Args:
+        weights: ``"int8"``, ``"int4"``, ``"nf4"``, ``"fp4"`` (or 8/4).
+        activations: ``None`` or ``"int8"`` (dynamic per token, Linear layers only).
+        group_size: int4 group / nf4-fp4 block size (defaults 32 and 64; ``None`` for int8).
+        scale: ``"absmax"`` (default, no extra parameters) or ``"lsq"`` (learnable scales).
+        include, exclude: fnmatch patterns on module names, or module types (see :func:`select_layers`).
+        exclude_first_last: keep the first and last quantizable layers in float.
+        indivisible: what to do with an int4 layer whose reduction size the group size does not divide:
+            ``"skip"`` (keep it float, one warning naming it) or ``"error"``.
+
+    Example::
+
+        config = QATConfig("int4", group_size=128, exclude=["lm_head"])
+        prepare(model, config)
+
+    Raises:
+        ValueError: a bad recipe (see :meth:`QuantSpec.create`) or ``indivisible`` not in ("skip", "error").
+        TypeError: ``include``/``exclude`` not a list of name patterns and ``nn.Module`` types, or
+            ``exclude_first_last`` not a bool.
+    """
+
+    weights: str | int
+    activations: str | None = None
+    group_size: int | None = None
+    scale: str = "absmax"
+    include: Sequence[LayerFilter] = ()
+    exclude: Sequence[LayerFilter] = ()
+    exclude_first_last: bool = True
+    indivisible: Indivisible = "skip"
+    spec: QuantSpec = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        spec = QuantSpec.create(self.weights, self.activations, self.group_size, self.scale)
+        if self.indivisible not in ("skip", "error"):
+            raise ValueError(f"indivisible must be 'skip' or 'error', got {self.indivisible!r}.")
+        if not isinstance(self.exclude_first_last, bool):
+            raise TypeError(f"exclude_first_last must be True or False, got {self.exclude_first_last!r}.")
+        # Normalised in place (frozen: through object.__setattr__) so that equal configs compare equal.
+        object.__setattr__(self, "weights", spec.weights)
+        object.__setattr__(self, "group_size", spec.group_size)
+        object.__setattr__(self, "include", _filters("include", self.include))
+        object.__setattr__(self, "exclude", _filters("exclude", self.exclude))
+        object.__setattr__(self, "spec", spec)
+
+    @classmethod
+    def build(
+        cls,
+        weights: str | int | QuantSpec | QATConfig,
+        activations: str | None = None,
+        *,
+        group_size: int | None = None,
+        scale: str = "absmax",
+        include: Sequence[LayerFilter] | None = None,
+        exclude: Sequence[LayerFilter] | None = None,
+        exclude_first_last: bool = True,
+        indivisible: Indivisible = "skip",
+    ) -> QATConfig:
+        """The config of a call that takes either a :class:`QATConfig` or its fields as arguments.
+
+        Raises:
+            ValueError: a :class:`QATConfig` together with other recipe or filter arguments (ambiguous),
+                or invalid fields (see the class).
+        """
+        if isinstance(weights, QATConfig):
+            given = {
+                "activations": activations, "group_size": group_size, "include": include, "exclude": exclude,
+            }  # fmt: skip
+            extra = [k for k, v in given.items() if v is not None]
+            extra += ["scale"] if scale != "absmax" else []
+            extra += ["exclude_first_last"] if exclude_first_last is not True else []
+            extra += ["indivisible"] if indivisible != "skip" else []
+            if extra:
+                raise ValueError(
+                    f"Got a QATConfig and also {', '.join(extra)}; put every setting in the QATConfig "
+                    "(dataclasses.replace(config, ...)) or pass no QATConfig."
+                )
+            return weights
+        if isinstance(weights, QuantSpec):
+            weights, activations, group_size, scale = (
+                weights.weights, weights.activations, weights.group_size, weights.scale,
+            )  # fmt: skip
+        return cls(
+            weights,
+            activations,
+            group_size,
+            scale,
+            include or (),
+            exclude or (),
+            exclude_first_last,
+            indivisible,
+        )
+
+
+def _filters(kind: str, entries: object) -> tuple[LayerFilter, ...]:
+    if isinstance(entries, (str, type)) or not isinstance(entries, Sequence):
+        raise TypeError(
+            f"{kind} must be a list of name patterns (str) and nn.Module types, got {entries!r}; "
+            f"write {kind}=[{entries!r}] for a single entry."
+        )
+    for entry in entries:
+        if not isinstance(entry, str) and not (isinstance(entry, type) and issubclass(entry, nn.Module)):
+            raise TypeError(f"{kind} entries must be name patterns (str) or nn.Module types, got {entry!r}.")
+    return tuple(entries)
+
+
 # Whole-model helpers
 # --------------------------------------------------------------------------------------------------
 
@@ -251,19 +369,16 @@ def _matches(name: str, module: nn.Module, entry: LayerFilter) -> bool:
     return isinstance(module, entry)
 
 
-def _check_filters(
+def _check_patterns(
     kind: str, entries: Sequence[LayerFilter], candidates: list[tuple[str, nn.Module]]
 ) -> None:
     for entry in entries:
-        if isinstance(entry, str):
-            if not any(fnmatch.fnmatchcase(n, entry) for n, _ in candidates):
-                examples = ", ".join(repr(n) for n, _ in candidates[:4])
-                raise ValueError(
-                    f"The {kind} pattern {entry!r} matches no quantizable layer. Patterns are fnmatch "
-                    f"patterns on module names such as {examples}."
-                )
-        elif not (isinstance(entry, type) and issubclass(entry, nn.Module)):
-            raise TypeError(f"{kind} entries must be name patterns (str) or nn.Module types, got {entry!r}.")
+        if isinstance(entry, str) and not any(fnmatch.fnmatchcase(n, entry) for n, _ in candidates):
+            examples = ", ".join(repr(n) for n, _ in candidates[:4])
+            raise ValueError(
+                f"The {kind} pattern {entry!r} matches no quantizable layer. Patterns are fnmatch "
+                f"patterns on module names such as {examples}."
+            )
 
 
 def select_layers(
@@ -279,9 +394,9 @@ def select_layers(
         TypeError: a filter entry is neither a string nor an ``nn.Module`` type.
     """
     candidates = [(n, m) for n, m in model.named_modules() if n and _is_candidate(m)]
-    include, exclude = list(include or ()), list(exclude or ())
-    _check_filters("include", include, candidates)
-    _check_filters("exclude", exclude, candidates)
+    include, exclude = _filters("include", include or ()), _filters("exclude", exclude or ())
+    _check_patterns("include", include, candidates)
+    _check_patterns("exclude", exclude, candidates)
     ends = {candidates[0][0], candidates[-1][0]} if exclude_first_last and candidates else set()
     chosen = [
         (n, m)
@@ -307,7 +422,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def prepare(
     model: nn.Module,
-    weights: str | int | QuantSpec,
+    weights: str | int | QuantSpec | QATConfig,
     activations: str | None = None,
     *,
     group_size: int | None = None,
@@ -325,30 +440,25 @@ def prepare(
     weight-only fake quantization, and one log line says so).
 
     Args:
-        weights: ``"int8"``, ``"int4"``, ``"nf4"``, ``"fp4"`` (or 8/4), or a :class:`QuantSpec`.
-        activations: ``None`` or ``"int8"`` (dynamic per-token).
-        group_size: int4 group / nf4-fp4 block size (defaults 32 and 64).
-        scale: ``"absmax"`` (default, no extra parameters) or ``"lsq"`` (learnable scales).
-        include, exclude: fnmatch name patterns or module types (see :func:`select_layers`).
-        exclude_first_last: keep the first and last quantizable layers in float.
-        indivisible: what to do with an int4 layer whose reduction size the group size does not
-            divide: ``"skip"`` (keep it float, one warning naming it) or ``"error"``.
+        weights: a :class:`QATConfig` (then no other recipe or filter argument), or ``"int8"``,
+            ``"int4"``, ``"nf4"``, ``"fp4"`` (or 8/4), or a :class:`QuantSpec`.
+        activations, group_size, scale, include, exclude, exclude_first_last, indivisible: the fields of
+            :class:`QATConfig`, when ``weights`` is not one.
         enabled: initial state of fake quantization.
 
     Raises:
-        ValueError: bad format/group/scale/filters (see :meth:`QuantSpec.create`), ``indivisible``
-            not in ("skip", "error"), an indivisible layer with ``indivisible="error"``, or a layer
-            already prepared with a different recipe.
+        ValueError: bad format/group/scale/filters (see :class:`QATConfig`), an include/exclude pattern
+            that matches no layer, an indivisible layer with ``indivisible="error"``, or a layer already
+            prepared with a different recipe.
+        TypeError: a filter entry is neither a string nor an ``nn.Module`` type.
     """
-    spec = (
-        weights
-        if isinstance(weights, QuantSpec)
-        else QuantSpec.create(weights, activations, group_size, scale)
-    )
-    if indivisible not in ("skip", "error"):
-        raise ValueError(f"indivisible must be 'skip' or 'error', got {indivisible!r}.")
+    config = QATConfig.build(
+        weights, activations, group_size=group_size, scale=scale, include=include, exclude=exclude,
+        exclude_first_last=exclude_first_last, indivisible=indivisible,
+    )  # fmt: skip
+    spec, indivisible = config.spec, config.indivisible
     weight_only_convs: list[str] = []
-    selected = select_layers(model, include, exclude, exclude_first_last)
+    selected = select_layers(model, config.include, config.exclude, config.exclude_first_last)
     skipped: list[str] = []
     for name, module in selected:
         if isinstance(module, (QATLinear, QATConv2d)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -10,8 +11,10 @@ from torch import nn
 
 from lightning_speedup.bench.models import GPT, GPTConfig, ResNet9
 from lightning_speedup.quantization import (
+    QATConfig,
     QATConv2d,
     QATLinear,
+    QATPrecision,
     QuantSpec,
     fake_quantize_weight,
     freeze_scales,
@@ -198,3 +201,56 @@ def test_spec_objects_are_accepted() -> None:
     spec = QuantSpec.create("int4", group_size=64)
     net = prepare(_mlp(), spec)
     assert net[2].spec == spec
+
+
+def test_one_config_object_is_validated_once_and_equals_the_keyword_form() -> None:
+    config = QATConfig(4, group_size=32, exclude=["0"], exclude_first_last=False)
+    assert (
+        config.weights == "int4"
+        and config.exclude == ("0",)
+        and config.spec == QuantSpec.create("int4", None, 32)
+    )
+    assert config == QATConfig.build("int4", group_size=32, exclude=["0"], exclude_first_last=False)
+    assert QATConfig.build(config) is config
+    by_config, by_keywords = (
+        prepare(_mlp(), config),
+        prepare(_mlp(), 4, group_size=32, exclude=["0"], exclude_first_last=False),
+    )
+    assert (
+        [n for n, _ in qat_modules(by_config)] == [n for n, _ in qat_modules(by_keywords)] == ["2", "4", "6"]
+    )
+    precision = QATPrecision(config, base="32-true")
+    assert precision.config is config and precision.spec == config.spec
+    assert (
+        QATPrecision("int4", base="32-true", group_size=32, exclude=["0"], exclude_first_last=False).config
+        == config
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: QATConfig("int3"), ValueError, "int3"),
+        (lambda: QATConfig("int8", indivisible="warn"), ValueError, "indivisible must be 'skip' or 'error'"),
+        (lambda: QATConfig("int8", include="lm_head"), TypeError, r"write include=\['lm_head'\]"),
+        (lambda: QATConfig("int8", exclude=[3]), TypeError, "exclude entries must be name patterns"),
+        (
+            lambda: QATConfig("int8", exclude_first_last="no"),
+            TypeError,
+            "exclude_first_last must be True or False",
+        ),
+        (
+            lambda: prepare(_mlp(), QATConfig("int8"), group_size=32),
+            ValueError,
+            "Got a QATConfig and also group_size",
+        ),
+        (
+            lambda: QATPrecision(QATConfig("int8"), exclude_first_last=False),
+            ValueError,
+            "also exclude_first_last",
+        ),
+    ],
+)
+def test_bad_configs_fail_when_built(make: Any, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        make()
