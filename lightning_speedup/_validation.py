@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
-from typing import overload
-
-
-@overload
-def check_int(name: str, value: object, minimum: int, *, meaning: str = "", prefix: str = "") -> int: ...
+from typing import Literal, overload
 
 
 @overload
 def check_int(
-    name: str, value: object, minimum: int, *, allow_none: bool, meaning: str = "", prefix: str = ""
+    name: str,
+    value: object,
+    minimum: int,
+    meaning: str = "",
+    *,
+    allow_none: Literal[False] = False,
+    prefix: str = "",
+    hint: str = "",
+) -> int: ...
+
+
+@overload
+def check_int(
+    name: str,
+    value: object,
+    minimum: int,
+    meaning: str = "",
+    *,
+    allow_none: bool,
+    prefix: str = "",
+    hint: str = "",
 ) -> int | None: ...
 
 
@@ -19,12 +35,13 @@ def check_int(
     name: str,
     value: object,
     minimum: int,
+    meaning: str = "",
     *,
     allow_none: bool = False,
-    meaning: str = "",
     prefix: str = "",
+    hint: str = "",
 ) -> int | None:
-    """Return ``value`` if it is an ``int >= minimum`` (``None`` too with ``allow_none``).
+    """Return ``value`` if it is an ``int >= minimum`` (or ``None`` with ``allow_none``).
 
     ``bool`` is refused although it is an ``int`` subclass: ``True`` as a count is a mistake.
 
@@ -32,17 +49,21 @@ def check_int(
         name: the argument's name, as the caller wrote it.
         value: the value to check.
         minimum: the smallest allowed value.
-        allow_none: accept ``None`` (the argument's "default"/"off" value).
         meaning: what the number is, said in brackets after the bound.
+        allow_none: accept ``None`` (the argument's "default" or "off").
         prefix: what the argument belongs to, put before the message (e.g. ``"RandomCrop: "``).
+        hint: a sentence appended to the message (e.g. a good value).
 
     Raises:
-        ValueError: ``"{prefix}{name} must be an int >= {minimum}[ or None][ ({meaning})], got {value!r}."``
+        ValueError: ``"{prefix}{name} must be an int >= {minimum}[ or None][ ({meaning})], got {value!r}.[ {hint}]"``
     """
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         alternative = " or None" if allow_none else ""
         note = f" ({meaning})" if meaning else ""
-        raise ValueError(f"{prefix}{name} must be an int >= {minimum}{alternative}{note}, got {value!r}.")
+        advice = f" {hint}" if hint else ""
+        raise ValueError(
+            f"{prefix}{name} must be an int >= {minimum}{alternative}{note}, got {value!r}.{advice}"
+        )
     return value

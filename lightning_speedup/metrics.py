@@ -24,6 +24,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_speedup._chain import chain_method
+from lightning_speedup._validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,7 @@ class AsyncProgressBarMetrics(Callback):
     """
 
     def __init__(self, max_lag: int = 8) -> None:
-        if isinstance(max_lag, bool) or not isinstance(max_lag, int) or max_lag < 1:
-            raise ValueError(f"max_lag must be an int >= 1 (copies in flight per metric); got {max_lag!r}.")
-        self.max_lag = max_lag
+        self.max_lag = check_int("max_lag", max_lag, 1, "copies in flight per metric")
         self._pending: defaultdict[str, deque[tuple[Tensor, torch.cuda.Event]]] = defaultdict(self._new_queue)
         self._restore: Callable[[], None] | None = None
         self._warned_inactive = False

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_speedup._validation import check_int
+
 __all__ = [
     "ChannelsLast",
     "Compose",
@@ -102,19 +104,12 @@ def _check_float(images: Tensor, op: str) -> None:
         )
 
 
-def _positive_int(value: object, name: str, op: str, allow_zero: bool = False) -> int:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{op}: {name} must be an int >= {low}; got {value!r}.")
-    return value
-
-
 def _pair(size: int | Sequence[int], op: str) -> tuple[int, int]:
     if isinstance(size, int) and not isinstance(size, bool):
-        return _positive_int(size, "size", op), size
+        return check_int("size", size, 1, prefix=f"{op}: "), size
     if isinstance(size, Sequence) and len(size) == 2:
         h, w = size
-        return _positive_int(h, "size[0]", op), _positive_int(w, "size[1]", op)
+        return check_int("size[0]", h, 1, prefix=f"{op}: "), check_int("size[1]", w, 1, prefix=f"{op}: ")
     raise ValueError(f"{op}: size must be an int or a (height, width) pair; got {size!r}.")
 
 
@@ -156,7 +151,7 @@ class MixOp(ImageOp):
                 f"{name}: alpha must be a number > 0 (Beta(alpha, alpha) mixing); got {alpha!r}."
             )
         if num_classes is not None:
-            _positive_int(num_classes, "num_classes", name)
+            check_int("num_classes", num_classes, 1, prefix=f"{name}: ")
         self.alpha = float(alpha)
         self.num_classes = num_classes
 
@@ -263,7 +258,7 @@ class RandomCrop(ImageOp):
         fill: float = 0.0,
     ) -> None:
         self.size = _pair(size, "RandomCrop")
-        self.padding = _positive_int(padding, "padding", "RandomCrop", allow_zero=True)
+        self.padding = check_int("padding", padding, 0, prefix="RandomCrop: ")
         if padding_mode not in _PADDING_MODES:
             raise ValueError(
                 f"RandomCrop: padding_mode must be one of {_PADDING_MODES}; got {padding_mode!r}."
@@ -349,7 +344,7 @@ class Cutout(ImageOp):
     """
 
     def __init__(self, size: int, fill: float = 0.0) -> None:
-        self.size = _positive_int(size, "size", "Cutout")
+        self.size = check_int("size", size, 1, prefix="Cutout: ")
         self.fill = fill
 
     def sample(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

@@ -39,6 +39,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_speedup._chain import chain_method
+from lightning_speedup._validation import check_int
 
 log = logging.getLogger(__name__)
 
@@ -439,11 +440,10 @@ def _check_flag(name: str, value: object) -> None:
 
 
 def _check_depth(depth: object) -> None:
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(
-            f"depth must be an int >= 1 (the number of batches copied ahead); got {depth!r}. "
-            "depth=2 hides one copy behind each step with one spare."
-        )
+    check_int(
+        "depth", depth, 1, "the number of batches copied ahead",
+        hint="depth=2 hides one copy behind each step with one spare.",
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
+from lightning_speedup._validation import check_int
 from lightning_speedup.data.augment import batch_seed
 
 __all__ = ["DeviceResidentDataModule", "ResidentBatches", "tensor_bytes"]
@@ -88,8 +89,7 @@ class ResidentBatches:
             raise ValueError(
                 f"ResidentBatches needs all tensors on one device; got {sorted(map(str, devices))}."
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}.")
+        check_int("batch_size", batch_size, 1)
         if not (
             isinstance(world_size, int)
             and world_size >= 1
@@ -197,8 +197,7 @@ class DeviceResidentDataModule(L.LightningDataModule):
         self.train_tensors = _check_tensors(train, "train")
         self.val_tensors = _check_tensors(val, "val") if val is not None else None
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size or batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
+            check_int(name, value, 1)
         if not 0.0 < budget_fraction <= 1.0:
             raise ValueError(f"budget_fraction must be in (0, 1]; got {budget_fraction!r}.")
         self.batch_size = batch_size

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_speedup._validation import check_int
 from lightning_speedup.data.prefetch import GPUPrefetcher, PrefetchLoader
 from lightning_speedup.data.resident import ResidentBatches
 from lightning_speedup.metrics import log_number
@@ -189,10 +190,8 @@ class DataStallMonitor(Callback):
     ) -> None:
         if not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold is a fraction of step time in (0, 1); got {threshold!r}.")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an int >= 1; got {window!r}.")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0; got {warmup_steps!r}.")
+        check_int("window", window, 1)
+        check_int("warmup_steps", warmup_steps, 0)
         if timing not in ("auto", "cuda", "host"):
             raise ValueError(f"timing must be 'auto', 'cuda' or 'host'; got {timing!r}.")
         if not isinstance(find_syncs, bool):

@@ -48,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_speedup._validation import check_int
 from lightning_speedup.distributed.collectives import (
     CommGroup,
     CommTimer,
@@ -98,13 +99,6 @@ def put_rank_states(checkpoint: dict[str, Any], strategy: DDPStrategy, mine: Any
             **shared,
             "ranks": gathered,
         }
-
-
-def check_int(name: str, value: object, minimum: int, meaning: str = "") -> None:
-    """Raise ``ValueError`` unless ``value`` is an int >= ``minimum``; ``meaning`` is said in brackets."""
-    if not isinstance(value, int) or value < minimum:
-        note = f" ({meaning})" if meaning else ""
-        raise ValueError(f"{name} must be an int >= {minimum}{note}, got {value!r}.")
 
 
 def _ddp_keyword_defaults() -> dict[str, Any]:

@@ -27,11 +27,11 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_speedup._registry import registered_strategy
+from lightning_speedup._validation import check_int
 from lightning_speedup.distributed.averaging import (
     CHECKPOINT_KEY,
     _log_metric,
     check_ddp_kwargs,
-    check_int,
     put_rank_states,
     run_total_steps,
 )

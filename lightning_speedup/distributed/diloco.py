@@ -27,7 +27,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_speedup._registry import registered_strategy
-from lightning_speedup.distributed.averaging import ParameterAveragingStrategy, check_int
+from lightning_speedup._validation import check_int
+from lightning_speedup.distributed.averaging import ParameterAveragingStrategy
 from lightning_speedup.distributed.collectives import Traffic, average_
 from lightning_speedup.distributed.compression import check_compression
 

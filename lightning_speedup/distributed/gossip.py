@@ -26,7 +26,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_speedup._registry import registered_strategy
-from lightning_speedup.distributed.averaging import ParameterAveragingStrategy, check_int
+from lightning_speedup._validation import check_int
+from lightning_speedup.distributed.averaging import ParameterAveragingStrategy
 from lightning_speedup.distributed.collectives import NeighborExchange, Traffic
 from lightning_speedup.distributed.compression import check_compression
 from lightning_speedup.distributed.topology import TOPOLOGIES, Topology

@@ -39,6 +39,7 @@ from typing_extensions import override
 
 from lightning_speedup._chain import chain_method
 from lightning_speedup._registry import registered_strategy
+from lightning_speedup._validation import check_int
 from lightning_speedup.metrics import log_number
 from lightning_speedup.pipeline.contract import PipelineLayers, collect_layers, split_batch
 from lightning_speedup.pipeline.p2p import forward_only
@@ -60,12 +61,6 @@ _TORCH_CLASS = {
     "interleaved_1f1b": "ScheduleInterleaved1F1B",
     "zero_bubble": "ScheduleInterleavedZeroBubble",
 }
-
-
-def _positive_int(name: str, value: object, meaning: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer ({meaning}), got {value!r}.")
-    return value
 
 
 @registered_strategy
@@ -118,12 +113,12 @@ class PipelineStrategy(DDPStrategy):
         if schedule not in SCHEDULES:
             raise ValueError(f"Unknown pipeline schedule {schedule!r}; choose one of {list(SCHEDULES)}.")
         if pipeline_size is not None:
-            _positive_int("pipeline_size", pipeline_size, "processes per pipeline")
+            check_int("pipeline_size", pipeline_size, 1, "processes per pipeline")
         if n_microbatches is not None:
-            _positive_int("n_microbatches", n_microbatches, "micro-batches per training batch")
+            check_int("n_microbatches", n_microbatches, 1, "micro-batches per training batch")
         if stages_per_rank is None:
             stages_per_rank = 2 if schedule in _LOOPED else 1
-        _positive_int("stages_per_rank", stages_per_rank, "model chunks per process")
+        check_int("stages_per_rank", stages_per_rank, 1, "model chunks per process")
         if schedule in _LOOPED and stages_per_rank < 2:
             raise ValueError(f"schedule={schedule!r} interleaves model chunks: stages_per_rank must be >= 2, "
                              f"got {stages_per_rank}. Use schedule='1f1b' for one stage per process.")
@@ -132,8 +127,7 @@ class PipelineStrategy(DDPStrategy):
                              f"{stages_per_rank}. Use 'interleaved_1f1b' or 'zero_bubble' for several.")
         if balance not in ("params", "time"):
             raise ValueError(f"balance must be 'params' or 'time', got {balance!r}.")
-        if isinstance(metrics_every, bool) or not isinstance(metrics_every, int) or metrics_every < 0:
-            raise ValueError(f"metrics_every must be an integer >= 0 (0 = off), got {metrics_every!r}.")
+        check_int("metrics_every", metrics_every, 0, "0 = off")
         if n_microbatches is not None and pipeline_size is not None:
             self._check_microbatches(schedule, n_microbatches, pipeline_size)
         super().__init__(

@@ -171,7 +171,7 @@ def test_unknown_schedule_lists_the_valid_ones() -> None:
         ({"schedule": "interleaved_1f1b", "stages_per_rank": 1}, "stages_per_rank must be >= 2"),
         ({"schedule": "gpipe", "stages_per_rank": 2}, "stages_per_rank must be 1"),
         ({"schedule": "zero_bubble", "pipeline_size": 2, "n_microbatches": 3}, "multiple of pipeline_size"),
-        ({"pipeline_size": 0}, "pipeline_size must be a positive integer"),
+        ({"pipeline_size": 0}, r"pipeline_size must be an int >= 1 \(processes per pipeline\), got 0"),
         ({"balance": "flops"}, "balance must be 'params' or 'time'"),
     ],
 )
