@@ -101,6 +101,15 @@ def worker(args: argparse.Namespace) -> dict:
             "artifacts_loaded": loaded, "artifacts_saved": saved}  # fmt: skip
 
 
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
 def _run(args: argparse.Namespace, model: str, variant: str, save: str | None, load: str | None) -> dict:
     """One fresh process with its own empty compile caches."""
     with tempfile.TemporaryDirectory(prefix="cold-") as cache:
@@ -145,7 +154,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    rows = []
+    on_cuda = args.device.startswith("cuda") and torch.cuda.is_available()
+    result = {
+        "script": "benchmarks/compile_cold_start.py",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name() if on_cuda else None,
+        "driver": _driver() if on_cuda else None,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "args": {
+            k: v for k, v in vars(args).items() if k not in ("worker", "model", "variant", "save", "load")
+        },
+        "rows": [],
+    }
+    rows: list[dict] = result["rows"]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="artifacts-") as art:
         for model in args.models:
             for variant in args.variants:
@@ -157,21 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     rows.append(_run(args, model, variant, save=None, load=None))
                 print(json.dumps(rows[-1])[:300], flush=True)
-    on_cuda = args.device.startswith("cuda") and torch.cuda.is_available()
-    result = {
-        "script": "benchmarks/compile_cold_start.py",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name() if on_cuda else None,
-        "cuda": torch.version.cuda,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "args": {
-            k: v for k, v in vars(args).items() if k not in ("worker", "model", "variant", "save", "load")
-        },
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+                # Written after every row, so a run cut short by a time limit keeps what it measured.
+                Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\n| model | variant | first step (s) | {args.steps} steps (s) | ms/step | process (s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -1,8 +1,9 @@
 """Lightning adapter: report every validation's metrics to Ray Tune and keep the best weights only.
 
 After each validation (the sanity check excluded) the callback sends every scalar in
-``trainer.callback_metrics`` plus ``epoch``, ``step`` and ``fit_time_s`` to ``ray.tune.report``, so
-schedulers such as ASHA (Li et al., 2020) can stop a weak trial between epochs. A checkpoint goes
+``trainer.callback_metrics`` plus ``epoch``, ``step``, ``fit_time_s`` and ``validation`` (the count of
+validations so far) to ``ray.tune.report``, so schedulers such as ASHA (Li et al., 2020) can stop a weak
+trial between epochs. A checkpoint goes
 along only when the tuned value improved, and it holds weights and hyper-parameters only (no
 optimizer state), which keeps sweeps of many trials from filling the disk; Tune keeps one per trial.
 
@@ -28,6 +29,8 @@ from typing_extensions import override
 from lightning_speedup.tune.objective import TimeToTargetObjective
 
 CHECKPOINT_FILE = "model.ckpt"
+# The 1-based count of validations in this run of the trial, reported with every result.
+VALIDATION_KEY = "validation"
 
 # report(metrics, checkpoint_dir or None); the default sends to the Ray Tune session of the trial.
 Reporter = Callable[[dict[str, float], "str | None"], None]
@@ -99,6 +102,7 @@ class TuneReportCallback(Callback):
         self._best_source: float | None = None
         self._best_tuned: float | None = None
         self._reached_at_s: float | None = None
+        self._validations = 0
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -106,6 +110,7 @@ class TuneReportCallback(Callback):
             self._t0 = time.perf_counter()
             self._excluded_s = 0.0
             self._best_source = self._best_tuned = self._reached_at_s = None
+            self._validations = 0
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -115,6 +120,7 @@ class TuneReportCallback(Callback):
             "best_tuned": self._best_tuned,
             "reached_at_s": self._reached_at_s,
             "elapsed_s": elapsed,
+            "validations": self._validations,
         }
 
     @override
@@ -123,6 +129,7 @@ class TuneReportCallback(Callback):
         self._best_source = state_dict["best_source"]
         self._best_tuned = state_dict["best_tuned"]
         self._reached_at_s = state_dict["reached_at_s"]
+        self._validations = int(state_dict.get("validations", 0))
         if state_dict["elapsed_s"] is not None:
             self._t0 = time.perf_counter() - state_dict["elapsed_s"]
             self._excluded_s = 0.0
@@ -155,8 +162,14 @@ class TuneReportCallback(Callback):
         value = metrics[self.source_metric]
         if self._better(value, self._best_source, self.objective.mode if self.objective else self.tuned_mode):
             self._best_source = value
+        self._validations += 1
+        # Ray's training_iteration continues from a restored trial's checkpoint, although the trial reruns
+        # from its first epoch; ASHA's rungs and the results count this trial run's validations instead.
         metrics.update(
-            epoch=float(trainer.current_epoch), step=float(trainer.global_step), fit_time_s=elapsed
+            epoch=float(trainer.current_epoch),
+            step=float(trainer.global_step),
+            fit_time_s=elapsed,
+            **{VALIDATION_KEY: float(self._validations)},
         )
 
         stop = False

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from ray.tune import Checkpoint, ResultGrid
 
-from lightning_speedup.tune.callback import CHECKPOINT_FILE
+from lightning_speedup.tune.callback import CHECKPOINT_FILE, VALIDATION_KEY
 from lightning_speedup.tune.objective import TimeToTargetObjective
 
 if TYPE_CHECKING:
@@ -140,6 +140,7 @@ class TuneResults:
             df = result.metrics_dataframe
             started[trial_id] = math.inf
             if df is not None and self.metric in df.columns and len(df):
+                df = _last_run(df)
                 self._histories[trial_id] = df
                 if "timestamp" in df.columns:
                     started[trial_id] = float(df["timestamp"].iloc[0]) - float(df["time_total_s"].iloc[0])
@@ -232,7 +233,7 @@ class TuneResults:
                         row[self.objective.metric] = float(
                             source.max() if self.objective.mode == "max" else source.min()
                         )
-                row["iterations"] = int(df["training_iteration"].max())
+                row["iterations"] = int(df[_x_key(df)].max())
                 row["time_s"] = float(df["time_total_s"].iloc[-1])
             else:
                 row[self.metric] = math.nan
@@ -241,8 +242,10 @@ class TuneResults:
         return pd.DataFrame(rows)
 
     def history(self) -> pd.DataFrame:
-        """Every report of every trial: ``trial_id``, ``trial`` (sampling order), ``training_iteration``,
-        every logged metric, ``time_total_s`` and ``config/...``."""
+        """Every report of every trial: ``trial_id``, ``trial`` (sampling order), ``validation`` (the
+        count of the trial's validations), every logged metric, ``time_total_s`` and ``config/...``.
+
+        A trial that an interrupted sweep ran again on resume keeps the reports of its last run only."""
         frames = []
         for number, trial_id in enumerate(self._order):
             df = self._histories.get(trial_id)
@@ -252,7 +255,7 @@ class TuneResults:
             df["trial_id"], df["trial"] = trial_id, number
             frames.append(df)
         if not frames:
-            return pd.DataFrame(columns=["trial_id", "trial", "training_iteration", self.metric])
+            return pd.DataFrame(columns=["trial_id", "trial", VALIDATION_KEY, self.metric])
         return pd.concat(frames, ignore_index=True)
 
     def _searched_config(self) -> dict[str, Any]:
@@ -278,13 +281,13 @@ class TuneResults:
             best = trial_id == self.best_trial_id
             # Markers too: a trial stopped after one validation is a single point.
             ax_curves.plot(
-                df["training_iteration"], df[self.metric], marker="o", ms=4 if best else 3,
+                df[_x_key(df)], df[self.metric], marker="o", ms=4 if best else 3,
                 color="C3" if best else "0.6", lw=2.0 if best else 1.0, zorder=3 if best else 1,
                 label=f"best trial {trial_id}" if best else None,
             )  # fmt: skip
         ax_curves.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax_trials.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax_curves.set_xlabel("validation (training_iteration)")
+        ax_curves.set_xlabel("validation")
         ax_curves.set_ylabel(self.metric)
         ax_curves.set_title(f"{self.metric} per trial")
         if self.best_trial_id is not None:
@@ -323,3 +326,17 @@ class TuneResults:
             f"TuneResults({len(self.result_grid)} trials, {status}, best {self.metric}={self.best_metric}, "
             f"best_config={self._searched_config()}, path={self.path!r})"
         )
+
+
+def _last_run(df: pd.DataFrame) -> pd.DataFrame:
+    """The reports of a trial's last run: a trial resumed after an interruption starts again at its first
+    validation, and Ray's history holds the interrupted run's reports before it."""
+    if VALIDATION_KEY not in df.columns:
+        return df
+    starts = (pd.to_numeric(df[VALIDATION_KEY], errors="coerce") == 1).to_numpy().nonzero()[0]
+    return df.iloc[starts[-1] :].reset_index(drop=True) if len(starts) else df
+
+
+def _x_key(df: pd.DataFrame) -> str:
+    """The count of validations: the callback's, else Ray's (a sweep recorded before it was reported)."""
+    return VALIDATION_KEY if VALIDATION_KEY in df.columns else "training_iteration"

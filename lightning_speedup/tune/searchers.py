@@ -9,7 +9,7 @@
 * ``"random"``: Ray's ``BasicVariantGenerator`` (random sampling; also runs ``tune.grid_search``).
 
 Both model-based searchers start with ``n_initial`` random trials. ``"asha"`` is Ray's
-``ASHAScheduler`` (Li et al., 2020) on ``training_iteration`` (one per validation).
+``ASHAScheduler`` (Li et al., 2020) on the trial's count of validations (``validation``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 
+from lightning_speedup.tune.callback import VALIDATION_KEY
 from lightning_speedup.tune.space import SEARCHERS
 
 SCHEDULERS = ("asha", None)
@@ -142,4 +143,6 @@ def make_scheduler(
     if scheduler is None or isinstance(scheduler, TrialScheduler):
         return scheduler
     max_t = asha_max_t(trainer_kwargs)
-    return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=1, reduction_factor=4)
+    # Not Ray's training_iteration: it continues from a resumed trial's checkpoint while the trial reruns
+    # from its first epoch, which would move the trial past rungs it never reached.
+    return ASHAScheduler(time_attr=VALIDATION_KEY, max_t=max_t, grace_period=1, reduction_factor=4)

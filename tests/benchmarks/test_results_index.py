@@ -26,6 +26,15 @@ def test_every_cited_result_file_exists() -> None:
     assert not missing, "cited result files that do not exist:\n" + "\n".join(missing)
 
 
+def test_the_result_documents_are_searched_for_citations() -> None:
+    # The documents that present results (the case study's tables are generated) must be among those
+    # searched, and the pattern must find their citations, or a missing file there would go unnoticed.
+    for name in ("README.md", "docs/results.md", "docs/case-studies.md"):
+        doc = ROOT / name
+        assert doc in DOCS, name
+        assert CITED.findall(doc.read_text()), f"{name}: no citation of benchmarks/results/ found"
+
+
 def test_committed_index_is_the_generated_one() -> None:
     index = _results_index()
     assert index.INDEX.read_text() == index.render(), "run: python benchmarks/results_index.py"

@@ -94,7 +94,8 @@ def build_mlp(config: dict[str, Any]) -> tuple[L.LightningModule, L.LightningDat
 
     ``marker_dir`` (optional) gets one empty file per trial start, named after the trial id, so tests can
     count how often each trial ran. ``batch_sleep_s`` (optional) sleeps after every training batch, so
-    a test can interrupt a sweep while a trial is running.
+    a test can interrupt a sweep while a trial is running. ``val_marker_dir`` (optional) gets one empty
+    file per finished validation (``<trial id>.<epoch>``), so a test can interrupt after a report.
     """
     if config.get("marker_dir"):
         from ray import tune
@@ -109,9 +110,25 @@ def build_mlp(config: dict[str, Any]) -> tuple[L.LightningModule, L.LightningDat
     datamodule = TensorDataModule(
         data, batch_size=config.get("batch_size", 128), shuffle=config.get("shuffle", True)
     )
+    callbacks: list[L.Callback] = []
     if config.get("batch_sleep_s"):
-        return module, datamodule, [_SleepAfterBatch(float(config["batch_sleep_s"]))]
-    return module, datamodule
+        callbacks.append(_SleepAfterBatch(float(config["batch_sleep_s"])))
+    if config.get("val_marker_dir"):
+        callbacks.append(_MarkValidation(str(config["val_marker_dir"])))
+    return (module, datamodule, callbacks) if callbacks else (module, datamodule)
+
+
+class _MarkValidation(L.Callback):
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            from ray import tune
+
+            trial_id = tune.get_context().get_trial_id()
+            open(os.path.join(self.folder, f"{trial_id}.{trainer.current_epoch}"), "w").close()
 
 
 class _SleepAfterBatch(L.Callback):

@@ -308,3 +308,44 @@ def test_resume_after_interrupt_in_the_middle_of_a_trial_finishes_the_sweep(
     runs = _markers(markers)
     assert set(first) <= set(outcome["status"]), "every trial of the first run is kept under its id"
     assert sorted(runs.values()) == [1, 1, 1, 2], f"only the interrupted trial runs again: {runs}"
+
+
+def test_a_trial_resumed_after_its_first_report_counts_its_validations_from_one(
+    fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    """Ctrl+C after the third trial's first validation (which reported and checkpointed), then resume: the
+    trial reruns from its first epoch while Ray's training_iteration continued from the checkpoint (2, 3, 4
+    for validations 1, 2, 3), which moved ASHA's rungs and the results' counts."""
+    markers, val_markers = tmp_path / "markers", tmp_path / "val_markers"
+    markers.mkdir()
+    val_markers.mkdir()
+    cmd = [
+        sys.executable, "-m", "tests.tune.interrupted_sweep",
+        "random", str(tmp_path / "sweeps"), str(markers), str(fashion_mnist_dir.resolve()), "3", str(val_markers),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    sweep = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def third_trial_validated() -> bool:
+        started = sorted(markers.iterdir(), key=lambda p: p.stat().st_mtime)
+        if len(started) < 3:
+            return False
+        third = started[2].name.split(".")[0]
+        return any(p.name.startswith(third) for p in val_markers.iterdir())
+
+    deadline = time.monotonic() + 180
+    while not third_trial_validated() and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sweep.poll() is None, f"the sweep ended before its third trial validated:\n{sweep.stdout.read()}"
+    sweep.send_signal(signal.SIGINT)  # the third trial is in its second epoch
+    sweep.communicate(timeout=60)
+
+    resumed = subprocess.run([*cmd, "resume"], env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    outcome = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert outcome["complete"] and sorted(outcome["status"].values()) == ["finished"] * 4
+    runs = _markers(markers)
+    assert sorted(runs.values()) == [1, 1, 1, 2], f"only the interrupted trial runs again: {runs}"
+    for trial_id, validations in outcome["validations"].items():
+        assert validations == [1, 2, 3], f"trial {trial_id} (ran {runs[trial_id]}x) reported {validations}"
+        assert outcome["iterations"][trial_id] == 3
