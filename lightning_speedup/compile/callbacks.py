@@ -217,6 +217,8 @@ class EagerCUDAGraphs(Callback):
         self.module_attr = module_attr
         self.num_warmup_iters = num_warmup_iters
         self.graphed = False
+        # Seconds the graph capture took (warm-up iterations included), once captured.
+        self.capture_s: float | None = None
         self._hook: Any = None
 
     def _module(self, pl_module: L.LightningModule) -> nn.Module:
@@ -255,10 +257,14 @@ class EagerCUDAGraphs(Callback):
         sample = tuple(a.detach().clone() if isinstance(a, Tensor) else a for a in args)
         # It also refuses autocast's weight cache; capture under the same autocast without it.
         autocast = torch.is_autocast_enabled("cuda")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         with torch.autocast(
             "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False
         ):
             torch.cuda.make_graphed_callables(module, sample, num_warmup_iters=self.num_warmup_iters)
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - t0
         self.graphed = True
 
     @override

@@ -93,14 +93,26 @@ def test_cache_warm_fills_once_then_measures_runs_that_reuse_it(
 def test_cold_run_compiles_and_the_warm_run_reuses_its_caches_on_gpu(
     fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
-    """On a GPU `speedup` compiles: the cold run pays Inductor's compile, the warm run hits its caches."""
+    """On a GPU `speedup-compiled` compiles: the cold run pays Inductor's compile, the warm run hits its caches."""
     out = tmp_path / "gpu"
     rc = main(
         ["bench", "--task", "fashion-mnist", "--data", str(fashion_mnist_dir), "--out", str(out), "--recipe",
-         "speedup", "--target", "0.05", *TINY, "--cache", "both", "--keep-caches"]
+         "speedup-compiled", "--target", "0.05", *TINY, "--cache", "both", "--keep-caches"]
     )  # fmt: skip
     assert rc == EXIT_OK
     cold, warm = _runs(out)
     assert cold["compile_s"] > 0 and warm["compile_s"] < cold["compile_s"]
     assert any(Path(cold["cache_env"]["TORCHINDUCTOR_CACHE_DIR"]).iterdir())  # the cold run filled it
     assert warm["avg_power_w"] is None or warm["avg_power_w"] > 0
+
+
+@pytest.mark.gpu
+def test_eager_cuda_graph_capture_is_its_own_warm_up_column_on_gpu(fashion_mnist_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "graphs"
+    rc = main(
+        ["bench", "--task", "fashion-mnist", "--data", str(fashion_mnist_dir), "--out", str(out), "--recipe",
+         "speedup-cudagraphs", "--target", "0.05", *TINY]
+    )  # fmt: skip
+    assert rc == EXIT_OK
+    (run,) = _runs(out)
+    assert run["cudagraph_s"] is not None and run["cudagraph_s"] > 0 and run["compile_s"] == 0.0

@@ -58,6 +58,7 @@ def test_eager_cuda_graphs_train_like_eager(precision: str, tol: float) -> None:
     graphs = EagerCUDAGraphs()
     graphed = _fit(precision, [graphs])
     assert graphs.graphed and len(graphed) == len(eager) == 32
+    assert graphs.capture_s is not None and graphs.capture_s > 0
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), atol=tol, rtol=tol)
 
 
