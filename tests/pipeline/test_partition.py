@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_speedup.pipeline import layer_param_counts, layer_times, partition_costs, plan_stages, theoretical_bubble
+from lightning_speedup.pipeline import (
+    layer_param_counts,
+    layer_times,
+    partition_costs,
+    plan_stages,
+    theoretical_bubble,
+)
 
 
 def _brute_force(costs: list[float], k: int) -> float:
@@ -16,7 +22,7 @@ def _brute_force(costs: list[float], k: int) -> float:
     best = float("inf")
     for cuts in itertools.combinations(range(1, n), k - 1):
         edges = (0, *cuts, n)
-        best = min(best, max(sum(costs[a:b]) for a, b in zip(edges, edges[1:])))
+        best = min(best, max(sum(costs[a:b]) for a, b in itertools.pairwise(edges)))
     return best
 
 
@@ -27,7 +33,7 @@ def test_partition_is_optimal_and_contiguous(seed: int, k: int) -> None:
     costs = torch.randint(1, 20, (7,), generator=g).tolist()
     bounds = partition_costs(costs, k)
     assert len(bounds) == k and bounds[0][0] == 0 and bounds[-1][1] == len(costs)
-    assert all(a < b for a, b in bounds) and all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+    assert all(a < b for a, b in bounds) and all(b == c for (_, b), (c, _) in itertools.pairwise(bounds))
     assert max(sum(costs[a:b]) for a, b in bounds) == _brute_force(costs, k)
 
 

@@ -249,5 +249,5 @@ def test_bench_gpt_is_pipeline_ready(tmp_path: Path) -> None:
     a, b = final_state(ref), final_state(run)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="lm_head.weight.*tied weights"):
+    with pytest.raises(ValueError, match=r"lm_head\.weight.*tied weights"):
         _fit_one_process(gpt(tie=True), PipelineStrategy("interleaved_1f1b", n_microbatches=2))
