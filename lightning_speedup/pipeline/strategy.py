@@ -385,7 +385,6 @@ class PipelineStrategy(DDPStrategy):
         else:
             loss = torch.zeros((), device=self.root_device)
         dist.broadcast(loss, src=self._pp_ranks[self.plan.rank_of(self.plan.num_stages - 1)], group=self._pp_group)
-        self._average_replica_grads()
         if timed:
             self._sync()
             self._log_pipeline_metrics(time.perf_counter() - t0, x)
@@ -409,14 +408,22 @@ class PipelineStrategy(DDPStrategy):
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
                        **kwargs: Any) -> Any:
-        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        def closure_then_average() -> Any:
+            # The closure runs the last accumulated batch's training_step and backward; the gradients of the
+            # whole accumulation window are in .grad now, so the replicas average them once per optimizer
+            # step, before clipping and the step.
+            result = closure()
+            self._average_replica_grads()
+            return result
+
+        out = super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
         self._optimizer_steps += 1
         return out
 
     def _average_replica_grads(self) -> None:
         if self._dp_group is None:
             return
-        grads = [g for g in self._pending_grads if g is not None]
+        grads = [p.grad for p in self._owned_params if p.grad is not None]
         works = [dist.all_reduce(g, group=self._dp_group, async_op=True) for g in grads]
         for w in works:
             w.wait()

@@ -64,14 +64,18 @@ def test_schedule_matches_single_process(schedule: str, reference: Path, tmp_pat
     assert metrics["pipeline/samples_per_s"] > 0
 
 
-def test_pipeline_times_data_parallel(reference: Path, tmp_path: Path) -> None:
-    """4 processes: 2 stages x 2 replicas, each replica half of every batch, equal single-process training."""
-    run = fit(tmp_path, strategy=_pp("1f1b", pipeline_size=2, n_microbatches=2), devices=4, data=ReplicaShards())
-    a, b = final_state(reference), final_state(run)
+def test_pipeline_times_data_parallel(tmp_path: Path) -> None:
+    """4 processes: 2 stages x 2 replicas, each replica half of every batch, equal single-process training,
+    with two accumulated batches per step (replicas average once per optimizer step) and global-norm clipping."""
+    kw = {"gradient_clip_val": 0.05, "accumulate_grad_batches": 2, "max_steps": 3}
+    ref = fit(tmp_path / "ref", **kw)
+    run = fit(tmp_path / "pp", strategy=_pp("1f1b", pipeline_size=2, n_microbatches=2), devices=4,
+              data=ReplicaShards(), **kw)  # fmt: skip
+    a, b = final_state(ref), final_state(run)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
     # the logged loss is replica 0's half-batch loss; the replicas' mean is what the reference logs
-    assert len(losses(run)) == len(losses(reference))
+    assert len(losses(run)) == len(losses(ref))
 
 
 def test_clipping_and_accumulation_match_single_process(tmp_path: Path) -> None:
