@@ -1,7 +1,7 @@
 """Pipeline parallelism: stage partitioning (functional core) and ``PipelineStrategy`` (Lightning adapter).
 
 Importing :mod:`lightning_speedup` registers the strategy strings ``pipeline_gpipe``, ``pipeline_1f1b``,
-``pipeline_interleaved_1f1b`` and ``pipeline_zero_bubble``.
+``pipeline_interleaved_1f1b``, ``pipeline_zero_bubble``, ``pipeline_zbv`` and ``pipeline_dualpipev``.
 """
 
 from lightning_speedup.pipeline.contract import PipelineLayers, collect_layers, split_batch

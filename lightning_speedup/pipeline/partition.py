@@ -4,7 +4,8 @@ The functional core of pipeline parallelism: no Lightning, no process groups. A 
 run of layers; the split minimises the largest stage cost (the classic linear-partition problem, solved
 exactly by dynamic programming), where a layer's cost is its parameter count (``balance="params"``) or
 its measured forward+backward time (``balance="time"``). Stages are placed on ranks loop-style, as
-``torch.distributed.pipelining``'s looped schedules expect: stage ``s`` lives on pipeline rank ``s % p``.
+``torch.distributed.pipelining``'s looped schedules expect: stage ``s`` lives on pipeline rank ``s % p``;
+the V-shaped schedules place two stages per rank in a V (rank ``r`` holds stages ``r`` and ``2p - 1 - r``).
 """
 
 from __future__ import annotations
@@ -35,13 +36,19 @@ class StagePlan:
     costs: tuple[float, ...]  # per stage, in the unit of ``balance``
     params: tuple[int, ...]  # parameters per stage
     balance: str
+    # "loop": stage s on rank s % p (GPipe, 1F1B, the interleaved schedules); "v": two stages per rank,
+    # stage s on rank s for s < p, else 2p - 1 - s (the V-shaped schedules).
+    placement: str = "loop"
 
     @property
     def num_stages(self) -> int:
         return len(self.bounds)
 
     def rank_of(self, stage: int) -> int:
-        return stage % self.pipeline_size
+        p = self.pipeline_size
+        if self.placement == "v":
+            return stage if stage < p else 2 * p - 1 - stage
+        return stage % p
 
     def stages_of(self, rank: int) -> list[int]:
         return [s for s in range(self.num_stages) if self.rank_of(s) == rank]
@@ -152,8 +159,13 @@ def layer_times(
 
 
 def plan_stages(costs: Sequence[float], params: Sequence[int], num_stages: int, pipeline_size: int,
-                balance: str) -> StagePlan:
+                balance: str, placement: str = "loop") -> StagePlan:
     """The stage plan for per-layer ``costs`` (and parameter counts, for the log)."""
+    if placement not in ("loop", "v"):
+        raise ValueError(f"placement must be 'loop' or 'v', got {placement!r}.")
+    if placement == "v" and num_stages != 2 * pipeline_size:
+        raise ValueError(f"placement='v' puts two stages on each process: num_stages must be 2 * pipeline_size "
+                         f"({2 * pipeline_size}), got {num_stages}.")
     bounds = partition_costs(costs, num_stages)
     return StagePlan(
         bounds=tuple(bounds),
@@ -161,6 +173,7 @@ def plan_stages(costs: Sequence[float], params: Sequence[int], num_stages: int, 
         costs=tuple(float(sum(costs[a:b])) for a, b in bounds),
         params=tuple(int(sum(params[a:b])) for a, b in bounds),
         balance=balance,
+        placement=placement,
     )
 
 
@@ -172,4 +185,4 @@ def theoretical_bubble(schedule: str, pipeline_size: int, n_microbatches: int, s
     """
     p, m, v = pipeline_size, n_microbatches, stages_per_rank
     bubble = (p - 1) / (m + p - 1)
-    return bubble / v if schedule in ("interleaved_1f1b", "zero_bubble") else bubble
+    return bubble / v if schedule in ("interleaved_1f1b", "zero_bubble", "zbv", "dualpipev") else bubble

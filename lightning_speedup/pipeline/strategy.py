@@ -53,13 +53,19 @@ from lightning_speedup.pipeline.partition import (
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv", "dualpipev")
 _LOOPED = ("interleaved_1f1b", "zero_bubble")
+# Two stages per process placed in a V: process r holds stage r and stage 2p-1-r, so the last stage (and the
+# loss) sits on process 0 beside the first.
+_V_SHAPED = ("zbv", "dualpipev")
+_MULTI_STAGE = _LOOPED + _V_SHAPED
 _TORCH_CLASS = {
     "gpipe": "ScheduleGPipe",
     "1f1b": "Schedule1F1B",
     "interleaved_1f1b": "ScheduleInterleaved1F1B",
     "zero_bubble": "ScheduleInterleavedZeroBubble",
+    "zbv": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
 }
 
 
@@ -69,13 +75,14 @@ class PipelineStrategy(DDPStrategy):
 
     Args:
         schedule: one of ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``, ``"zero_bubble"`` (interleaved
-            zero-bubble).
+            zero-bubble), ``"zbv"`` (zero-bubble V) or ``"dualpipev"`` (DualPipe-V); the last two place two
+            stages per process in a V.
         pipeline_size: processes per pipeline; ``None`` = the world size. The world size must be a
             multiple of it; the quotient is the number of data-parallel replicas.
         n_microbatches: micro-batches per training batch; ``None`` = ``2 * pipeline_size`` (GPipe/1F1B need
             at least ``pipeline_size`` to fill the pipeline, and the batch size must divide evenly).
         stages_per_rank: model chunks per process (``v``); 1 for GPipe/1F1B, >= 2 for the interleaved
-            schedules (default 2 there).
+            schedules (default 2 there), exactly 2 for the V-shaped ones.
         balance: ``"params"`` (split by parameter count) or ``"time"`` (by each layer's measured
             forward+backward time on this device; needs ``module.example_input_array`` of one micro-batch).
         metrics_every: every this many optimizer steps, synchronise once and log ``pipeline/step_time_s``,
@@ -117,12 +124,15 @@ class PipelineStrategy(DDPStrategy):
         if n_microbatches is not None:
             check_int("n_microbatches", n_microbatches, 1, "micro-batches per training batch")
         if stages_per_rank is None:
-            stages_per_rank = 2 if schedule in _LOOPED else 1
+            stages_per_rank = 2 if schedule in _MULTI_STAGE else 1
         check_int("stages_per_rank", stages_per_rank, 1, "model chunks per process")
+        if schedule in _V_SHAPED and stages_per_rank != 2:
+            raise ValueError(f"schedule={schedule!r} places exactly two stages per process in a V: stages_per_rank "
+                             f"must be 2, got {stages_per_rank}. Use 'interleaved_1f1b' for more chunks.")
         if schedule in _LOOPED and stages_per_rank < 2:
             raise ValueError(f"schedule={schedule!r} interleaves model chunks: stages_per_rank must be >= 2, "
                              f"got {stages_per_rank}. Use schedule='1f1b' for one stage per process.")
-        if schedule not in _LOOPED and stages_per_rank != 1:
+        if schedule not in _MULTI_STAGE and stages_per_rank != 1:
             raise ValueError(f"schedule={schedule!r} runs one stage per process: stages_per_rank must be 1, got "
                              f"{stages_per_rank}. Use 'interleaved_1f1b' or 'zero_bubble' for several.")
         if balance not in ("params", "time"):
@@ -165,9 +175,12 @@ class PipelineStrategy(DDPStrategy):
     # ------------------------------------------------------------------ sizes
     @staticmethod
     def _check_microbatches(schedule: str, m: int, p: int) -> None:
-        if schedule in ("1f1b", "interleaved_1f1b", "zero_bubble") and m < p:
+        if schedule in ("1f1b", "interleaved_1f1b", "zero_bubble", "zbv") and m < p:
             raise ValueError(f"schedule={schedule!r} needs at least as many micro-batches as pipeline processes "
                              f"(n_microbatches >= pipeline_size = {p}), got n_microbatches={m}.")
+        if schedule == "dualpipev" and m < 2 * p:
+            raise ValueError(f"schedule='dualpipev' needs at least as many micro-batches as stages "
+                             f"(n_microbatches >= 2 * pipeline_size = {2 * p}), got n_microbatches={m}.")
         if schedule in _LOOPED and m % p != 0:
             raise ValueError(f"schedule={schedule!r} needs n_microbatches to be a multiple of pipeline_size "
                              f"({p}), got {m}.")
@@ -258,7 +271,8 @@ class PipelineStrategy(DDPStrategy):
             box = [costs]
             dist.broadcast_object_list(box, src=0)
             costs = box[0]
-        return plan_stages(costs, params, num_stages, self.pipeline_size, self.balance)
+        placement = "v" if self.schedule_name in _V_SHAPED else "loop"
+        return plan_stages(costs, params, num_stages, self.pipeline_size, self.balance, placement=placement)
 
     def _materialize(self, layers: PipelineLayers) -> None:
         """Keep this process's stages on its device; every other layer goes to the meta device (no memory)."""
@@ -307,7 +321,7 @@ class PipelineStrategy(DDPStrategy):
             accumulate = self._trainer_accumulation()
             return module.pipeline_loss(output, target) / (self.n_microbatches * accumulate)  # type: ignore[operator]
 
-        first = stages[0] if self.schedule_name not in _LOOPED else stages
+        first = stages[0] if self.schedule_name not in _MULTI_STAGE else stages
         self._schedule = cls(first, n_microbatches=self.n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
     def _trainer_accumulation(self) -> int:

@@ -67,6 +67,16 @@ def test_loop_placement() -> None:
     assert plan.stages_of(1) == [1, 3]
 
 
+def test_v_placement() -> None:
+    plan = plan_stages([1.0] * 12, [1] * 12, 6, 3, "params", placement="v")
+    assert [plan.rank_of(s) for s in range(6)] == [0, 1, 2, 2, 1, 0]
+    assert plan.stages_of(0) == [0, 5] and plan.stages_of(2) == [2, 3]
+    with pytest.raises(ValueError, match=r"num_stages must be 2 \* pipeline_size \(6\), got 4"):
+        plan_stages([1.0] * 12, [1] * 12, 4, 3, "params", placement="v")
+    with pytest.raises(ValueError, match="placement must be 'loop' or 'v'"):
+        plan_stages([1.0] * 12, [1] * 12, 6, 3, "params", placement="w")
+
+
 def test_theoretical_bubble() -> None:
     assert theoretical_bubble("gpipe", 4, 4) == pytest.approx(3 / 7)
     assert theoretical_bubble("1f1b", 4, 12) == pytest.approx(3 / 15)

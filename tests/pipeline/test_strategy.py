@@ -32,7 +32,7 @@ from tests.pipeline.common import (
     losses,
 )
 
-STAGES_PER_RANK = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zero_bubble": 2}
+STAGES_PER_RANK = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zero_bubble": 2, "zbv": 2, "dualpipev": 2}
 
 
 def _pp(schedule: str, **kwargs: object) -> PipelineStrategy:
@@ -128,11 +128,12 @@ def check_validate_and_predict(tmp_path: Path) -> None:
     val = torch.utils.data.DataLoader(dataset(20, seed=1), batch_size=8)  # batches of 8, 8 and 4
     kw = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False}
     plain = L.Trainer(devices=1, **kw).validate(model, val, verbose=False)[0]
-    piped = L.Trainer(devices=2, strategy=_pp("zero_bubble"), use_distributed_sampler=False, **kw).validate(
-        model, val, verbose=False
-    )[0]
-    assert piped["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
-    assert piped["val_acc"] == pytest.approx(plain["val_acc"], rel=1e-6)
+    for schedule in ("zero_bubble", "zbv"):  # looped, and V-shaped (the last stage on process 0)
+        piped = L.Trainer(devices=2, strategy=_pp(schedule), use_distributed_sampler=False, **kw).validate(
+            model, val, verbose=False
+        )[0]
+        assert piped["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6), schedule
+        assert piped["val_acc"] == pytest.approx(plain["val_acc"], rel=1e-6), schedule
 
     pm = PredictLM()
     pm.load_state_dict(model.state_dict())
@@ -175,6 +176,8 @@ def test_unknown_schedule_lists_the_valid_ones() -> None:
         ({"schedule": "interleaved_1f1b", "stages_per_rank": 1}, "stages_per_rank must be >= 2"),
         ({"schedule": "gpipe", "stages_per_rank": 2}, "stages_per_rank must be 1"),
         ({"schedule": "zero_bubble", "pipeline_size": 2, "n_microbatches": 3}, "multiple of pipeline_size"),
+        ({"schedule": "zbv", "stages_per_rank": 3}, "two stages per process in a V: stages_per_rank must be 2"),
+        ({"schedule": "dualpipev", "pipeline_size": 2, "n_microbatches": 3}, r"n_microbatches >= 2 \* pipeline_size"),
         ({"pipeline_size": 0}, r"pipeline_size must be an int >= 1 \(processes per pipeline\), got 0"),
         ({"balance": "flops"}, "balance must be 'params' or 'time'"),
     ],
