@@ -129,6 +129,19 @@ set_cold_charlm() {
     --recipe baseline --recipe speedup-compiled --recipe speedup --seeds 3 --out "$WORK/cold-charlm"
 }
 
+# Compile candidates against `speedup` on Fashion-MNIST, cold, 3 seeds; then the plain-PyTorch loop of
+# `speedup` (3 seeds, each its own process) for the cost of the Lightning integration.
+set_compile_candidates() {
+  job compile-candidates 0 lightning-speedup bench --time-budget "$(($(budget) - 90))" --task fashion-mnist \
+    --cache cold --recipe speedup --recipe speedup-cudagraphs --recipe speedup-regional --recipe speedup-auto \
+    --seeds 3 --out "$WORK/compile-candidates"
+  local seed
+  for seed in 0 1 2; do
+    job "reference-loop-$seed" 0 python benchmarks/reference_loop.py --seed "$seed" \
+      --out "$WORK/reference_loop_seed$seed.json"
+  done
+}
+
 # --- main -------------------------------------------------------------------------------------
 sets=$(declare -F | awk '{print $3}' | sed -n 's/^set_//p' | tr _ - | tr '\n' ' ')
 name=${1:-}
