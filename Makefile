@@ -9,6 +9,9 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 # Where the CPU build of torch comes from when this machine's pip cannot find it locally.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# The oldest Lightning the package supports (pyproject.toml's lower bound); `make test-lightning-oldest` runs
+# tests/test_compat.py and a fast subset against it.
+LIGHTNING_OLDEST ?= 2.4.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
