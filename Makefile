@@ -16,9 +16,10 @@ OLDEST_VENV ?= .venv-lightning-oldest
 # The Lightning requirement as pyproject.toml states it (the supported range), e.g. lightning>=2.4.0,<2.7.
 LIGHTNING_RANGE := $(shell sed -n 's/^ *"\(lightning[<>=][^"]*\)",*$$/\1/p' pyproject.toml)
 # A fast subset that exercises every use of Lightning's private API and the adapters around it: the
-# compatibility test, the schedule callbacks and LR range test, logging, and the strategies on gloo.
+# compatibility test, the schedule callbacks and LR range test, logging, the strategies on gloo, and a
+# pipeline resume.
 OLDEST_TESTS ?= tests/test_compat.py tests/schedules tests/test_metrics.py tests/distributed/test_core.py \
-	tests/distributed/test_strategies.py
+	tests/distributed/test_strategies.py tests/pipeline/test_strategy.py::test_checkpoint_roundtrip_and_exact_resume
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 

@@ -9,7 +9,6 @@ oldest supported Lightning by ``make test-lightning-oldest`` and the newest by `
 from __future__ import annotations
 
 import csv
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +50,7 @@ from lightning_speedup.distributed import (
 from lightning_speedup.distributed.averaging import ParameterAveragingStrategy
 from lightning_speedup.metrics import _TRAIN_STEP_HOOKS
 from lightning_speedup.pipeline import PipelineStrategy
+from tests.distributed.helpers import run_processes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUR_STRATEGIES = [
@@ -61,6 +61,16 @@ OUR_STRATEGIES = [
     CompressedDDPStrategy,
     PipelineStrategy,
 ]
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: faster for these tiny models on a shared machine, and a process that ran
+    multi-threaded CPU kernels can hang the processes it forks later (the DDP test, later test modules)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class Tiny(L.LightningModule):
@@ -351,35 +361,23 @@ class RecordingDDP(DDPStrategy):
         super()._register_ddp_hooks()
 
 
-@pytest.fixture
-def one_process_group() -> Iterator[None]:
-    """A one-process DDP fit runs in this process and leaves its gloo group; later tests need none."""
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    from tests.distributed.helpers import free_port
-
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def test_ddp_calls_setup_model_then_register_hooks_with_its_kwargs(
-    tmp_path: Path, one_process_group: None
-) -> None:
-    """In a real (one-process, gloo) DDP fit, Lightning wraps the module in ``_setup_model``, then calls
-    ``_register_ddp_hooks`` on the wrapper, and forwards ``_ddp_kwargs`` to ``DistributedDataParallel``."""
+def _ddp_fit_in_one_process(rank: int, world_size: int, root: Path) -> None:
     strategy = RecordingDDP(find_unused_parameters=True, process_group_backend="gloo")
     strategy.calls = []
     assert ddp_kwargs(strategy) == {"find_unused_parameters": True}
-    t = trainer(tmp_path, strategy=strategy, max_steps=1, limit_val_batches=0)
-    t.fit(Tiny(), loader())
+    trainer(root, strategy=strategy, max_steps=1, limit_val_batches=0).fit(Tiny(), loader())
     assert strategy.calls == [("_setup_model", "Tiny"), ("_register_ddp_hooks", "DistributedDataParallel")]
     assert strategy.find_unused  # the wrapper got _ddp_kwargs
+
+
+def test_ddp_calls_setup_model_then_register_hooks_with_its_kwargs(tmp_path: Path) -> None:
+    """In a real (one-process, gloo) DDP fit, Lightning wraps the module in ``_setup_model``, then calls
+    ``_register_ddp_hooks`` on the wrapper, and forwards ``_ddp_kwargs`` to ``DistributedDataParallel``.
+
+    The fit runs in a forked child, as the distributed tests' runs do, so that the test process is left with no
+    process group of its own.
+    """
+    run_processes(_ddp_fit_in_one_process, 1, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- the range
