@@ -9,10 +9,21 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 # Where the CPU build of torch comes from when this machine's pip cannot find it locally.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# The oldest Lightning the package supports (pyproject.toml's lower bound); `make test-lightning-oldest` runs
+# tests/test_compat.py and a fast subset against it.
+LIGHTNING_OLDEST ?= 2.4.0
+OLDEST_VENV ?= .venv-lightning-oldest
+# The Lightning requirement as pyproject.toml states it (the supported range), e.g. lightning>=2.4.0,<2.7.
+LIGHTNING_RANGE := $(shell sed -n 's/^ *"\(lightning[<>=][^"]*\)",*$$/\1/p' pyproject.toml)
+# A fast subset that exercises every use of Lightning's private API and the adapters around it: the
+# compatibility test, the schedule callbacks and LR range test, logging, the strategies on gloo, and a
+# pipeline resume.
+OLDEST_TESTS ?= tests/test_compat.py tests/schedules tests/test_metrics.py tests/distributed/test_core.py \
+	tests/distributed/test_strategies.py tests/pipeline/test_strategy.py::test_checkpoint_roundtrip_and_exact_resume
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint venv torch install install-dev data clean
+.PHONY: demo test test-lightning-oldest lint venv torch install install-dev data clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +51,11 @@ endif
 install: torch
 	$(PIP) install -q -e .
 
+# The newest Lightning in the supported range, also in a venv that already has an older one.
 install-dev: torch
+	@test -n '$(LIGHTNING_RANGE)' || { echo "pyproject.toml lists no lightning requirement with a range"; exit 1; }
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --upgrade "$(LIGHTNING_RANGE)"
 
 # Fashion-MNIST: Debian's package when apt can install it; otherwise the loader finds
 # ../shared/data, $$LIGHTNING_SPEEDUP_DATA, the user cache, or downloads the official files.
@@ -63,9 +77,17 @@ demo: install data
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The same tests against the oldest supported Lightning, in a venv of its own (no optional extras).
+test-lightning-oldest:
+	@$(MAKE) --no-print-directory torch VENV=$(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q -e . "lightning==$(LIGHTNING_OLDEST)" "pytest>=8" "pytest-timeout>=2.3"
+	@$(OLDEST_VENV)/bin/python -c "import lightning, sys; print('lightning', lightning.__version__); \
+	  sys.exit(0 if lightning.__version__ == '$(LIGHTNING_OLDEST)' else 1)"
+	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) $(OLDEST_TESTS)
+
 lint: install-dev
 	$(VENV)/bin/ruff check lightning_speedup tests benchmarks
 	$(VENV)/bin/ruff format --check lightning_speedup tests benchmarks
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -24,6 +24,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_speedup._chain import chain_method
+from lightning_speedup._compat import current_hook
 from lightning_speedup._validation import check_int
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,8 @@ _TRAIN_STEP_HOOKS = frozenset({
 
 
 def _running_hook(module: L.LightningModule) -> str | None:
-    """The Lightning hook now running on ``module`` (the private ``_current_fx_name``, as ``self.log`` reads it;
-    checked against Lightning 2.6.6), or None outside a hook."""
-    return module._current_fx_name
+    """The Lightning hook now running on ``module`` (as ``self.log`` reads it), or None outside a hook."""
+    return current_hook(module)
 
 
 class AsyncProgressBarMetrics(Callback):

@@ -48,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_speedup._compat import current_hook, ddp_kwargs, ddp_layer_sync, has_trainer
 from lightning_speedup._validation import check_int
 from lightning_speedup.distributed.collectives import (
     CommGroup,
@@ -73,11 +74,10 @@ def _to_cpu(obj: Any) -> Any:
 def _log_metric(module: LightningModule | None, name: str, value: float) -> None:
     """Log ``value`` through Lightning when the caller runs inside a hook that may log.
 
-    ``LightningModule._current_fx_name`` (checked against Lightning 2.6) names the running hook;
-    the strategy's ``optimizer_step`` runs inside ``LightningModule.optimizer_step`` (automatic
+    The strategy's ``optimizer_step`` runs inside ``LightningModule.optimizer_step`` (automatic
     optimization) or ``training_step`` (manual optimization), both of which may log per step.
     """
-    if module is None or module._trainer is None or module._current_fx_name not in _LOGGABLE_HOOKS:
+    if module is None or not has_trainer(module) or current_hook(module) not in _LOGGABLE_HOOKS:
         return
     log_number(module, name, value, on_step=True, on_epoch=False, batch_size=1)
 
@@ -291,7 +291,7 @@ class ParameterAveragingStrategy(DDPStrategy):
                 f"{name}(hierarchical={self.hierarchical!r}): the block size {block} must divide the number of "
                 f"processes {self.world_size}; pass a divisor of {self.world_size} or hierarchical=True."
             )
-        if self._layer_sync is not None:
+        if ddp_layer_sync(self) is not None:
             raise ValueError(
                 f"{name} does not support Trainer(sync_batchnorm=True): it would all-reduce batch statistics every "
                 "step, which is the communication this strategy avoids. BatchNorm buffers are averaged at each sync."
@@ -354,7 +354,7 @@ class ParameterAveragingStrategy(DDPStrategy):
         ctx = torch.cuda.stream(torch.cuda.Stream()) if device_ids is not None else nullcontext()
         with ctx:
             return DistributedDataParallel(
-                module=model, device_ids=device_ids, process_group=self._comm.shard_group, **self._ddp_kwargs
+                module=model, device_ids=device_ids, process_group=self._comm.shard_group, **ddp_kwargs(self)
             )
 
     @override

@@ -21,11 +21,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from lightning.fabric.strategies import _StrategyRegistry
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_speedup._compat import StrategyRegistryType
 from lightning_speedup._registry import registered_strategy
 from lightning_speedup._validation import check_int
 from lightning_speedup.distributed.averaging import ParameterAveragingStrategy
@@ -207,7 +207,7 @@ class DiLoCoStrategy(ParameterAveragingStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistryType) -> None:
         strategy_registry.register(
             "diloco",
             cls,

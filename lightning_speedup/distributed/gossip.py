@@ -21,10 +21,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.fabric.strategies import _StrategyRegistry
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_speedup._compat import StrategyRegistryType
 from lightning_speedup._registry import registered_strategy
 from lightning_speedup._validation import check_int
 from lightning_speedup.distributed.averaging import ParameterAveragingStrategy
@@ -160,7 +160,7 @@ class GossipSGDStrategy(ParameterAveragingStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistryType) -> None:
         strategy_registry.register(
             "gossip_ring",
             cls,

@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -38,6 +38,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_speedup._chain import chain_method
+from lightning_speedup._compat import StrategyRegistryType, optimizer_to_device, set_module_device
 from lightning_speedup._registry import registered_strategy
 from lightning_speedup._validation import check_int
 from lightning_speedup.metrics import log_number
@@ -295,7 +296,7 @@ class PipelineStrategy(DDPStrategy):
         assert module is not None
         self._owned_params = [p for p in module.parameters() if id(p) in owned_ids]
         self._owned_names = {n for n, t in module.state_dict(keep_vars=True).items() if t.device.type != "meta"}
-        _set_module_device(module, self.root_device)
+        set_module_device(module, self.root_device)
 
     def _build_schedule(self) -> None:
         from torch.distributed import pipelining
@@ -598,7 +599,7 @@ class PipelineStrategy(DDPStrategy):
         """The optimizer's state for every stage's parameters, indexed as in the plain module (collective)."""
         state = super().optimizer_state(optimizer)
         owned = {id(p) for p in self._owned_params}
-        opt = getattr(optimizer, "_optimizer", optimizer)
+        opt = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
         mine = {index[id(p)]: state["state"][index[id(p)]] for p in self._owned_params
                 if index[id(p)] in state["state"]}
@@ -630,13 +631,11 @@ class PipelineStrategy(DDPStrategy):
 
     @override
     def load_optimizer_state_dict(self, checkpoint: dict[str, Any]) -> None:
-        from lightning.fabric.utilities.optimizer import _optimizer_to_device
-
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             optimizer.load_state_dict(state)
         self._drop_foreign_optimizer_state()  # other stages' state, cast to the meta device by load_state_dict
         for optimizer in self.optimizers:
-            _optimizer_to_device(optimizer, self.root_device)
+            optimizer_to_device(optimizer, self.root_device)
 
     @override
     def on_train_end(self) -> None:
@@ -687,7 +686,7 @@ class PipelineStrategy(DDPStrategy):
     # ------------------------------------------------------------------ strings
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistryType) -> None:
         for name in SCHEDULES:
             strategy_registry.register(
                 f"pipeline_{name}", cls, description=f"Pipeline parallelism with the {name} schedule",
@@ -711,12 +710,6 @@ def _recorded_input(stage: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
         if meta is not None and hasattr(meta, "shape"):
             return tuple(meta.shape), meta.dtype
     return None
-
-
-def _set_module_device(module: LightningModule, device: torch.device) -> None:
-    # LightningModule.device is the private _device of Lightning's device mixin (Lightning 2.6), normally set by
-    # module.to(device); that call would fail on the meta-device layers this process does not hold.
-    module._device = device
 
 
 __all__ = ["SCHEDULES", "PipelineStrategy"]

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_speedup._compat import logged_step
 from lightning_speedup.schedules.functional import (
     ANNEAL_STRATEGIES,
     DECAY_SHAPES,
@@ -64,12 +65,10 @@ Momentum = float | Sequence[float]
 def _lightning_log_step(trainer: pl.Trainer) -> int | None:
     """The step ``LearningRateMonitor`` logs at now, or ``None`` when this is not a logging step.
 
-    Private-API shim, checked against Lightning 2.6.6: it mirrors ``LearningRateMonitor`` (which
-    uses the same two attributes) so both callbacks put their values on the same steps.
+    It mirrors ``LearningRateMonitor`` so both callbacks put their values on the same steps
+    (:func:`lightning_speedup._compat.logged_step`).
     """
-    if not trainer.loggers or not trainer._logger_connector.should_update_logs:
-        return None
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    return logged_step(trainer)
 
 
 def _set_value(group: dict[str, Any], key: str, value: float) -> None:

@@ -240,18 +240,16 @@ class TrainingStateSnapshot:
 def _training_step_scope(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
     """Let ``self.log`` inside ``training_step`` work during the sweep, then drop what it logged.
 
-    Private-API shim, the only one in this module; checked against Lightning 2.6.6. ``self.log``
-    refuses to run unless ``_current_fx_name`` names the hook (the Trainer sets it when it calls
-    ``training_step``), and what it records lands in the fit loop's result collection, which
-    ``reset_results`` empties before the real first step.
+    ``self.log`` refuses to run outside a hook the Trainer called, and what it records lands in the fit
+    loop's results; both go through Lightning's private API, in :mod:`lightning_speedup._compat`.
     """
-    previous = pl_module._current_fx_name
-    pl_module._current_fx_name = "training_step"
+    from lightning_speedup._compat import reset_logged_results, running_hook
+
     try:
-        yield
+        with running_hook(pl_module, "training_step"):
+            yield
     finally:
-        pl_module._current_fx_name = previous
-        trainer._logger_connector.reset_results()
+        reset_logged_results(trainer)
 
 
 def _private_loader(loader: DataLoader) -> DataLoader:
