@@ -172,6 +172,7 @@ class PipelineStrategy(DDPStrategy):
         self._microbatch_compute_s: float | None = None
         self._completed = False
         self._pending_grads: list[Tensor | None] = []
+        self._output_checks: list[Any] = []
 
     # ------------------------------------------------------------------ sizes
     @staticmethod
@@ -296,6 +297,11 @@ class PipelineStrategy(DDPStrategy):
         assert module is not None
         self._owned_params = [p for p in module.parameters() if id(p) in owned_ids]
         self._owned_names = {n for n, t in module.state_dict(keep_vars=True).items() if t.device.type != "meta"}
+        # A layer must map one tensor to one tensor; a tuple output would otherwise fail deep inside the stage
+        # or its send. Checked until the first training step has passed every layer.
+        self._output_checks = [
+            layers.modules[i].register_forward_hook(_one_tensor_out(i)) for i in sorted(owned_layers)
+        ]
         set_module_device(module, self.root_device)
 
     def _build_schedule(self) -> None:
@@ -392,6 +398,9 @@ class PipelineStrategy(DDPStrategy):
         with self.precision_plugin.train_step_context():
             self._schedule.step(*step_args, target=y if self._holds_last else None, losses=losses)
         self._pending_grads = [p.grad for p in self._owned_params]
+        for handle in self._output_checks:
+            handle.remove()
+        self._output_checks = []
         for p, g in zip(self._owned_params, earlier):
             p.grad = g
         if self._holds_last:
@@ -658,6 +667,9 @@ class PipelineStrategy(DDPStrategy):
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
+        for handle in self._output_checks:
+            handle.remove()
+        self._output_checks = []
         module = self.lightning_module
         if module is not None and self._layers:
             if self._completed:
@@ -692,6 +704,18 @@ class PipelineStrategy(DDPStrategy):
                 f"pipeline_{name}", cls, description=f"Pipeline parallelism with the {name} schedule",
                 schedule=name,
             )
+
+
+def _one_tensor_out(index: int) -> Callable[[nn.Module, Any, Any], None]:
+    def check(layer: nn.Module, args: Any, output: Any) -> None:
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"pipeline_layers()[{index}] ({type(layer).__name__}) returned a {type(output).__name__}, but a "
+                "pipelined layer must return one tensor, the next layer's only input. Return the tensor alone, or "
+                "list a small wrapper module that calls the layer and keeps the tensor."
+            )
+
+    return check
 
 
 def _recorded_input(stage: Any) -> tuple[tuple[int, ...], torch.dtype] | None:

@@ -206,6 +206,21 @@ class _NoLayers(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class _PairBlock(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.block(x), None  # e.g. (hidden, attention weights)
+
+
+class _TupleOut(TinyLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks[1] = _PairBlock(self.blocks[1])
+
+
 class _Tied(TinyLM):
     def __init__(self) -> None:
         super().__init__()
@@ -224,9 +239,11 @@ class _Tied(TinyLM):
         (_Tied(), PipelineStrategy("interleaved_1f1b", n_microbatches=2), None, ValueError, "tied weights"),
         (TinyLM(), PipelineStrategy("1f1b", pipeline_size=2), None, ValueError, "multiple of pipeline_size"),
         (TinyLM(), PipelineStrategy("1f1b", balance="time"), None, ValueError, "example_input_array"),
+        (_TupleOut(), PipelineStrategy("1f1b", n_microbatches=2), None, TypeError,
+         r"pipeline_layers\(\)\[2\] \(_PairBlock\) returned a tuple, but a pipelined layer must return one tensor"),
     ],
     ids=["more-stages-than-layers", "indivisible-batch", "changed-shape", "no-layers", "tied", "world-size",
-         "time-without-example"],
+         "time-without-example", "tuple-output"],
 )
 def test_bad_input_gets_a_clear_error(model: L.LightningModule, strategy: PipelineStrategy, data: object,
                                       error: type[Exception], match: str) -> None:
