@@ -124,7 +124,7 @@ class Smoke:
 SMOKE: dict[str, Smoke] = {
     "fashion-mnist": Smoke(Space((32, 64), (1e-3, 1e-2), (1, 2), (0.2, 0.4)), target=0.3, train_subset=512,
                            val_subset=256, model_kwargs={"width": 4}),
-    "char-lm": Smoke(Space((8, 16), (1e-3, 1e-2), (1, 2), (0.0, 0.2)), target=3.8, train_subset=256,
+    "char-lm": Smoke(Space((8, 16), (1e-3, 1e-2), (1, 2), (0.0, 0.2)), target=3.3, train_subset=256,
                      val_subset=32, model_kwargs={"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32}),
 }  # fmt: skip
 
@@ -195,6 +195,7 @@ def _factory_source(factory: Callable[..., Any]) -> str:
 
 def extended_source(recipe_name: str, task: str, overrides: dict[str, Any]) -> str:
     """The ``Recipe.extended(...)`` call, as Python source, that builds the tuned recipe."""
+
     def value(key: str, v: Any) -> str:
         if key != "callbacks":
             return repr(v)
@@ -346,12 +347,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 "on the GPU machine (bash benchmarks/run_on_gpu.sh tune)."
             )
         slots = max(1, int(torch.cuda.device_count() / gpus + 1e-9))
-    if args.data is not None and not Path(args.data).exists():
-        raise ValueError(
-            f"--data {args.data} does not exist; pass the task's data folder or file, or leave it out."
-        )
-    data = str(task.locate_data(args.data))
-
     recipe = get_recipe(args.recipe).for_task(task.name)
     if recipe.strategy is not None:
         raise ValueError(
@@ -363,6 +358,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
     target = args.target if args.target is not None else smoke.target if smoke else task.default_target
     task.check_target(target)
     space = smoke.space if smoke else SPACES[task.name]
+    if args.data is not None and not Path(args.data).exists():
+        raise ValueError(
+            f"--data {args.data} does not exist; pass the task's data folder or file, or leave it out."
+        )
+    # Absolute: trials run in Ray workers with working directories of their own.
+    data = str(Path(task.locate_data(args.data)).resolve())
     searchers = [args.searcher, "random"] if args.compare_random else [args.searcher]
     return Plan(
         task=task, recipe_name=args.recipe, recipe=recipe, target=target, space=space, searchers=searchers,
@@ -402,13 +403,20 @@ def run_sweep(plan: Plan, searcher: str, seed: int, storage: str, verbose: int) 
     task = plan.task
     space = {**plan.space.domains(), "bench": plan.fixed(seed)}
     t0 = time.perf_counter()
-    results = tune_lightning(
-        build, space, num_samples=plan.num_samples, searcher=searcher, scheduler=None,
-        objective=TimeToTargetObjective(task.metric, plan.target, task.mode),  # type: ignore[arg-type]
-        resources_per_trial=plan.resources, trainer_kwargs=plan.trainer_kwargs, storage_path=storage,
-        name=f"{task.name}_{searcher}_seed{seed}", seed=seed, max_concurrent=plan.max_concurrent,
-        checkpoint=False, verbose=verbose,
-    )  # fmt: skip
+    try:
+        results = tune_lightning(
+            build, space, num_samples=plan.num_samples, searcher=searcher, scheduler=None,
+            objective=TimeToTargetObjective(task.metric, plan.target, task.mode),  # type: ignore[arg-type]
+            resources_per_trial=plan.resources, trainer_kwargs=plan.trainer_kwargs, storage_path=storage,
+            name=f"{task.name}_{searcher}_seed{seed}", seed=seed, max_concurrent=plan.max_concurrent,
+            checkpoint=False, verbose=verbose,
+        )  # fmt: skip
+    except RuntimeError as err:  # every trial failed: the first trial's error is the cause
+        cause = (
+            f"; first trial's error: {type(err.__cause__).__name__}: {err.__cause__}" if err.__cause__ else ""
+        )
+        return {"searcher": searcher, "seed": seed, "wall_s": time.perf_counter() - t0, "complete": True,
+                "trials": [], "best": None, "error": f"{err}{cause}"}  # fmt: skip
     wall = time.perf_counter() - t0
     trials = []
     for number, row in enumerate(results.dataframe().to_dict("records"), start=1):
@@ -417,11 +425,12 @@ def run_sweep(plan: Plan, searcher: str, seed: int, storage: str, verbose: int) 
         trials.append({
             "trial": number, "config": _searched({k.removeprefix("config/"): v for k, v in row.items()}),
             "status": row["status"], "reached": reached, "time_to_target_s": score if reached else None,
-            "score": score, "best_metric": _finite(row.get(task.metric)), "time_s": _finite(row.get("time_s")),
+            "score": score, "best_metric": _finite(row.get(task.metric)), "validations": _finite(row.get("iterations")),
+            "time_s": _finite(row.get("time_s")),
             "error": row.get("error") if isinstance(row.get("error"), str) else None,
         })  # fmt: skip
     sweep: dict[str, Any] = {"searcher": searcher, "seed": seed, "wall_s": wall, "complete": results.complete,
-                             "trials": trials, "best": None}  # fmt: skip
+                             "trials": trials, "best": None, "error": None}  # fmt: skip
     if results.best_config is not None:
         config = _searched(results.best_config)
         best_trial = next((t for t in trials if t["config"] == config), None)
@@ -513,7 +522,7 @@ def report(
                              "warmup": list(plan.space.warmup)},
         },
         "hand_picked": {**picked, "in_space": plan.space.contains(picked)},
-        "complete": not interrupted and all(sw["complete"] for sw in sweeps),
+        "complete": not interrupted and all(sw["complete"] and not sw["error"] for sw in sweeps),
         "sweeps": sweeps,
         "best_per_sweep": [{"searcher": sw["searcher"], "seed": sw["seed"], **(sw["best"] or {})} for sw in sweeps],
         "trials_to_target": trials_to_target(sweeps, plan.searchers, plan.num_samples, args.near_best),
@@ -578,7 +587,7 @@ def print_summary(result: dict[str, Any], out: Path) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(prog="tune_recipe.py", description=(__doc__ or "").splitlines()[0])
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--recipe", default="speedup", help="the recipe to tune (default: speedup)")
     p.add_argument("--target", type=float, default=None, help="quality target (default: the task's; --smoke: "
@@ -646,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     init_ray(log_to_driver=args.verbose >= 2)
     sweeps: list[dict[str, Any]] = []
-    interrupted = False
+    interrupted = failed = False
     with tempfile.TemporaryDirectory(prefix="tune_recipe_") as tmp:
         storage = args.storage or tmp
         try:
@@ -658,15 +667,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print_sweep(sweep, plan.task.metric)
                     # Written after every sweep, so that a run cut short by its time budget keeps what it did.
                     write_atomic(args.out, json.dumps(report(plan, args, sweeps, False), indent=1))
+                    if sweep["error"]:
+                        # The next sweeps build the same trials; they would fail the same way.
+                        print(f"sweep failed: {sweep['error']}", file=sys.stderr, flush=True)
+                        failed = True
+                        break
                     if not sweep["complete"]:
                         raise KeyboardInterrupt  # Ray Tune stopped the sweep on SIGINT: stop here too
+                if failed:
+                    break
         except KeyboardInterrupt:
             interrupted = True
             print("interrupted: the result file holds the sweeps so far", file=sys.stderr, flush=True)
     result = report(plan, args, sweeps, interrupted)
     write_atomic(args.out, json.dumps(result, indent=1))
     print_summary(result, args.out)
-    return 130 if interrupted else 0
+    return 1 if failed else 130 if interrupted else 0
 
 
 if __name__ == "__main__":
