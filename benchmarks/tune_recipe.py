@@ -278,6 +278,8 @@ class Plan:
     model_kwargs: dict[str, Any]
     recipe_extra: dict[str, Any]
     accelerator: str
+    # Names the sweeps in --storage, so a second run beside a first one starts sweeps of its own.
+    started: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
 
     def fixed(self, seed: int) -> str:
         """The constants every trial of a sweep gets, as one JSON string (a search-space constant)."""
@@ -322,6 +324,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ValueError(f"--max-concurrent must be >= 1, got {args.max_concurrent}.")
     if not 0 <= args.near_best < 1:
         raise ValueError(f"--near-best must be a fraction in [0, 1), got {args.near_best}.")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise ValueError(f"--time-budget must be > 0 seconds, got {args.time_budget}.")
     if args.compare_random and args.searcher == "random":
         raise ValueError(
             "--compare-random runs a random sweep beside --searcher; choose --searcher bayes or tpe."
@@ -408,7 +412,7 @@ def run_sweep(plan: Plan, searcher: str, seed: int, storage: str, verbose: int) 
             build, space, num_samples=plan.num_samples, searcher=searcher, scheduler=None,
             objective=TimeToTargetObjective(task.metric, plan.target, task.mode),  # type: ignore[arg-type]
             resources_per_trial=plan.resources, trainer_kwargs=plan.trainer_kwargs, storage_path=storage,
-            name=f"{task.name}_{searcher}_seed{seed}", seed=seed, max_concurrent=plan.max_concurrent,
+            name=f"{task.name}_{searcher}_seed{seed}_{plan.started}", seed=seed, max_concurrent=plan.max_concurrent,
             checkpoint=False, verbose=verbose,
         )  # fmt: skip
     except RuntimeError as err:  # every trial failed: the first trial's error is the cause
@@ -500,7 +504,11 @@ def overall_best(sweeps: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def report(
-    plan: Plan, args: argparse.Namespace, sweeps: list[dict[str, Any]], interrupted: bool
+    plan: Plan,
+    args: argparse.Namespace,
+    sweeps: list[dict[str, Any]],
+    interrupted: bool,
+    skipped: list[dict[str, Any]],
 ) -> dict[str, Any]:
     import optuna
     import ray
@@ -515,14 +523,15 @@ def report(
         "settings": {
             "searchers": plan.searchers, "num_samples": plan.num_samples, "seeds": plan.seeds,
             "resources_per_trial": plan.resources, "max_concurrent": plan.max_concurrent, "scheduler": None,
-            "near_best": args.near_best, "trainer_kwargs": plan.trainer_kwargs, "train_subset": plan.train_subset,
-            "val_subset": plan.val_subset, "model_kwargs": plan.model_kwargs, "recipe_extra": plan.recipe_extra,
+            "near_best": args.near_best, "time_budget_s": args.time_budget, "trainer_kwargs": plan.trainer_kwargs,
+            "train_subset": plan.train_subset, "val_subset": plan.val_subset, "model_kwargs": plan.model_kwargs, "recipe_extra": plan.recipe_extra,
             "search_space": {"batch_size": list(plan.space.batch_sizes), "peak_lr": list(plan.space.peak_lr),
                              "peak_lr_sampling": "loguniform", "epochs": list(plan.space.epochs),
                              "warmup": list(plan.space.warmup)},
         },
         "hand_picked": {**picked, "in_space": plan.space.contains(picked)},
-        "complete": not interrupted and all(sw["complete"] and not sw["error"] for sw in sweeps),
+        "complete": not (interrupted or skipped) and all(sw["complete"] and not sw["error"] for sw in sweeps),
+        "skipped_sweeps": skipped,
         "sweeps": sweeps,
         "best_per_sweep": [{"searcher": sw["searcher"], "seed": sw["seed"], **(sw["best"] or {})} for sw in sweeps],
         "trials_to_target": trials_to_target(sweeps, plan.searchers, plan.num_samples, args.near_best),
@@ -636,6 +645,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage", default=None, help="keep the Ray Tune sweeps here (default: a temporary folder)"
     )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no sweep that the longest sweep so far says would end after this many seconds (exit 4)",
+    )
     p.add_argument("--verbose", type=int, default=0, help="Ray Tune's verbosity (0-2)")
     p.add_argument("--out", type=Path, required=True, help="the result file (JSON)")
     return p
@@ -656,17 +672,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     init_ray(log_to_driver=args.verbose >= 2)
     sweeps: list[dict[str, Any]] = []
     interrupted = failed = False
+    skipped: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tune_recipe_") as tmp:
         storage = args.storage or tmp
         try:
             for seed in plan.seeds:
                 order = plan.searchers if seed % 2 == 0 else plan.searchers[::-1]
                 for searcher in order:
+                    longest = max((sw["wall_s"] for sw in sweeps), default=0.0)
+                    if (
+                        args.time_budget is not None
+                        and time.perf_counter() - t_start + longest > args.time_budget
+                    ):
+                        # A sweep cut short in the middle would compare the searchers on unequal budgets.
+                        skipped.append({"searcher": searcher, "seed": seed})
+                        continue
                     sweep = run_sweep(plan, searcher, seed, storage, args.verbose)
                     sweeps.append(sweep)
                     print_sweep(sweep, plan.task.metric)
                     # Written after every sweep, so that a run cut short by its time budget keeps what it did.
-                    write_atomic(args.out, json.dumps(report(plan, args, sweeps, False), indent=1))
+                    write_atomic(args.out, json.dumps(report(plan, args, sweeps, False, skipped), indent=1))
                     if sweep["error"]:
                         # The next sweeps build the same trials; they would fail the same way.
                         print(f"sweep failed: {sweep['error']}", file=sys.stderr, flush=True)
@@ -679,10 +705,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             interrupted = True
             print("interrupted: the result file holds the sweeps so far", file=sys.stderr, flush=True)
-    result = report(plan, args, sweeps, interrupted)
+    result = report(plan, args, sweeps, interrupted, skipped)
     write_atomic(args.out, json.dumps(result, indent=1))
+    if skipped:
+        print(
+            f"--time-budget {args.time_budget:g} s: skipped the sweeps {skipped}", file=sys.stderr, flush=True
+        )
     print_summary(result, args.out)
-    return 1 if failed else 130 if interrupted else 0
+    return 1 if failed else 130 if interrupted else 4 if skipped else 0
 
 
 if __name__ == "__main__":
