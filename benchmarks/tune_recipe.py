@@ -2,33 +2,33 @@
 
 A Bayesian sweep (issue 21) through ``lightning_speedup.tune.tune_lightning`` with ``TimeToTargetObjective``.
 A trial is the bench's own build of the recipe (``get_recipe(--recipe).for_task(--task)`` and
-``build_trainer_parts``, as ``lightning-speedup bench`` builds a run) with four fields replaced by sampled values:
+``build_trainer_parts``, as ``lightning-speedup bench`` builds a run) with four fields sampled:
 
   batch_size   the recipe's batch size
-  peak_lr      the peak of the recipe's schedule callback (OneCycle's max_lr, WarmupStableDecay's peak_lr)
-  epochs       the schedule's length, which is the recipe's max_epochs (the trial's Trainer stops there)
+  peak_lr      the peak of its schedule callback (OneCycle's max_lr, WarmupStableDecay's peak_lr)
+  epochs       the schedule's length, the recipe's max_epochs (the trial's Trainer stops there)
   warmup       the schedule's warm-up fraction (OneCycle's pct_start, WarmupStableDecay's warmup)
 
-Every other field of the recipe, and every other argument of its schedule, stays as the recipe has it. A trial
-trains until the task's target (``--target``, default the task's) and stops there; it scores its wall time from
-the start of ``fit``, a trial that misses scores TimeToTargetObjective's penalty. Trial seed = sweep seed (every
-trial starts from the same weights and data order). No early stopping (scheduler=None), so with
+Every other field of the recipe and argument of its schedule stays as the recipe has it. A trial trains until
+the task's target (``--target``, default the task's) and stops there, scoring its wall time from the start of
+``fit``; a trial that misses scores TimeToTargetObjective's penalty. Trial seed = sweep seed (every trial
+starts from the same weights and data order). No early stopping (scheduler=None), so with
 ``--compare-random`` only the searcher differs; sweeps run interleaved, seed by seed (bayes, random, random,
 bayes, ...), on one Ray cluster.
 
-Trials share the device (``--gpus-per-trial 0.25``: four trials on one GPU), so a trial's time is measured beside
-other trials and is longer than a run alone: the sweep ranks configurations. The best one is re-measured cold
-with ``lightning-speedup bench`` against the hand-picked recipe before it replaces it; the last lines printed are
-the ``Recipe.extended(...)`` call to paste into ``lightning_speedup/bench/recipes.py`` for that.
+Trials share the device (``--gpus-per-trial 0.25``: four trials on one GPU), so a trial's time is measured
+beside other trials and is longer than a run alone: the sweep ranks configurations. The best one is measured
+cold with ``lightning-speedup bench`` against the hand-picked recipe before it replaces it; the last line
+printed is the ``Recipe.extended(...)`` call that builds it, for ``lightning_speedup/bench/recipes.py``.
 
-Trials to target, per sweep: the 1-based number, in the order the searcher proposed them, of the first trial that
-reached the quality target ("reach"), and of the first trial within ``--near-best`` of the fastest time to target
-any sweep of this run found ("near best"). A sweep that never gets there counts as num_samples + 1 (censored).
+Trials to target, per sweep: the 1-based number, in the order the searcher proposed them, of the first
+trial that reached the quality target ("reach"), and of the first trial within ``--near-best`` of the
+fastest time to target any sweep of this run found ("near best"); num_samples + 1 when none did (censored).
 
-Run on the device (after ``source benchmarks/device_env.sh``, or through ``bash benchmarks/run_on_gpu.sh tune``):
+On the device (after ``source benchmarks/device_env.sh``, or ``bash benchmarks/run_on_gpu.sh tune``):
     python benchmarks/tune_recipe.py --device gpu --task char-lm --gpus-per-trial 0.25 --num-samples 16 \\
         --compare-random --out $OUT/tune_recipe_charlm.json
-Smoke test of the script itself (numbers meaningless; about a minute on 2 CPU cores):
+Smoke test of the script itself (numbers meaningless; about 15 s on 2 CPU cores):
     python benchmarks/tune_recipe.py --device cpu --task fashion-mnist --smoke --num-samples 2 \\
         --out /tmp/tune_recipe_smoke.json
 """
@@ -100,9 +100,9 @@ class Space:
         )
 
 
-# Around the hand-picked `speedup` recipe (Fashion-MNIST: batch 512, OneCycle max_lr 4e-3, 10 epochs, pct_start
-# 0.3; char-LM: batch 128, WarmupStableDecay peak 1e-3, 40 epochs, warm-up 0.05 with decay 0.3), wide enough
-# that the hand-picked point is not on an edge.
+# Around the hand-picked `speedup` recipe (Fashion-MNIST: batch 512, OneCycle max_lr 4e-3, 10 epochs,
+# pct_start 0.3; char-LM: batch 128, WarmupStableDecay peak 1e-3, 40 epochs, warm-up 0.05 with decay 0.3),
+# wide enough that the hand-picked point is not on an edge.
 SPACES: dict[str, Space] = {
     "fashion-mnist": Space(batch_sizes=(256, 512, 1024, 2048), peak_lr=(1e-3, 2e-2), epochs=(4, 16),
                            warmup=(0.1, 0.5)),
@@ -149,8 +149,9 @@ def schedule_of(recipe: Recipe, task: str) -> tuple[int, str, dict[str, float]]:
     if len(found) != 1:
         names = [getattr(f, "__name__", repr(f)) for f in recipe.callbacks] or "none"
         raise ValueError(
-            f"Recipe {recipe.name!r} for task {task!r} has {len(found)} schedule callbacks that this sweep can tune "
-            f"(its callbacks: {names}); it needs exactly one schedule(...) of {sorted(SCHEDULE_ARGS)} from "
+            f"Recipe {recipe.name!r} for task {task!r} has {len(found)} schedule callbacks that this sweep "
+            f"can tune (its callbacks: {names}); it needs exactly one schedule(...) of "
+            f"{sorted(SCHEDULE_ARGS)} from "
             "lightning_speedup/bench/recipes.py, whose peak LR and warm-up the sweep replaces. Choose such a "
             "recipe, e.g. --recipe speedup."
         )
@@ -158,7 +159,7 @@ def schedule_of(recipe: Recipe, task: str) -> tuple[int, str, dict[str, float]]:
 
 
 def recipe_overrides(recipe: Recipe, task: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The ``Recipe.extended(...)`` keyword arguments that give ``recipe`` (resolved for ``task``) the sampled values."""
+    """The ``Recipe.extended(...)`` arguments that give ``recipe`` (for ``task``) the sampled values."""
     index, name, kwargs = schedule_of(recipe, task)
     peak_arg, warmup_arg = SCHEDULE_ARGS[name]
     callbacks = list(recipe.callbacks)
@@ -234,8 +235,8 @@ class RecipeEpochs(Callback):
         budget = trainer.fit_loop.max_epochs
         if budget is not None and budget != -1 and self.max_epochs > budget:
             raise ValueError(
-                f"RecipeEpochs: the trial's schedule has {self.max_epochs} epochs but the sweep's Trainer allows "
-                f"{budget}; set the sweep's trainer_kwargs['max_epochs'] to the longest schedule of the space."
+                f"RecipeEpochs: the trial's schedule has {self.max_epochs} epochs but the sweep's Trainer "
+                f"allows {budget}; set the sweep's trainer_kwargs['max_epochs'] to the longest schedule."
             )
         trainer.fit_loop.max_epochs = self.max_epochs
 
@@ -247,8 +248,9 @@ def build(config: dict[str, Any]) -> tuple[L.LightningModule, L.LightningDataMod
     base = get_recipe(fixed["recipe"]).for_task(task.name)
     recipe = base.extended(**recipe_overrides(base, task.name, config), **fixed["recipe_extra"])
     ctx = RunContext(
-        task=task, recipe=recipe, seed=fixed["seed"], data_path=fixed["data"], train_subset=fixed["train_subset"],
-        val_subset=fixed["val_subset"], model_kwargs=fixed["model_kwargs"], accelerator=fixed["accelerator"],
+        task=task, recipe=recipe, seed=fixed["seed"], data_path=fixed["data"],
+        train_subset=fixed["train_subset"], val_subset=fixed["val_subset"],
+        model_kwargs=fixed["model_kwargs"], accelerator=fixed["accelerator"],
     )  # fmt: skip
     # The precision and Trainer arguments build_trainer_parts returns are the recipe's, shared by every trial:
     # the sweep passes them as its trainer_kwargs (see Plan.trainer_kwargs).
@@ -285,7 +287,8 @@ class Plan:
         """The constants every trial of a sweep gets, as one JSON string (a search-space constant)."""
         return json.dumps({
             "task": self.task.name, "recipe": self.recipe_name, "seed": seed, "data": self.data,
-            "train_subset": self.train_subset, "val_subset": self.val_subset, "model_kwargs": self.model_kwargs,
+            "train_subset": self.train_subset, "val_subset": self.val_subset,
+            "model_kwargs": self.model_kwargs,
             "recipe_extra": self.recipe_extra, "accelerator": self.accelerator,
         })  # fmt: skip
 
@@ -334,21 +337,21 @@ def make_plan(args: argparse.Namespace) -> Plan:
         gpus = 0.0 if args.gpus_per_trial is None else args.gpus_per_trial
         if gpus != 0:
             raise ValueError(
-                f"--gpus-per-trial {args.gpus_per_trial:g} needs --device gpu; with --device cpu leave it out "
-                "(each trial trains on --cpus-per-trial CPU cores)."
+                f"--gpus-per-trial {args.gpus_per_trial:g} needs --device gpu; with --device cpu leave it "
+                "out (each trial trains on --cpus-per-trial CPU cores)."
             )
         slots = max(1, int(_available_cpus() // args.cpus_per_trial))
     else:
         gpus = 0.25 if args.gpus_per_trial is None else args.gpus_per_trial
         if not 0 < gpus <= 1:
             raise ValueError(
-                f"--gpus-per-trial must be in (0, 1] (a trial trains on one GPU or a share of one, e.g. 0.25 for "
-                f"four trials per GPU), got {gpus:g}."
+                f"--gpus-per-trial must be in (0, 1] (a trial trains on one GPU or a share of one, e.g. 0.25 "
+                f"for four trials per GPU), got {gpus:g}."
             )
         if not torch.cuda.is_available():
             raise ValueError(
-                f"--device gpu, but torch {torch.__version__} sees no CUDA device here. Use --device cpu, or run "
-                "on the GPU machine (bash benchmarks/run_on_gpu.sh tune)."
+                f"--device gpu, but torch {torch.__version__} sees no CUDA device here. Use --device cpu, or "
+                "run on the GPU machine (bash benchmarks/run_on_gpu.sh tune)."
             )
         slots = max(1, int(torch.cuda.device_count() / gpus + 1e-9))
     recipe = get_recipe(args.recipe).for_task(task.name)
@@ -373,7 +376,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         task=task, recipe_name=args.recipe, recipe=recipe, target=target, space=space, searchers=searchers,
         seeds=list(range(args.seeds)), num_samples=args.num_samples,
         resources={"cpu": args.cpus_per_trial, "gpu": gpus}, max_concurrent=args.max_concurrent or slots,
-        data=data, train_subset=smoke.train_subset if smoke else None, val_subset=smoke.val_subset if smoke else None,
+        data=data, train_subset=smoke.train_subset if smoke else None,
+        val_subset=smoke.val_subset if smoke else None,
         model_kwargs=dict(smoke.model_kwargs) if smoke else {},
         # The smoke test's reduced task has no use for data-loader worker processes on a 2-core machine.
         recipe_extra={"num_workers": 0} if smoke else {},
@@ -412,7 +416,8 @@ def run_sweep(plan: Plan, searcher: str, seed: int, storage: str, verbose: int) 
             build, space, num_samples=plan.num_samples, searcher=searcher, scheduler=None,
             objective=TimeToTargetObjective(task.metric, plan.target, task.mode),  # type: ignore[arg-type]
             resources_per_trial=plan.resources, trainer_kwargs=plan.trainer_kwargs, storage_path=storage,
-            name=f"{task.name}_{searcher}_seed{seed}_{plan.started}", seed=seed, max_concurrent=plan.max_concurrent,
+            name=f"{task.name}_{searcher}_seed{seed}_{plan.started}", seed=seed,
+            max_concurrent=plan.max_concurrent,
             checkpoint=False, verbose=verbose,
         )  # fmt: skip
     except RuntimeError as err:  # every trial failed: the first trial's error is the cause
@@ -429,7 +434,8 @@ def run_sweep(plan: Plan, searcher: str, seed: int, storage: str, verbose: int) 
         trials.append({
             "trial": number, "config": _searched({k.removeprefix("config/"): v for k, v in row.items()}),
             "status": row["status"], "reached": reached, "time_to_target_s": score if reached else None,
-            "score": score, "best_metric": _finite(row.get(task.metric)), "validations": _finite(row.get("iterations")),
+            "score": score, "best_metric": _finite(row.get(task.metric)),
+            "validations": _finite(row.get("iterations")),
             "time_s": _finite(row.get("time_s")),
             "error": row.get("error") if isinstance(row.get("error"), str) else None,
         })  # fmt: skip
@@ -463,8 +469,9 @@ def first_trial(trials: Sequence[dict[str, Any]], hit: Callable[[dict[str, Any]]
 def trials_to_target(
     sweeps: Sequence[dict[str, Any]], searchers: Sequence[str], num_samples: int, near_best: float
 ) -> dict[str, Any]:
-    """Per searcher: per seed, the trials until one reached the target and until one came within ``near_best``
-    of the fastest time any sweep found (num_samples + 1 where none did), their medians and how many got there."""
+    """Per searcher: per seed, the trials until one reached the target and until one came within
+    ``near_best`` of the fastest time any sweep found (num_samples + 1 where none did), their medians and
+    how many sweeps got there."""
     times = [
         t["time_to_target_s"] for sw in sweeps for t in sw["trials"] if t["time_to_target_s"] is not None
     ]
@@ -491,7 +498,7 @@ def trials_to_target(
 
 
 def overall_best(sweeps: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The fastest best-of-sweep that reached the target (the first of equal ones); else the first sweep's best."""
+    """The fastest best of a sweep that reached the target (the first of equal ones), else the first best."""
     bests = [(sw, sw["best"]) for sw in sweeps if sw["best"] is not None]
     reached = [(sw, b) for sw, b in bests if b["reached"] and b["time_to_target_s"] is not None]
     if reached:
@@ -516,15 +523,18 @@ def report(
     picked = hand_picked(plan.recipe, plan.task)
     return {
         "benchmark": "tune_recipe",
-        "task": plan.task.name, "recipe": plan.recipe_name, "metric": plan.task.metric, "mode": plan.task.mode,
+        "task": plan.task.name, "recipe": plan.recipe_name, "metric": plan.task.metric,
+        "mode": plan.task.mode,
         "target": plan.target, "device": args.device, "smoke": args.smoke,
         "environment": {**environment(), "ray": ray.__version__, "optuna": optuna.__version__,
                         "seeds": plan.seeds},
         "settings": {
             "searchers": plan.searchers, "num_samples": plan.num_samples, "seeds": plan.seeds,
             "resources_per_trial": plan.resources, "max_concurrent": plan.max_concurrent, "scheduler": None,
-            "near_best": args.near_best, "time_budget_s": args.time_budget, "trainer_kwargs": plan.trainer_kwargs,
-            "train_subset": plan.train_subset, "val_subset": plan.val_subset, "model_kwargs": plan.model_kwargs, "recipe_extra": plan.recipe_extra,
+            "near_best": args.near_best, "time_budget_s": args.time_budget,
+            "trainer_kwargs": plan.trainer_kwargs, "train_subset": plan.train_subset,
+            "val_subset": plan.val_subset, "model_kwargs": plan.model_kwargs,
+            "recipe_extra": plan.recipe_extra,
             "search_space": {"batch_size": list(plan.space.batch_sizes), "peak_lr": list(plan.space.peak_lr),
                              "peak_lr_sampling": "loguniform", "epochs": list(plan.space.epochs),
                              "warmup": list(plan.space.warmup)},
@@ -533,7 +543,9 @@ def report(
         "complete": not (interrupted or skipped) and all(sw["complete"] and not sw["error"] for sw in sweeps),
         "skipped_sweeps": skipped,
         "sweeps": sweeps,
-        "best_per_sweep": [{"searcher": sw["searcher"], "seed": sw["seed"], **(sw["best"] or {})} for sw in sweeps],
+        "best_per_sweep": [
+            {"searcher": sw["searcher"], "seed": sw["seed"], **(sw["best"] or {})} for sw in sweeps
+        ],
         "trials_to_target": trials_to_target(sweeps, plan.searchers, plan.num_samples, args.near_best),
         "best": overall_best(sweeps),
     }  # fmt: skip
@@ -554,7 +566,8 @@ def print_sweep(sweep: dict[str, Any], metric: str) -> None:
     reached = sum(t["reached"] for t in sweep["trials"])
     best = sweep["best"] or {}
     print(
-        f"seed {sweep['seed']} {sweep['searcher']:>6}: {len(sweep['trials'])} trials in {sweep['wall_s']:.0f} s, "
+        f"seed {sweep['seed']} {sweep['searcher']:>6}: {len(sweep['trials'])} trials in "
+        f"{sweep['wall_s']:.0f} s, "
         f"{reached} reached the target; best {_fmt(best.get('time_to_target_s'))} s "
         f"({metric} {_fmt(best.get('best_metric'))}, trial {_fmt(best.get('trial'))})"
         + ("" if sweep["complete"] else " [interrupted]"),
@@ -566,9 +579,10 @@ def print_summary(result: dict[str, Any], out: Path) -> None:
     ttt = result["trials_to_target"]
     print(f"\nwrote {out}")
     print(
-        f"trials to target (median over seeds; {ttt['censored_at']} = not reached): 'reach' = the first trial at "
-        f"{result['metric']} {'>=' if result['mode'] == 'max' else '<='} {result['target']}, 'near best' = the "
-        f"first within {ttt['near_best']:.0%} of the fastest time to target ({_fmt(ttt['fastest_time_to_target_s'])} s)"
+        f"trials to target (median over seeds; {ttt['censored_at']} = not reached): 'reach' = the first "
+        f"trial at {result['metric']} {'>=' if result['mode'] == 'max' else '<='} {result['target']}, "
+        f"'near best' = the first within {ttt['near_best']:.0%} of the fastest time to target "
+        f"({_fmt(ttt['fastest_time_to_target_s'])} s)"
     )
     print(f"{'searcher':>8} {'reach':>6} {'got there':>10} {'near best':>10} {'got there':>10}")
     for searcher in result["settings"]["searchers"]:
@@ -581,13 +595,15 @@ def print_summary(result: dict[str, Any], out: Path) -> None:
         return
     picked = result["hand_picked"]
     verdict = "reached the target" if best["reached"] else "did NOT reach the target (the least-bad miss)"
-    print(f"\nbest config ({best['searcher']} seed {best['seed']} trial {best['trial']}, {verdict}; time to target "
-          f"{_fmt(best['time_to_target_s'])} s while sharing the device):")  # fmt: skip
+    print(
+        f"\nbest config ({best['searcher']} seed {best['seed']} trial {best['trial']}, {verdict}; "
+        f"time to target {_fmt(best['time_to_target_s'])} s while sharing the device):"
+    )
     print(f"{'field':>10} {'hand-picked':>12} {'tuned':>12}")
     for key in SEARCHED:
         print(f"{key:>10} {_fmt(picked[key]):>12} {_fmt(best['config'][key]):>12}")
     print(
-        f"re-measure it cold against {result['recipe']!r} with `lightning-speedup bench` before it replaces it:"
+        f"measure it cold against {result['recipe']!r} with `lightning-speedup bench` before it replaces it:"
     )
     print(best["recipe_extended"], flush=True)
 

@@ -1,5 +1,5 @@
-"""benchmarks/tune_recipe.py: a recipe sweep by time to target on a real local Ray cluster, its result file, the
-``Recipe.extended`` call it prints, and the arguments it refuses."""
+"""benchmarks/tune_recipe.py: a recipe sweep by time to target on a real local Ray cluster, its result
+file, the ``Recipe.extended`` call it prints, and the arguments it refuses."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def _load_script() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    # Ray's workers cannot import a script by name: its trial function travels by value, as from `python script`.
+    # Ray's workers cannot import a script by name: its trial function travels by value, as when it runs
+    # as `python benchmarks/tune_recipe.py`.
     cloudpickle.register_pickle_by_value(module)
     return module
 
@@ -204,7 +205,7 @@ def test_gpu_device_without_cuda_exits_2(tmp_path: Path, capsys: pytest.CaptureF
 
 
 @pytest.mark.gpu
-def test_smoke_sweep_on_a_shared_gpu(fashion_mnist_dir: Path, tmp_path: Path) -> None:
+def test_smoke_sweep_on_a_shared_gpu(ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "tune_recipe_gpu.json"
     rc = tr.main([
         "--task", "fashion-mnist", "--device", "gpu", "--gpus-per-trial", "0.5", "--cpus-per-trial", "1",
