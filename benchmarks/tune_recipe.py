@@ -25,6 +25,9 @@ Trials to target, per sweep: the 1-based number, in the order the searcher propo
 trial that reached the quality target ("reach"), and of the first trial within ``--near-best`` of the
 fastest time to target any sweep of this run found ("near best"); num_samples + 1 when none did (censored).
 
+``--time-budget`` starts no sweep that the longest sweep so far says would end after it (exit 4), so that no
+sweep is cut short; ``--resume`` keeps the finished sweeps of ``--out`` and runs the missing ones.
+
 On the device (after ``source benchmarks/device_env.sh``, or ``bash benchmarks/run_on_gpu.sh tune``):
     python benchmarks/tune_recipe.py --device gpu --task char-lm --gpus-per-trial 0.25 --num-samples 16 \\
         --compare-random --out $OUT/tune_recipe_charlm.json
@@ -410,6 +413,9 @@ def run_sweep(plan: Plan, searcher: str, seed: int, storage: str, verbose: int) 
 
     task = plan.task
     space = {**plan.space.domains(), "bench": plan.fixed(seed)}
+    # Sweeps of one file may come from several calls (--resume): each says when and on what it ran.
+    where = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "gpu": torch.cuda.get_device_name(0) if plan.accelerator == "gpu" else None}  # fmt: skip
     t0 = time.perf_counter()
     try:
         results = tune_lightning(
@@ -424,8 +430,8 @@ def run_sweep(plan: Plan, searcher: str, seed: int, storage: str, verbose: int) 
         cause = (
             f"; first trial's error: {type(err.__cause__).__name__}: {err.__cause__}" if err.__cause__ else ""
         )
-        return {"searcher": searcher, "seed": seed, "wall_s": time.perf_counter() - t0, "complete": True,
-                "trials": [], "best": None, "error": f"{err}{cause}"}  # fmt: skip
+        return {"searcher": searcher, "seed": seed, **where, "wall_s": time.perf_counter() - t0,
+                "complete": True, "trials": [], "best": None, "error": f"{err}{cause}"}  # fmt: skip
     wall = time.perf_counter() - t0
     trials = []
     for number, row in enumerate(results.dataframe().to_dict("records"), start=1):
@@ -439,8 +445,9 @@ def run_sweep(plan: Plan, searcher: str, seed: int, storage: str, verbose: int) 
             "time_s": _finite(row.get("time_s")),
             "error": row.get("error") if isinstance(row.get("error"), str) else None,
         })  # fmt: skip
-    sweep: dict[str, Any] = {"searcher": searcher, "seed": seed, "wall_s": wall, "complete": results.complete,
-                             "trials": trials, "best": None, "error": None}  # fmt: skip
+    sweep: dict[str, Any] = {"searcher": searcher, "seed": seed, **where, "wall_s": wall,
+                             "complete": results.complete, "trials": trials, "best": None,
+                             "error": None}  # fmt: skip
     if results.best_config is not None:
         config = _searched(results.best_config)
         best_trial = next((t for t in trials if t["config"] == config), None)
@@ -510,6 +517,69 @@ def overall_best(sweeps: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     return {"searcher": sw["searcher"], "seed": sw["seed"], **best}
 
 
+def settings_of(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    """What the sweeps of one result file share (``--resume`` refuses a file whose sweeps differ)."""
+    return {
+        "searchers": plan.searchers, "num_samples": plan.num_samples, "seeds": plan.seeds,
+        "resources_per_trial": plan.resources, "max_concurrent": plan.max_concurrent, "scheduler": None,
+        "near_best": args.near_best, "time_budget_s": args.time_budget, "trainer_kwargs": plan.trainer_kwargs,
+        "train_subset": plan.train_subset, "val_subset": plan.val_subset, "model_kwargs": plan.model_kwargs,
+        "recipe_extra": plan.recipe_extra,
+        "search_space": {"batch_size": list(plan.space.batch_sizes), "peak_lr": list(plan.space.peak_lr),
+                         "peak_lr_sampling": "loguniform", "epochs": list(plan.space.epochs),
+                         "warmup": list(plan.space.warmup)},
+    }  # fmt: skip
+
+
+# The fields of a result file that its sweeps must share with the sweeps a --resume adds. Searchers, seeds,
+# --near-best and --time-budget may change: a resume may add a searcher or seeds.
+_SHARED = ("task", "recipe", "metric", "target", "device", "smoke")
+_SHARED_SETTINGS = ("num_samples", "resources_per_trial", "max_concurrent", "trainer_kwargs", "train_subset",
+                    "val_subset", "model_kwargs", "recipe_extra", "search_space")  # fmt: skip
+
+
+def header(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "benchmark": "tune_recipe", "task": plan.task.name, "recipe": plan.recipe_name,
+        "metric": plan.task.metric, "mode": plan.task.mode, "target": plan.target, "device": args.device,
+        "smoke": args.smoke,
+    }  # fmt: skip
+
+
+def previous_sweeps(plan: Plan, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The finished sweeps of ``--out`` that this run's plan has too, for ``--resume``.
+
+    Raises:
+        ValueError: the file is not a result of this script, or its sweeps ran with other settings.
+    """
+    path: Path = args.out
+    if not path.exists():
+        print(f"--resume: {path} does not exist yet; starting the sweeps", flush=True)
+        return []
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"--resume: {path} is not valid JSON ({err}); delete it or choose another --out."
+        ) from err
+    if not isinstance(saved, dict) or saved.get("benchmark") != "tune_recipe":
+        raise ValueError(f"--resume: {path} is not a result file of tune_recipe.py; choose another --out.")
+    fresh, settings = header(plan, args), settings_of(plan, args)
+    differ = [k for k in _SHARED if saved.get(k) != fresh[k]]
+    differ += [k for k in _SHARED_SETTINGS if saved.get("settings", {}).get(k) != settings[k]]
+    if differ:
+        was = {k: saved.get(k, saved.get("settings", {}).get(k)) for k in differ}
+        raise ValueError(
+            f"--resume: the sweeps in {path} ran with other settings ({', '.join(differ)}: {was}). Resume "
+            "with the arguments they ran with, or choose another --out."
+        )
+    wanted = {(searcher, seed) for searcher in plan.searchers for seed in plan.seeds}
+    return [
+        sw for sw in saved.get("sweeps", [])
+        if (sw["searcher"], sw["seed"]) in wanted and sw["complete"] and not sw["error"]
+    ]  # fmt: skip
+
+
 def report(
     plan: Plan,
     args: argparse.Namespace,
@@ -522,23 +592,10 @@ def report(
 
     picked = hand_picked(plan.recipe, plan.task)
     return {
-        "benchmark": "tune_recipe",
-        "task": plan.task.name, "recipe": plan.recipe_name, "metric": plan.task.metric,
-        "mode": plan.task.mode,
-        "target": plan.target, "device": args.device, "smoke": args.smoke,
+        **header(plan, args),
         "environment": {**environment(), "ray": ray.__version__, "optuna": optuna.__version__,
                         "seeds": plan.seeds},
-        "settings": {
-            "searchers": plan.searchers, "num_samples": plan.num_samples, "seeds": plan.seeds,
-            "resources_per_trial": plan.resources, "max_concurrent": plan.max_concurrent, "scheduler": None,
-            "near_best": args.near_best, "time_budget_s": args.time_budget,
-            "trainer_kwargs": plan.trainer_kwargs, "train_subset": plan.train_subset,
-            "val_subset": plan.val_subset, "model_kwargs": plan.model_kwargs,
-            "recipe_extra": plan.recipe_extra,
-            "search_space": {"batch_size": list(plan.space.batch_sizes), "peak_lr": list(plan.space.peak_lr),
-                             "peak_lr_sampling": "loguniform", "epochs": list(plan.space.epochs),
-                             "warmup": list(plan.space.warmup)},
-        },
+        "settings": settings_of(plan, args),
         "hand_picked": {**picked, "in_space": plan.space.contains(picked)},
         "complete": not (interrupted or skipped) and all(sw["complete"] and not sw["error"] for sw in sweeps),
         "skipped_sweeps": skipped,
@@ -668,6 +725,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="start no sweep that the longest sweep so far says would end after this many seconds (exit 4)",
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished sweeps of --out (same settings) and run only the missing ones",
+    )
     p.add_argument("--verbose", type=int, default=0, help="Ray Tune's verbosity (0-2)")
     p.add_argument("--out", type=Path, required=True, help="the result file (JSON)")
     return p
@@ -680,13 +742,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.cpus_per_trial = 4.0 if args.device == "gpu" else 1.0
     try:
         plan = make_plan(args)
+        sweeps = previous_sweeps(plan, args) if args.resume else []
     except (ValueError, DataError) as err:
         ap.error(str(err))  # exits 2
+    done = {(sw["searcher"], sw["seed"]) for sw in sweeps}
+    if done:
+        print(f"--resume: keeping the finished sweeps {sorted(done)} of {args.out}", flush=True)
 
     from lightning_speedup.tune import init_ray
 
     init_ray(log_to_driver=args.verbose >= 2)
-    sweeps: list[dict[str, Any]] = []
     interrupted = failed = False
     skipped: list[dict[str, Any]] = []
     t_start = time.perf_counter()
@@ -696,6 +761,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for seed in plan.seeds:
                 order = plan.searchers if seed % 2 == 0 else plan.searchers[::-1]
                 for searcher in order:
+                    if (searcher, seed) in done:
+                        continue
                     longest = max((sw["wall_s"] for sw in sweeps), default=0.0)
                     if (
                         args.time_budget is not None

@@ -54,13 +54,23 @@ def test_smoke_sweep_writes_trials_best_config_and_trials_to_target(
     ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "tune_recipe.json"
-    rc = tr.main([
+    argv = [
         "--task", "fashion-mnist", "--device", "cpu", "--smoke", "--num-samples", "2", "--compare-random",
         "--max-concurrent", "2", "--data", str(fashion_mnist_dir), "--out", str(out),
-    ])  # fmt: skip
+    ]  # fmt: skip
+    # A budget that the first sweep uses up: the random sweep is not started (exit 4), and --resume adds it.
+    assert tr.main([*argv, "--time-budget", "1"]) == 4
+    first = json.loads(out.read_text())
+    assert [sw["searcher"] for sw in first["sweeps"]] == ["bayes"]
+    assert first["skipped_sweeps"] == [{"searcher": "random", "seed": 0}] and first["complete"] is False
+    capsys.readouterr()
+    rc = tr.main([*argv, "--resume"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
+    assert "--resume: keeping the finished sweeps [('bayes', 0)]" in printed
     result = json.loads(out.read_text())
+    assert result["sweeps"][0] == first["sweeps"][0]
+    assert result["skipped_sweeps"] == []
     smoke = tr.SMOKE["fashion-mnist"]
     assert (result["task"], result["recipe"], result["metric"], result["mode"]) == (
         "fashion-mnist", "speedup", "val_acc", "max",
@@ -133,6 +143,12 @@ def test_smoke_sweep_writes_trials_best_config_and_trials_to_target(
         base.extended(**tr.recipe_overrides(base, "fashion-mnist", best["config"])).summary()
         == tuned.summary()
     )
+
+    # --resume refuses a file whose sweeps ran with other settings.
+    with pytest.raises(SystemExit) as exit_info:
+        tr.main([*argv, "--resume", "--target", "0.25"])
+    assert exit_info.value.code == 2
+    assert "--resume: the sweeps in" in capsys.readouterr().err and json.loads(out.read_text()) == result
 
 
 def test_recipe_epochs_ends_the_trial_and_the_schedule_at_its_own_epochs(fashion_mnist_dir: Path) -> None:
