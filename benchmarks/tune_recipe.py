@@ -61,7 +61,7 @@ from lightning_speedup import schedules as schedules_module
 from lightning_speedup.bench import recipes as recipes_module
 from lightning_speedup.bench.datasets import DataError
 from lightning_speedup.bench.env import environment
-from lightning_speedup.bench.recipes import Recipe, get_recipe, schedule
+from lightning_speedup.bench.recipes import RECIPES_ENV, Recipe, get_recipe, schedule
 from lightning_speedup.bench.runner import build_trainer_parts, write_atomic
 from lightning_speedup.bench.tasks import TASKS, RunContext, Task, get_task
 
@@ -247,6 +247,10 @@ class RecipeEpochs(Callback):
 def build(config: dict[str, Any]) -> tuple[L.LightningModule, L.LightningDataModule, list[Callback]]:
     """One trial: the bench's build of the recipe with the sampled values (runs in a Ray worker)."""
     fixed = json.loads(config["bench"])
+    if fixed["recipe_files"]:
+        # A Ray worker runs in a trial folder of its own, where ./benchmarks/recipes.py is not: name the
+        # recipe files the driver saw (its candidates and ablations) by their absolute paths.
+        os.environ[RECIPES_ENV] = fixed["recipe_files"]
     task = get_task(fixed["task"])
     base = get_recipe(fixed["recipe"]).for_task(task.name)
     recipe = base.extended(**recipe_overrides(base, task.name, config), **fixed["recipe_extra"])
@@ -283,6 +287,7 @@ class Plan:
     model_kwargs: dict[str, Any]
     recipe_extra: dict[str, Any]
     accelerator: str
+    recipe_files: str  # the benchmark recipe files get_recipe reads, absolute, joined by os.pathsep
     # Names the sweeps in --storage, so a second run beside a first one starts sweeps of its own.
     started: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
 
@@ -293,6 +298,7 @@ class Plan:
             "train_subset": self.train_subset, "val_subset": self.val_subset,
             "model_kwargs": self.model_kwargs,
             "recipe_extra": self.recipe_extra, "accelerator": self.accelerator,
+            "recipe_files": self.recipe_files,
         })  # fmt: skip
 
     @property
@@ -310,6 +316,13 @@ def _available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def _recipe_files() -> str:
+    """This checkout's ``benchmarks/recipes.py`` and the files of ``$LIGHTNING_SPEEDUP_RECIPES``, absolute."""
+    files = [Path(__file__).resolve().parent / "recipes.py"]
+    files += [Path(f).resolve() for f in os.environ.get(RECIPES_ENV, "").split(os.pathsep) if f]
+    return os.pathsep.join(str(f) for f in dict.fromkeys(files) if f.is_file())
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -384,7 +397,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         model_kwargs=dict(smoke.model_kwargs) if smoke else {},
         # The smoke test's reduced task has no use for data-loader worker processes on a 2-core machine.
         recipe_extra={"num_workers": 0} if smoke else {},
-        accelerator="gpu" if gpus > 0 else "cpu",
+        accelerator="gpu" if gpus > 0 else "cpu", recipe_files=_recipe_files(),
     )  # fmt: skip
 
 
