@@ -142,6 +142,23 @@ set_compile_candidates() {
   done
 }
 
+# Recipe sweeps by time to target with fractional GPUs (4 trials share the GPU): the GPU tests of the tuner,
+# then a Bayesian sweep of the char-LM `speedup` recipe beside a random one with the same budget. Ray and
+# Optuna come from the carried wheels (benchmarks/gpu_wheels.py builds .whl/; device_env.sh installs them).
+# A sweep that would end after the budget is not started (exit 4): run the set again on the warm machine and
+# --resume adds the missing sweeps to the result file (the tests, once passed, are not run again).
+set_tune() {
+  if [ -d .whl ] && ! python3 -c "import ray.tune, optuna" >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  if ! grep -qs 'errors="0" failures="0"' "$WORK/tune-gpu-tests.xml"; then
+    job tune-gpu-tests 0 python -m pytest -q -p no:cacheprovider -m gpu tests/tune --junitxml="$WORK/tune-gpu-tests.xml"
+  fi
+  job tune-recipe-charlm 0 python benchmarks/tune_recipe.py --device gpu --task char-lm --gpus-per-trial 0.25 \
+    --num-samples 16 --compare-random --time-budget "$(budget)" --resume --out "$WORK/tune_recipe_charlm.json"
+}
+
 # --- main -------------------------------------------------------------------------------------
 sets=$(declare -F | awk '{print $3}' | sed -n 's/^set_//p' | tr _ - | tr '\n' ' ')
 name=${1:-}

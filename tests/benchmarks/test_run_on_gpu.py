@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 RUNNER = Path(__file__).resolve().parents[2] / "benchmarks" / "run_on_gpu.sh"
-SETS = {"headline", "schedules", "gpu-data", "quantization", "distributed", "tests", "pipeline", "cold-fashion", "cold-charlm", "compile-candidates"}
+SETS = {"headline", "schedules", "gpu-data", "quantization", "distributed", "tests", "pipeline", "cold-fashion", "cold-charlm", "compile-candidates", "tune"}
 
 
 def _run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
