@@ -205,6 +205,11 @@ class TimeToTarget(Callback):
             "time_to_target_s": self.time_to_target_s,
             "epochs_to_target": self.epochs_to_target,
             "steps_to_target": self.steps_to_target,
+            "samples": self._samples,
+            "epoch_train_s": self.epoch_train_s,
+            "epoch_samples": self.epoch_samples,
+            # None before fit started (a fresh callback, e.g. pickled for ddp_spawn)
+            "elapsed_s": time.perf_counter() - self._t0 if self._t0 else None,
         }
 
     @override
@@ -213,3 +218,12 @@ class TimeToTarget(Callback):
         self.time_to_target_s = state_dict["time_to_target_s"]
         self.epochs_to_target = state_dict["epochs_to_target"]
         self.steps_to_target = state_dict["steps_to_target"]
+        # Older checkpoints have no counters: take the samples from the last history row.
+        last = self.history[-1]["samples"] if self.history else 0
+        self._samples = int(state_dict.get("samples", last))
+        self.epoch_train_s = list(state_dict.get("epoch_train_s", []))
+        self.epoch_samples = list(state_dict.get("epoch_samples", []))
+        if state_dict.get("elapsed_s") is not None:
+            # Lightning restores callback state after setup(): the clock continues from the saved time, so a
+            # resumed run's times count training time, not the interruption.
+            self._t0 = time.perf_counter() - float(state_dict["elapsed_s"])

@@ -387,6 +387,27 @@ class DataStallMonitor(Callback):
             "syncs_per_step": sum(self.sync_sites.values()) if self.sync_sites is not None else float("nan"),
         }
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        self._resolve(block=True)  # every finished step's timing read before it is saved
+        return {
+            "step": self._step,
+            "warned": self.warned,
+            "history": [(t.step, t.wait, t.compute) for t in self.history],
+            "recent": [(t.step, t.wait, t.compute) for t in self._recent],
+            "sync_sites": self.sync_sites,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._step = int(state_dict["step"])
+        self.warned = bool(state_dict["warned"])
+        self.history.clear()
+        self.history.extend(StepTiming(*t) for t in state_dict["history"])
+        self._recent.clear()
+        self._recent.extend(StepTiming(*t) for t in state_dict["recent"])
+        self.sync_sites = state_dict["sync_sites"]
+
     def reset(self) -> None:
         """Forget recorded timings (e.g. to measure a window of a longer run); the warning stays as it is."""
         self._resolve(block=True)
