@@ -44,7 +44,12 @@ RAY_STRIP = (
     "ray/serve/",
     "ray/llm/",
 )
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+)
 
 
 def strip_wheel(wheel: Path, prefixes: tuple[str, ...], out: Path) -> tuple[int, int]:

@@ -98,26 +98,46 @@ def measure(schedule: str, p: int, m: int, args: argparse.Namespace, work: Path)
     data = TensorDataset(torch.randn(m * 64, 4), torch.randn(m * 64, 4))
     out = work / f"{schedule}-p{p}-m{m}.json"
     trainer = L.Trainer(
-        accelerator="cpu", devices=p, max_steps=args.steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-        strategy=PipelineStrategy(schedule, n_microbatches=m, stages_per_rank=v, metrics_every=1, start_method="fork"),
+        accelerator="cpu",
+        devices=p,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        strategy=PipelineStrategy(
+            schedule, n_microbatches=m, stages_per_rank=v, metrics_every=1, start_method="fork"
+        ),
         callbacks=[_Collect(out)],
     )
     trainer.fit(model, DataLoader(data, batch_size=m, drop_last=True))
     rec = json.loads(out.read_text())
     measured = statistics.median(rec["bubbles"])
     theory = theoretical_bubble(schedule, p, m, v)
-    return {"schedule": schedule, "pipeline_size": p, "microbatches": m, "stages_per_rank": v,
-            "bubble_measured_rank0": measured, "bubble_theory": theory, "difference_pp": 100 * (measured - theory),
-            "step_time_s_median": statistics.median(rec["steps"])}
+    return {
+        "schedule": schedule,
+        "pipeline_size": p,
+        "microbatches": m,
+        "stages_per_rank": v,
+        "bubble_measured_rank0": measured,
+        "bubble_theory": theory,
+        "difference_pp": 100 * (measured - theory),
+        "step_time_s_median": statistics.median(rec["steps"]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
     ap.add_argument("--pipeline-size", nargs="+", type=int, default=[2, 4])
-    ap.add_argument("--microbatches", nargs="+", type=int, default=[1, 2, 4, 8],
-                    help="multiples of the pipeline size (m = k * p)")
+    ap.add_argument(
+        "--microbatches",
+        nargs="+",
+        type=int,
+        default=[1, 2, 4, 8],
+        help="multiples of the pipeline size (m = k * p)",
+    )
     ap.add_argument("--forward-ms", type=float, default=10.0)
     ap.add_argument("--backward-ms", type=float, default=20.0)
     ap.add_argument("--steps", type=int, default=8)
@@ -136,12 +156,20 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
     print(f"{'schedule':>17} {'p':>2} {'m':>3} {'measured':>9} {'theory':>7} {'diff (pp)':>9}")
     for r in rows:
-        print(f"{r['schedule']:>17} {r['pipeline_size']:>2} {r['microbatches']:>3} "
-              f"{r['bubble_measured_rank0']:>9.3f} {r['bubble_theory']:>7.3f} {r['difference_pp']:>9.1f}")
+        print(
+            f"{r['schedule']:>17} {r['pipeline_size']:>2} {r['microbatches']:>3} "
+            f"{r['bubble_measured_rank0']:>9.3f} {r['bubble_theory']:>7.3f} {r['difference_pp']:>9.1f}"
+        )
     if args.out:
-        result = {"benchmark": "pipeline_bubble", "environment": environment(),
-                  "date": time.strftime("%Y-%m-%d"), "forward_ms": args.forward_ms,
-                  "backward_ms": args.backward_ms, "steps": args.steps, "rows": rows}
+        result = {
+            "benchmark": "pipeline_bubble",
+            "environment": environment(),
+            "date": time.strftime("%Y-%m-%d"),
+            "forward_ms": args.forward_ms,
+            "backward_ms": args.backward_ms,
+            "steps": args.steps,
+            "rows": rows,
+        }
         args.out.write_text(json.dumps(result, indent=2))
     return 0
 

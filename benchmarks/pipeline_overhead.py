@@ -36,15 +36,28 @@ from lightning_speedup.pipeline import SCHEDULES, collect_layers, layer_param_co
 
 def _model(args: argparse.Namespace) -> CharLM:
     torch.manual_seed(0)
-    return CharLM(vocab_size=65, block_size=args.context, n_layer=args.layers, n_head=args.heads,
-                  n_embd=args.width, dropout=0.0, tie_weights=False, optimizer="adamw", lr=1e-4)
+    return CharLM(
+        vocab_size=65,
+        block_size=args.context,
+        n_layer=args.layers,
+        n_head=args.heads,
+        n_embd=args.width,
+        dropout=0.0,
+        tie_weights=False,
+        optimizer="adamw",
+        lr=1e-4,
+    )
 
 
 def _data(args: argparse.Namespace) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 65, (args.batch_size * args.steps, args.context), generator=g)
-    return DataLoader(TensorDataset(x, torch.roll(x, -1, 1)), batch_size=args.batch_size, drop_last=True,
-                      pin_memory=args.accelerator == "gpu")
+    return DataLoader(
+        TensorDataset(x, torch.roll(x, -1, 1)),
+        batch_size=args.batch_size,
+        drop_last=True,
+        pin_memory=args.accelerator == "gpu",
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -60,11 +73,19 @@ def bare(args: argparse.Namespace, device: torch.device) -> float:
     counts = layer_param_counts(layers)
     v = args.stages_per_rank
     plan = plan_stages([float(c) for c in counts], counts, v, 1, "params")
-    stages = [pipelining.PipelineStage(nn.Sequential(*layers[a:b]), s, v, device) for s, (a, b) in
-              enumerate(plan.bounds)]
-    cls = getattr(pipelining, {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
-                               "interleaved_1f1b": "ScheduleInterleaved1F1B",
-                               "zero_bubble": "ScheduleInterleavedZeroBubble"}[args.schedule])
+    stages = [
+        pipelining.PipelineStage(nn.Sequential(*layers[a:b]), s, v, device)
+        for s, (a, b) in enumerate(plan.bounds)
+    ]
+    cls = getattr(
+        pipelining,
+        {
+            "gpipe": "ScheduleGPipe",
+            "1f1b": "Schedule1F1B",
+            "interleaved_1f1b": "ScheduleInterleaved1F1B",
+            "zero_bubble": "ScheduleInterleavedZeroBubble",
+        }[args.schedule],
+    )
     m = args.microbatches
 
     def loss_fn(out: Tensor, y: Tensor) -> Tensor:
@@ -103,11 +124,22 @@ class _StepClock(L.Callback):
 def lightning(args: argparse.Namespace, device: torch.device) -> float:
     clock = _StepClock(args.warmup, args.steps)
     trainer = L.Trainer(
-        accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=args.steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        use_distributed_sampler=False, callbacks=[clock],
-        strategy=PipelineStrategy(args.schedule, n_microbatches=args.microbatches,
-                                  stages_per_rank=args.stages_per_rank, metrics_every=0),
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[clock],
+        strategy=PipelineStrategy(
+            args.schedule,
+            n_microbatches=args.microbatches,
+            stages_per_rank=args.stages_per_rank,
+            metrics_every=0,
+        ),
     )
     trainer.fit(_model(args), _data(args))
     return clock.per_step
@@ -152,11 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"PipelineStrategy overhead over the bare schedule loop: {100 * overhead:+.2f}% (goal < 2%)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "benchmark": "pipeline_overhead", "environment": environment(), "date": time.strftime("%Y-%m-%d"),
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "seconds_per_step": runs, "median_s": med, "overhead": overhead,
-        }, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "benchmark": "pipeline_overhead",
+                    "environment": environment(),
+                    "date": time.strftime("%Y-%m-%d"),
+                    "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                    "seconds_per_step": runs,
+                    "median_s": med,
+                    "overhead": overhead,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -128,7 +128,12 @@ def _qat(t: L.Trainer) -> None:
 def _pipeline(t: L.Trainer) -> None:
     s = t.strategy
     assert isinstance(s, ls.PipelineStrategy)
-    assert (s.schedule_name, s.n_microbatches_arg, s.stages_per_rank, s.balance) == ("interleaved_1f1b", 8, 2, "time")
+    assert (s.schedule_name, s.n_microbatches_arg, s.stages_per_rank, s.balance) == (
+        "interleaved_1f1b",
+        8,
+        2,
+        "time",
+    )
 
 
 def _compile(t: L.Trainer) -> None:
@@ -139,7 +144,6 @@ def _compile(t: L.Trainer) -> None:
 def _eager_graphs(t: L.Trainer) -> None:
     (c,) = [c for c in t.callbacks if isinstance(c, ls.EagerCUDAGraphs)]
     assert (c.module_attr, c.num_warmup_iters) == ("body", 5)
-
 
 
 CASES: dict[str, tuple[dict[str, Any], Check]] = {
@@ -253,20 +257,36 @@ CASES: dict[str, tuple[dict[str, Any], Check]] = {
             "accelerator": "cpu",
             "strategy": {
                 "class_path": "lightning_speedup.PipelineStrategy",
-                "init_args": {"schedule": "interleaved_1f1b", "n_microbatches": 8, "stages_per_rank": 2,
-                              "balance": "time"},
+                "init_args": {
+                    "schedule": "interleaved_1f1b",
+                    "n_microbatches": 8,
+                    "stages_per_rank": 2,
+                    "balance": "time",
+                },
             },
         },
         _pipeline,
     ),
     "Compile": (
-        {"callbacks": [{"class_path": "lightning_speedup.Compile",
-                        "init_args": {"scope": "full", "auto": True, "backend": "eager", "measure_steps": 3}}]},
+        {
+            "callbacks": [
+                {
+                    "class_path": "lightning_speedup.Compile",
+                    "init_args": {"scope": "full", "auto": True, "backend": "eager", "measure_steps": 3},
+                }
+            ]
+        },
         _compile,
     ),
     "EagerCUDAGraphs": (
-        {"callbacks": [{"class_path": "lightning_speedup.EagerCUDAGraphs",
-                        "init_args": {"module_attr": "body", "num_warmup_iters": 5}}]},
+        {
+            "callbacks": [
+                {
+                    "class_path": "lightning_speedup.EagerCUDAGraphs",
+                    "init_args": {"module_attr": "body", "num_warmup_iters": 5},
+                }
+            ]
+        },
         _eager_graphs,
     ),
     "DiLoCoStrategy": (

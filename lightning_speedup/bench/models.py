@@ -159,7 +159,6 @@ class GPT(nn.Module):
             x = block(x)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)
 
-
     def pipeline_layers(self) -> list[nn.Module]:
         """The layers in order for :class:`~lightning_speedup.PipelineStrategy`: embeddings, blocks, head."""
         return [_Embeddings(self), *self.blocks, _Head(self)]
@@ -173,7 +172,12 @@ class _Embeddings(nn.Module):
 
     def __init__(self, gpt: GPT) -> None:
         super().__init__()
-        self.tok_emb, self.pos_emb, self.drop, self.block_size = gpt.tok_emb, gpt.pos_emb, gpt.drop, gpt.cfg.block_size
+        self.tok_emb, self.pos_emb, self.drop, self.block_size = (
+            gpt.tok_emb,
+            gpt.pos_emb,
+            gpt.drop,
+            gpt.cfg.block_size,
+        )
 
     def forward(self, idx: Tensor) -> Tensor:
         T = idx.shape[1]

@@ -105,7 +105,9 @@ def collect_layers(module: LightningModule) -> PipelineLayers:
         raise ValueError(f"{type(module).__name__}.pipeline_layers() returned no layers; {_CONTRACT}.")
     for i, layer in enumerate(layers):
         if not isinstance(layer, nn.Module):
-            raise TypeError(f"pipeline_layers()[{i}] is a {type(layer).__name__}, not an nn.Module; {_CONTRACT}.")
+            raise TypeError(
+                f"pipeline_layers()[{i}] is a {type(layer).__name__}, not an nn.Module; {_CONTRACT}."
+            )
     param_names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
     sub_names = {id(m): n for n, m in module.named_modules()}
     owner: dict[int, list[int]] = {}
@@ -122,7 +124,9 @@ def collect_layers(module: LightningModule) -> PipelineLayers:
             "layer (add the module that holds them to a layer)."
         )
     names = [sub_names.get(id(m), f"{type(m).__name__}[{i}]") for i, m in enumerate(layers)]
-    return PipelineLayers(layers, names, owner, param_names, init_hook=getattr(module, "pipeline_init_weights", None))
+    return PipelineLayers(
+        layers, names, owner, param_names, init_hook=getattr(module, "pipeline_init_weights", None)
+    )
 
 
 def split_batch(module: LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
@@ -131,6 +135,8 @@ def split_batch(module: LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
     pair = custom(batch) if callable(custom) else (batch[0], batch[1])
     x, y = pair
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise TypeError("A pipelined batch must give (inputs, target) tensors; define pipeline_batch(batch) on your "
-                        "LightningModule to pick them out of other batch layouts.")
+        raise TypeError(
+            "A pipelined batch must give (inputs, target) tensors; define pipeline_batch(batch) on your "
+            "LightningModule to pick them out of other batch layouts."
+        )
     return x, y

@@ -19,14 +19,24 @@ from lightning_speedup.pipeline.partition import StagePlan
 
 __all__ = ["forward_only"]
 
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8,
-           torch.bool]
+_DTYPES = [
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.bool,
+]
 _HEADER = 8  # ndim, dtype code, up to 6 dimensions
 
 
 def _isend(t: Tensor, dst: int, group: dist.ProcessGroup | None, device: torch.device) -> list[dist.Work]:
     if t.ndim > _HEADER - 2:
-        raise ValueError(f"Pipeline activations may have at most {_HEADER - 2} dimensions, got {tuple(t.shape)}.")
+        raise ValueError(
+            f"Pipeline activations may have at most {_HEADER - 2} dimensions, got {tuple(t.shape)}."
+        )
     header = torch.zeros(_HEADER, dtype=torch.int64, device=device)
     header[0], header[1] = t.ndim, _DTYPES.index(t.dtype)
     header[2 : 2 + t.ndim] = torch.tensor(t.shape, dtype=torch.int64)
@@ -64,7 +74,9 @@ def forward_only(
     pending: list[dist.Work] = []
     outs: list[Tensor] = []
     with torch.no_grad():
-        for chunk in chunks:  # every rank walks the same (micro-batch, stage) order, so sends and receives pair up
+        for (
+            chunk
+        ) in chunks:  # every rank walks the same (micro-batch, stage) order, so sends and receives pair up
             act: Tensor | None = chunk
             for s in range(S):
                 if plan.rank_of(s) != pp_rank:

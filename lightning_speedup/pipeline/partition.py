@@ -158,14 +158,22 @@ def layer_times(
     return times
 
 
-def plan_stages(costs: Sequence[float], params: Sequence[int], num_stages: int, pipeline_size: int,
-                balance: str, placement: str = "loop") -> StagePlan:
+def plan_stages(
+    costs: Sequence[float],
+    params: Sequence[int],
+    num_stages: int,
+    pipeline_size: int,
+    balance: str,
+    placement: str = "loop",
+) -> StagePlan:
     """The stage plan for per-layer ``costs`` (and parameter counts, for the log)."""
     if placement not in ("loop", "v"):
         raise ValueError(f"placement must be 'loop' or 'v', got {placement!r}.")
     if placement == "v" and num_stages != 2 * pipeline_size:
-        raise ValueError(f"placement='v' puts two stages on each process: num_stages must be 2 * pipeline_size "
-                         f"({2 * pipeline_size}), got {num_stages}.")
+        raise ValueError(
+            f"placement='v' puts two stages on each process: num_stages must be 2 * pipeline_size "
+            f"({2 * pipeline_size}), got {num_stages}."
+        )
     bounds = partition_costs(costs, num_stages)
     return StagePlan(
         bounds=tuple(bounds),
@@ -177,7 +185,9 @@ def plan_stages(costs: Sequence[float], params: Sequence[int], num_stages: int, 
     )
 
 
-def theoretical_bubble(schedule: str, pipeline_size: int, n_microbatches: int, stages_per_rank: int = 1) -> float:
+def theoretical_bubble(
+    schedule: str, pipeline_size: int, n_microbatches: int, stages_per_rank: int = 1
+) -> float:
     """The idle fraction of an ideal schedule: (p-1)/(m+p-1) for GPipe and 1F1B, divided by v when interleaved.
 
     Zero-bubble schedules fill most of that bubble with deferred weight-gradient work; the value given for

@@ -128,14 +128,20 @@ class PipelineStrategy(DDPStrategy):
             stages_per_rank = 2 if schedule in _MULTI_STAGE else 1
         check_int("stages_per_rank", stages_per_rank, 1, "model chunks per process")
         if schedule in _V_SHAPED and stages_per_rank != 2:
-            raise ValueError(f"schedule={schedule!r} places exactly two stages per process in a V: stages_per_rank "
-                             f"must be 2, got {stages_per_rank}. Use 'interleaved_1f1b' for more chunks.")
+            raise ValueError(
+                f"schedule={schedule!r} places exactly two stages per process in a V: stages_per_rank "
+                f"must be 2, got {stages_per_rank}. Use 'interleaved_1f1b' for more chunks."
+            )
         if schedule in _LOOPED and stages_per_rank < 2:
-            raise ValueError(f"schedule={schedule!r} interleaves model chunks: stages_per_rank must be >= 2, "
-                             f"got {stages_per_rank}. Use schedule='1f1b' for one stage per process.")
+            raise ValueError(
+                f"schedule={schedule!r} interleaves model chunks: stages_per_rank must be >= 2, "
+                f"got {stages_per_rank}. Use schedule='1f1b' for one stage per process."
+            )
         if schedule not in _MULTI_STAGE and stages_per_rank != 1:
-            raise ValueError(f"schedule={schedule!r} runs one stage per process: stages_per_rank must be 1, got "
-                             f"{stages_per_rank}. Use 'interleaved_1f1b' or 'zero_bubble' for several.")
+            raise ValueError(
+                f"schedule={schedule!r} runs one stage per process: stages_per_rank must be 1, got "
+                f"{stages_per_rank}. Use 'interleaved_1f1b' or 'zero_bubble' for several."
+            )
         if balance not in ("params", "time"):
             raise ValueError(f"balance must be 'params' or 'time', got {balance!r}.")
         check_int("metrics_every", metrics_every, 0, "0 = off")
@@ -178,14 +184,20 @@ class PipelineStrategy(DDPStrategy):
     @staticmethod
     def _check_microbatches(schedule: str, m: int, p: int) -> None:
         if schedule in ("1f1b", "interleaved_1f1b", "zero_bubble", "zbv") and m < p:
-            raise ValueError(f"schedule={schedule!r} needs at least as many micro-batches as pipeline processes "
-                             f"(n_microbatches >= pipeline_size = {p}), got n_microbatches={m}.")
+            raise ValueError(
+                f"schedule={schedule!r} needs at least as many micro-batches as pipeline processes "
+                f"(n_microbatches >= pipeline_size = {p}), got n_microbatches={m}."
+            )
         if schedule == "dualpipev" and m < 2 * p:
-            raise ValueError(f"schedule='dualpipev' needs at least as many micro-batches as stages "
-                             f"(n_microbatches >= 2 * pipeline_size = {2 * p}), got n_microbatches={m}.")
+            raise ValueError(
+                f"schedule='dualpipev' needs at least as many micro-batches as stages "
+                f"(n_microbatches >= 2 * pipeline_size = {2 * p}), got n_microbatches={m}."
+            )
         if schedule in _LOOPED and m % p != 0:
-            raise ValueError(f"schedule={schedule!r} needs n_microbatches to be a multiple of pipeline_size "
-                             f"({p}), got {m}.")
+            raise ValueError(
+                f"schedule={schedule!r} needs n_microbatches to be a multiple of pipeline_size "
+                f"({p}), got {m}."
+            )
 
     @property
     def pipeline_size(self) -> int:
@@ -222,16 +234,20 @@ class PipelineStrategy(DDPStrategy):
         module = self.lightning_module
         assert module is not None
         if self.world_size % self.pipeline_size != 0:
-            raise ValueError(f"The world size ({self.world_size} processes) must be a multiple of pipeline_size "
-                             f"({self.pipeline_size}); set pipeline_size to a divisor or change devices/num_nodes.")
+            raise ValueError(
+                f"The world size ({self.world_size} processes) must be a multiple of pipeline_size "
+                f"({self.pipeline_size}); set pipeline_size to a divisor or change devices/num_nodes."
+            )
         self._check_microbatches(self.schedule_name, self.n_microbatches, self.pipeline_size)
         self._make_groups()
         layers = collect_layers(module)
         self._layers = layers.modules
         self.plan = self._plan(layers)
-        rank_zero_info(f"PipelineStrategy ({self.schedule_name}, {self.pipeline_size} process(es) per pipeline x "
-                       f"{self.dp_size} replica(s), {self.n_microbatches} micro-batches):\n"
-                       + self.plan.describe(layers.names))
+        rank_zero_info(
+            f"PipelineStrategy ({self.schedule_name}, {self.pipeline_size} process(es) per pipeline x "
+            f"{self.dp_size} replica(s), {self.n_microbatches} micro-batches):\n"
+            + self.plan.describe(layers.names)
+        )
         layers.check_stages(self.plan)
         self.precision_plugin.convert_module(module)
         self._materialize(layers)
@@ -239,7 +255,9 @@ class PipelineStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
             self._drop_foreign_optimizer_state()
-            self._undo.append(chain_method(self.precision_plugin, "clip_grad_by_norm", self._clip_by_global_norm))
+            self._undo.append(
+                chain_method(self.precision_plugin, "clip_grad_by_norm", self._clip_by_global_norm)
+            )
         self.setup_precision_plugin()
 
     def _make_groups(self) -> None:
@@ -265,10 +283,14 @@ class PipelineStrategy(DDPStrategy):
         else:
             example = getattr(self.lightning_module, "example_input_array", None)
             if not isinstance(example, Tensor):
-                raise ValueError("balance='time' measures each layer on an example input: set "
-                                 "`self.example_input_array` in your LightningModule to one micro-batch of "
-                                 "inputs (a Tensor), or use balance='params'.")
-            costs = layer_times(layers.modules, example, self.root_device, materialize=layers.materialized_copy)
+                raise ValueError(
+                    "balance='time' measures each layer on an example input: set "
+                    "`self.example_input_array` in your LightningModule to one micro-batch of "
+                    "inputs (a Tensor), or use balance='params'."
+                )
+            costs = layer_times(
+                layers.modules, example, self.root_device, materialize=layers.materialized_copy
+            )
             # Every process must cut the model the same way: take rank 0's measurement.
             box = [costs]
             dist.broadcast_object_list(box, src=0)
@@ -290,13 +312,16 @@ class PipelineStrategy(DDPStrategy):
             else:
                 layer.to("meta")
         self._stage_modules = {
-            s: nn.Sequential(*layers.modules[self.plan.bounds[s][0] : self.plan.bounds[s][1]]) for s in sorted(mine)
+            s: nn.Sequential(*layers.modules[self.plan.bounds[s][0] : self.plan.bounds[s][1]])
+            for s in sorted(mine)
         }
         owned_ids = {id(p) for s in mine for p in self._stage_modules[s].parameters()}
         module = self.lightning_module
         assert module is not None
         self._owned_params = [p for p in module.parameters() if id(p) in owned_ids]
-        self._owned_names = {n for n, t in module.state_dict(keep_vars=True).items() if t.device.type != "meta"}
+        self._owned_names = {
+            n for n, t in module.state_dict(keep_vars=True).items() if t.device.type != "meta"
+        }
         # A layer must map one tensor to one tensor; a tuple output would otherwise fail deep inside the stage
         # or its send. Checked until the first training step has passed every layer.
         self._output_checks = [
@@ -310,8 +335,10 @@ class PipelineStrategy(DDPStrategy):
         assert self.plan is not None
         cls = getattr(pipelining, _TORCH_CLASS[self.schedule_name], None)
         if cls is None:
-            raise RuntimeError(f"torch {torch.__version__} has no pipelining.{_TORCH_CLASS[self.schedule_name]}; "
-                               f"choose another schedule or upgrade torch.")
+            raise RuntimeError(
+                f"torch {torch.__version__} has no pipelining.{_TORCH_CLASS[self.schedule_name]}; "
+                f"choose another schedule or upgrade torch."
+            )
         stages = [
             pipelining.PipelineStage(
                 self._stage_modules[s], s, self.plan.num_stages, self.root_device, group=self._pp_group
@@ -364,8 +391,10 @@ class PipelineStrategy(DDPStrategy):
     def _check_batch(self, x: Tensor, y: Tensor) -> None:
         m = self.n_microbatches
         if x.shape[0] % m != 0:
-            raise ValueError(f"The batch size ({x.shape[0]}) must be divisible by n_microbatches ({m}): change the "
-                             "DataLoader's batch_size or the strategy's n_microbatches.")
+            raise ValueError(
+                f"The batch size ({x.shape[0]}) must be divisible by n_microbatches ({m}): change the "
+                "DataLoader's batch_size or the strategy's n_microbatches."
+            )
         shapes = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)
         if self._batch_shapes is None:
             self._batch_shapes = shapes
@@ -408,7 +437,9 @@ class PipelineStrategy(DDPStrategy):
             loss = torch.stack([t.detach().float() for t in losses]).sum() * self._trainer_accumulation()
         else:
             loss = torch.zeros((), device=self.root_device)
-        dist.broadcast(loss, src=self._pp_ranks[self.plan.rank_of(self.plan.num_stages - 1)], group=self._pp_group)
+        dist.broadcast(
+            loss, src=self._pp_ranks[self.plan.rank_of(self.plan.num_stages - 1)], group=self._pp_group
+        )
         if timed:
             self._sync()
             self._log_pipeline_metrics(time.perf_counter() - t0, x)
@@ -416,7 +447,9 @@ class PipelineStrategy(DDPStrategy):
         return loss
 
     @override
-    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+    def backward(
+        self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
+    ) -> Tensor:
         # The schedule already ran backward inside training_step; its gradients land here, then the hooks run.
         assert self.lightning_module is not None
         self.pre_backward(closure_loss)
@@ -430,8 +463,9 @@ class PipelineStrategy(DDPStrategy):
         return closure_loss
 
     @override
-    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None,
-                       **kwargs: Any) -> Any:
+    def optimizer_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any
+    ) -> Any:
         def closure_then_average() -> Any:
             # The closure runs the last accumulated batch's training_step and backward; the gradients of the
             # whole accumulation window are in .grad now, so the replicas average them once per optimizer
@@ -458,8 +492,11 @@ class PipelineStrategy(DDPStrategy):
         def clip(optimizer: Optimizer, clip_val: float) -> None:
             # torch.nn.utils.clip_grad_norm_'s arithmetic, with the norm taken over every stage of the pipeline.
             grads = [p.grad for p in self._owned_params if p.grad is not None]
-            local = (torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads
-                     else torch.zeros((), device=self.root_device))
+            local = (
+                torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+                if grads
+                else torch.zeros((), device=self.root_device)
+            )
             dist.all_reduce(local, group=self._pp_group)
             total = local.sqrt()
             coef = torch.clamp(float(clip_val) / (total + 1e-6), max=1.0)
@@ -479,14 +516,18 @@ class PipelineStrategy(DDPStrategy):
         if self._microbatch_compute_s is None:
             self._microbatch_compute_s = self._measure_microbatch(x)
         busy = self._microbatch_compute_s * self.n_microbatches
-        theory = theoretical_bubble(self.schedule_name, self.pipeline_size, self.n_microbatches, self.stages_per_rank)
+        theory = theoretical_bubble(
+            self.schedule_name, self.pipeline_size, self.n_microbatches, self.stages_per_rank
+        )
         log_number(module, "pipeline/step_time_s", step_s)
         log_number(module, "pipeline/busy_s", busy)
         log_number(module, "pipeline/bubble", max(0.0, 1.0 - busy / step_s))
         log_number(module, "pipeline/bubble_theory", theory)
         log_number(module, "pipeline/samples_per_s", x.shape[0] * self.dp_size / step_s)
         if self.root_device.type == "cuda":
-            log_number(module, "pipeline/peak_mem_gib", torch.cuda.max_memory_allocated(self.root_device) / 2**30)
+            log_number(
+                module, "pipeline/peak_mem_gib", torch.cuda.max_memory_allocated(self.root_device) / 2**30
+            )
 
     def _measure_microbatch(self, x: Tensor) -> float:
         """Seconds this process's stages take for one micro-batch's forward+backward, alone (no waiting).
@@ -535,8 +576,16 @@ class PipelineStrategy(DDPStrategy):
         module = self.lightning_module
         assert module is not None and self.plan is not None
         x, y = split_batch(module, batch)
-        out = forward_only(self._stage_modules, self.plan, self.pp_rank, self._pp_ranks, self._pp_group, x,
-                           self.n_microbatches, self.root_device)
+        out = forward_only(
+            self._stage_modules,
+            self.plan,
+            self.pp_rank,
+            self._pp_ranks,
+            self._pp_group,
+            x,
+            self.n_microbatches,
+            self.root_device,
+        )
         return out, y
 
     @override
@@ -562,8 +611,11 @@ class PipelineStrategy(DDPStrategy):
         box: list[Any] = [names]
         src = self._pp_ranks[self.plan.rank_of(self.plan.num_stages - 1)]
         dist.broadcast_object_list(box, src=src, group=self._pp_group)
-        values = (torch.stack([metrics[n].detach().float() for n in box[0]]) if metrics
-                  else torch.zeros(len(box[0]), device=self.root_device))
+        values = (
+            torch.stack([metrics[n].detach().float() for n in box[0]])
+            if metrics
+            else torch.zeros(len(box[0]), device=self.root_device)
+        )
         dist.broadcast(values, src=src, group=self._pp_group)
         result = {n: values[i] for i, n in enumerate(box[0])}
         for n, v in result.items():
@@ -576,8 +628,9 @@ class PipelineStrategy(DDPStrategy):
         with self.precision_plugin.predict_step_context():
             out, _ = self._forward(args[0])
         box = [out.cpu() if out is not None else None]
-        dist.broadcast_object_list(box, src=self._pp_ranks[self.plan.rank_of(self.plan.num_stages - 1)],
-                                   group=self._pp_group)
+        dist.broadcast_object_list(
+            box, src=self._pp_ranks[self.plan.rank_of(self.plan.num_stages - 1)], group=self._pp_group
+        )
         return box[0]
 
     # ------------------------------------------------------------------ checkpoints
@@ -610,10 +663,14 @@ class PipelineStrategy(DDPStrategy):
         owned = {id(p) for p in self._owned_params}
         opt = optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-        mine = {index[id(p)]: state["state"][index[id(p)]] for p in self._owned_params
-                if index[id(p)] in state["state"]}
-        parts = self._gather({i: {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in s.items()}
-                              for i, s in mine.items()})
+        mine = {
+            index[id(p)]: state["state"][index[id(p)]]
+            for p in self._owned_params
+            if index[id(p)] in state["state"]
+        }
+        parts = self._gather(
+            {i: {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in s.items()} for i, s in mine.items()}
+        )
         del owned
         merged: dict[int, Any] = {}
         for part in parts or []:
@@ -634,8 +691,10 @@ class PipelineStrategy(DDPStrategy):
         state = checkpoint["state_dict"]
         expected = set(module.state_dict())
         if strict and set(state) != expected:
-            raise KeyError(f"Checkpoint keys differ from the model's: missing {sorted(expected - set(state))[:5]}, "
-                           f"unexpected {sorted(set(state) - expected)[:5]}.")
+            raise KeyError(
+                f"Checkpoint keys differ from the model's: missing {sorted(expected - set(state))[:5]}, "
+                f"unexpected {sorted(set(state) - expected)[:5]}."
+            )
         module.load_state_dict({k: v for k, v in state.items() if k in self._owned_names}, strict=False)
 
     @override
@@ -701,7 +760,9 @@ class PipelineStrategy(DDPStrategy):
     def register_strategies(cls, strategy_registry: StrategyRegistryType) -> None:
         for name in SCHEDULES:
             strategy_registry.register(
-                f"pipeline_{name}", cls, description=f"Pipeline parallelism with the {name} schedule",
+                f"pipeline_{name}",
+                cls,
+                description=f"Pipeline parallelism with the {name} schedule",
                 schedule=name,
             )
 

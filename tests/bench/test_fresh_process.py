@@ -107,7 +107,9 @@ def test_cold_run_compiles_and_the_warm_run_reuses_its_caches_on_gpu(
 
 
 @pytest.mark.gpu
-def test_eager_cuda_graph_capture_is_its_own_warm_up_column_on_gpu(fashion_mnist_dir: Path, tmp_path: Path) -> None:
+def test_eager_cuda_graph_capture_is_its_own_warm_up_column_on_gpu(
+    fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "graphs"
     rc = main(
         ["bench", "--task", "fashion-mnist", "--data", str(fashion_mnist_dir), "--out", str(out), "--recipe",

@@ -223,8 +223,24 @@ def test_rebuild_report_script(tmp_path: Path) -> None:
 
 def test_pipeline_bubble_script(tmp_path: Path) -> None:
     out = tmp_path / "bubble.json"
-    _run("pipeline_bubble.py", "--pipeline-size", "2", "--microbatches", "1", "--schedules", "1f1b", "gpipe",
-         "--forward-ms", "1", "--backward-ms", "1", "--steps", "4", "--out", str(out))
+    _run(
+        "pipeline_bubble.py",
+        "--pipeline-size",
+        "2",
+        "--microbatches",
+        "1",
+        "--schedules",
+        "1f1b",
+        "gpipe",
+        "--forward-ms",
+        "1",
+        "--backward-ms",
+        "1",
+        "--steps",
+        "4",
+        "--out",
+        str(out),
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [r["schedule"] for r in rows] == ["1f1b", "gpipe"]  # in the order asked for
     assert all(0.0 <= r["bubble_measured_rank0"] <= 1.0 for r in rows)
@@ -232,7 +248,28 @@ def test_pipeline_bubble_script(tmp_path: Path) -> None:
 
 def test_pipeline_overhead_script(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
-    _run("pipeline_overhead.py", "--accelerator", "cpu", "--layers", "2", "--width", "16", "--heads", "2",
-         "--context", "8", "--batch-size", "8", "--steps", "4", "--warmup", "2", "--repeats", "1", "--out", str(out))
+    _run(
+        "pipeline_overhead.py",
+        "--accelerator",
+        "cpu",
+        "--layers",
+        "2",
+        "--width",
+        "16",
+        "--heads",
+        "2",
+        "--context",
+        "8",
+        "--batch-size",
+        "8",
+        "--steps",
+        "4",
+        "--warmup",
+        "2",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
     assert set(result["median_s"]) == {"bare", "lightning"}

@@ -6,7 +6,19 @@ import subprocess
 from pathlib import Path
 
 RUNNER = Path(__file__).resolve().parents[2] / "benchmarks" / "run_on_gpu.sh"
-SETS = {"headline", "schedules", "gpu-data", "quantization", "distributed", "tests", "pipeline", "cold-fashion", "cold-charlm", "compile-candidates", "tune"}
+SETS = {
+    "headline",
+    "schedules",
+    "gpu-data",
+    "quantization",
+    "distributed",
+    "tests",
+    "pipeline",
+    "cold-fashion",
+    "cold-charlm",
+    "compile-candidates",
+    "tune",
+}
 
 
 def _run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 VOCAB, CONTEXT, WIDTH = 16, 8, 16
 # What Lightning's launchers leave in os.environ; a process that inherits them launches no peers.
-LAUNCH_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+LAUNCH_VARIABLES = (
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_PORT",
+)
 
 
 class Embed(nn.Module):
@@ -96,8 +104,9 @@ class RecordLosses(L.Callback):
         self.out = out
         self.losses: list[float] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         m = trainer.callback_metrics
         self.losses.append(float(m["train_loss_step"] if "train_loss_step" in m else m["train_loss"]))
 
@@ -113,17 +122,35 @@ class RecordLosses(L.Callback):
             (self.out / "metrics.json").write_text(json.dumps(metrics))
 
 
-def fit(out: Path, strategy: Any = "auto", devices: int = 1, max_steps: int = 4, seed: int = 0,
-        module_kwargs: dict[str, Any] | None = None, ckpt_path: str | None = None, data: Any = None,
-        model: L.LightningModule | None = None, **trainer_kwargs: Any) -> Path:
+def fit(
+    out: Path,
+    strategy: Any = "auto",
+    devices: int = 1,
+    max_steps: int = 4,
+    seed: int = 0,
+    module_kwargs: dict[str, Any] | None = None,
+    ckpt_path: str | None = None,
+    data: Any = None,
+    model: L.LightningModule | None = None,
+    **trainer_kwargs: Any,
+) -> Path:
     """Train TinyLM and leave ``final.ckpt``, ``losses.json`` and ``metrics.json`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, verbose=False)
     model = model if model is not None else TinyLM(**(module_kwargs or {}))
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[RecordLosses(out)], use_distributed_sampler=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[RecordLosses(out)],
+        use_distributed_sampler=False,
         **trainer_kwargs,
     )
     if isinstance(data, L.LightningDataModule):
@@ -154,7 +181,11 @@ class ReplicaShards(L.LightningDataModule):
         dp, d = strategy.dp_size, strategy.dp_rank
         share = self.batch_size // dp
         data = dataset()
-        idx = [i * self.batch_size + d * share + j for i in range(len(data) // self.batch_size) for j in range(share)]
+        idx = [
+            i * self.batch_size + d * share + j
+            for i in range(len(data) // self.batch_size)
+            for j in range(share)
+        ]
         return DataLoader(torch.utils.data.Subset(data, idx), batch_size=share, shuffle=False, drop_last=True)
 
 
@@ -169,6 +200,13 @@ class SavePredictions(L.Callback):
     def __init__(self, out: Path) -> None:
         self.out = out
 
-    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         torch.save(outputs, self.out / f"rank{trainer.global_rank}_batch{batch_idx}.pt")

@@ -28,18 +28,30 @@ def _run(strategy: object) -> tuple[list[float], dict[str, torch.Tensor], float]
     x = torch.randint(0, 65, (16 * 8, 64), generator=g)
     data = DataLoader(TensorDataset(x, torch.roll(x, -1, 1)), batch_size=16, drop_last=True)
     rec = _Losses()
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", strategy=strategy, max_steps=8,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, use_distributed_sampler=False, callbacks=[rec],
-                        gradient_clip_val=1.0)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        strategy=strategy,
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[rec],
+        gradient_clip_val=1.0,
+    )
     trainer.fit(model, data)
-    val = trainer.validate(model, DataLoader(TensorDataset(x[:20], torch.roll(x[:20], -1, 1)), batch_size=8),
-                           verbose=False)[0]["val_loss"]
+    val = trainer.validate(
+        model, DataLoader(TensorDataset(x[:20], torch.roll(x[:20], -1, 1)), batch_size=8), verbose=False
+    )[0]["val_loss"]
     return rec.losses, {k: v.float().cpu() for k, v in model.state_dict().items()}, float(val)
 
 
-@pytest.mark.parametrize(("schedule", "stages_per_rank"), [("1f1b", 1), ("interleaved_1f1b", 2),
-                                                             ("zero_bubble", 2)])
+@pytest.mark.parametrize(
+    ("schedule", "stages_per_rank"), [("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 2)]
+)
 def test_bf16_pipeline_on_one_gpu_trains_like_the_plain_module(schedule: str, stages_per_rank: int) -> None:
     ref_losses, ref_state, ref_val = _run("auto")
     losses, state, val = _run(PipelineStrategy(schedule, n_microbatches=4, stages_per_rank=stages_per_rank))

@@ -97,9 +97,18 @@ def test_checkpoint_roundtrip_and_exact_resume(tmp_path: Path) -> None:
     plain.load_state_dict(ckpt["state_dict"])  # strict: every key of the full model, no pipeline needed
     assert set(ckpt["optimizer_states"][0]["state"]) == set(range(len(list(plain.parameters()))))
 
-    as_plain = fit(tmp_path / "plain", data=data, max_steps=-1, max_epochs=2, ckpt_path=str(half / "final.ckpt"))
-    as_four = fit(tmp_path / "four", strategy=_pp("interleaved_1f1b"), devices=2, data=data, max_steps=-1,
-                  max_epochs=2, ckpt_path=str(half / "final.ckpt"))
+    as_plain = fit(
+        tmp_path / "plain", data=data, max_steps=-1, max_epochs=2, ckpt_path=str(half / "final.ckpt")
+    )
+    as_four = fit(
+        tmp_path / "four",
+        strategy=_pp("interleaved_1f1b"),
+        devices=2,
+        data=data,
+        max_steps=-1,
+        max_epochs=2,
+        ckpt_path=str(half / "final.ckpt"),
+    )
     assert losses(half) == pytest.approx(losses(whole)[:2], rel=1e-6)
     for resumed in (as_plain, as_four):
         assert losses(resumed) == pytest.approx(losses(whole)[2:], rel=1e-6)
@@ -113,14 +122,23 @@ def test_validate_and_predict_equal_the_plain_module(part: str, tmp_path: Path) 
     in the same interpreter, a spawned rank has aborted (SIGABRT) at times; the check itself is
     :func:`check_validate_and_predict`. ``zbv`` is V-shaped: its last stage sits on process 0."""
     repo = str(Path(__file__).resolve().parents[2])
-    code = ("import sys; from pathlib import Path; "
-            "from tests.pipeline.test_strategy import check_validate_and_predict; "
-            "check_validate_and_predict(Path(sys.argv[1]), sys.argv[2])")
+    code = (
+        "import sys; from pathlib import Path; "
+        "from tests.pipeline.test_strategy import check_validate_and_predict; "
+        "check_validate_and_predict(Path(sys.argv[1]), sys.argv[2])"
+    )
     env = {**os.environ, "PYTHONPATH": repo, "PYTHONWARNINGS": "ignore"}
     for key in LAUNCH_VARIABLES:
         env.pop(key, None)
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path), part], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=240, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), part],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
@@ -179,8 +197,14 @@ def test_unknown_schedule_lists_the_valid_ones() -> None:
         ({"schedule": "interleaved_1f1b", "stages_per_rank": 1}, "stages_per_rank must be >= 2"),
         ({"schedule": "gpipe", "stages_per_rank": 2}, "stages_per_rank must be 1"),
         ({"schedule": "zero_bubble", "pipeline_size": 2, "n_microbatches": 3}, "multiple of pipeline_size"),
-        ({"schedule": "zbv", "stages_per_rank": 3}, "two stages per process in a V: stages_per_rank must be 2"),
-        ({"schedule": "dualpipev", "pipeline_size": 2, "n_microbatches": 3}, r"n_microbatches >= 2 \* pipeline_size"),
+        (
+            {"schedule": "zbv", "stages_per_rank": 3},
+            "two stages per process in a V: stages_per_rank must be 2",
+        ),
+        (
+            {"schedule": "dualpipev", "pipeline_size": 2, "n_microbatches": 3},
+            r"n_microbatches >= 2 \* pipeline_size",
+        ),
         ({"pipeline_size": 0}, r"pipeline_size must be an int >= 1 \(processes per pipeline\), got 0"),
         ({"balance": "flops"}, "balance must be 'params' or 'time'"),
     ],
@@ -191,9 +215,17 @@ def test_bad_settings_rejected_at_construction(kwargs: dict[str, object], match:
 
 
 def _fit_one_process(model: L.LightningModule, strategy: PipelineStrategy, data: object = None) -> None:
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
     trainer.fit(model, data if data is not None else loader())
 
 
@@ -233,23 +265,53 @@ class _Tied(TinyLM):
 @pytest.mark.parametrize(
     ("model", "strategy", "data", "error", "match"),
     [
-        (TinyLM(n_blocks=0), PipelineStrategy("interleaved_1f1b", stages_per_rank=3, n_microbatches=2), None,
-         ValueError, "Cannot split 2 layer"),
-        (TinyLM(), PipelineStrategy("1f1b", n_microbatches=3), None, ValueError, "divisible by n_microbatches"),
-        (TinyLM(), PipelineStrategy("1f1b", n_microbatches=4), loader(n=12, drop_last=False), ValueError,
-         "drop_last=True"),
+        (
+            TinyLM(n_blocks=0),
+            PipelineStrategy("interleaved_1f1b", stages_per_rank=3, n_microbatches=2),
+            None,
+            ValueError,
+            "Cannot split 2 layer",
+        ),
+        (
+            TinyLM(),
+            PipelineStrategy("1f1b", n_microbatches=3),
+            None,
+            ValueError,
+            "divisible by n_microbatches",
+        ),
+        (
+            TinyLM(),
+            PipelineStrategy("1f1b", n_microbatches=4),
+            loader(n=12, drop_last=False),
+            ValueError,
+            "drop_last=True",
+        ),
         (_NoLayers(), PipelineStrategy("1f1b"), None, TypeError, "define `pipeline_layers"),
         (_Tied(), PipelineStrategy("interleaved_1f1b", n_microbatches=2), None, ValueError, "tied weights"),
         (TinyLM(), PipelineStrategy("1f1b", pipeline_size=2), None, ValueError, "multiple of pipeline_size"),
         (TinyLM(), PipelineStrategy("1f1b", balance="time"), None, ValueError, "example_input_array"),
-        (_TupleOut(), PipelineStrategy("1f1b", n_microbatches=2), None, TypeError,
-         r"pipeline_layers\(\)\[2\] \(_PairBlock\) returned a tuple, but a pipelined layer must return one tensor"),
+        (
+            _TupleOut(),
+            PipelineStrategy("1f1b", n_microbatches=2),
+            None,
+            TypeError,
+            r"pipeline_layers\(\)\[2\] \(_PairBlock\) returned a tuple, but a pipelined layer must return one tensor",
+        ),
     ],
-    ids=["more-stages-than-layers", "indivisible-batch", "changed-shape", "no-layers", "tied", "world-size",
-         "time-without-example", "tuple-output"],
+    ids=[
+        "more-stages-than-layers",
+        "indivisible-batch",
+        "changed-shape",
+        "no-layers",
+        "tied",
+        "world-size",
+        "time-without-example",
+        "tuple-output",
+    ],
 )
-def test_bad_input_gets_a_clear_error(model: L.LightningModule, strategy: PipelineStrategy, data: object,
-                                      error: type[Exception], match: str) -> None:
+def test_bad_input_gets_a_clear_error(
+    model: L.LightningModule, strategy: PipelineStrategy, data: object, error: type[Exception], match: str
+) -> None:
     with pytest.raises(error, match=match):
         _fit_one_process(model, strategy, data)
 
@@ -269,7 +331,9 @@ def test_bench_gpt_is_pipeline_ready(tmp_path: Path) -> None:
 
     def gpt(tie: bool = False) -> CharLM:
         L.seed_everything(0, verbose=False)
-        return CharLM(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0, tie_weights=tie)
+        return CharLM(
+            vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0, tie_weights=tie
+        )
 
     ref = fit(tmp_path / "ref", model=gpt(), max_steps=3)
     run = fit(tmp_path / "pp", model=gpt(), strategy=_pp("1f1b"), devices=2, max_steps=3)

@@ -40,7 +40,8 @@ def _has_bitsandbytes() -> bool:
 
 
 needs_bnb = pytest.mark.skipif(
-    not _has_bitsandbytes(), reason="bitsandbytes is an optional extra: pip install 'lightning-speedup[quant]'"
+    not _has_bitsandbytes(),
+    reason="bitsandbytes is an optional extra: pip install 'lightning-speedup[quant]'",
 )
 
 # (weights, activations, backend, exact): "exact" backends compute with the same float ops as QAT.
