@@ -140,6 +140,9 @@ set_compile_candidates() {
     job "reference-loop-$seed" 0 python benchmarks/reference_loop.py --seed "$seed" \
       --out "$WORK/reference_loop_seed$seed.json"
   done
+  # Warm beside cold: regional compilation starting from the artifacts a throw-away run saved.
+  job compile-warm 0 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --cache warm \
+    --recipe speedup-regional --seeds 2 --out "$WORK/compile-warm"
 }
 
 # Recipe sweeps by time to target with fractional GPUs (4 trials share the GPU): the GPU tests of the tuner,
