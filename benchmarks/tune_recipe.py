@@ -20,6 +20,9 @@ Trials share the device (``--gpus-per-trial 0.25``: four trials on one GPU), so 
 beside other trials and is longer than a run alone: the sweep ranks configurations. The best one is measured
 cold with ``lightning-speedup bench`` against the hand-picked recipe before it replaces it; the last line
 printed is the ``Recipe.extended(...)`` call that builds it, for ``lightning_speedup/bench/recipes.py``.
+``--recipe-out PATH`` also writes a recipes file that registers it as ``--tuned-name`` (default
+``<recipe>-tuned``), for ``LIGHTNING_SPEEDUP_RECIPES=PATH lightning-speedup bench``; ``--from-result`` writes
+that file from an existing result without sweeping.
 
 Trials to target, per sweep: the 1-based number, in the order the searcher proposed them, of the first
 trial that reached the quality target ("reach"), and of the first trial within ``--near-best`` of the
@@ -34,6 +37,10 @@ On the device (after ``source benchmarks/device_env.sh``, or ``bash benchmarks/r
 Smoke test of the script itself (numbers meaningless; about 15 s on 2 CPU cores):
     python benchmarks/tune_recipe.py --device cpu --task fashion-mnist --smoke --num-samples 2 \\
         --out /tmp/tune_recipe_smoke.json
+The tuned recipe of a result, measured cold against the hand-picked one in a fresh process:
+    python benchmarks/tune_recipe.py --task char-lm --from-result RESULT.json --recipe-out /tmp/tuned.py
+    LIGHTNING_SPEEDUP_RECIPES=/tmp/tuned.py lightning-speedup bench --task char-lm --cache cold \\
+        --recipe speedup --recipe speedup-tuned
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import inspect
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -208,6 +216,88 @@ def extended_source(recipe_name: str, task: str, overrides: dict[str, Any]) -> s
 
     args = ", ".join(f"{k}={value(k, v)}" for k, v in overrides.items())
     return f"get_recipe({recipe_name!r}).for_task({task!r}).extended({args})"
+
+
+def _import_name(source: str) -> str:
+    """The name of ``bench/recipes.py`` that a factory's source (from :func:`_factory_source`) calls."""
+    return schedule.__name__ if source.startswith(f"{schedule.__name__}(") else source
+
+
+def recipe_file_source(
+    result: dict[str, Any], task: str, tuned_name: str, result_path: str, command: str
+) -> str:
+    """A Python recipes file that registers the best config of ``result`` as the recipe ``tuned_name``.
+
+    The file builds the recipe as ``best["recipe_extended"]`` does, from the recipe the sweep tuned specialised
+    for ``task`` (``for_task``), so ``$LIGHTNING_SPEEDUP_RECIPES=FILE lightning-speedup bench --recipe
+    <tuned_name>`` runs it in a fresh process.
+
+    Raises:
+        ValueError: ``result`` has no best config, was made for another task, ``tuned_name`` would replace the
+            tuned recipe itself, or a callback factory of the recipe has no name in ``bench/recipes.py``.
+    """
+    recipe_name = result.get("recipe")
+    if result.get("benchmark") != "tune_recipe":
+        raise ValueError(
+            f"{result_path} is not a result file of tune_recipe.py (no 'benchmark': 'tune_recipe')."
+        )
+    if result.get("task") != task:
+        raise ValueError(
+            f"{result_path} was made for task {result.get('task')!r}, not {task!r}; pass --task "
+            f"{result.get('task')} or a result file of a {task} sweep."
+        )
+    best = result.get("best")
+    if not best or not best.get("config"):
+        raise ValueError(
+            f"{result_path} has no best config (no trial reported a result; see its sweeps' errors): there is "
+            "no tuned recipe to write. Run the sweeps again."
+        )
+    if tuned_name == recipe_name:
+        raise ValueError(
+            f"--tuned-name {tuned_name!r} would replace the recipe the sweep tuned; choose another name, e.g. "
+            f"{recipe_name}-tuned."
+        )
+    base = get_recipe(str(recipe_name)).for_task(task)
+    overrides = recipe_overrides(base, task, best["config"])
+    factories = [_factory_source(f) for f in overrides["callbacks"]]
+    unnamed = [f for f in factories if f.startswith("<")]
+    if unnamed:
+        raise ValueError(
+            f"Recipe {recipe_name!r} has callback factories {unnamed} that are not names of "
+            "lightning_speedup/bench/recipes.py, so a recipes file cannot rebuild them; define them there (as "
+            "async_metrics is) or tune a recipe whose callbacks are."
+        )
+    sweep = next(
+        (sw for sw in result.get("sweeps", []) if (sw["searcher"], sw["seed"]) == (best["searcher"], best["seed"])),
+        {},
+    )  # fmt: skip
+    date = sweep.get("date") or result.get("environment", {}).get("date", "an unknown date")
+    ttt = best.get("time_to_target_s")
+    reached = (
+        f"time to target {ttt:.4g} s while sharing the device with other trials (measure it alone, cold, with "
+        "`lightning-speedup bench` before trusting it)"
+        if best.get("reached") and ttt is not None
+        else "it did NOT reach the target in the sweep (the least-bad miss)"
+    )
+    description = (
+        f"{recipe_name} tuned for {task} by benchmarks/tune_recipe.py ({best['searcher']} sweep, seed "
+        f"{best['seed']}, trial {best.get('trial')}, {result_path}, {date}): {reached}. Specialised for {task} "
+        f"({recipe_name}'s {task} settings): the bench runs it on any task it is given, with these settings."
+    )
+    call = extended_source(
+        str(recipe_name), task, {"name": tuned_name, "description": description, **overrides}
+    )
+    names = ["get_recipe", "register_recipe", *dict.fromkeys(_import_name(f) for f in factories)]
+    source = (
+        f'"""The recipe {tuned_name!r}: {recipe_name!r} with the best config of a tune_recipe.py sweep, for {task}.\n\n'
+        f"Generated from {result_path} by\n    {command}\n"
+        f"Use it with\n    {RECIPES_ENV}=THIS_FILE lightning-speedup bench --task {task} --recipe {recipe_name} "
+        f'--recipe {tuned_name}\n"""\n\n'
+        f"from lightning_speedup.bench.recipes import {', '.join(sorted(dict.fromkeys(names)))}\n\n"
+        f"register_recipe({call}, replace=True)\n"
+    )
+    compile(source, "<recipe file>", "exec")  # a broken file fails here, not in the bench's fresh process
+    return source
 
 
 def jsonable_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -377,6 +467,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
             "single-device recipe."
         )
     schedule_of(recipe, task.name)  # the recipe must have a schedule to tune
+    if args.recipe_out is not None:
+        # Refused before the sweeps rather than after them: the recipes file could not be written.
+        if (args.tuned_name or f"{args.recipe}-tuned") == args.recipe:
+            raise ValueError(
+                f"--tuned-name {args.tuned_name!r} would replace the recipe the sweep tunes; choose another name."
+            )
+        unnamed = [s for s in map(_factory_source, recipe.callbacks) if s.startswith("<")]
+        if unnamed:
+            raise ValueError(
+                f"--recipe-out: recipe {args.recipe!r} has callback factories {unnamed} that are not names of "
+                "lightning_speedup/bench/recipes.py, so a recipes file cannot rebuild them; leave out "
+                "--recipe-out or tune a recipe whose callbacks are."
+            )
     smoke = SMOKE[task.name] if args.smoke else None
     target = args.target if args.target is not None else smoke.target if smoke else task.default_target
     task.check_target(target)
@@ -744,13 +847,80 @@ def parser() -> argparse.ArgumentParser:
         help="keep the finished sweeps of --out (same settings) and run only the missing ones",
     )
     p.add_argument("--verbose", type=int, default=0, help="Ray Tune's verbosity (0-2)")
-    p.add_argument("--out", type=Path, required=True, help="the result file (JSON)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="the result file (JSON); needed unless --from-result"
+    )
+    p.add_argument(
+        "--recipe-out",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"write a recipes file registering the best config as --tuned-name (for ${RECIPES_ENV})",
+    )
+    p.add_argument("--tuned-name", default=None, help="the tuned recipe's name (default: '<recipe>-tuned')")
+    p.add_argument(
+        "--from-result",
+        type=Path,
+        default=None,
+        metavar="RESULT_JSON",
+        help="no sweep: write --recipe-out from the best config of this result file",
+    )
     return p
+
+
+def write_recipe_file(
+    result: dict[str, Any], args: argparse.Namespace, result_path: Path, argv: Sequence[str]
+) -> None:
+    """Write ``--recipe-out`` from ``result``'s best config (see :func:`recipe_file_source`)."""
+    tuned_name = args.tuned_name or f"{result.get('recipe')}-tuned"
+    command = "python benchmarks/tune_recipe.py " + shlex.join(argv)
+    source = recipe_file_source(result, args.task, tuned_name, str(result_path), command)
+    write_atomic(args.recipe_out, source)
+    print(f"wrote {args.recipe_out}: {RECIPES_ENV}={args.recipe_out} lightning-speedup bench --task {args.task} "
+          f"--recipe {result['recipe']} --recipe {tuned_name}", flush=True)  # fmt: skip
+
+
+def from_result(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """``--from-result``: the recipes file of an existing result, without sweeping.
+
+    Raises:
+        ValueError: the file is missing, not a result of this script, of another task or recipe, or has no best.
+    """
+    path: Path = args.from_result
+    if args.recipe_out is None:
+        raise ValueError("--from-result writes a recipes file; name it with --recipe-out PATH.")
+    if not path.is_file():
+        raise ValueError(f"--from-result {path} does not exist; pass the JSON that --out of a sweep wrote.")
+    try:
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--from-result {path} is not valid JSON ({err}).") from err
+    if not isinstance(result, dict) or result.get("benchmark") != "tune_recipe":
+        raise ValueError(
+            f"--from-result {path} is not a result file of tune_recipe.py; pass the JSON of --out."
+        )
+    if result.get("recipe") != args.recipe:
+        raise ValueError(
+            f"--from-result {path} tuned recipe {result.get('recipe')!r}, not --recipe {args.recipe!r}; pass "
+            f"--recipe {result.get('recipe')}."
+        )
+    write_recipe_file(result, args, path, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
+    if args.from_result is not None:
+        try:
+            from_result(args, argv)
+        except ValueError as err:
+            ap.error(str(err))  # exits 2
+        return 0
+    if args.out is None:
+        ap.error(
+            "--out is required: the result file of the sweeps (or pass --from-result to only write a recipe)"
+        )
     if args.cpus_per_trial is None:
         args.cpus_per_trial = 4.0 if args.device == "gpu" else 1.0
     try:
@@ -808,6 +978,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--time-budget {args.time_budget:g} s: skipped the sweeps {skipped}", file=sys.stderr, flush=True
         )
     print_summary(result, args.out)
+    if args.recipe_out is not None:
+        if result["best"] is None:
+            print(f"--recipe-out: no best config, so no recipe written to {args.recipe_out}", file=sys.stderr)
+        else:
+            try:
+                write_recipe_file(result, args, args.out, argv)
+            except ValueError as err:
+                print(f"--recipe-out: {err}", file=sys.stderr, flush=True)
+                failed = True
     return 1 if failed else 130 if interrupted else 4 if skipped else 0
 
 
