@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
-from lightning_speedup.bench.recipes import Recipe, async_metrics, get_recipe, register_recipe, schedule
+from lightning_speedup.bench.recipes import (
+    CallbackFactory,
+    Recipe,
+    async_metrics,
+    get_recipe,
+    register_recipe,
+    schedule,
+)
 
 # Technique name -> the Recipe fields it sets, in the order the forward ladder adds them. ``callbacks`` is
 # no technique's field: each callback factory belongs to the technique :func:`callback_technique` names
@@ -37,7 +43,6 @@ TECHNIQUES: dict[str, tuple[str, ...]] = {
 # A technique that needs another: removing the second removes the first too. CUDA graphs capture the compile;
 # compile drops the last partial batch so that it compiles one shape.
 _NEEDS = {"cuda-graphs": "compile", "compile": "drop-last"}
-CallbackFactory = Callable[..., Any]
 
 
 @functools.cache
