@@ -159,7 +159,14 @@ set_tune() {
     job tune-gpu-tests 0 python -m pytest -q -p no:cacheprovider -m gpu tests/tune --junitxml="$WORK/tune-gpu-tests.xml"
   fi
   job tune-recipe-charlm 0 python benchmarks/tune_recipe.py --device gpu --task char-lm --gpus-per-trial 0.25 \
-    --num-samples 16 --compare-random --time-budget "$(budget)" --resume --out "$WORK/tune_recipe_charlm.json"
+    --num-samples "${TUNE_SAMPLES:-16}" --compare-random --time-budget "$(($(budget) - ${TUNE_CONFIRM_S:-0}))" \
+    --resume --out "$WORK/tune_recipe_charlm.json" --recipe-out "$WORK/speedup_tuned.py"
+  # The sweep's best against the hand-picked recipe, cold, alone on the GPU (TUNE_CONFIRM_S reserves the time).
+  if [ "${TUNE_CONFIRM_S:-0}" -gt 0 ] && [ -f "$WORK/speedup_tuned.py" ]; then
+    LIGHTNING_SPEEDUP_RECIPES="$WORK/speedup_tuned.py" job tune-confirm-charlm 0 lightning-speedup bench \
+      --time-budget "$(budget)" --task char-lm --cache cold --recipe speedup --recipe speedup-tuned --seeds 3 \
+      --out "$WORK/tune-confirm-charlm"
+  fi
 }
 
 # --- main -------------------------------------------------------------------------------------
