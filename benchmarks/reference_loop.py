@@ -5,8 +5,10 @@ to the first validation at or past the target).
 Same model (ResNet-9), data (the whole set resident on the device as uint8, shuffled and batched there),
 GPU augmentation (random crop with padding 2, horizontal flip, normalisation; seeded per step as GPUAugment
 does), and hyper-parameters as `speedup`: batch 512, Adam (fused on CUDA), OneCycle to 4e-3 over 10 epochs
-with beta1 cycled 0.95-0.85, bf16 autocast, channels_last, no torch.compile (as `speedup`; `--compile
-reduce-overhead` is the loop of `speedup-compiled`). No Lightning anywhere in the loop.
+with beta1 cycled 0.95-0.85, bf16 autocast, channels_last, no torch.compile. `--cuda-graphs` replays the
+training step as CUDA graphs captured without Inductor, as `speedup` does (without it, the loop is
+`speedup-eager-step`); `--compile reduce-overhead` is the loop of `speedup-compiled`. No Lightning anywhere
+in the loop.
 
     python benchmarks/reference_loop.py --out results/reference.json                 # the GPU run
     python benchmarks/reference_loop.py --device cpu --train-subset 512 --val-subset 256 --width 8 \\
@@ -75,10 +77,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", choices=("none", "default", "reduce-overhead"), default="none",
                    help="torch.compile mode (none, as the speedup recipe; reduce-overhead: speedup-compiled)")  # fmt: skip
     p.add_argument(
+        "--cuda-graphs", action="store_true",
+        help="replay the training forward/backward as CUDA graphs captured without Inductor "
+        "(torch.cuda.make_graphed_callables on the first batch), as `speedup` does; CUDA and --compile none only",
+    )  # fmt: skip
+    p.add_argument(
         "--precision", choices=("bf16", "32"), default=None, help="default: bf16 on CUDA, 32 on CPU"
     )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.cuda_graphs and (args.compile != "none" or not args.device.startswith("cuda")):
+        p.error("--cuda-graphs graphs the uncompiled model on a CUDA device: use it with --compile none on CUDA.")
 
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
@@ -130,6 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
             x = x.contiguous(memory_format=torch.channels_last)
             if mode == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()
+            if args.cuda_graphs and step == 0:
+                # As EagerCUDAGraphs: capture under the same autocast, without its weight cache.
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+                    torch.cuda.make_graphed_callables(net, (x.detach().clone(),), num_warmup_iters=3)
             with autocast:
                 loss = F.cross_entropy(forward(x).float(), y)
             opt.zero_grad(set_to_none=True)

@@ -113,7 +113,7 @@ def test_eager_cuda_graph_capture_is_its_own_warm_up_column_on_gpu(
     out = tmp_path / "graphs"
     rc = main(
         ["bench", "--task", "fashion-mnist", "--data", str(fashion_mnist_dir), "--out", str(out), "--recipe",
-         "speedup-cudagraphs", "--target", "0.05", *TINY]
+         "speedup", "--target", "0.05", *TINY]
     )  # fmt: skip
     assert rc == EXIT_OK
     (run,) = _runs(out)

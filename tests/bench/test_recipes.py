@@ -62,12 +62,13 @@ def test_speedup_adds_cudagraphs_and_fused_adam_for_images_only() -> None:
 
 
 def test_cold_start_candidates() -> None:
-    """The candidates for `speedup` differ from it only in how (and whether) they compile."""
+    """`speedup` and its candidates differ from `speedup-compiled` only in how (and whether) they compile or
+    graph the step; `speedup` graphs the image step without Inductor, never the LM's."""
     base = get_recipe("speedup-compiled")
     for task in ("fashion-mnist", "char-lm"):
         sp = base.for_task(task)
         eager = get_recipe("speedup").for_task(task)
-        assert eager.compile is False and eager.cuda_graphs is None and eager.compile_mode is None
+        assert eager.compile is False and eager.compile_mode is None
         assert [c.__name__ for c in eager.callbacks] == [c.__name__ for c in sp.callbacks] + [
             "AsyncProgressBarMetrics()"
         ]
@@ -75,12 +76,15 @@ def test_cold_start_candidates() -> None:
         assert all(getattr(eager, f) == getattr(sp, f) for f in same)
         assert get_recipe("speedup-regional").for_task(task).compile == "regional"
         assert get_recipe("speedup-auto").for_task(task).compile == "auto"
-        for name in ("speedup-regional", "speedup-auto", "speedup-cudagraphs"):
+        for name in ("speedup-regional", "speedup-auto", "speedup-eager-step"):
             r = get_recipe(name).for_task(task)
             assert r.callbacks == eager.callbacks and r.data == eager.data, name
-    assert get_recipe("speedup-cudagraphs").for_task("fashion-mnist").cuda_graphs == "eager"
-    assert get_recipe("speedup-cudagraphs").for_task("fashion-mnist").fused_optimizer
-    assert get_recipe("speedup-cudagraphs").for_task("char-lm").cuda_graphs is None
+            assert r.cuda_graphs is None, name
+    images = get_recipe("speedup").for_task("fashion-mnist")
+    assert images.cuda_graphs == "eager" and images.fused_optimizer and images.drop_last
+    assert get_recipe("speedup").for_task("char-lm").cuda_graphs is None
+    nographs = get_recipe("speedup-eager-step").for_task("fashion-mnist")
+    assert dataclasses.replace(nographs, name=images.name, description=images.description, cuda_graphs="eager") == images
 
 
 @pytest.mark.parametrize(
@@ -124,7 +128,7 @@ def test_benchmark_recipes_load_from_the_repository_or_the_env(tmp_path) -> None
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     )
     assert alone.stdout.split() == [
-        "baseline", "speedup", "speedup-auto", "speedup-compiled", "speedup-cudagraphs", "speedup-levers",
+        "baseline", "speedup", "speedup-auto", "speedup-compiled", "speedup-eager-step", "speedup-levers",
         "speedup-regional",
     ]  # fmt: skip
     env["LIGHTNING_SPEEDUP_RECIPES"] = str(repo / "benchmarks" / "recipes.py")

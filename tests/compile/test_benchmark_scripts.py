@@ -35,6 +35,25 @@ def test_reference_loop_reaches_a_toy_target_on_cpu(tmp_path: Path, fashion_mnis
     assert 0.0 <= result["history"][0]["val_acc"] <= 1.0 and result["history"][0]["step"] == 4
 
 
+def test_reference_loop_refuses_cuda_graphs_without_cuda(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "reference_loop.py"), "--device", "cpu", "--cuda-graphs",
+         "--out", str(tmp_path / "x.json")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--cuda-graphs graphs the uncompiled model on a CUDA device" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.gpu
+def test_reference_loop_with_cuda_graphs_reaches_a_toy_target(tmp_path: Path, fashion_mnist_dir) -> None:  # type: ignore[no-untyped-def]
+    result = _script(
+        "reference_loop.py", "--data", str(fashion_mnist_dir), "--train-subset", "2048", "--val-subset", "512",
+        "--width", "8", "--max-epochs", "2", "--target", "0.0", "--cuda-graphs", tmp_path=tmp_path,
+    )  # fmt: skip
+    assert result["reached"] and result["args"]["cuda_graphs"] is True and result["gpu"]
+
+
 @pytest.mark.parametrize("variants", [["regional+cache"]])
 def test_compile_cold_start_runs_each_variant_in_a_fresh_process(tmp_path: Path, variants: list[str]) -> None:
     result = _script(
