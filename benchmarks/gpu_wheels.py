@@ -35,6 +35,12 @@ PACKAGES = {
     "mako": "1.4.3",
     "greenlet": "3.5.6",
     "colorlog": "6.12.0",
+    # Ray Tune imports ray.train, whose v2 API needs pydantic (missing from the image).
+    "pydantic": "2.14.4",
+    "pydantic-core": "2.50.5",
+    "annotated-types": "0.8.0",
+    "typing-inspection": "0.4.5",
+    "typing-extensions": "4.16.0",
 }
 # Parts of Ray's wheel that a local Tune sweep (ray.init without the dashboard) does not import.
 RAY_STRIP = (

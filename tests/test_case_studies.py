@@ -43,7 +43,8 @@ def results_copy(tmp_path: Path) -> Path:
 
 
 def test_a_changed_result_file_is_detected(results_copy: Path) -> None:
-    # Today's `speedup` on Fashion-MNIST is stored as `speedup-eager`: double its runs' time to target.
+    # The headline's full recipe (today's `speedup-eager-step`) is stored as `speedup-eager`: double its runs'
+    # time to target.
     runs = results_copy / cs.COLD_FOLDER / "fashion-mnist" / "runs"
     medians = []
     for path in sorted(runs.glob("speedup-eager-seed*.json")):
@@ -58,7 +59,7 @@ def test_a_changed_result_file_is_detected(results_copy: Path) -> None:
     assert (
         "README.md (from the result files)" in diff and "docs/case-studies.md (from the result files)" in diff
     )
-    assert any(f"**{new:.1f} s**" in line and "`speedup`" in line for line in changed), diff
+    assert any(f"**{new:.1f} s**" in line and "`speedup-eager-step`" in line for line in changed), diff
     assert any("**15.4 s**" in line for line in diff.splitlines() if line.startswith("-")), diff
 
 
@@ -77,11 +78,11 @@ def test_a_changed_number_in_the_readme_is_detected(tmp_path: Path) -> None:
 def test_old_recipe_names_are_shown_under_todays_and_match_the_bench_report() -> None:
     """The 2026-12-04 files call the compiled recipe `speedup` and the eager one `speedup-eager`."""
     task = cs.cold_task("fashion-mnist", cs.RESULTS, price=4.54)
-    assert [r["name"] for r in task.rows] == ["baseline", "speedup-compiled", "speedup"]
+    assert [r["name"] for r in task.rows] == ["baseline", "speedup-compiled", "speedup-eager-step"]
     stored = {r["recipe"]: r["name"] for r in task.rows}
-    assert stored == {"baseline": "baseline", "speedup": "speedup-compiled", "speedup-eager": "speedup"}
+    assert stored == {"baseline": "baseline", "speedup": "speedup-compiled", "speedup-eager": "speedup-eager-step"}
     by_name = {r["name"]: r for r in task.rows}
-    assert by_name["speedup"]["compile_s"] == 0.0 and by_name["speedup-compiled"]["compile_s"] > 10
+    assert by_name["speedup-eager-step"]["compile_s"] == 0.0 and by_name["speedup-compiled"]["compile_s"] > 10
     report = {r["recipe"]: r for r in task.meta["summary"]}  # the bench's own summary of the same runs
     for row in task.rows:
         assert row["ttt_median_s"] == report[row["recipe"]]["ttt_median_s"]
@@ -101,6 +102,45 @@ def test_cost_is_gpu_hours_at_the_stated_price() -> None:
 def test_goals_are_reported_as_not_met_with_the_measured_speed_ups() -> None:
     text = cs.goals_block(cs.RESULTS, 4.54)
     assert "**not met**" in text and "3.12x (3 seeds)" in text and "4.38x (2 seeds)" in text
+    assert "`speedup-eager-step` measured" in text and "has not been measured against `baseline`" in text
+
+
+def test_candidates_show_todays_speedup_and_the_plain_loop_goal(results_copy: Path) -> None:
+    text = cs.candidates_block(results_copy, 4.54)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `")}
+    # The file's `speedup-cudagraphs` is today's `speedup`, its `speedup` today's `speedup-eager-step`.
+    assert "11.6 s (10.5-12.0)" in rows["`speedup`"] and "1.41x" in rows["`speedup`"]
+    assert "16.4 s (13.2-17.1)" in rows["`speedup-eager-step`"] and "1.00x" in rows["`speedup-eager-step`"]
+    assert "10.3 s (9.3-14.5)" in text and "+59% longer" in text and "**not met**" in text
+    # A plain loop within 10% of the Lightning recipe meets the goal: make the loop's runs slower.
+    for path in (results_copy / cs.CANDIDATES_FOLDER).glob("reference_loop_seed*.json"):
+        run = json.loads(path.read_text())
+        run["time_to_target_s"] = 15.5
+        path.write_text(json.dumps(run))
+    assert "the goal of at most 10% is **met**" in cs.candidates_block(results_copy, 4.54)
+
+
+def test_ablation_lists_each_step_and_what_did_not_run() -> None:
+    text = cs.ablation_block(cs.RESULTS, 4.54)
+    steps = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(steps) == 10 and steps[0].startswith("| `baseline` | - | 54.2 s | 1.00x | - |")
+    assert "| cudnn-benchmark | 47.3 s | 1.15x | +13.6 s |" in text
+    assert steps[-1].startswith("| `speedup-eager-step` | fused-optimizer | 14.6 s | 3.70x | -3.4 s |")
+    assert "Not run (the call's time ran out; names as in the file): `fashion-mnist:speedup-bf16`" in text
+
+
+def test_tune_block_reports_the_sweep_and_the_cold_verdict(results_copy: Path) -> None:
+    text = cs.tune_block(results_copy, 4.54)
+    assert "| bayes, seed 0 | 10 | 2 | 60.5 s (trial 7) | 128, 1.21e-03, 60, 0.185 |" in text
+    assert "| random, seed 0 | not run (time budget) |" in text
+    assert "`speedup` 20.2 s (19.0-20.5); `speedup-tuned` 22.0 s (20.9-22.3)" in text
+    assert "not faster than the hand-picked recipe, which stays (0.92x)" in text
+    # Were the tuned recipe faster, the report would say it replaces the hand-picked one.
+    for path in (results_copy / cs.TUNE_CONFIRM_FOLDER / "runs").glob("speedup-tuned-seed*.json"):
+        run = json.loads(path.read_text())
+        run["time_to_target_s"] /= 2
+        path.write_text(json.dumps(run))
+    assert "faster than the hand-picked recipe, so it would replace it" in cs.tune_block(results_copy, 4.54)
 
 
 def test_a_negative_price_is_rejected(capsys: pytest.CaptureFixture[str]) -> None:
