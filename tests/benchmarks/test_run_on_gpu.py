@@ -16,6 +16,8 @@ SETS = {
     "pipeline",
     "cold-fashion",
     "cold-charlm",
+    "ablation-fashion",
+    "ablation-charlm",
     "compile-candidates",
     "tune",
 }
