@@ -46,7 +46,11 @@ TUNE_CONFIRM_FOLDER = "tune/2026-12-04-h200-tune-confirm-charlm"
 # `speedup-eager-step` and `speedup` took the CUDA graphs of `speedup-cudagraphs`. A folder measured under
 # today's names needs no entry.
 RECIPE_NAMES: dict[str, dict[str, str]] = {
-    COLD_FOLDER: {"baseline": "baseline", "speedup": "speedup-compiled", "speedup-eager": "speedup-eager-step"},
+    COLD_FOLDER: {
+        "baseline": "baseline",
+        "speedup": "speedup-compiled",
+        "speedup-eager": "speedup-eager-step",
+    },
     CANDIDATES_FOLDER: {"speedup": "speedup-eager-step", "speedup-cudagraphs": "speedup"},
     ABLATION_FOLDER: {"speedup": "speedup-eager-step"},
 }
@@ -360,14 +364,17 @@ def _seeds_of(runs: Sequence[RunResult], recipe: str) -> str:
 
 
 def _reference_loops(results: Path) -> list[dict[str, Any]]:
-    return [_load(str(p.relative_to(results)), results) for p in sorted((results / CANDIDATES_FOLDER).glob("reference_loop_seed*.json"))]
+    return [
+        _load(str(p.relative_to(results)), results)
+        for p in sorted((results / CANDIDATES_FOLDER).glob("reference_loop_seed*.json"))
+    ]
 
 
 def candidates_block(results: Path, price: float) -> str:
     """The cold candidates for `speedup` on Fashion-MNIST, side by side in one call, and the plain loop after them."""
     meta, rows, runs = bench_folder(results / CANDIDATES_FOLDER, price, RECIPE_NAMES[CANDIDATES_FOLDER])
     env = meta["environment"]
-    first = list(meta["recipes"])[0]
+    first = next(iter(meta["recipes"]))
     ref_name = RECIPE_NAMES[CANDIDATES_FOLDER].get(first, first)
     lines = [
         f"| recipe (today's name) | cold time to target, median (min-max) | speed-up over `{ref_name}` | "
@@ -404,7 +411,9 @@ def candidates_block(results: Path, price: float) -> str:
             f"the same call): {med:.1f} s ({lo:.1f}-{hi:.1f}), seeds {_seeds([d['seed'] for d in loops])}. The "
             f"Lightning recipe took {over:+.0%} longer (median {lightning:.1f} s); the goal of at most "
             f"{LOOP_GOAL:.0%} is {verdict}. The loop has no sanity check and no per-step logging. Results: "
-            + ", ".join(_link(f"{CANDIDATES_FOLDER}/reference_loop_seed{d['seed']}.json", "../") for d in loops)
+            + ", ".join(
+                _link(f"{CANDIDATES_FOLDER}/reference_loop_seed{d['seed']}.json", "../") for d in loops
+            )
             + ".",
         ]
     return "\n".join(text)
@@ -510,11 +519,9 @@ def tune_block(results: Path, price: float) -> str:
     ]
     confirm = results / TUNE_CONFIRM_FOLDER
     if confirm.is_dir():
-        meta, rows, runs = bench_folder(confirm, price, {}, order_by=())
-        cells = "; ".join(
-            f"`{r['name']}` {_ttt_cell(r['cold'])}" for r in rows
-        )
-        tuned = next(r for r in rows if r["name"] != list(meta["recipes"])[0])
+        meta, rows, _runs = bench_folder(confirm, price, {}, order_by=())
+        cells = "; ".join(f"`{r['name']}` {_ttt_cell(r['cold'])}" for r in rows)
+        tuned = next(r for r in rows if r["name"] != next(iter(meta["recipes"])))
         verdict = (
             "faster than the hand-picked recipe, so it would replace it"
             if tuned["cold"]["speedup"] and tuned["cold"]["speedup"] > 1

@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.cuda_graphs and (args.compile != "none" or not args.device.startswith("cuda")):
-        p.error("--cuda-graphs graphs the uncompiled model on a CUDA device: use it with --compile none on CUDA.")
+        p.error(
+            "--cuda-graphs graphs the uncompiled model on a CUDA device: use it with --compile none on CUDA."
+        )
 
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"

@@ -80,7 +80,11 @@ def test_old_recipe_names_are_shown_under_todays_and_match_the_bench_report() ->
     task = cs.cold_task("fashion-mnist", cs.RESULTS, price=4.54)
     assert [r["name"] for r in task.rows] == ["baseline", "speedup-compiled", "speedup-eager-step"]
     stored = {r["recipe"]: r["name"] for r in task.rows}
-    assert stored == {"baseline": "baseline", "speedup": "speedup-compiled", "speedup-eager": "speedup-eager-step"}
+    assert stored == {
+        "baseline": "baseline",
+        "speedup": "speedup-compiled",
+        "speedup-eager": "speedup-eager-step",
+    }
     by_name = {r["name"]: r for r in task.rows}
     assert by_name["speedup-eager-step"]["compile_s"] == 0.0 and by_name["speedup-compiled"]["compile_s"] > 10
     report = {r["recipe"]: r for r in task.meta["summary"]}  # the bench's own summary of the same runs

@@ -84,7 +84,10 @@ def test_cold_start_candidates() -> None:
     assert images.cuda_graphs == "eager" and images.fused_optimizer and images.drop_last
     assert get_recipe("speedup").for_task("char-lm").cuda_graphs is None
     nographs = get_recipe("speedup-eager-step").for_task("fashion-mnist")
-    assert dataclasses.replace(nographs, name=images.name, description=images.description, cuda_graphs="eager") == images
+    assert (
+        dataclasses.replace(nographs, name=images.name, description=images.description, cuda_graphs="eager")
+        == images
+    )
 
 
 @pytest.mark.parametrize(

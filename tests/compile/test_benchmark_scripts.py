@@ -41,7 +41,9 @@ def test_reference_loop_refuses_cuda_graphs_without_cuda(tmp_path: Path) -> None
          "--out", str(tmp_path / "x.json")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 2 and "--cuda-graphs graphs the uncompiled model on a CUDA device" in proc.stderr
+    assert (
+        proc.returncode == 2 and "--cuda-graphs graphs the uncompiled model on a CUDA device" in proc.stderr
+    )
     assert not (tmp_path / "x.json").exists()
 
 
