@@ -278,3 +278,26 @@ def test_every_registered_recipe_summarizes_to_json_for_every_task() -> None:
         json.dumps(get_recipe(name).summary())
     per_task = get_recipe("speedup-onecycle").summary()["per_task"]["char-lm"]
     assert per_task["callbacks"] == ["OneCycle(max_lr=0.001)"]
+
+
+def test_the_no_sanity_candidate_skips_only_the_sanity_check(
+    fashion_mnist_dir, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import pathlib
+
+    from lightning_speedup.cli import EXIT_OK, main
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("LIGHTNING_SPEEDUP_RECIPES", str(repo / "benchmarks" / "recipes.py"))
+    candidate = get_recipe("speedup-no-sanity").for_task("fashion-mnist")
+    speedup = get_recipe("speedup").for_task("fashion-mnist")
+    assert dataclasses.replace(candidate, name=speedup.name, description=speedup.description,
+                               trainer_kwargs=speedup.trainer_kwargs) == speedup  # fmt: skip
+    tiny = ["--train-subset", "600", "--val-subset", "128", "--max-epochs", "1", "--model-arg", "width=4"]
+    argv = ["bench", "--task", "fashion-mnist", "--data", str(fashion_mnist_dir), "--out", str(tmp_path / "o"),
+            *tiny, "--target", "0.05", "--recipe", "speedup", "--recipe", "speedup-no-sanity"]  # fmt: skip
+    assert main(argv) == EXIT_OK
+    runs = {r["recipe"]: r for r in json.loads((tmp_path / "o" / "report.json").read_text())["runs"]}
+    assert runs["speedup"]["sanity_s"] > 0 and runs["speedup-no-sanity"]["sanity_s"] == 0.0
+    assert all(r["reached"] and r["error"] is None for r in runs.values())
