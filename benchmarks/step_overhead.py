@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import logging
 import pstats
@@ -63,13 +64,14 @@ def _recipe_name(base: str, batch_size: int) -> str:
 def _config(args: argparse.Namespace, max_epochs: int, **model_kwargs: Any) -> BenchConfig:
     return BenchConfig(
         task=TASK, recipes=[args.recipe_name], max_epochs=max_epochs, data_path=args.data,
-        train_subset=args.batch_size * args.steps, val_subset=args.batch_size,
+        train_subset=args.batch_size * args.steps, val_subset=args.batch_size * args.val_steps,
         model_kwargs={"width": args.width, **model_kwargs}, accelerator=args.accelerator, stop_at_target=False,
     )  # fmt: skip
 
 
 def run_lightning(args: argparse.Namespace, **model_kwargs: Any) -> dict[str, Any]:
-    """One bench run of the recipe; ms/step from TimeToTarget's per-epoch training time."""
+    """One bench run of the recipe: ms/step from TimeToTarget's per-epoch training time (validation excluded);
+    ms/epoch from the time between validations (training and validation)."""
     with tempfile.TemporaryDirectory() as run_dir:
         res = run_one(
             _config(args, args.epochs, **model_kwargs),
@@ -81,7 +83,13 @@ def run_lightning(args: argparse.Namespace, **model_kwargs: Any) -> dict[str, An
     if res.error:
         raise RuntimeError(f"the Lightning run failed: {res.error}")
     assert res.samples_per_s is not None
-    return {"ms_per_step": 1e3 * args.batch_size / res.samples_per_s, "epochs": res.epochs}
+    ends = [h["time_s"] for h in res.history]
+    epoch_ms = [1e3 * (b - a) for a, b in itertools.pairwise(ends)]  # epochs after the first
+    return {
+        "ms_per_step": 1e3 * args.batch_size / res.samples_per_s,
+        "ms_per_epoch": statistics.median(epoch_ms),
+        "epochs": res.epochs,
+    }
 
 
 def run_plain(args: argparse.Namespace) -> dict[str, Any]:
@@ -122,7 +130,7 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    step, epoch_s = 0, []
+    step, epoch_s, wall_s = 0, [], []
     for _ in range(args.epochs):
         net.train()
         sync()
@@ -143,14 +151,21 @@ def run_plain(args: argparse.Namespace) -> dict[str, Any]:
         sync()
         epoch_s.append(time.perf_counter() - t0)
         net.eval()
-        with torch.no_grad(), autocast:
-            correct = sum(
-                (net(eval_pipeline(x)[0].contiguous(memory_format=torch.channels_last)).argmax(-1) == y).sum()
-                for x, y in val
-            )
-        float(correct)  # as Lightning reads val_acc once per validation
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        with torch.no_grad(), autocast:  # val_loss and val_acc, as the module's validation_step logs them
+            for x, y in val:
+                logits = net(eval_pipeline(x)[0].contiguous(memory_format=torch.channels_last)).float()
+                loss_sum += F.cross_entropy(logits, y) * len(y)
+                correct += (logits.argmax(-1) == y).sum()
+        float(loss_sum), float(correct)  # read once per validation, as Lightning's epoch-end metrics
+        wall_s.append(time.perf_counter() - t0)
     per_step = [1e3 * s / len(train) for s in epoch_s]
-    return {"ms_per_step": statistics.median(per_step[1:] or per_step), "epochs": len(epoch_s)}
+    return {
+        "ms_per_step": statistics.median(per_step[1:]),
+        "ms_per_epoch": statistics.median(1e3 * s for s in wall_s[1:]),
+        "epochs": len(epoch_s),
+    }
 
 
 # (bucket, predicate on (file, function)): the pieces of a Lightning training batch. Their cumulative times
@@ -222,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch-size", type=int, default=8, help="small, so that compute is negligible")
     p.add_argument("--width", type=int, default=2, help="ResNet-9 width (64 in the bench)")
     p.add_argument("--steps", type=int, default=100, help="training steps per epoch")
+    p.add_argument("--val-steps", type=int, default=20, help="validation batches per epoch (20 in the bench)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is not timed")
     p.add_argument("--repeats", type=int, default=3, help="runs of each path, interleaved")
     p.add_argument("--profile-steps", type=int, default=300, help="0: no profile")
@@ -229,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    for flag in ("batch_size", "width", "steps", "repeats"):
+    for flag in ("batch_size", "width", "steps", "val_steps", "repeats"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.epochs < 2:
@@ -265,6 +281,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
             for k, v in runs.items()
         },
+        "ms_per_epoch": {k: statistics.median(r["ms_per_epoch"] for r in v) for k, v in runs.items()},
+        # An epoch's time beyond its training steps: validation, and the loop's per-epoch work.
+        "ms_per_epoch_outside_steps": {
+            k: statistics.median(r["ms_per_epoch"] - args.steps * r["ms_per_step"] for r in v)
+            for k, v in runs.items()
+        },
         "lightning_minus_plain_ms": med["lightning"] - med["plain"],
         "lightning_over_plain": med["lightning"] / med["plain"],
         "step_log_ms": med["lightning"] - med["lightning_no_step_log"],
@@ -274,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["profile"] = profile_lightning(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    shown = ("ms_per_step", "lightning_minus_plain_ms", "step_log_ms")
+    shown = ("ms_per_step", "ms_per_epoch_outside_steps", "lightning_minus_plain_ms", "step_log_ms")
     print(json.dumps({k: result[k] for k in shown}, indent=2))
     if "profile" in result:
         for k, v in result["profile"]["buckets_ms_per_step"].items():

@@ -20,7 +20,7 @@ def test_step_overhead_script_times_both_paths_and_splits_the_lightning_step(
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--data", str(fashion_mnist_dir),
-         "--device", "cpu", "--batch-size", "4", "--width", "1", "--steps", "3", "--epochs", "2",
+         "--device", "cpu", "--batch-size", "4", "--width", "1", "--steps", "3", "--val-steps", "2", "--epochs", "2",
          "--repeats", "1", "--profile-steps", "6", "--out", str(out)],
         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT, check=False,
     )  # fmt: skip
@@ -31,6 +31,9 @@ def test_step_overhead_script_times_both_paths_and_splits_the_lightning_step(
     for path in ("lightning", "lightning_no_step_log", "plain"):
         assert record["ms_per_step"][path]["median"] > 0
         assert [r["epochs"] for r in record["runs"][path]] == [2]
+        assert (
+            record["ms_per_epoch"][path] > 3 * record["ms_per_step"][path]["median"]
+        )  # 3 steps + validation
     lightning, plain = record["ms_per_step"]["lightning"]["median"], record["ms_per_step"]["plain"]["median"]
     assert record["lightning_minus_plain_ms"] == pytest.approx(lightning - plain)
     profile = record["profile"]
