@@ -94,6 +94,11 @@ class ImageClassifier(_CompilableModule):
         fused_optimizer: bool = False,
         log_train_loss: bool = True,
     ) -> None:
+        if not isinstance(log_train_loss, bool):
+            raise ValueError(
+                f"log_train_loss must be True or False, got {log_train_loss!r} ({type(log_train_loss).__name__}); "
+                "pass a Python bool (lightning-speedup's --model-arg reads numbers and strings only)."
+            )
         super().__init__(compile=compile, compile_mode=compile_mode)
         self.save_hyperparameters()
         # `self.log` is the largest piece of Lightning's own per-step host time (benchmarks/step_overhead.py);

@@ -67,3 +67,5 @@ def test_image_classifier_logs_the_train_loss_unless_asked_not_to(fashion_mnist_
         trainer.fit(ImageClassifier(width=2, log_train_loss=log_train_loss), datamodule=dm)
         assert ("train_loss" in trainer.callback_metrics) is log_train_loss
         assert "val_acc" in trainer.callback_metrics
+    with pytest.raises(ValueError, match="log_train_loss must be True or False, got 'false'"):
+        ImageClassifier(log_train_loss="false")  # type: ignore[arg-type]
