@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs["plain"].append(run_plain(args))
     med = {k: statistics.median(r["ms_per_step"] for r in v) for k, v in runs.items()}
     result: dict[str, Any] = {
+        "benchmark": "step_overhead",
         "script": "benchmarks/step_overhead.py",
         "task": TASK,
         "recipe": args.recipe,

@@ -26,7 +26,8 @@ def test_step_overhead_script_times_both_paths_and_splits_the_lightning_step(
     )  # fmt: skip
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     record = json.loads(out.read_text())
-    assert record["device"] == "cpu" and record["environment"]["gpu"] is None
+    assert record["benchmark"] == "step_overhead" and record["device"] == "cpu"
+    assert record["environment"]["gpu"] is None
     assert set(record["ms_per_step"]) == {"lightning", "lightning_no_step_log", "plain"}
     for path in ("lightning", "lightning_no_step_log", "plain"):
         assert record["ms_per_step"][path]["median"] > 0
