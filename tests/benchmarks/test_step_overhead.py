@@ -46,3 +46,22 @@ def test_step_overhead_script_times_both_paths_and_splits_the_lightning_step(
     # The buckets split the profiled step without gaps or overlaps.
     assert sum(buckets.values()) == pytest.approx(profile["ms_per_step_profiled"])
     assert sum(profile["buckets_share"].values()) == pytest.approx(1.0)
+    lightning = profile["lightning_self_ms_per_step"]
+    assert lightning and all(
+        "lightning" in row["function"] and row["calls_per_step"] >= 1 for row in lightning
+    )
+
+
+@pytest.mark.gpu
+def test_step_overhead_script_on_cuda(fashion_mnist_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "step_overhead.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_overhead.py"), "--data", str(fashion_mnist_dir),
+         "--device", "cuda", "--steps", "5", "--val-steps", "2", "--epochs", "2", "--repeats", "1",
+         "--profile-steps", "10", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    record = json.loads(out.read_text())
+    assert record["device"] == "cuda" and record["environment"]["gpu"]
+    assert all(record["ms_per_step"][path]["median"] > 0 for path in ("lightning", "plain"))
