@@ -165,8 +165,9 @@ class BenchConfig:
             raise ValueError(f"Recipe(s) {twice} listed more than once; use --seeds for repeats.")
         task.check_model_kwargs(self.model_kwargs)
         for key, value in self.model_kwargs.items():
-            # Sizes and counts (width, n_layer, block_size, ...) are the model's only integer arguments.
-            if isinstance(value, int) and value < 1:
+            # Sizes and counts (width, n_layer, block_size, ...) are the model's only integer arguments; a bool
+            # (log_train_loss=False) is a switch.
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
                 raise ValueError(f"--model-arg {key}={value}: sizes and counts must be >= 1 (e.g. {key}=16).")
         if self.data_path is not None and not Path(self.data_path).exists():
             # An explicit path is what the user meant: never fall back to another copy of the data.

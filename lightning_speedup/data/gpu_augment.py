@@ -155,11 +155,18 @@ class GPUAugment(Callback):
         self.step = 0
         self._rank = 0
         self._generator: torch.Generator | None = None
+        self._state_key: tuple[Compose, Key, str] | None = None
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(ops=repr(self.pipeline), image_key=self.image_key)
+        # Lightning reads every callback's state_key on every hook call (the profiler's action name, even with
+        # no profiler), several times per training step; the ops' repr is built once per pipeline.
+        cached = self._state_key
+        if cached is None or cached[0] is not self.pipeline or cached[1] != self.image_key:
+            key = self._generate_state_key(ops=repr(self.pipeline), image_key=self.image_key)
+            cached = self._state_key = (self.pipeline, self.image_key, key)
+        return cached[2]
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -53,3 +53,19 @@ def test_missing_metric_names_what_was_logged(fashion_mnist_dir: Path) -> None:
 def test_bad_mode() -> None:
     with pytest.raises(ValueError, match="mode must be"):
         TimeToTarget("val_acc", 0.9, mode="up")
+
+
+def test_image_classifier_logs_the_train_loss_unless_asked_not_to(fashion_mnist_dir: Path) -> None:
+    for log_train_loss in (True, False):
+        dm = FashionMNISTDataModule(
+            data_dir=str(fashion_mnist_dir), batch_size=8, num_workers=0, train_subset=16, val_subset=8
+        )
+        trainer = L.Trainer(
+            max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0,
+        )  # fmt: skip
+        trainer.fit(ImageClassifier(width=2, log_train_loss=log_train_loss), datamodule=dm)
+        assert ("train_loss" in trainer.callback_metrics) is log_train_loss
+        assert "val_acc" in trainer.callback_metrics
+    with pytest.raises(ValueError, match="log_train_loss must be True or False, got 'false'"):
+        ImageClassifier(log_train_loss="false")  # type: ignore[arg-type]

@@ -346,6 +346,53 @@ def test_callback_augments_training_and_converts_eval_batches() -> None:
         assert torch.equal(xb, norm(x[i * 32 : (i + 1) * 32]))
 
 
+def test_callback_stream_per_seed_matches_an_independent_reference() -> None:
+    """The bench's ops (crop with padding 2, flip, normalise) give, for each step, exactly what drawing the
+    offsets and flips by hand from (seed, rank 0, step) and padding, slicing and flipping give."""
+    x, y = fake_images(64)
+    model = Recorder()
+    aug = GPUAugment(RandomCrop(28, padding=2), RandomHorizontalFlip(), Normalize(0.286, 0.353), seed=11)
+    trainer(max_epochs=1, callbacks=[aug]).fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    assert len(model.train_batches) == 4
+    mean = torch.tensor([0.286]).view(1, 1, 1, 1)
+    inv_std = (1.0 / torch.tensor([0.353], dtype=torch.float64)).float().view(1, 1, 1, 1)
+    for step, (xb, _) in enumerate(model.train_batches):
+        g = gen(batch_seed(11, 0, step))
+        top = torch.randint(0, 5, (16,), generator=g)
+        left = torch.randint(0, 5, (16,), generator=g)
+        flip = torch.rand(16, generator=g) < 0.5
+        padded = F.pad(x[step * 16 : (step + 1) * 16], (2, 2, 2, 2))
+        crops = torch.stack([padded[i, :, top[i] : top[i] + 28, left[i] : left[i] + 28] for i in range(16)])
+        crops = torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
+        assert torch.equal(xb, (crops.float().mul_(1.0 / 255.0) - mean) * inv_std), step
+
+
+def test_crops_of_other_sizes_and_paddings_on_one_device_stay_exact() -> None:
+    """Crops of several sizes and paddings interleaved (their index offsets are made once per size and
+    padding) each equal the pad-then-slice reference."""
+    images = torch.rand(8, 2, 10, 10)
+    for size, padding in [((10, 10), 2), ((6, 8), 3), ((10, 10), 0), ((6, 8), 3), ((10, 10), 2)]:
+        op = RandomCrop(size, padding=padding)
+        top, left = op.sample(images, gen(padding))
+        out = op(images, gen(padding))
+        padded = F.pad(images, (padding,) * 4)
+        for i in range(8):
+            t, lft = int(top[i]), int(left[i])
+            assert torch.equal(out[i], padded[i, :, t : t + size[0], lft : lft + size[1]])
+
+
+def test_state_key_names_the_ops_and_follows_a_new_pipeline() -> None:
+    aug = GPUAugment(RandomCrop(28, padding=2), seed=0)
+    assert aug.state_key == aug._generate_state_key(ops=repr(aug.pipeline), image_key=0)
+    assert aug.state_key is aug.state_key  # built once, read on every hook call
+    aug.pipeline = Compose(RandomHorizontalFlip())
+    aug.image_key = "image"
+    assert aug.state_key == aug._generate_state_key(
+        ops="Compose(RandomHorizontalFlip(p=0.5))", image_key="image"
+    )
+    assert not Compose(RandomCrop(28)).needs_labels and Compose(MixUp(0.2, num_classes=10)).needs_labels
+
+
 def tuple_collate(samples: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     xs, ys = zip(*samples)
     return torch.stack(xs), torch.stack(ys)
