@@ -177,6 +177,12 @@ set_tune() {
     job tune-gpu-tests 0 python -m pytest -q -p no:cacheprovider -m gpu tests/tune/test_sweep.py tests/tune/test_units.py \
       --junitxml="$WORK/tune-gpu-tests.xml"
   fi
+  # TUNE_RESUME_FROM=<a committed result file> continues its sweeps (same settings) instead of starting afresh,
+  # e.g. TUNE_SAMPLES=10 TUNE_RESUME_FROM=benchmarks/results/tune/2026-12-04-h200-tune-recipe-charlm.json runs
+  # only the random sweep that the first GPU call had no time for.
+  if [ -n "${TUNE_RESUME_FROM:-}" ] && [ ! -f "$WORK/tune_recipe_charlm.json" ]; then
+    cp "$TUNE_RESUME_FROM" "$WORK/tune_recipe_charlm.json"
+  fi
   job tune-recipe-charlm 0 python benchmarks/tune_recipe.py --device gpu --task char-lm --gpus-per-trial 0.25 \
     --num-samples "${TUNE_SAMPLES:-16}" --compare-random --time-budget "$(($(budget) - ${TUNE_CONFIRM_S:-0}))" \
     --resume --out "$WORK/tune_recipe_charlm.json" --recipe-out "$WORK/speedup_tuned.py"
