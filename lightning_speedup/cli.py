@@ -106,13 +106,17 @@ def _list() -> int:
 
 
 def parse_model_args(pairs: Sequence[str]) -> dict[str, object]:
-    """``["width=16", "dropout=0.0"]`` -> ``{"width": 16, "dropout": 0.0}`` (ints, floats, else strings)."""
+    """``["width=16", "dropout=0.0", "log_train_loss=false"]`` -> ``{"width": 16, "dropout": 0.0,
+    "log_train_loss": False}`` (true/false, ints, floats, else strings)."""
     out: dict[str, object] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.isidentifier():
             raise ValueError(f"--model-arg expects KEY=VALUE (e.g. width=16), got {pair!r}.")
         value: object = raw
+        if raw.lower() in ("true", "false"):
+            out[key] = raw.lower() == "true"
+            continue
         for cast in (int, float):
             try:
                 value = cast(raw)

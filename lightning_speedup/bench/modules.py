@@ -97,7 +97,7 @@ class ImageClassifier(_CompilableModule):
         if not isinstance(log_train_loss, bool):
             raise ValueError(
                 f"log_train_loss must be True or False, got {log_train_loss!r} ({type(log_train_loss).__name__}); "
-                "pass a Python bool (lightning-speedup's --model-arg reads numbers and strings only)."
+                "pass a Python bool (on the command line: --model-arg log_train_loss=false)."
             )
         super().__init__(compile=compile, compile_mode=compile_mode)
         self.save_hyperparameters()

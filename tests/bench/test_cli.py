@@ -148,3 +148,14 @@ def test_gpu_data_recipe_trains_end_to_end_on_cpu(fashion_mnist_dir: Path, tmp_p
     run = report["runs"][0]
     assert run["reached"] and run["error"] is None
     assert report["seeds"] == [2] and run["seed"] == 2  # --first-seed: seeds 2 .. 2+SEEDS-1
+
+
+def test_model_args_read_switches_numbers_and_strings() -> None:
+    from lightning_speedup.cli import parse_model_args
+
+    assert parse_model_args(["width=16", "dropout=0.1", "log_train_loss=false", "flag=True", "name=x"]) == {
+        "width": 16, "dropout": 0.1, "log_train_loss": False, "flag": True, "name": "x",
+    }  # fmt: skip
+    assert isinstance(parse_model_args(["log_train_loss=False"])["log_train_loss"], bool)
+    with pytest.raises(ValueError, match="expects KEY=VALUE"):
+        parse_model_args(["width"])
