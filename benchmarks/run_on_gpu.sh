@@ -184,7 +184,7 @@ set_tune() {
     cp "$TUNE_RESUME_FROM" "$WORK/tune_recipe_charlm.json"
   fi
   job tune-recipe-charlm 0 python benchmarks/tune_recipe.py --device gpu --task char-lm --gpus-per-trial 0.25 \
-    --num-samples "${TUNE_SAMPLES:-16}" --compare-random --time-budget "$(($(budget) - ${TUNE_CONFIRM_S:-0}))" \
+    --num-samples "${TUNE_SAMPLES:-16}" --scheduler "${TUNE_SCHEDULER:-none}" --compare-random --time-budget "$(($(budget) - ${TUNE_CONFIRM_S:-0}))" \
     --resume --out "$WORK/tune_recipe_charlm.json" --recipe-out "$WORK/speedup_tuned.py"
   # The sweep's best against the hand-picked recipe, cold, alone on the GPU (TUNE_CONFIRM_S reserves the time).
   if [ "${TUNE_CONFIRM_S:-0}" -gt 0 ] && [ -f "$WORK/speedup_tuned.py" ]; then

@@ -378,6 +378,7 @@ class Plan:
     recipe_extra: dict[str, Any]
     accelerator: str
     recipe_files: str  # the benchmark recipe files get_recipe reads, absolute, joined by os.pathsep
+    scheduler: str | None = None  # None: every trial runs to its target or its epochs; "asha": weak ones stop
     # Names the sweeps in --storage, so a second run beside a first one starts sweeps of its own.
     started: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
 
@@ -500,6 +501,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         model_kwargs=dict(smoke.model_kwargs) if smoke else {},
         # The smoke test's reduced task has no use for data-loader worker processes on a 2-core machine.
         recipe_extra={"num_workers": 0} if smoke else {},
+        scheduler=None if args.scheduler == "none" else args.scheduler,
         accelerator="gpu" if gpus > 0 else "cpu", recipe_files=_recipe_files(),
     )  # fmt: skip
 
@@ -535,7 +537,7 @@ def run_sweep(plan: Plan, searcher: str, seed: int, storage: str, verbose: int) 
     t0 = time.perf_counter()
     try:
         results = tune_lightning(
-            build, space, num_samples=plan.num_samples, searcher=searcher, scheduler=None,
+            build, space, num_samples=plan.num_samples, searcher=searcher, scheduler=plan.scheduler,
             objective=TimeToTargetObjective(task.metric, plan.target, task.mode),  # type: ignore[arg-type]
             resources_per_trial=plan.resources, trainer_kwargs=plan.trainer_kwargs, storage_path=storage,
             name=f"{task.name}_{searcher}_seed{seed}_{plan.started}", seed=seed,
@@ -637,7 +639,7 @@ def settings_of(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
     """What the sweeps of one result file share (``--resume`` refuses a file whose sweeps differ)."""
     return {
         "searchers": plan.searchers, "num_samples": plan.num_samples, "seeds": plan.seeds,
-        "resources_per_trial": plan.resources, "max_concurrent": plan.max_concurrent, "scheduler": None,
+        "resources_per_trial": plan.resources, "max_concurrent": plan.max_concurrent, "scheduler": plan.scheduler,
         "near_best": args.near_best, "time_budget_s": args.time_budget, "trainer_kwargs": plan.trainer_kwargs,
         "train_subset": plan.train_subset, "val_subset": plan.val_subset, "model_kwargs": plan.model_kwargs,
         "recipe_extra": plan.recipe_extra,
@@ -650,8 +652,8 @@ def settings_of(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
 # The fields of a result file that its sweeps must share with the sweeps a --resume adds. Searchers, seeds,
 # --near-best and --time-budget may change: a resume may add a searcher or seeds.
 _SHARED = ("task", "recipe", "metric", "target", "device", "smoke")
-_SHARED_SETTINGS = ("num_samples", "resources_per_trial", "max_concurrent", "trainer_kwargs", "train_subset",
-                    "val_subset", "model_kwargs", "recipe_extra", "search_space")  # fmt: skip
+_SHARED_SETTINGS = ("num_samples", "resources_per_trial", "max_concurrent", "scheduler", "trainer_kwargs",
+                    "train_subset", "val_subset", "model_kwargs", "recipe_extra", "search_space")  # fmt: skip
 
 
 def header(plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
@@ -812,6 +814,13 @@ def parser() -> argparse.ArgumentParser:
         help="trials at once, the same for every searcher (default: as many as the devices hold)",
     )
     p.add_argument("--seeds", type=int, default=1, help="repeat the sweep with seeds 0..N-1")
+    p.add_argument(
+        "--scheduler",
+        choices=("none", "asha"),
+        default="none",
+        help="none (default): every trial runs to the target or its epochs; asha: stop trials whose "
+        "time-to-target score trails at a rung (counted in validations), for every searcher alike",
+    )
     p.add_argument(
         "--compare-random",
         action="store_true",

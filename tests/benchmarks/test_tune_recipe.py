@@ -234,3 +234,21 @@ def test_smoke_sweep_on_a_shared_gpu(ray_cluster: str, fashion_mnist_dir: Path, 
     trials = result["sweeps"][0]["trials"]
     assert len(trials) == 2 and all(t["error"] is None for t in trials)
     assert all(math.isfinite(t["score"]) for t in trials)
+
+
+def test_asha_sweep_records_its_scheduler_and_resumes_only_with_it(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "asha.json"
+    argv = ["--task", "fashion-mnist", "--device", "cpu", "--smoke", "--num-samples", "2", "--max-concurrent", "2",
+            "--data", str(fashion_mnist_dir), "--out", str(out)]  # fmt: skip
+    assert tr.main([*argv, "--scheduler", "asha"]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["scheduler"] == "asha" and result["complete"] is True
+    assert len(result["sweeps"][0]["trials"]) == 2 and result["best"] is not None
+    capsys.readouterr()
+    # The default (no scheduler) is another sweep: --resume refuses to mix them, naming the setting.
+    with pytest.raises(SystemExit) as exit_info:
+        tr.main([*argv, "--resume", "--compare-random"])
+    assert exit_info.value.code == 2
+    assert "ran with other settings (scheduler: {'scheduler': 'asha'})" in capsys.readouterr().err
