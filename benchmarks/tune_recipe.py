@@ -69,7 +69,7 @@ from lightning_speedup import schedules as schedules_module
 from lightning_speedup.bench import recipes as recipes_module
 from lightning_speedup.bench.datasets import DataError
 from lightning_speedup.bench.env import environment
-from lightning_speedup.bench.recipes import RECIPES_ENV, Recipe, get_recipe, schedule
+from lightning_speedup.bench.recipes import RECIPES_ENV, Recipe, get_recipe, schedule, schedule_spec
 from lightning_speedup.bench.runner import build_trainer_parts, write_atomic
 from lightning_speedup.bench.tasks import TASKS, RunContext, Task, get_task
 
@@ -151,12 +151,9 @@ def schedule_of(recipe: Recipe, task: str) -> tuple[int, str, dict[str, float]]:
     """
     found = []
     for index, factory in enumerate(recipe.callbacks):
-        if getattr(factory, "__qualname__", "") != f"{schedule.__name__}.<locals>.make":
-            continue
-        # The factory's closure holds the schedule's class name and keyword arguments, exactly as written.
-        bound = inspect.getclosurevars(factory).nonlocals
-        if bound.get("name") in SCHEDULE_ARGS:
-            found.append((index, str(bound["name"]), dict(bound["kwargs"])))
+        spec = schedule_spec(factory)
+        if spec is not None and spec[0] in SCHEDULE_ARGS:
+            found.append((index, *spec))
     if len(found) != 1:
         names = [getattr(f, "__name__", repr(f)) for f in recipe.callbacks] or "none"
         raise ValueError(
@@ -195,10 +192,11 @@ def hand_picked(recipe: Recipe, task: Task) -> dict[str, Any]:
 
 def _factory_source(factory: Callable[..., Any]) -> str:
     """Python source that names a callback factory of ``bench/recipes.py``."""
-    if getattr(factory, "__qualname__", "") == f"{schedule.__name__}.<locals>.make":
-        bound = inspect.getclosurevars(factory).nonlocals
-        args = "".join(f", {k}={v!r}" for k, v in bound["kwargs"].items())
-        return f"schedule({bound['name']!r}{args})"
+    spec = schedule_spec(factory)
+    if spec is not None:
+        name, kwargs = spec
+        args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+        return f"schedule({name!r}{args})"
     for attr, value in vars(recipes_module).items():
         if value is factory:
             return attr
@@ -223,8 +221,28 @@ def _import_name(source: str) -> str:
     return schedule.__name__ if source.startswith(f"{schedule.__name__}(") else source
 
 
+def check_recipe_out(recipe_name: str, tuned_name: str, callbacks: Sequence[Callable[..., Any]]) -> None:
+    """Refuse a recipes file that would replace the tuned recipe or could not rebuild its callbacks.
+
+    Raises:
+        ValueError: ``tuned_name`` is ``recipe_name``, or a callback factory has no name in ``bench/recipes.py``.
+    """
+    if tuned_name == recipe_name:
+        raise ValueError(
+            f"--tuned-name {tuned_name!r} would replace the recipe the sweep tunes; choose another name, e.g. "
+            f"{recipe_name}-tuned."
+        )
+    unnamed = [source for source in map(_factory_source, callbacks) if source.startswith("<")]
+    if unnamed:
+        raise ValueError(
+            f"--recipe-out: recipe {recipe_name!r} has callback factories {unnamed} that are not names of "
+            "lightning_speedup/bench/recipes.py, so a recipes file cannot rebuild them; define them there (as "
+            "async_metrics is), leave out --recipe-out, or tune a recipe whose callbacks are."
+        )
+
+
 def recipe_file_source(
-    result: dict[str, Any], task: str, tuned_name: str, result_path: str, command: str
+    result: dict[str, Any], task: str, recipe: str, tuned_name: str, result_path: str, command: str
 ) -> str:
     """A Python recipes file that registers the best config of ``result`` as the recipe ``tuned_name``.
 
@@ -233,8 +251,9 @@ def recipe_file_source(
     <tuned_name>`` runs it in a fresh process.
 
     Raises:
-        ValueError: ``result`` has no best config, was made for another task, ``tuned_name`` would replace the
-            tuned recipe itself, or a callback factory of the recipe has no name in ``bench/recipes.py``.
+        ValueError: ``result`` is not a sweep result, was made for another task or recipe, has no best config,
+            ``tuned_name`` would replace the tuned recipe itself, or a callback factory of the recipe has no name
+            in ``bench/recipes.py``.
     """
     recipe_name = result.get("recipe")
     if result.get("benchmark") != "tune_recipe":
@@ -246,27 +265,20 @@ def recipe_file_source(
             f"{result_path} was made for task {result.get('task')!r}, not {task!r}; pass --task "
             f"{result.get('task')} or a result file of a {task} sweep."
         )
+    if recipe_name != recipe:
+        raise ValueError(
+            f"{result_path} tuned recipe {recipe_name!r}, not --recipe {recipe!r}; pass --recipe {recipe_name}."
+        )
     best = result.get("best")
     if not best or not best.get("config"):
         raise ValueError(
             f"{result_path} has no best config (no trial reported a result; see its sweeps' errors): there is "
             "no tuned recipe to write. Run the sweeps again."
         )
-    if tuned_name == recipe_name:
-        raise ValueError(
-            f"--tuned-name {tuned_name!r} would replace the recipe the sweep tuned; choose another name, e.g. "
-            f"{recipe_name}-tuned."
-        )
     base = get_recipe(str(recipe_name)).for_task(task)
     overrides = recipe_overrides(base, task, best["config"])
+    check_recipe_out(str(recipe_name), tuned_name, overrides["callbacks"])
     factories = [_factory_source(f) for f in overrides["callbacks"]]
-    unnamed = [f for f in factories if f.startswith("<")]
-    if unnamed:
-        raise ValueError(
-            f"Recipe {recipe_name!r} has callback factories {unnamed} that are not names of "
-            "lightning_speedup/bench/recipes.py, so a recipes file cannot rebuild them; define them there (as "
-            "async_metrics is) or tune a recipe whose callbacks are."
-        )
     sweep = next(
         (sw for sw in result.get("sweeps", []) if (sw["searcher"], sw["seed"]) == (best["searcher"], best["seed"])),
         {},
@@ -470,17 +482,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     schedule_of(recipe, task.name)  # the recipe must have a schedule to tune
     if args.recipe_out is not None:
         # Refused before the sweeps rather than after them: the recipes file could not be written.
-        if (args.tuned_name or f"{args.recipe}-tuned") == args.recipe:
-            raise ValueError(
-                f"--tuned-name {args.tuned_name!r} would replace the recipe the sweep tunes; choose another name."
-            )
-        unnamed = [s for s in map(_factory_source, recipe.callbacks) if s.startswith("<")]
-        if unnamed:
-            raise ValueError(
-                f"--recipe-out: recipe {args.recipe!r} has callback factories {unnamed} that are not names of "
-                "lightning_speedup/bench/recipes.py, so a recipes file cannot rebuild them; leave out "
-                "--recipe-out or tune a recipe whose callbacks are."
-            )
+        check_recipe_out(args.recipe, args.tuned_name or f"{args.recipe}-tuned", recipe.callbacks)
     smoke = SMOKE[task.name] if args.smoke else None
     target = args.target if args.target is not None else smoke.target if smoke else task.default_target
     task.check_target(target)
@@ -883,7 +885,7 @@ def write_recipe_file(
     """Write ``--recipe-out`` from ``result``'s best config (see :func:`recipe_file_source`)."""
     tuned_name = args.tuned_name or f"{result.get('recipe')}-tuned"
     command = "python benchmarks/tune_recipe.py " + shlex.join(argv)
-    source = recipe_file_source(result, args.task, tuned_name, str(result_path), command)
+    source = recipe_file_source(result, args.task, args.recipe, tuned_name, str(result_path), command)
     write_atomic(args.recipe_out, source)
     print(f"wrote {args.recipe_out}: {RECIPES_ENV}={args.recipe_out} lightning-speedup bench --task {args.task} "
           f"--recipe {result['recipe']} --recipe {tuned_name}", flush=True)  # fmt: skip
@@ -904,14 +906,9 @@ def from_result(args: argparse.Namespace, argv: Sequence[str]) -> None:
         result = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"--from-result {path} is not valid JSON ({err}).") from err
-    if not isinstance(result, dict) or result.get("benchmark") != "tune_recipe":
+    if not isinstance(result, dict):
         raise ValueError(
             f"--from-result {path} is not a result file of tune_recipe.py; pass the JSON of --out."
-        )
-    if result.get("recipe") != args.recipe:
-        raise ValueError(
-            f"--from-result {path} tuned recipe {result.get('recipe')!r}, not --recipe {args.recipe!r}; pass "
-            f"--recipe {result.get('recipe')}."
         )
     write_recipe_file(result, args, path, argv)
 

@@ -20,7 +20,7 @@ from lightning_speedup.bench.recipes import (
     async_metrics,
     get_recipe,
     register_recipe,
-    schedule,
+    schedule_spec,
 )
 
 # Technique name -> the Recipe fields it sets, in the order the forward ladder adds them. ``callbacks`` is
@@ -61,9 +61,7 @@ def callback_technique(factory: CallbackFactory) -> str:
     factory, or one named after a schedule callback of ``lightning_speedup.schedules``), ``"async-metrics"``
     for ``async_metrics``, else the factory's name in lower case without its arguments."""
     name = getattr(factory, "__name__", type(factory).__name__)
-    if getattr(factory, "__qualname__", "") == f"{schedule.__name__}.<locals>.make" or name.startswith(
-        _schedule_classes()
-    ):
+    if schedule_spec(factory) is not None or name.startswith(_schedule_classes()):
         return "schedule"
     if factory is async_metrics:
         return "async-metrics"

@@ -223,7 +223,14 @@ def schedule(name: str, **kwargs: float) -> CallbackFactory:
         return getattr(schedules, name)(**kwargs)
 
     make.__name__ = f"{name}({', '.join(f'{k}={v:g}' for k, v in kwargs.items())})"
+    make.schedule_spec = (name, dict(kwargs))  # type: ignore[attr-defined]  # read by schedule_spec()
     return make
+
+
+def schedule_spec(factory: CallbackFactory) -> tuple[str, dict[str, float]] | None:
+    """The schedule class name and keyword arguments of a factory made by :func:`schedule`, else None."""
+    spec = getattr(factory, "schedule_spec", None)
+    return None if spec is None else (spec[0], dict(spec[1]))
 
 
 def one_cycle(max_lr: float) -> CallbackFactory:
