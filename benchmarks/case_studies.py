@@ -205,12 +205,7 @@ def _cold_rows(ct: ColdTask, prefix: str) -> list[str]:
         c = r["cold"]
         task = f"{ct.task} ({TARGET_LABEL[ct.task]} {ct.meta['target']})" if i == 0 else ""
         name, bold = f"`{r['name']}`", r["name"] == FULL_RECIPE.get(ct.folder, "speedup")
-        if c["all_reached"]:
-            ttt = f"{c['ttt_median_s']:.1f} s ({c['ttt_min_s']:.1f}-{c['ttt_max_s']:.1f})"
-            if bold:
-                ttt = f"**{c['ttt_median_s']:.1f} s** ({c['ttt_min_s']:.1f}-{c['ttt_max_s']:.1f})"
-        else:
-            ttt = f"not reached ({c['reached']} of {c['runs']} runs)"
+        ttt = _ttt_cell(c, bold=bold)
         speedup = _f(c["speedup"], ".2f", "x")
         if bold and c["speedup"] is not None:
             name, speedup = f"**{name}**", f"**{speedup}**"
@@ -351,12 +346,14 @@ def goals_block(results: Path, price: float) -> str:
 # --- the cold candidates for `speedup`, the plain-PyTorch loop, the ablation, the sweep ---------------------
 
 
-def _ttt_cell(c: dict[str, Any]) -> str:
+def _ttt_cell(c: dict[str, Any], bold: bool = False) -> str:
+    """A recipe's cold time to target: the median (in bold for the headline recipe), then min-max over seeds."""
     if not c["all_reached"]:
         return f"not reached ({c['reached']} of {c['runs']} runs)"
-    if c["runs"] == 1:
-        return f"{c['ttt_median_s']:.1f} s"
-    return f"{c['ttt_median_s']:.1f} s ({c['ttt_min_s']:.1f}-{c['ttt_max_s']:.1f})"
+    median = f"{c['ttt_median_s']:.1f} s"
+    if bold:
+        median = f"**{median}**"
+    return median if c["runs"] == 1 else f"{median} ({c['ttt_min_s']:.1f}-{c['ttt_max_s']:.1f})"
 
 
 def _seeds_of(runs: Sequence[RunResult], recipe: str) -> str:
@@ -365,7 +362,7 @@ def _seeds_of(runs: Sequence[RunResult], recipe: str) -> str:
 
 def _reference_loops(results: Path) -> list[dict[str, Any]]:
     return [
-        _load(str(p.relative_to(results)), results)
+        json.loads(p.read_text())
         for p in sorted((results / CANDIDATES_FOLDER).glob("reference_loop_seed*.json"))
     ]
 
