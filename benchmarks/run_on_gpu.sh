@@ -121,16 +121,29 @@ set_pipeline() {
 
 # Cold start (every run a fresh process with empty compile caches), 3 seeds, one task per call. Fashion-MNIST
 # also runs the two cold-start candidates: `speedup` without cuDNN benchmark (its autotuning cost 13.6 s of
-# warm-up in the first ablation) and without Lightning's sanity check (1.0-2.0 s of every cold run).
+# warm-up in the first ablation) and without Lightning's sanity check (1.0-2.0 s of every cold run); then the
+# plain-PyTorch loop of `speedup` (CUDA graphs) and `speedup` cold beside warm.
 set_cold_fashion() {
-  job cold-fashion 0 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --cache cold \
+  job cold-fashion 0 lightning-speedup bench --time-budget "$(($(budget) - 120))" --task fashion-mnist --cache cold \
     --recipe baseline --recipe speedup --recipe fashion-mnist:speedup-cudnn-benchmark --recipe speedup-no-sanity \
-    --seeds 3 \
-    --out "$WORK/cold-fashion"
+    --seeds 3 --out "$WORK/cold-fashion"
+  local seed
+  for seed in 0 1 2; do
+    job "reference-loop-graphs-$seed" 0 python benchmarks/reference_loop.py --seed "$seed" --cuda-graphs \
+      --out "$WORK/reference_loop_graphs_seed$seed.json"
+  done
+  job warm-fashion 0 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --cache both \
+    --recipe speedup --seeds 2 --out "$WORK/warm-fashion"
 }
+# The char-LM headline with the LM's CUDA-graph candidate; then its compile candidates in a call of their own.
 set_cold_charlm() {
   job cold-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache cold \
-    --recipe baseline --recipe speedup --seeds 3 --out "$WORK/cold-charlm"
+    --recipe baseline --recipe speedup --recipe speedup-lm-cudagraphs --seeds 3 --out "$WORK/cold-charlm"
+}
+set_compile_charlm() {
+  job compile-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache cold \
+    --recipe speedup --recipe speedup-compiled --recipe speedup-regional --recipe speedup-auto --seeds 3 \
+    --out "$WORK/compile-charlm"
 }
 
 # The ablation ladders, cold, one task per call (--resume continues a folder a call's limit cut short).

@@ -16,6 +16,7 @@ SETS = {
     "pipeline",
     "cold-fashion",
     "cold-charlm",
+    "compile-charlm",
     "ablation-fashion",
     "ablation-charlm",
     "compile-candidates",
