@@ -83,27 +83,26 @@ register_recipe(
     )
 )
 
-# Cold-start candidate for the next GPU session: Lightning's sanity check (two validation batches before the
-# first training step) cost 1.0-2.0 s of every cold `speedup` run on an H200 and checks nothing the first
-# validation does not.
-_SPEEDUP_NOW = get_recipe("speedup")
+# Cold-start candidates measured against `speedup-autotune` (then `speedup`) on 2026-12-04: Lightning's sanity check
+# (two validation batches before the first training step, 1.0-2.0 s of a cold run on an H200), and the LM's
+# training step as CUDA graphs with fused AdamW (since then `speedup`'s LM step).
+_AUTOTUNE = get_recipe("speedup-autotune")
 register_recipe(
-    _SPEEDUP_NOW.extended(
+    _AUTOTUNE.extended(
         name="speedup-no-sanity",
-        description="speedup without Lightning's sanity check (Trainer(num_sanity_val_steps=0)).",
-        trainer_kwargs={**_SPEEDUP_NOW.trainer_kwargs, "num_sanity_val_steps": 0},
+        description="speedup-autotune without Lightning's sanity check (Trainer(num_sanity_val_steps=0)).",
+        trainer_kwargs={**_AUTOTUNE.trainer_kwargs, "num_sanity_val_steps": 0},
     )
 )
-
-# Cold-start candidate for the LM: `speedup` graphs the image step only. The char-LM's step (6 layers, batch 128)
-# launches a few hundred small kernels; this captures its forward/backward as CUDA graphs with fused AdamW too.
 register_recipe(
-    _SPEEDUP_NOW.extended(
+    _AUTOTUNE.extended(
         name="speedup-lm-cudagraphs",
         description=(
-            "speedup with the LM's training forward/backward as CUDA graphs without Inductor (EagerCUDAGraphs) "
-            "and the fused AdamW kernel; images as speedup."
+            "speedup-autotune with the LM's training forward/backward as CUDA graphs without Inductor "
+            "(EagerCUDAGraphs) and the fused AdamW kernel (today's `speedup` for the LM); images as speedup-autotune."
         ),
-        per_task={"char-lm": {**_SPEEDUP_NOW.per_task["char-lm"], "cuda_graphs": "eager", "fused_optimizer": True}},
+        per_task={
+            "char-lm": {**_AUTOTUNE.per_task["char-lm"], "cuda_graphs": "eager", "fused_optimizer": True}
+        },
     )
 )

@@ -1,14 +1,14 @@
-"""A plain-PyTorch reference loop for the `speedup` recipe on Fashion-MNIST: what the Lightning integration
+"""A plain-PyTorch reference loop for the `speedup` recipes on Fashion-MNIST: what the Lightning integration
 costs, measured the same way as the bench (wall time from the start of training, data placement included,
 to the first validation at or past the target).
 
 Same model (ResNet-9), data (the whole set resident on the device as uint8, shuffled and batched there),
 GPU augmentation (random crop with padding 2, horizontal flip, normalisation; seeded per step as GPUAugment
 does), and hyper-parameters as `speedup`: batch 512, Adam (fused on CUDA), OneCycle to 4e-3 over 10 epochs
-with beta1 cycled 0.95-0.85, bf16 autocast, channels_last, no torch.compile. `--cuda-graphs` replays the
-training step as CUDA graphs captured without Inductor, as `speedup` does (without it, the loop is
-`speedup-eager-step`); `--compile reduce-overhead` is the loop of `speedup-compiled`. No Lightning anywhere
-in the loop.
+with beta1 cycled 0.95-0.85, bf16 autocast, channels_last, no torch.compile, cuDNN benchmark mode on.
+`--cuda-graphs` replays the training step as CUDA graphs captured without Inductor (the loop of
+`speedup-autotune`; without it, of `speedup-eager-step`); with `--no-cudnn-benchmark` too it is the loop of
+`speedup`; `--compile reduce-overhead` is the loop of `speedup-compiled`. No Lightning anywhere in the loop.
 
     python benchmarks/reference_loop.py --out results/reference.json                 # the GPU run
     python benchmarks/reference_loop.py --device cpu --train-subset 512 --val-subset 256 --width 8 \\
@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
         "(torch.cuda.make_graphed_callables on the first batch), as `speedup` does; CUDA and --compile none only",
     )  # fmt: skip
     p.add_argument(
+        "--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+        help="leave cuDNN's benchmark mode off, as `speedup` does for images (on by default, as "
+        "`speedup-autotune` and `speedup-eager-step`)",
+    )  # fmt: skip
+    p.add_argument(
         "--precision", choices=("bf16", "32"), default=None, help="default: bf16 on CUDA, 32 on CPU"
     )
     p.add_argument("--out", required=True)
@@ -96,8 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     mode = args.compile
     bf16 = (args.precision or ("bf16" if on_cuda else "32")) == "bf16"
     torch.manual_seed(args.seed)
-    if on_cuda:
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = on_cuda and args.cudnn_benchmark
 
     data = load_fashion_mnist(
         fashion_dir(args.data)

@@ -119,30 +119,33 @@ set_pipeline() {
   job pipeline-overhead 0 python benchmarks/pipeline_overhead.py --repeats 3 --out "$WORK/pipeline_overhead.json"
 }
 
-# Cold start (every run a fresh process with empty compile caches), 3 seeds, one task per call. Fashion-MNIST
-# also runs the two cold-start candidates: `speedup` without cuDNN benchmark (its autotuning cost 13.6 s of
-# warm-up in the first ablation) and without Lightning's sanity check (1.0-2.0 s of every cold run); then the
-# plain-PyTorch loop of `speedup` (CUDA graphs) and `speedup` cold beside warm.
+# Cold start (every run a fresh process with empty compile caches), 3 seeds, one task per call: `baseline`
+# against `speedup`; for Fashion-MNIST then the plain-PyTorch loop of `speedup` (CUDA graphs, no cuDNN
+# benchmark mode), each seed its own process.
 set_cold_fashion() {
-  job cold-fashion 0 lightning-speedup bench --time-budget "$(($(budget) - 120))" --task fashion-mnist --cache cold \
-    --recipe baseline --recipe speedup --recipe fashion-mnist:speedup-cudnn-benchmark --recipe speedup-no-sanity \
-    --seeds 3 --out "$WORK/cold-fashion"
+  job cold-fashion 0 lightning-speedup bench --time-budget "$(($(budget) - 60))" --task fashion-mnist --cache cold \
+    --recipe baseline --recipe speedup --seeds 3 --out "$WORK/cold-fashion"
   local seed
   for seed in 0 1 2; do
-    job "reference-loop-graphs-$seed" 0 python benchmarks/reference_loop.py --seed "$seed" --cuda-graphs \
-      --out "$WORK/reference_loop_graphs_seed$seed.json"
+    job "reference-loop-speedup-$seed" 0 python benchmarks/reference_loop.py --seed "$seed" --cuda-graphs \
+      --no-cudnn-benchmark --out "$WORK/reference_loop_speedup_seed$seed.json"
   done
-  job warm-fashion 0 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --cache both \
-    --recipe speedup --seeds 2 --out "$WORK/warm-fashion"
 }
-# The char-LM headline with the LM's CUDA-graph candidate; then its compile candidates in a call of their own.
 set_cold_charlm() {
   job cold-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache cold \
-    --recipe baseline --recipe speedup --recipe speedup-lm-cudagraphs --seeds 3 --out "$WORK/cold-charlm"
+    --recipe baseline --recipe speedup --seeds 3 --out "$WORK/cold-charlm"
 }
+# `speedup` warm beside cold on both tasks: per seed a cold run, then a fresh process reusing its caches.
+set_warm() {
+  job warm-fashion 0 lightning-speedup bench --time-budget "$(($(budget) / 3))" --task fashion-mnist \
+    --cache both --recipe speedup --seeds 3 --out "$WORK/warm-fashion"
+  job warm-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache both \
+    --recipe speedup --seeds 3 --out "$WORK/warm-charlm"
+}
+# The LM's compile candidates (which derive from `speedup-autotune`, the LM step eager) beside it and `speedup`.
 set_compile_charlm() {
   job compile-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache cold \
-    --recipe speedup --recipe speedup-compiled --recipe speedup-regional --recipe speedup-auto --seeds 3 \
+    --recipe speedup --recipe speedup-autotune --recipe speedup-regional --recipe speedup-auto --seeds 3 \
     --out "$WORK/compile-charlm"
 }
 
@@ -156,12 +159,12 @@ set_ablation_charlm() {
     --cache cold --seeds "${ABLATION_SEEDS:-1}" --resume --out "$WORK/ablation-charlm"
 }
 
-# Compile and CUDA-graph candidates against `speedup` on Fashion-MNIST, cold, 3 seeds; then the plain-PyTorch
-# loop of `speedup-eager-step` and of `speedup` (3 seeds each, each its own process) for the cost of the Lightning
-# integration.
+# Compile and CUDA-graph candidates on Fashion-MNIST (all with cuDNN benchmark mode), cold, 3 seeds; then the
+# plain-PyTorch loop of `speedup-eager-step` and of `speedup-autotune` (3 seeds each, each its own process) for the
+# cost of the Lightning integration.
 set_compile_candidates() {
   job compile-candidates 0 lightning-speedup bench --time-budget "$(($(budget) - 90))" --task fashion-mnist \
-    --cache cold --recipe speedup --recipe speedup-eager-step --recipe speedup-regional --recipe speedup-auto \
+    --cache cold --recipe speedup-eager-step --recipe speedup-autotune --recipe speedup-regional --recipe speedup-auto \
     --seeds 3 --out "$WORK/compile-candidates"
   local seed
   for seed in 0 1 2; do

@@ -39,7 +39,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.add_argument("--resume", action="store_true", help="keep the finished runs in --out and run the rest")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="start no new run after this many seconds; finish later with --resume")  # fmt: skip
+                   help="start no run that would end after this many seconds (judged by the same recipe's "
+                   "longest run so far); finish later with --resume")  # fmt: skip
     p.add_argument("--data", default=None, help="data folder (fashion-mnist) or text file (char-lm)")
     p.add_argument("--train-subset", type=int, default=None, help="train on this many samples (quick runs)")
     p.add_argument("--val-subset", type=int, default=None, help="validate on this many samples")

@@ -509,7 +509,8 @@ def run_bench(
 
     Each finished run is saved at once as ``runs/RECIPE-seedN.json`` (``-warm`` for warm runs). With
     ``resume`` those runs are loaded instead of rerun; failed ones are rerun. With ``time_budget_s`` no
-    new run starts once that much time has passed. A SIGTERM stops the running run (it is not recorded)
+    new run starts that would end after that many seconds, judged by the same recipe's longest run so far
+    (a loaded run's ``total_s`` counts; a recipe's first run is judged by the time passed alone). A SIGTERM stops the running run (it is not recorded)
     and starts nothing more; ``meta["stopped"]`` then says why. Returns the results, the metadata, and
     whether every planned run is done.
     """
@@ -553,6 +554,9 @@ def _run_plan(
     results: list[RunResult] = []
     fills: dict[str, RunResult] = {}
     t_start = time.perf_counter()
+    longest: dict[
+        str, float
+    ] = {}  # each recipe's longest run so far, in wall seconds: the next one's estimate
     try:
         for i, (seed, name, cache) in enumerate(plan, 1):
             label = f"[{i}/{len(plan)}] {name} seed={seed}" + (" warm" if cache == "warm" else "")
@@ -562,18 +566,26 @@ def _run_plan(
                 earlier = RunResult(**read_json(saved))
                 if earlier.error is None:
                     results.append(earlier)
+                    longest[name] = max(longest.get(name, 0.0), earlier.total_s or 0.0)
                     echo(f"{label}: done earlier, loaded from {saved}")
                     continue
                 echo(f"{label}: failed earlier ({earlier.error}); running it again")
             if children.terminated:
                 raise _Terminated
-            if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+            elapsed, expected = time.perf_counter() - t_start, longest.get(name, 0.0)
+            if time_budget_s is not None and elapsed + expected > time_budget_s:
+                why = (
+                    "used"
+                    if elapsed > time_budget_s
+                    else f"too short for {name} (its longest run: {expected:.0f}s)"
+                )
                 echo(
-                    f"time budget of {time_budget_s:.0f}s used: {len(plan) - i + 1} run(s) left; rerun with --resume"
+                    f"time budget of {time_budget_s:.0f}s {why}: {len(plan) - i + 1} run(s) left; rerun with --resume"
                 )
                 meta["stopped"] = "time budget"
                 return results, meta, False
             cache_dir = _cache_dir(caches, name, seed, cache, cfg.cache)
+            t_run = time.perf_counter()
             # A warm run needs filled caches: "warm" fills a recipe's once per bench; "both" reuses the
             # cold run's, which a resumed bench may have loaded from disk after its caches were removed.
             if cache == "warm" and (
@@ -598,6 +610,7 @@ def _run_plan(
             echo(label)
             res = _run_in_process(cfg, name, seed, out_dir / "runs" / stem, cache_dir, label, echo, children)
             res = dataclasses.replace(res, environment=env, cache=cache)
+            longest[name] = max(longest.get(name, 0.0), time.perf_counter() - t_run)
             write_atomic(saved, json.dumps(res.to_dict(), indent=2) + "\n")
             shown = f"{res.time_to_target_s:.1f}s" if res.reached else "not reached"
             best = "-" if res.best_metric is None else f"{res.best_metric:.4g}"

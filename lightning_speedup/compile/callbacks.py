@@ -204,7 +204,8 @@ class EagerCUDAGraphs(Callback):
     The graph replays fixed shapes: the training DataLoader must drop its last incomplete batch
     (``drop_last=True``; checked at train start). Pair it with a fused optimizer (``fused=True``), which
     updates every parameter in one kernel. Evaluation runs the module uncompiled. On CPU it warns once and
-    does nothing.
+    does nothing. With cuDNN's benchmark mode on, the capture's warm-up iterations also autotune every
+    convolution, which can cost a short run more than the graphs save (docs/methods/compile.md).
     """
 
     def __init__(self, module_attr: str = "net", num_warmup_iters: int = 3) -> None:

@@ -103,6 +103,16 @@ def test_time_budget_then_resume_runs_only_what_is_left(
     assert "Hardware: Elsewhere GPU" in report and "several machines" in report
     # Resuming with other settings is refused.
     assert _bench(fashion_mnist_dir, out, *args, "--resume", "--max-epochs", "2") == EXIT_BAD_INPUT
+    # A budget shorter than the recipe's longest run so far starts no run of it that would overrun the budget.
+    capsys.readouterr()
+    half = (
+        max(stored["total_s"], json.loads((out / "runs" / "baseline-seed1.json").read_text())["total_s"]) / 2
+    )
+    assert _bench(fashion_mnist_dir, out, *args, "--seeds", "3", "--resume", "--time-budget", str(half)) == (
+        EXIT_INCOMPLETE
+    )
+    assert "too short for baseline" in capsys.readouterr().out
+    assert not (out / "runs" / "baseline-seed2.json").exists()
 
 
 def test_missing_data_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -63,12 +63,14 @@ def test_speedup_adds_cudagraphs_and_fused_adam_for_images_only() -> None:
 
 def test_cold_start_candidates() -> None:
     """`speedup` and its candidates differ from `speedup-compiled` only in how (and whether) they compile or
-    graph the step; `speedup` graphs the image step without Inductor, never the LM's."""
+    graph the step and in cuDNN's benchmark mode; `speedup` graphs both tasks' steps without Inductor, and
+    differs from `speedup-autotune` (the candidates' base) only there and, for images, in benchmark mode."""
     base = get_recipe("speedup-compiled")
     for task in ("fashion-mnist", "char-lm"):
         sp = base.for_task(task)
         eager = get_recipe("speedup").for_task(task)
         assert eager.compile is False and eager.compile_mode is None
+        assert eager.cuda_graphs == "eager" and eager.fused_optimizer and eager.drop_last
         assert [c.__name__ for c in eager.callbacks] == [c.__name__ for c in sp.callbacks] + [
             "AsyncProgressBarMetrics()"
         ]
@@ -76,17 +78,42 @@ def test_cold_start_candidates() -> None:
         assert all(getattr(eager, f) == getattr(sp, f) for f in same)
         assert get_recipe("speedup-regional").for_task(task).compile == "regional"
         assert get_recipe("speedup-auto").for_task(task).compile == "auto"
+        autotune = get_recipe("speedup-autotune").for_task(task)
+        assert autotune.trainer_kwargs == {"benchmark": True}
         for name in ("speedup-regional", "speedup-auto", "speedup-eager-step"):
             r = get_recipe(name).for_task(task)
             assert r.callbacks == eager.callbacks and r.data == eager.data, name
-            assert r.cuda_graphs is None, name
+            assert r.cuda_graphs is None and r.trainer_kwargs == autotune.trainer_kwargs, name
     images = get_recipe("speedup").for_task("fashion-mnist")
-    assert images.cuda_graphs == "eager" and images.fused_optimizer and images.drop_last
-    assert get_recipe("speedup").for_task("char-lm").cuda_graphs is None
-    nographs = get_recipe("speedup-eager-step").for_task("fashion-mnist")
+    autotune = get_recipe("speedup-autotune").for_task("fashion-mnist")
+    assert images.trainer_kwargs == {}
     assert (
-        dataclasses.replace(nographs, name=images.name, description=images.description, cuda_graphs="eager")
+        dataclasses.replace(
+            autotune,
+            name=images.name,
+            description=images.description,
+            per_task=images.per_task,
+            trainer_kwargs={},
+        )
         == images
+    )
+    nographs = get_recipe("speedup-eager-step").for_task("fashion-mnist")
+    assert dataclasses.replace(
+        nographs, name=autotune.name, description=autotune.description, cuda_graphs="eager"
+    ) == (autotune)
+    lm = get_recipe("speedup").for_task("char-lm")
+    lm_autotune = get_recipe("speedup-autotune").for_task("char-lm")
+    assert lm_autotune.cuda_graphs is None and not lm_autotune.fused_optimizer
+    assert (
+        dataclasses.replace(
+            lm_autotune,
+            name=lm.name,
+            description=lm.description,
+            per_task=lm.per_task,
+            cuda_graphs="eager",
+            fused_optimizer=True,
+        )
+        == lm
     )
 
 
@@ -131,8 +158,8 @@ def test_benchmark_recipes_load_from_the_repository_or_the_env(tmp_path) -> None
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     )
     assert alone.stdout.split() == [
-        "baseline", "speedup", "speedup-auto", "speedup-compiled", "speedup-eager-step", "speedup-levers",
-        "speedup-regional",
+        "baseline", "speedup", "speedup-auto", "speedup-autotune", "speedup-compiled", "speedup-eager-step",
+        "speedup-levers", "speedup-regional",
     ]  # fmt: skip
     env["LIGHTNING_SPEEDUP_RECIPES"] = str(repo / "benchmarks" / "recipes.py")
     loaded = subprocess.run(
@@ -291,13 +318,42 @@ def test_the_no_sanity_candidate_skips_only_the_sanity_check(
     repo = pathlib.Path(__file__).resolve().parents[2]
     monkeypatch.setenv("LIGHTNING_SPEEDUP_RECIPES", str(repo / "benchmarks" / "recipes.py"))
     candidate = get_recipe("speedup-no-sanity").for_task("fashion-mnist")
-    speedup = get_recipe("speedup").for_task("fashion-mnist")
+    speedup = get_recipe("speedup-autotune").for_task("fashion-mnist")
     assert dataclasses.replace(candidate, name=speedup.name, description=speedup.description,
                                trainer_kwargs=speedup.trainer_kwargs) == speedup  # fmt: skip
     tiny = ["--train-subset", "600", "--val-subset", "128", "--max-epochs", "1", "--model-arg", "width=4"]
     argv = ["bench", "--task", "fashion-mnist", "--data", str(fashion_mnist_dir), "--out", str(tmp_path / "o"),
-            *tiny, "--target", "0.05", "--recipe", "speedup", "--recipe", "speedup-no-sanity"]  # fmt: skip
+            *tiny, "--target", "0.05", "--recipe", "speedup-autotune", "--recipe", "speedup-no-sanity"]  # fmt: skip
     assert main(argv) == EXIT_OK
     runs = {r["recipe"]: r for r in json.loads((tmp_path / "o" / "report.json").read_text())["runs"]}
-    assert runs["speedup"]["sanity_s"] > 0 and runs["speedup-no-sanity"]["sanity_s"] == 0.0
+    assert runs["speedup-autotune"]["sanity_s"] > 0 and runs["speedup-no-sanity"]["sanity_s"] == 0.0
     assert all(r["reached"] and r["error"] is None for r in runs.values())
+
+
+def test_the_measured_candidates_are_todays_speedup_where_the_case_study_says_so(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The case study files `speedup-lm-cudagraphs` (char-lm) and the ablation's `speedup-autotune` minus
+    cudnn-benchmark (fashion-mnist) under today's `speedup`: both must be exactly that recipe."""
+    import pathlib
+
+    from lightning_speedup.bench.ablation import _resolved, ablation_recipes
+    from lightning_speedup.bench.recipes import load_recipe_files
+    from lightning_speedup.bench.tasks import get_task
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("LIGHTNING_SPEEDUP_RECIPES", str(repo / "benchmarks" / "recipes.py"))
+    load_recipe_files()
+    ablation_recipes("fashion-mnist", end="speedup-autotune")
+    pairs = [
+        ("char-lm", "speedup-lm-cudagraphs"),
+        ("fashion-mnist", "fashion-mnist:speedup-autotune-cudnn-benchmark"),
+    ]
+    for task, name in pairs:
+        defaults = get_task(task).defaults  # the ablation's recipes spell out the task's defaults
+        today = _resolved(get_recipe("speedup").for_task(task), defaults)
+        measured = dataclasses.replace(
+            _resolved(get_recipe(name).for_task(task), defaults),
+            name=today.name,
+            description=today.description,
+            per_task=today.per_task,
+        )
+        assert measured == today, name

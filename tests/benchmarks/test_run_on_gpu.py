@@ -17,6 +17,7 @@ SETS = {
     "cold-fashion",
     "cold-charlm",
     "compile-charlm",
+    "warm",
     "ablation-fashion",
     "ablation-charlm",
     "compile-candidates",

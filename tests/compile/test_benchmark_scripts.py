@@ -32,6 +32,9 @@ def test_reference_loop_reaches_a_toy_target_on_cpu(tmp_path: Path, fashion_mnis
     assert result["reached"] and result["time_to_target_s"] == result["history"][0]["elapsed_s"] > 0
     assert result["seed"] == 0 and result["torch"] and result["date"] and result["gpu"] is None
     assert result["args"]["compile"] == "none" and result["args"]["precision"] == "32"
+    assert (
+        result["args"]["cudnn_benchmark"] is True
+    )  # as `speedup-autotune`; --no-cudnn-benchmark as `speedup`
     assert 0.0 <= result["history"][0]["val_acc"] <= 1.0 and result["history"][0]["step"] == 4
 
 
