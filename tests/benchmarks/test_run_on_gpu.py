@@ -18,6 +18,7 @@ SETS = {
     "cold-charlm",
     "compile-charlm",
     "warm",
+    "second-corpus",
     "ablation-fashion",
     "ablation-charlm",
     "compile-candidates",
