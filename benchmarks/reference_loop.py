@@ -9,6 +9,8 @@ with beta1 cycled 0.95-0.85, bf16 autocast, channels_last, no torch.compile, cuD
 `--cuda-graphs` replays the training step as CUDA graphs captured without Inductor (the loop of
 `speedup-autotune`; without it, of `speedup-eager-step`); with `--no-cudnn-benchmark` too it is the loop of
 `speedup`; `--compile reduce-overhead` is the loop of `speedup-compiled`. No Lightning anywhere in the loop.
+Each run is cold by default, as the bench's: a fresh process whose CUDA, Inductor and Triton caches start
+empty (`--cache warm` keeps the caches of the environment).
 
     python benchmarks/reference_loop.py --out results/reference.json                 # the GPU run
     python benchmarks/reference_loop.py --device cpu --train-subset 512 --val-subset 256 --width 8 \\
@@ -20,9 +22,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from _data import fashion_dir
 
 from lightning_speedup.bench.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 from lightning_speedup.bench.models import ResNet9
+from lightning_speedup.bench.runner import cache_environment
 from lightning_speedup.data.augment import (
     Compose,
     Normalize,
@@ -43,6 +48,10 @@ from lightning_speedup.data.augment import (
 )
 from lightning_speedup.data.resident import ResidentBatches
 from lightning_speedup.schedules.functional import one_cycle
+
+
+# Set in the fresh process a cold loop runs in (see --cache).
+_COLD_CHILD = "LIGHTNING_SPEEDUP_REFERENCE_LOOP_COLD"
 
 
 def _subset(n: int, k: int | None, seed: int) -> torch.Tensor:
@@ -89,12 +98,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--precision", choices=("bf16", "32"), default=None, help="default: bf16 on CUDA, 32 on CPU"
     )
+    p.add_argument(
+        "--cache", choices=("cold", "warm"), default="cold",
+        help="cold (default): run in a fresh process whose CUDA, Inductor and Triton caches start empty in a "
+        "temporary folder, as the bench's cold runs (the CUDA cache of ~/.nv otherwise persists between runs); "
+        "warm: this process, with the caches its environment names",
+    )  # fmt: skip
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.cuda_graphs and (args.compile != "none" or not args.device.startswith("cuda")):
         p.error(
             "--cuda-graphs graphs the uncompiled model on a CUDA device: use it with --compile none on CUDA."
         )
+
+    if args.cache == "cold" and not os.environ.get(_COLD_CHILD):
+        with tempfile.TemporaryDirectory(prefix="reference-loop-caches-") as caches:
+            env = {**os.environ, **cache_environment(Path(caches)), _COLD_CHILD: "1"}
+            cmd = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
+            subprocess.run(cmd, env=env, check=True)
+        return json.loads(Path(args.out).read_text())
 
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
@@ -185,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": args.seed,
         "target": args.target,
         "args": {**vars(args), "compile": mode, "precision": "bf16" if bf16 else "32"},
+        # Where the run's compile caches were (a cold run's folder is gone afterwards).
+        "cache_env": {k: os.environ.get(k) for k in cache_environment(Path("."))},
         "time_to_target_s": reached_s,
         "reached": reached_s is not None,
         "total_s": history[-1]["elapsed_s"] if history else None,

@@ -32,9 +32,13 @@ def test_reference_loop_reaches_a_toy_target_on_cpu(tmp_path: Path, fashion_mnis
     assert result["reached"] and result["time_to_target_s"] == result["history"][0]["elapsed_s"] > 0
     assert result["seed"] == 0 and result["torch"] and result["date"] and result["gpu"] is None
     assert result["args"]["compile"] == "none" and result["args"]["precision"] == "32"
-    assert (
-        result["args"]["cudnn_benchmark"] is True
-    )  # as `speedup-autotune`; --no-cudnn-benchmark as `speedup`
+    # cuDNN benchmark mode on, as `speedup-autotune`; --no-cudnn-benchmark as `speedup`.
+    assert result["args"]["cudnn_benchmark"] is True
+    # Cold by default: a fresh process with its compile caches (CUDA's included) in a folder of its own, removed.
+    cuda_cache = Path(result["cache_env"]["CUDA_CACHE_PATH"])
+    assert result["args"]["cache"] == "cold" and cuda_cache.parent.name.startswith("reference-loop-caches-")
+    assert all(Path(v).parent == cuda_cache.parent for v in result["cache_env"].values() if "/" in str(v))
+    assert not cuda_cache.parent.exists()
     assert 0.0 <= result["history"][0]["val_acc"] <= 1.0 and result["history"][0]["step"] == 4
 
 
