@@ -49,7 +49,6 @@ from lightning_speedup.data.augment import (
 from lightning_speedup.data.resident import ResidentBatches
 from lightning_speedup.schedules.functional import one_cycle
 
-
 # Set in the fresh process a cold loop runs in (see --cache).
 _COLD_CHILD = "LIGHTNING_SPEEDUP_REFERENCE_LOOP_COLD"
 
