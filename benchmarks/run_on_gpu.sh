@@ -156,6 +156,12 @@ set_compile_charlm() {
 # (benchmarks/corpus_target.py: its best loss + 0.02, rounded up); then `baseline` against `speedup`, 3 seeds.
 set_second_corpus() {
   local data=.data/kjv/kjv.txt sizes=(--train-subset 3840 --val-subset 435) target
+  if [ ! -f "$data" ]; then  # built on the workstation (the GPU machine has no network) and carried in .data
+    echo "second-corpus: $data is missing. Build it where apt works: apt-get download bible-kjv bible-kjv-text;" \
+      "for d in bible-kjv*.deb; do dpkg-deb -x \$d kjv; done; (cd kjv && ./usr/bin/bible -p usr/lib" \
+      "'gen1:1-rev22:21') > $data" >&2
+    return 2
+  fi
   job corpus-calibrate 0 lightning-speedup bench --task char-lm --data "$data" "${sizes[@]}" --cache cold \
     --recipe baseline --seeds 1 --target 0 --max-epochs 60 --out "$WORK/corpus-calibrate"
   # (exit 3 there is expected: target 0 is never reached; the script checks that the run finished)
