@@ -41,6 +41,33 @@ def _pp(schedule: str, **kwargs: object) -> PipelineStrategy:
     return PipelineStrategy(schedule=schedule, start_method="spawn", **kwargs)  # type: ignore[arg-type]
 
 
+def _in_fresh_interpreter(code: str, *args: str) -> None:
+    """Runs ``code`` (with ``args`` as ``sys.argv[1:]``) in a new interpreter at the repository root, without
+    the launch variables of this one. After the whole suite's earlier modules, or after an earlier multi-process
+    launch in the same interpreter, a spawned rank has aborted (SIGABRT, "terminate called without an active
+    exception") at times; a fresh interpreter per launch has not."""
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": repo, "PYTHONWARNINGS": "ignore"}
+    for key in LAUNCH_VARIABLES:
+        env.pop(key, None)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=240,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def _fit_pipelined(out: Path, schedule: str, n: int, **kwargs: object) -> Path:
+    """``fit(out, strategy=_pp(schedule), devices=2, data=loader(n=n), **kwargs)``, in a fresh interpreter."""
+    code = (
+        "import json, sys; from pathlib import Path; from tests.pipeline.common import fit, loader; "
+        "from tests.pipeline.test_strategy import _pp; a = json.loads(sys.argv[1]); "
+        "fit(Path(a.pop('out')), strategy=_pp(a.pop('schedule')), devices=2, data=loader(n=a.pop('n')), **a)"
+    )
+    _in_fresh_interpreter(code, json.dumps({"out": str(out), "schedule": schedule, "n": n, **kwargs}))
+    return out
+
+
 def _assert_same_training(ref: Path, run: Path) -> None:
     assert losses(run) == pytest.approx(losses(ref), rel=1e-6)
     a, b = final_state(ref), final_state(run)
@@ -91,7 +118,8 @@ def test_checkpoint_roundtrip_and_exact_resume(tmp_path: Path) -> None:
     exactly as an uninterrupted run."""
     data = loader(n=16)  # 2 batches per epoch: checkpoints fall on epoch ends
     whole = fit(tmp_path / "whole", data=data, max_steps=-1, max_epochs=2)
-    half = fit(tmp_path / "half", strategy=_pp("1f1b"), devices=2, data=data, max_steps=-1, max_epochs=1)
+    # The two pipelined launches each in a fresh interpreter (see _in_fresh_interpreter).
+    half = _fit_pipelined(tmp_path / "half", "1f1b", n=16, max_steps=-1, max_epochs=1)
     ckpt = torch.load(half / "final.ckpt", map_location="cpu", weights_only=False)
     plain = TinyLM()
     plain.load_state_dict(ckpt["state_dict"])  # strict: every key of the full model, no pipeline needed
@@ -100,11 +128,10 @@ def test_checkpoint_roundtrip_and_exact_resume(tmp_path: Path) -> None:
     as_plain = fit(
         tmp_path / "plain", data=data, max_steps=-1, max_epochs=2, ckpt_path=str(half / "final.ckpt")
     )
-    as_four = fit(
+    as_four = _fit_pipelined(
         tmp_path / "four",
-        strategy=_pp("interleaved_1f1b"),
-        devices=2,
-        data=data,
+        "interleaved_1f1b",
+        n=16,
         max_steps=-1,
         max_epochs=2,
         ckpt_path=str(half / "final.ckpt"),
@@ -118,28 +145,14 @@ def test_checkpoint_roundtrip_and_exact_resume(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("part", ["validate:zero_bubble", "validate:zbv", "predict:gpipe"])
 def test_validate_and_predict_equal_the_plain_module(part: str, tmp_path: Path) -> None:
-    """Each launch in a fresh interpreter: after the whole suite's earlier modules, or after earlier launches
-    in the same interpreter, a spawned rank has aborted (SIGABRT) at times; the check itself is
+    """Each launch in a fresh interpreter (see :func:`_in_fresh_interpreter`); the check itself is
     :func:`check_validate_and_predict`. ``zbv`` is V-shaped: its last stage sits on process 0."""
-    repo = str(Path(__file__).resolve().parents[2])
     code = (
         "import sys; from pathlib import Path; "
         "from tests.pipeline.test_strategy import check_validate_and_predict; "
         "check_validate_and_predict(Path(sys.argv[1]), sys.argv[2])"
     )
-    env = {**os.environ, "PYTHONPATH": repo, "PYTHONWARNINGS": "ignore"}
-    for key in LAUNCH_VARIABLES:
-        env.pop(key, None)
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path), part],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    _in_fresh_interpreter(code, str(tmp_path), part)
 
 
 def check_validate_and_predict(tmp_path: Path, part: str) -> None:
