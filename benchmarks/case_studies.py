@@ -302,7 +302,9 @@ def headline_block(results: Path, price: float) -> str:
         "",
         goals_sentence(tasks) + " " + FOLDER_NOTES.get(COLD_FOLDER, ""),
         "",
-        loop_paragraph(results, COLD_FOLDER, "reference_loop_graphs_seed*.json", price, prefix=""),
+        loop_paragraph(
+            results, COLD_FOLDER, "reference_loop_graphs_seed*.json", _fashion_rows(tasks), prefix=""
+        ),
         "",
         warm_sentence(results, price, prefix=""),
         "",
@@ -373,10 +375,13 @@ def compile_block(results: Path, price: float) -> str:
 
 def goals_block(results: Path, price: float) -> str:
     """The goals, the plain loop and warm beside cold, as the headline states them."""
+    tasks = [cold_task(t, results, price) for t in COLD_TASKS]
     return "\n\n".join(
         [
-            goals_sentence([cold_task(t, results, price) for t in COLD_TASKS]),
-            loop_paragraph(results, COLD_FOLDER, "reference_loop_graphs_seed*.json", price, prefix="../"),
+            goals_sentence(tasks),
+            loop_paragraph(
+                results, COLD_FOLDER, "reference_loop_graphs_seed*.json", _fashion_rows(tasks), prefix="../"
+            ),
             warm_sentence(results, price, prefix="../"),
         ]
     )
@@ -399,9 +404,17 @@ def _seeds_of(runs: Sequence[RunResult], recipe: str) -> str:
     return _seeds([r.seed for r in runs if r.recipe == recipe])
 
 
-def loop_paragraph(results: Path, folder: str, pattern: str, price: float, prefix: str) -> str:
-    """The plain-PyTorch loop (``folder/pattern``, run after the folder's bench in the same call) against the
-    Lightning recipe of the same configuration, cold against cold, with the goal's verdict; the loop's
+def _fashion_rows(tasks: Sequence[ColdTask]) -> list[dict[str, Any]]:
+    """The Fashion-MNIST bench's summary rows: the Lightning side of the plain loop's comparison."""
+    return next(ct.rows for ct in tasks if ct.task == "fashion-mnist")
+
+
+def loop_paragraph(
+    results: Path, folder: str, pattern: str, rows: Sequence[dict[str, Any]], prefix: str
+) -> str:
+    """The plain-PyTorch loop (``folder/pattern``, run after the Fashion-MNIST bench whose summary ``rows`` are
+    given, in the same call) against the Lightning recipe of the same configuration, cold against cold, with
+    the goal's verdict; the loop's
     arguments say which recipe it is. Loop files from before ``--cache`` shared the machine's CUDA cache, so
     only the first of them (by date) started cold: the verdict uses that one."""
     paths = sorted((results / folder).glob(pattern))
@@ -412,10 +425,6 @@ def loop_paragraph(results: Path, folder: str, pattern: str, price: float, prefi
     graphs, autotune = bool(args.get("cuda_graphs")), args.get("cudnn_benchmark", True)
     same = ("speedup-autotune" if autotune else "speedup") if graphs else "speedup-eager-step"
     flags = (" --cuda-graphs" if graphs else "") + ("" if autotune else " --no-cudnn-benchmark")
-    bench = results / folder / "fashion-mnist"
-    _, rows, _ = bench_folder(
-        bench if bench.is_dir() else results / folder, price, RECIPE_NAMES.get(folder, {})
-    )
     by = {r["name"]: r["cold"] for r in rows}
     lightning = by[same]["ttt_median_s"]
     cold = [d for d in loops if d["args"].get("cache") == "cold"]
@@ -477,7 +486,7 @@ def candidates_block(results: Path, price: float) -> str:
         + " ".join(f"--recipe {r}" for r in meta["recipes"])
         + f" --seeds {len(meta['seeds'])}` (the recipes under the names of that day).",
     ]
-    loops = loop_paragraph(results, CANDIDATES_FOLDER, "reference_loop_seed*.json", price, prefix="../")
+    loops = loop_paragraph(results, CANDIDATES_FOLDER, "reference_loop_seed*.json", rows, prefix="../")
     if loops:
         text += ["", loops]
     return "\n".join(text)

@@ -302,7 +302,7 @@ SPEEDUP_AUTOTUNE = register_recipe(
         per_task={"char-lm": _EAGER_LM},
     )
 )
-SPEEDUP_EAGER = register_recipe(
+register_recipe(
     SPEEDUP_AUTOTUNE.extended(
         name="speedup",
         description=(
