@@ -6,8 +6,10 @@ import importlib.util
 import json
 import shutil
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -42,16 +44,26 @@ def results_copy(tmp_path: Path) -> Path:
     return Path(shutil.copytree(cs.RESULTS, tmp_path / "results"))
 
 
+def _rewrite(paths: Iterable[Path], change: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    """Applies ``change`` to each JSON result file of ``paths`` in place; returns the changed contents."""
+    changed = []
+    for path in sorted(paths):
+        run = json.loads(path.read_text())
+        change(run)
+        path.write_text(json.dumps(run))
+        changed.append(run)
+    return changed
+
+
 def test_a_changed_result_file_is_detected(results_copy: Path) -> None:
     # The headline's full recipe (today's `speedup`) is stored under the ablation's name for `speedup-autotune`
     # without cuDNN benchmark mode: double its runs' time to target.
     runs = results_copy / cs.COLD_FOLDER / "fashion-mnist" / "runs"
-    medians = []
-    for path in sorted(runs.glob("fashion-mnist:speedup-cudnn-benchmark-seed*.json")):
-        run = json.loads(path.read_text())
-        run["time_to_target_s"] *= 2
-        medians.append(run["time_to_target_s"])
-        path.write_text(json.dumps(run))
+    doubled = _rewrite(
+        runs.glob("fashion-mnist:speedup-cudnn-benchmark-seed*.json"),
+        lambda run: run.update(time_to_target_s=run["time_to_target_s"] * 2),
+    )
+    medians = [run["time_to_target_s"] for run in doubled]
     assert len(medians) == 3
     new = sorted(medians)[1]
     diff = cs.check(results=results_copy)
@@ -127,10 +139,11 @@ def test_the_plain_loop_and_warm_runs_of_the_headline(results_copy: Path) -> Non
     assert "char-lm cold 18.3 s (17.0-19.6) (2 runs), warm 16.0 s (1 run)" in text
     assert "warm is no worse than cold is **met only in part**" in text
     # A warm fashion-mnist run as fast as the cold ones meets the goal on both tasks.
-    (warm,) = (results_copy / cs.WARM_FOLDER / "fashion-mnist" / "runs").glob("*-warm.json")
-    run = json.loads(warm.read_text())
-    run["time_to_target_s"] = 6.8
-    warm.write_text(json.dumps(run))
+    warm = _rewrite(
+        (results_copy / cs.WARM_FOLDER / "fashion-mnist" / "runs").glob("*-warm.json"),
+        lambda run: run.update(time_to_target_s=6.8),
+    )
+    assert len(warm) == 1
     assert "warm is no worse than cold is **met**" in cs.headline_block(results_copy, 4.54)
 
 
@@ -143,11 +156,10 @@ def test_candidates_show_the_graphs_and_the_plain_loop_goal(results_copy: Path) 
     assert "cold: 14.5 s, seed 0" in text and "+14% longer" in text and "**not met**" in text
     assert "all seeds 0-2: 10.3 s (9.3-14.5)" in text
     # Loop runs made with --cache cold all count: three at 15.5 s put the recipe within 10%, and the goal is met.
-    for path in (results_copy / cs.CANDIDATES_FOLDER).glob("reference_loop_seed*.json"):
-        run = json.loads(path.read_text())
-        run["time_to_target_s"] = 15.5
-        run["args"]["cache"] = "cold"
-        path.write_text(json.dumps(run))
+    _rewrite(
+        (results_copy / cs.CANDIDATES_FOLDER).glob("reference_loop_seed*.json"),
+        lambda run: run.update(time_to_target_s=15.5, args={**run["args"], "cache": "cold"}),
+    )
     text = cs.candidates_block(results_copy, 4.54)
     assert "cold: 15.5 s (15.5-15.5), seeds 0-2" in text and "the goal of at most 10% is **met**" in text
     assert "did not isolate the CUDA cache" not in text
@@ -169,10 +181,10 @@ def test_tune_block_reports_the_sweep_and_the_cold_verdict(results_copy: Path) -
     assert "`speedup` 20.2 s (19.0-20.5); `speedup-tuned` 22.0 s (20.9-22.3)" in text
     assert "not faster than the hand-picked recipe, which stays (0.92x)" in text
     # Were the tuned recipe faster, the report would say it replaces the hand-picked one.
-    for path in (results_copy / cs.TUNE_CONFIRM_FOLDER / "runs").glob("speedup-tuned-seed*.json"):
-        run = json.loads(path.read_text())
-        run["time_to_target_s"] /= 2
-        path.write_text(json.dumps(run))
+    _rewrite(
+        (results_copy / cs.TUNE_CONFIRM_FOLDER / "runs").glob("speedup-tuned-seed*.json"),
+        lambda run: run.update(time_to_target_s=run["time_to_target_s"] / 2),
+    )
     assert "faster than the hand-picked recipe, so it would replace it" in cs.tune_block(results_copy, 4.54)
 
 

@@ -15,6 +15,14 @@ from lightning_speedup.bench.recipes import _RECIPES, Recipe, available_recipes
 from lightning_speedup.bench.runner import BenchConfig, build_trainer_parts
 
 
+def _as(recipe: Recipe, other: Recipe, **changes: object) -> Recipe:
+    """``recipe`` under ``other``'s name, description and per-task table, with ``changes``: equal to ``other``
+    exactly when the two recipes differ in nothing else."""
+    return dataclasses.replace(
+        recipe, name=other.name, description=other.description, per_task=other.per_task, **changes
+    )
+
+
 def test_baseline_matches_design() -> None:
     task = get_task("fashion-mnist")
     r = get_recipe("baseline").for_task("fashion-mnist")
@@ -87,34 +95,13 @@ def test_cold_start_candidates() -> None:
     images = get_recipe("speedup").for_task("fashion-mnist")
     autotune = get_recipe("speedup-autotune").for_task("fashion-mnist")
     assert images.trainer_kwargs == {}
-    assert (
-        dataclasses.replace(
-            autotune,
-            name=images.name,
-            description=images.description,
-            per_task=images.per_task,
-            trainer_kwargs={},
-        )
-        == images
-    )
+    assert _as(autotune, images, trainer_kwargs={}) == images
     nographs = get_recipe("speedup-eager-step").for_task("fashion-mnist")
-    assert dataclasses.replace(
-        nographs, name=autotune.name, description=autotune.description, cuda_graphs="eager"
-    ) == (autotune)
+    assert _as(nographs, autotune, cuda_graphs="eager") == autotune
     lm = get_recipe("speedup").for_task("char-lm")
     lm_autotune = get_recipe("speedup-autotune").for_task("char-lm")
     assert lm_autotune.cuda_graphs is None and not lm_autotune.fused_optimizer
-    assert (
-        dataclasses.replace(
-            lm_autotune,
-            name=lm.name,
-            description=lm.description,
-            per_task=lm.per_task,
-            cuda_graphs="eager",
-            fused_optimizer=True,
-        )
-        == lm
-    )
+    assert _as(lm_autotune, lm, cuda_graphs="eager", fused_optimizer=True) == lm
 
 
 @pytest.mark.parametrize(
@@ -319,8 +306,7 @@ def test_the_no_sanity_candidate_skips_only_the_sanity_check(
     monkeypatch.setenv("LIGHTNING_SPEEDUP_RECIPES", str(repo / "benchmarks" / "recipes.py"))
     candidate = get_recipe("speedup-no-sanity").for_task("fashion-mnist")
     speedup = get_recipe("speedup-autotune").for_task("fashion-mnist")
-    assert dataclasses.replace(candidate, name=speedup.name, description=speedup.description,
-                               trainer_kwargs=speedup.trainer_kwargs) == speedup  # fmt: skip
+    assert _as(candidate, speedup, trainer_kwargs=speedup.trainer_kwargs) == speedup
     tiny = ["--train-subset", "600", "--val-subset", "128", "--max-epochs", "1", "--model-arg", "width=4"]
     argv = ["bench", "--task", "fashion-mnist", "--data", str(fashion_mnist_dir), "--out", str(tmp_path / "o"),
             *tiny, "--target", "0.05", "--recipe", "speedup-autotune", "--recipe", "speedup-no-sanity"]  # fmt: skip
@@ -350,10 +336,4 @@ def test_the_measured_candidates_are_todays_speedup_where_the_case_study_says_so
     for task, name in pairs:
         defaults = get_task(task).defaults  # the ablation's recipes spell out the task's defaults
         today = _resolved(get_recipe("speedup").for_task(task), defaults)
-        measured = dataclasses.replace(
-            _resolved(get_recipe(name).for_task(task), defaults),
-            name=today.name,
-            description=today.description,
-            per_task=today.per_task,
-        )
-        assert measured == today, name
+        assert _as(_resolved(get_recipe(name).for_task(task), defaults), today) == today, name
