@@ -106,3 +106,27 @@ register_recipe(
         },
     )
 )
+
+
+# The LM's attention off cuDNN's kernel, which PyTorch prefers on an H200 and whose execution plans are built
+# on each process's first calls: a candidate for the LM's cold start (docs/methods/compile.md).
+def _attention_without_cudnn(ctx):  # type: ignore[no-untyped-def]
+    from lightning_speedup import SDPABackends
+
+    return SDPABackends()
+
+
+_attention_without_cudnn.__name__ = "SDPABackends()"
+_SPEEDUP_LM = get_recipe("speedup").per_task["char-lm"]
+register_recipe(
+    get_recipe("speedup").extended(
+        name="speedup-lm-flash",
+        description=(
+            "speedup with the LM's attention kept off cuDNN's kernel (SDPABackends(): flash, efficient or math); "
+            "images as speedup."
+        ),
+        per_task={
+            "char-lm": {**_SPEEDUP_LM, "callbacks": (*_SPEEDUP_LM["callbacks"], _attention_without_cudnn)}
+        },
+    )
+)

@@ -135,6 +135,14 @@ set_cold_charlm() {
   job cold-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache cold \
     --recipe baseline --recipe speedup --seeds 3 --out "$WORK/cold-charlm"
 }
+# The LM's attention kernel on a cold start: the compile package's GPU tests (one prints the kernel PyTorch picks
+# by default), then `baseline`, `speedup` and `speedup-lm-flash` (SDPABackends: no cuDNN attention), 3 seeds.
+set_attention_charlm() {
+  job compile-gpu-tests 0 python -m pytest -q -s -p no:cacheprovider tests/compile/test_gpu.py \
+    --junitxml="$WORK/compile-gpu-tests.xml"
+  job attention-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache cold \
+    --recipe baseline --recipe speedup --recipe speedup-lm-flash --seeds 3 --resume --out "$WORK/attention-charlm"
+}
 # `speedup` warm beside cold on both tasks: per seed a cold run, then a fresh process reusing its caches.
 set_warm() {
   job warm-fashion 0 lightning-speedup bench --time-budget "$(($(budget) / 3))" --task fashion-mnist \

@@ -16,7 +16,7 @@ from types import ModuleType
 
 from lightning_speedup import _registry, quantization
 from lightning_speedup._registry import check_strategy_name
-from lightning_speedup.compile import Compile, EagerCUDAGraphs
+from lightning_speedup.compile import Compile, EagerCUDAGraphs, SDPABackends
 from lightning_speedup.data import (
     DataStallMonitor,
     DeviceResidentDataModule,
@@ -69,6 +69,7 @@ __all__ = [
     "PipelineStrategy",
     "QATPrecision",
     "RangeTestDivergedError",
+    "SDPABackends",
     "WarmupCosine",
     "WarmupStableDecay",
     "__version__",

@@ -141,6 +141,11 @@ def _compile(t: L.Trainer) -> None:
     assert (c.scope, c.auto, c.backend, c.measure_steps) == ("full", True, "eager", 3)
 
 
+def _sdpa_backends(t: L.Trainer) -> None:
+    (c,) = [c for c in t.callbacks if isinstance(c, ls.SDPABackends)]
+    assert c.backends == ("flash", "math")
+
+
 def _eager_graphs(t: L.Trainer) -> None:
     (c,) = [c for c in t.callbacks if isinstance(c, ls.EagerCUDAGraphs)]
     assert (c.module_attr, c.num_warmup_iters) == ("body", 5)
@@ -288,6 +293,14 @@ CASES: dict[str, tuple[dict[str, Any], Check]] = {
             ]
         },
         _eager_graphs,
+    ),
+    "SDPABackends": (
+        {
+            "callbacks": [
+                {"class_path": "lightning_speedup.SDPABackends", "init_args": {"backends": ["flash", "math"]}}
+            ]
+        },
+        _sdpa_backends,
     ),
     "DiLoCoStrategy": (
         {

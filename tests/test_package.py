@@ -35,7 +35,7 @@ def test_public_names() -> None:
         "AsyncProgressBarMetrics", "Compile", "CompressedDDPStrategy", "DataStallMonitor",
         "DeviceResidentDataModule", "DiLoCoStrategy", "EagerCUDAGraphs", "GPUAugment", "GPUPrefetcher",
         "GossipSGDStrategy", "LRRangeTest", "LRScheduleCallback", "LocalSGDStrategy", "OneCycle",
-        "ParameterAveragingStrategy", "PipelineStrategy", "QATPrecision", "RangeTestDivergedError",
+        "ParameterAveragingStrategy", "PipelineStrategy", "QATPrecision", "RangeTestDivergedError", "SDPABackends",
         "WarmupCosine", "WarmupStableDecay", "__version__", "augment", "check_strategy_name",
         "quantization", "tune",
     }  # fmt: skip

@@ -1,7 +1,8 @@
-"""Compilation that pays for itself (regional compile, cross-process artifact cache, ``auto``) and CUDA
-graphs without Inductor. Core: :mod:`.core` (plain torch); adapters: :mod:`.callbacks`."""
+"""Cold start and compilation that pays for itself: regional compile, a cross-process artifact cache,
+``auto``; CUDA graphs without Inductor; the choice of attention kernels (:class:`SDPABackends`).
+Core: :mod:`.core` (plain torch); adapters: :mod:`.callbacks`."""
 
-from lightning_speedup.compile.callbacks import Compile, EagerCUDAGraphs
+from lightning_speedup.compile.callbacks import Compile, EagerCUDAGraphs, SDPABackends
 from lightning_speedup.compile.core import (
     ArtifactCache,
     CompileDecision,
@@ -20,6 +21,7 @@ __all__ = [
     "CompileDecision",
     "CompileRecord",
     "EagerCUDAGraphs",
+    "SDPABackends",
     "cache_key",
     "compile_model",
     "compile_regions",

@@ -1,8 +1,10 @@
 """Lightning adapters: :class:`Compile` (regional or whole-model ``torch.compile``, a cross-process
-artifact cache, ``auto`` by measurement) and :class:`EagerCUDAGraphs` (CUDA graphs without Inductor)."""
+artifact cache, ``auto`` by measurement), :class:`EagerCUDAGraphs` (CUDA graphs without Inductor) and
+:class:`SDPABackends` (which attention kernels ``scaled_dot_product_attention`` may use)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -17,6 +19,7 @@ from typing_extensions import override
 
 from lightning_speedup.compile.core import (
     MODES,
+    SDPA_BACKENDS,
     ArtifactCache,
     CompileDecision,
     CompileRecord,
@@ -26,6 +29,7 @@ from lightning_speedup.compile.core import (
     device_name,
     expected_costs,
     median,
+    sdpa_backend_enums,
 )
 
 log = logging.getLogger(__name__)
@@ -275,4 +279,78 @@ class EagerCUDAGraphs(Callback):
             self._hook = None
 
 
-__all__ = ["Compile", "EagerCUDAGraphs"]
+class SDPABackends(Callback):
+    """Let ``torch.nn.functional.scaled_dot_product_attention`` use only the named kernels while the Trainer
+    runs; the default leaves out cuDNN's.
+
+    On Hopper and Blackwell GPUs (sm90, sm100) with a cuDNN newer than 9.15, PyTorch tries cuDNN's attention
+    first. cuDNN builds an execution plan for every new problem (shapes, dtype, causal, dropout, training or
+    evaluation) on the first call in each process, which every short run on a fresh process pays; the flash
+    kernel is compiled into PyTorch and needs no such step. Whether leaving cuDNN out shortens a run to target
+    is a measurement (docs/methods/compile.md); in steady state cuDNN's kernel can be the faster one.
+
+    Args:
+        backends: names from ``("cudnn", "flash", "efficient", "math")``. PyTorch tries the allowed ones in
+            its own order and uses the first that supports the call; when none does, attention raises
+            "No available kernel". ``flash`` and ``cudnn`` take only fp16/bf16 inputs (autocast provides
+            them under ``precision="bf16-mixed"``).
+
+    The switches are torch.backends.cuda's, process-wide (every module, and autograd's backward threads).
+    They are set in ``setup`` and the previous ones restored in ``teardown``, or when the run raises.
+    """
+
+    def __init__(self, backends: Sequence[str] = ("flash", "efficient", "math")) -> None:
+        self._enums = sdpa_backend_enums(backends, owner="SDPABackends")
+        self.backends = tuple(backends)
+        self._stack: contextlib.ExitStack | None = None
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        device = trainer.strategy.root_device
+        chosen = set(self.backends)
+        if device.type != "cuda":
+            # Off CUDA, attention runs the flash (CPU) or the math kernel, whatever the other switches say.
+            if not chosen & {"flash", "math"}:
+                raise ValueError(
+                    f"SDPABackends(backends={list(self.backends)}): on {device.type}, scaled_dot_product_attention "
+                    "has only the 'flash' and 'math' kernels; allow one of them."
+                )
+            if {"flash", "math"} <= chosen:
+                rank_zero_warn(
+                    f"SDPABackends(backends={list(self.backends)}) changes nothing on {device.type}: attention "
+                    "there runs 'flash' or 'math', both allowed. It chooses among CUDA's kernels."
+                )
+        elif len(chosen) == len(SDPA_BACKENDS):
+            rank_zero_warn(
+                "SDPABackends allows every backend, which changes nothing; name fewer or leave it out."
+            )
+        elif not chosen & {"efficient", "math"} and str(trainer.precision).startswith(("32", "64")):
+            rank_zero_warn(
+                f"SDPABackends(backends={list(self.backends)}): these kernels take only fp16/bf16 inputs, but the "
+                f"Trainer runs precision={trainer.precision!r}; attention in fp32 will raise 'No available "
+                "kernel'. Allow 'efficient' or 'math', or train with precision='bf16-mixed'."
+            )
+        if self._stack is None:
+            from torch.nn.attention import sdpa_kernel
+
+            self._stack = contextlib.ExitStack()
+            self._stack.enter_context(sdpa_kernel(self._enums))
+            log.info("SDPABackends: scaled_dot_product_attention may use %s.", ", ".join(self.backends))
+
+    def _restore(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+
+__all__ = ["Compile", "EagerCUDAGraphs", "SDPABackends"]

@@ -1,5 +1,6 @@
 """Compilation that pays for itself: regional compilation, a cross-process artifact cache, and the
-decision whether compiling can repay its cost in the steps a run has left.
+decision whether compiling can repay its cost in the steps a run has left; and the names of the
+attention kernels :class:`~lightning_speedup.compile.callbacks.SDPABackends` chooses among.
 
 Regional compilation follows PyTorch's recipe "Reducing torch.compile cold start compilation time with
 regional compilation": the repeated blocks of a model (a GPT's ``Block``) are compiled in place with
@@ -326,3 +327,29 @@ def median(values: Iterable[float]) -> float:
         raise ValueError("median of no values")
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+# --- attention kernels -----------------------------------------------------------------------------------
+
+# scaled_dot_product_attention's CUDA backends, by the names torch.nn.attention.SDPBackend gives them (lower
+# case, without "_attention").
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
+def sdpa_backend_enums(backends: Iterable[str], owner: str = "SDPABackends") -> list[Any]:
+    """``backends`` as ``torch.nn.attention.SDPBackend`` members, for ``torch.nn.attention.sdpa_kernel``;
+    a ``ValueError`` naming ``owner`` for an unknown, repeated or empty choice (a bare string is refused
+    too: it would be read letter by letter)."""
+    from torch.nn.attention import SDPBackend
+
+    if isinstance(backends, str):
+        raise ValueError(f"{owner}(backends={backends!r}) takes a list of names, e.g. [{backends!r}].")
+    chosen = list(backends)
+    unknown = [b for b in chosen if b not in SDPA_BACKENDS]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(
+            f"{owner}(backends={chosen!r}): name one or more of {list(SDPA_BACKENDS)}, each once"
+            + (f"; unknown: {unknown}." if unknown else ".")
+        )
+    members = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+    return [getattr(SDPBackend, members.get(b, "MATH")) for b in chosen]

@@ -337,3 +337,32 @@ def test_the_measured_candidates_are_todays_speedup_where_the_case_study_says_so
         defaults = get_task(task).defaults  # the ablation's recipes spell out the task's defaults
         today = _resolved(get_recipe("speedup").for_task(task), defaults)
         assert _as(_resolved(get_recipe(name).for_task(task), defaults), today) == today, name
+
+
+def test_the_lm_flash_candidate_is_speedup_with_sdpa_backends(
+    shakespeare_path, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """`speedup-lm-flash` adds SDPABackends() to the LM's `speedup` and nothing else, and its bench run trains."""
+    import json
+    import pathlib
+
+    from lightning_speedup import SDPABackends
+    from lightning_speedup.cli import EXIT_OK, main
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("LIGHTNING_SPEEDUP_RECIPES", str(repo / "benchmarks" / "recipes.py"))
+    images, lm = (get_recipe("speedup").for_task(t) for t in ("fashion-mnist", "char-lm"))
+    candidate_images, candidate_lm = (
+        get_recipe("speedup-lm-flash").for_task(t) for t in ("fashion-mnist", "char-lm")
+    )
+    assert _as(candidate_images, images) == images
+    assert _as(candidate_lm, lm, callbacks=lm.callbacks) == lm and candidate_lm.callbacks[:-1] == lm.callbacks
+    ctx = RunContext(task=get_task("char-lm"), recipe=candidate_lm, seed=0, accelerator="cpu")
+    assert isinstance(candidate_lm.callbacks[-1](ctx), SDPABackends)
+    tiny = ["--train-subset", "256", "--val-subset", "8", "--max-epochs", "1", "--model-arg", "n_layer=1",
+            "--model-arg", "n_embd=32", "--model-arg", "n_head=2", "--model-arg", "block_size=32"]  # fmt: skip
+    argv = ["bench", "--task", "char-lm", "--data", str(shakespeare_path), "--recipe", "speedup-lm-flash",
+            "--seeds", "1", "--target", "9", "--out", str(tmp_path / "o"), *tiny]  # fmt: skip
+    assert main(argv) == EXIT_OK
+    (run,) = json.loads((tmp_path / "o" / "report.json").read_text())["runs"]
+    assert run["recipe"] == "speedup-lm-flash" and run["reached"] and run["error"] is None

@@ -16,6 +16,7 @@ SETS = {
     "pipeline",
     "cold-fashion",
     "cold-charlm",
+    "attention-charlm",
     "compile-charlm",
     "warm",
     "second-corpus",

@@ -1,4 +1,5 @@
-"""GPU tests (skipped on CPU): EagerCUDAGraphs trains like eager; Compile's regional compile and artifact cache."""
+"""GPU tests (skipped on CPU): EagerCUDAGraphs trains like eager; Compile's regional compile and artifact cache;
+SDPABackends' choice of attention kernel."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_speedup.bench.models import GPT, GPTConfig, ResNet9
-from lightning_speedup.compile import Compile, EagerCUDAGraphs
+from lightning_speedup.compile import Compile, EagerCUDAGraphs, SDPABackends
 
 
 class _Classifier(L.LightningModule):
@@ -115,3 +117,29 @@ def test_regional_compile_saves_and_reloads_artifacts(tmp_path) -> None:  # type
     second = Compile(cache_dir=str(tmp_path), measure_steps=2)
     _fit("bf16-mixed", [second])
     assert second._artifacts_hit
+
+
+class _AttentionKernel(L.Callback):
+    """The kernel scaled_dot_product_attention picks at each training step for the bench GPT's attention."""
+
+    def __init__(self) -> None:
+        self.kernels: list[int] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int
+    ) -> None:
+        q = torch.randn(8, 6, 256, 64, device="cuda", dtype=torch.bfloat16)
+        self.kernels.append(int(torch._fused_sdp_choice(q, q, q, is_causal=True)))
+
+
+@pytest.mark.gpu
+def test_sdpa_backends_train_with_flash_like_the_default_kernel() -> None:
+    q = torch.randn(8, 6, 256, 64, device="cuda", dtype=torch.bfloat16)
+    default = int(torch._fused_sdp_choice(q, q, q, is_causal=True))
+    print(f"default attention kernel on {torch.cuda.get_device_name()}: {SDPBackend(default).name}")
+    probe = _AttentionKernel()
+    flash = _fit("bf16-mixed", [SDPABackends(), probe], lm_dropout=0.0)
+    assert set(probe.kernels) == {int(SDPBackend.FLASH_ATTENTION)}
+    assert int(torch._fused_sdp_choice(q, q, q, is_causal=True)) == default  # switches restored
+    reference = _fit("bf16-mixed", [], lm_dropout=0.0)
+    torch.testing.assert_close(torch.tensor(flash), torch.tensor(reference), atol=3e-2, rtol=3e-2)
