@@ -63,12 +63,15 @@ def test_reference_loop_with_cuda_graphs_reaches_a_toy_target(tmp_path: Path, fa
     assert result["reached"] and result["args"]["cuda_graphs"] is True and result["gpu"]
 
 
-@pytest.mark.parametrize("variants", [["regional+cache"]])
+@pytest.mark.parametrize("variants", [["eager", "regional+cache"]])
 def test_compile_cold_start_runs_each_variant_in_a_fresh_process(tmp_path: Path, variants: list[str]) -> None:
     result = _script(
         "compile_cold_start.py", "--device", "cpu", "--tiny", "--backend", "aot_eager", "--models", "gpt6",
-        "--steps", "1", "--variants", *variants, tmp_path=tmp_path,
+        "--steps", "2", "--variants", *variants, tmp_path=tmp_path,
     )  # fmt: skip
     rows = result["rows"]
     assert [r["variant"] for r in rows] == variants
     assert all("error" not in r and r["first_step_s"] > 0 and r["steps_s"] > 0 for r in rows), rows
+    assert all(0 < r["step_ms_median"] <= r["step_ms_max"] for r in rows), rows
+    # Eager compiles nothing; the regional blocks compile one graph in the first step and none after it.
+    assert [(r["graphs_first_step"], r["graphs_later"]) for r in rows] == [(0, 0), (1, 0)], rows
