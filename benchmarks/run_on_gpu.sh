@@ -135,6 +135,12 @@ set_cold_charlm() {
   job cold-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache cold \
     --recipe baseline --recipe speedup --seeds 3 --out "$WORK/cold-charlm"
 }
+# Cold compile cost outside Lightning (each variant a fresh process): eager, whole-model, regional, regional from
+# saved artifacts, on the 24- and 6-layer GPTs; each step timed on its own, recompilations counted.
+set_compile_cold_start() {
+  job compile-cold-start 0 python benchmarks/compile_cold_start.py --models gpt24 gpt6 \
+    --out "$WORK/compile_cold_start.json"
+}
 # The LM's attention kernel on a cold start: the compile package's GPU tests (one prints the kernel PyTorch picks
 # by default), then `baseline`, `speedup` and `speedup-lm-flash` (SDPABackends: no cuDNN attention), 3 seeds.
 set_attention_charlm() {

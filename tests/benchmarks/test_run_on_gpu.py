@@ -17,6 +17,7 @@ SETS = {
     "cold-fashion",
     "cold-charlm",
     "attention-charlm",
+    "compile-cold-start",
     "compile-charlm",
     "warm",
     "second-corpus",
