@@ -216,11 +216,14 @@ set_compile_candidates() {
 }
 
 # Recipe sweeps by time to target with fractional GPUs (4 trials share the GPU): the GPU tests of the tuner,
-# then a Bayesian sweep of the char-LM `speedup` recipe beside a random one with the same budget. Ray and
-# Optuna come from the carried wheels (benchmarks/gpu_wheels.py builds .whl/; device_env.sh installs them).
+# then a Bayesian sweep of the `speedup` recipe beside a random one with the same budget, on $TUNE_TASK (char-lm
+# by default, or fashion-mnist). Ray and Optuna come from the carried wheels (benchmarks/gpu_wheels.py builds
+# .whl/; device_env.sh installs them).
 # A sweep that would end after the budget is not started (exit 4): run the set again on the warm machine and
 # --resume adds the missing sweeps to the result file (the tests, once passed, are not run again).
 set_tune() {
+  local task=${TUNE_TASK:-char-lm}
+  local key=${task//-/}
   if [ -d .whl ] && ! python3 -c "import ray.tune, optuna" >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -233,17 +236,17 @@ set_tune() {
   # TUNE_RESUME_FROM=<a committed result file> continues its sweeps (same settings) instead of starting afresh,
   # e.g. TUNE_SAMPLES=10 TUNE_RESUME_FROM=benchmarks/results/tune/2026-12-04-h200-tune-recipe-charlm.json runs
   # only the random sweep that the first GPU call had no time for.
-  if [ -n "${TUNE_RESUME_FROM:-}" ] && [ ! -f "$WORK/tune_recipe_charlm.json" ]; then
-    cp "$TUNE_RESUME_FROM" "$WORK/tune_recipe_charlm.json"
+  if [ -n "${TUNE_RESUME_FROM:-}" ] && [ ! -f "$WORK/tune_recipe_$key.json" ]; then
+    cp "$TUNE_RESUME_FROM" "$WORK/tune_recipe_$key.json"
   fi
-  job tune-recipe-charlm 0 python benchmarks/tune_recipe.py --device gpu --task char-lm --gpus-per-trial 0.25 \
+  job "tune-recipe-$key" 0 python benchmarks/tune_recipe.py --device gpu --task "$task" --gpus-per-trial 0.25 \
     --num-samples "${TUNE_SAMPLES:-16}" --scheduler "${TUNE_SCHEDULER:-none}" --compare-random --time-budget "$(($(budget) - ${TUNE_CONFIRM_S:-0}))" \
-    --resume --out "$WORK/tune_recipe_charlm.json" --recipe-out "$WORK/speedup_tuned.py"
+    --resume --out "$WORK/tune_recipe_$key.json" --recipe-out "$WORK/speedup_tuned_$key.py"
   # The sweep's best against the hand-picked recipe, cold, alone on the GPU (TUNE_CONFIRM_S reserves the time).
-  if [ "${TUNE_CONFIRM_S:-0}" -gt 0 ] && [ -f "$WORK/speedup_tuned.py" ]; then
-    LIGHTNING_SPEEDUP_RECIPES="$WORK/speedup_tuned.py" job tune-confirm-charlm 0 lightning-speedup bench \
-      --time-budget "$(budget)" --task char-lm --cache cold --recipe speedup --recipe speedup-tuned --seeds 3 \
-      --out "$WORK/tune-confirm-charlm"
+  if [ "${TUNE_CONFIRM_S:-0}" -gt 0 ] && [ -f "$WORK/speedup_tuned_$key.py" ]; then
+    LIGHTNING_SPEEDUP_RECIPES="$WORK/speedup_tuned_$key.py" job "tune-confirm-$key" 0 lightning-speedup bench \
+      --time-budget "$(budget)" --task "$task" --cache cold --recipe speedup --recipe speedup-tuned --seeds 3 \
+      --out "$WORK/tune-confirm-$key"
   fi
 }
 
