@@ -283,8 +283,8 @@ class SDPABackends(Callback):
     """Let ``torch.nn.functional.scaled_dot_product_attention`` use only the named kernels while the Trainer
     runs; the default leaves out cuDNN's.
 
-    On Hopper and Blackwell GPUs (sm90, sm100) with a cuDNN newer than 9.15, PyTorch tries cuDNN's attention
-    first. cuDNN builds an execution plan for every new problem (shapes, dtype, causal, dropout, training or
+    Recent PyTorch releases try cuDNN's attention first on Hopper and Blackwell GPUs (sm90, sm100) with a cuDNN
+    newer than 9.15 (``check_prefer_cudnn_attention`` in PyTorch's ``sdp_utils.cpp``). cuDNN builds an execution plan for every new problem (shapes, dtype, causal, dropout, training or
     evaluation) on the first call in each process, which every short run on a fresh process pays; the flash
     kernel is compiled into PyTorch and needs no such step. Whether leaving cuDNN out shortens a run to target
     is a measurement (docs/methods/compile.md); in steady state cuDNN's kernel can be the faster one.
