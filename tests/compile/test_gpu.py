@@ -143,3 +143,6 @@ def test_sdpa_backends_train_with_flash_like_the_default_kernel() -> None:
     assert int(torch._fused_sdp_choice(q, q, q, is_causal=True)) == default  # switches restored
     reference = _fit("bf16-mixed", [], lm_dropout=0.0)
     torch.testing.assert_close(torch.tensor(flash), torch.tensor(reference), atol=3e-2, rtol=3e-2)
+    # As `speedup-lm-flash` trains: graphed, with dropout (flash's RNG replayed by the graphs).
+    graphed = _fit("bf16-mixed", [SDPABackends(), EagerCUDAGraphs()], lm_dropout=0.2)
+    assert all(torch.isfinite(torch.tensor(graphed))) and len(set(graphed)) > 1
