@@ -3,7 +3,7 @@
 Each block runs on the CPU in a fresh namespace that holds small real stand-ins for the names a snippet
 leaves to the reader (``model``, ``datamodule``, ``build``, ...): a ResNet-9 of width 8 and a few hundred
 real Fashion-MNIST images. GPU-sized arguments are adapted by the text substitutions in ``SUBSTITUTIONS``
-(``L.Trainer(...)`` becomes a CPU Trainer of a few batches, sweeps shrink to two trials of one epoch).
+(``L.Trainer(...)`` becomes a CPU Trainer of a few batches, sweeps shrink to one trial of one epoch).
 A block that cannot run on a CPU is marked in the markdown with ``<!-- snippet: gpu-only -->`` on the
 line before it; it is compiled, not run. New method cards are picked up by the glob.
 """
@@ -28,7 +28,7 @@ GPU_ONLY = "<!-- snippet: gpu-only -->"
 # (pattern, replacement): how a snippet's GPU-sized arguments become CPU-sized ones.
 SUBSTITUTIONS: list[tuple[str, str]] = [
     (r"\bL\.Trainer\(", "_cpu_trainer("),
-    (r"num_samples=\d+", "num_samples=2"),
+    (r"num_samples=\d+", "num_samples=1"),
     (r'"max_epochs": \d+', '"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1'),
     (r'"gpu": [0-9.]+', '"gpu": 0'),
     (r'"cpu": \d+', '"cpu": 1'),
