@@ -146,3 +146,17 @@ def test_sdpa_backends_train_with_flash_like_the_default_kernel() -> None:
     # As `speedup-lm-flash` trains: graphed, with dropout (flash's RNG replayed by the graphs).
     graphed = _fit("bf16-mixed", [SDPABackends(), EagerCUDAGraphs()], lm_dropout=0.2)
     assert all(torch.isfinite(torch.tensor(graphed))) and len(set(graphed)) > 1
+
+
+@pytest.mark.gpu
+def test_sdpa_backends_warn_on_cuda_when_the_choice_cannot_help() -> None:
+    with pytest.warns(UserWarning, match="changes nothing"):
+        _fit("bf16-mixed", [SDPABackends(["cudnn", "flash", "efficient", "math"])], lm_dropout=0.0)
+    # fp32 attention has no flash kernel: warned before training, then PyTorch's own error at the first step.
+    with (
+        pytest.warns(UserWarning, match="take only fp16/bf16"),
+        pytest.raises(RuntimeError, match="No available kernel"),
+    ):
+        _fit("32-true", [SDPABackends(["flash"])], lm_dropout=0.0)
+    b = torch.backends.cuda
+    assert b.math_sdp_enabled() and b.mem_efficient_sdp_enabled()  # restored after the failed run
