@@ -300,7 +300,7 @@ class SDPABackends(Callback):
     """
 
     def __init__(self, backends: Sequence[str] = ("flash", "efficient", "math")) -> None:
-        self._enums = sdpa_backend_enums(backends, owner="SDPABackends")
+        self._enums = sdpa_backend_enums(backends)
         self.backends = tuple(backends)
         self._stack: contextlib.ExitStack | None = None
 

@@ -332,8 +332,14 @@ def median(values: Iterable[float]) -> float:
 # --- attention kernels -----------------------------------------------------------------------------------
 
 # scaled_dot_product_attention's CUDA backends, by the names torch.nn.attention.SDPBackend gives them (lower
-# case, without "_attention").
-SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+# case, without "_attention"), each with its SDPBackend member.
+_SDPA_MEMBERS = {
+    "cudnn": "CUDNN_ATTENTION",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+SDPA_BACKENDS = tuple(_SDPA_MEMBERS)
 
 
 def sdpa_backend_enums(backends: Iterable[str], owner: str = "SDPABackends") -> list[Any]:
@@ -351,5 +357,4 @@ def sdpa_backend_enums(backends: Iterable[str], owner: str = "SDPABackends") -> 
             f"{owner}(backends={chosen!r}): name one or more of {list(SDPA_BACKENDS)}, each once"
             + (f"; unknown: {unknown}." if unknown else ".")
         )
-    members = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
-    return [getattr(SDPBackend, members.get(b, "MATH")) for b in chosen]
+    return [getattr(SDPBackend, _SDPA_MEMBERS[b]) for b in chosen]
