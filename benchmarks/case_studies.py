@@ -414,9 +414,8 @@ def loop_paragraph(
 ) -> str:
     """The plain-PyTorch loop (``folder/pattern``, run after the Fashion-MNIST bench whose summary ``rows`` are
     given, in the same call) against the Lightning recipe of the same configuration, cold against cold, with
-    the goal's verdict; the loop's
-    arguments say which recipe it is. Loop files from before ``--cache`` shared the machine's CUDA cache, so
-    only the first of them (by date) started cold: the verdict uses that one."""
+    the goal's verdict; the loop's arguments say which recipe it is. Loop files from before ``--cache`` shared
+    the machine's CUDA cache, so only the first of them (by date) started cold: the verdict uses that one."""
     paths = sorted((results / folder).glob(pattern))
     loops = [json.loads(p.read_text()) for p in paths]
     if not loops:

@@ -510,8 +510,8 @@ def run_bench(
     Each finished run is saved at once as ``runs/RECIPE-seedN.json`` (``-warm`` for warm runs). With
     ``resume`` those runs are loaded instead of rerun; failed ones are rerun. With ``time_budget_s`` no
     new run starts that would end after that many seconds, judged by the same recipe's longest run so far
-    (a loaded run's ``total_s`` counts; a recipe's first run is judged by the time passed alone). A SIGTERM stops the running run (it is not recorded)
-    and starts nothing more; ``meta["stopped"]`` then says why. Returns the results, the metadata, and
+    (a loaded run's ``total_s`` counts; a recipe's first run is judged by the time passed alone). A SIGTERM
+    stops the running run (it is not recorded) and starts nothing more; ``meta["stopped"]`` then says why. Returns the results, the metadata, and
     whether every planned run is done.
     """
     task, recipes, target, max_epochs = cfg.resolve()
@@ -554,9 +554,8 @@ def _run_plan(
     results: list[RunResult] = []
     fills: dict[str, RunResult] = {}
     t_start = time.perf_counter()
-    longest: dict[
-        str, float
-    ] = {}  # each recipe's longest run so far, in wall seconds: the next one's estimate
+    # Each recipe's longest run so far, in wall seconds: the estimate of its next run.
+    longest: dict[str, float] = {}
     try:
         for i, (seed, name, cache) in enumerate(plan, 1):
             label = f"[{i}/{len(plan)}] {name} seed={seed}" + (" warm" if cache == "warm" else "")
