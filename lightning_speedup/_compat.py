@@ -23,9 +23,11 @@ import torch
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.fabric.utilities.optimizer import _optimizer_to_device
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch.optim import Optimizer
 
 __all__ = [
+    "DDP_CONFIGURE_LAUNCHER",
     "DDP_OVERRIDES",
     "DDP_REGISTER_HOOKS",
     "DDP_SETUP_MODEL",
@@ -35,6 +37,7 @@ __all__ = [
     "ddp_kwargs",
     "ddp_layer_sync",
     "has_trainer",
+    "launch_with_main_process_hook",
     "logged_step",
     "optimizer_to_device",
     "reset_logged_results",
@@ -133,11 +136,17 @@ def optimizer_to_device(optimizer: Optimizer, device: torch.device) -> None:
 
 # DDPStrategy's private methods that our strategies override, with the parameters (after ``self``) each
 # takes. Why: ``_setup_model`` is the only place that wraps the module in ``DistributedDataParallel`` (the
-# averaging strategies skip or replace the wrapper) and ``_register_ddp_hooks`` the only place a comm hook
-# is installed after wrapping (CompressedDDPStrategy installs its own).
+# averaging strategies skip or replace the wrapper), ``_register_ddp_hooks`` the only place a comm hook
+# is installed after wrapping (CompressedDDPStrategy installs its own), and ``_configure_launcher`` the only
+# place the launcher is chosen (PipelineStrategy wraps it: see :func:`launch_with_main_process_hook`).
 DDP_SETUP_MODEL = "_setup_model"
 DDP_REGISTER_HOOKS = "_register_ddp_hooks"
-DDP_OVERRIDES: dict[str, tuple[str, ...]] = {DDP_SETUP_MODEL: ("model",), DDP_REGISTER_HOOKS: ()}
+DDP_CONFIGURE_LAUNCHER = "_configure_launcher"
+DDP_OVERRIDES: dict[str, tuple[str, ...]] = {
+    DDP_SETUP_MODEL: ("model",),
+    DDP_REGISTER_HOOKS: (),
+    DDP_CONFIGURE_LAUNCHER: (),
+}
 
 
 def _parameters(fn: Any) -> tuple[str, ...]:
@@ -182,3 +191,39 @@ def ddp_kwargs(strategy: DDPStrategy) -> dict[str, Any]:
     that builds the wrapper itself must pass the same ones.
     """
     return strategy._ddp_kwargs
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+# The parameters (after ``self``) of the launcher method that :class:`_HookedLauncher` overrides.
+LAUNCHER_RECOVER = "_recover_results_in_main_process"
+LAUNCHER_RECOVER_PARAMETERS = ("worker_output", "trainer")
+
+
+class _HookedLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn/fork/forkserver launcher that calls ``before_load(module)`` in the launching process
+    just before the workers' trained weights are loaded back into ``module``."""
+
+    def __init__(self, strategy: DDPStrategy, start_method: str, before_load: Any) -> None:
+        super().__init__(strategy, start_method=start_method)  # type: ignore[arg-type]
+        self.before_load = before_load  # a module-level function: spawn pickles the launcher
+
+    def _recover_results_in_main_process(self, worker_output: Any, trainer: pl.Trainer) -> None:
+        if trainer.lightning_module is not None and worker_output.weights_path is not None:
+            self.before_load(trainer.lightning_module)
+        super()._recover_results_in_main_process(worker_output, trainer)
+
+
+def launch_with_main_process_hook(strategy: DDPStrategy, before_load: Any) -> None:
+    """Call after ``DDPStrategy._configure_launcher``: with start method spawn, fork or forkserver, the
+    launching process calls ``before_load(module)`` just before it loads the trained weights (popen: nothing
+    to do, the launching process trains as rank 0).
+
+    Why: with those start methods the launching process receives the trained weights only in the launcher's
+    private ``_recover_results_in_main_process``, as ``load_state_dict(strict=False)``. For a module built on
+    the meta device that load is a no-op (one warning per tensor) and the trained model would be lost there;
+    nothing public runs in the launching process between the workers' end and that load.
+    """
+    launcher = strategy.launcher
+    if isinstance(launcher, _MultiProcessingLauncher) and not isinstance(launcher, _HookedLauncher):
+        strategy._launcher = _HookedLauncher(strategy, launcher._start_method, before_load)

@@ -9,6 +9,7 @@ oldest supported Lightning by ``make test-lightning-oldest`` and the newest by `
 from __future__ import annotations
 
 import csv
+import inspect
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
@@ -29,12 +31,15 @@ from typing_extensions import override
 import lightning_speedup  # noqa: F401  (registers the strategy strings)
 from lightning_speedup._compat import (
     DDP_OVERRIDES,
+    LAUNCHER_RECOVER,
+    LAUNCHER_RECOVER_PARAMETERS,
     StrategyRegistryType,
     check_ddp_overrides,
     current_hook,
     ddp_kwargs,
     ddp_layer_sync,
     has_trainer,
+    launch_with_main_process_hook,
     logged_step,
     optimizer_to_device,
     reset_logged_results,
@@ -378,6 +383,62 @@ def test_ddp_calls_setup_model_then_register_hooks_with_its_kwargs(tmp_path: Pat
     process group of its own.
     """
     run_processes(_ddp_fit_in_one_process, 1, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+# What the hook saw in the launching process, one state dict per call (a module-level function and list: spawn
+# pickles the launcher that holds the hook).
+HOOK_STATES: list[dict[str, Tensor]] = []
+
+
+def _record_state(module: nn.Module) -> None:
+    HOOK_STATES.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+
+class HookedSpawnDDP(DDPStrategy):
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        launch_with_main_process_hook(self, _record_state)
+
+
+def test_the_launcher_method_we_override_takes_what_we_pass_on() -> None:
+    method = getattr(_MultiProcessingLauncher, LAUNCHER_RECOVER, None)
+    assert callable(method), f"_MultiProcessingLauncher.{LAUNCHER_RECOVER} no longer exists"
+    assert tuple(inspect.signature(method).parameters)[1:] == LAUNCHER_RECOVER_PARAMETERS
+
+
+def test_main_process_hook_runs_just_before_the_launcher_loads_the_trained_weights(tmp_path: Path) -> None:
+    """With start method spawn, the launcher's ``_recover_results_in_main_process`` calls the hook once, with the
+    launching process's own (untrained) module, and then loads the workers' weights file into that module.
+
+    The launcher method is called here with the output a worker hands back (the end-to-end spawn run, with a
+    module built on the meta device, is in tests/pipeline/test_strategy.py).
+    """
+    HOOK_STATES.clear()
+    torch.manual_seed(0)
+    model = Tiny()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trained = {k: v + 1 for k, v in before.items()}
+    torch.save(trained, tmp_path / "weights.ckpt")
+    run = trainer(tmp_path, strategy=HookedSpawnDDP(start_method="spawn", process_group_backend="gloo"))
+    run.strategy.connect(model)
+    extra = run.strategy.launcher.get_extra_results(run)  # type: ignore[union-attr]
+    output = _WorkerOutput(None, str(tmp_path / "weights.ckpt"), run.state, None, extra)
+    getattr(run.strategy.launcher, LAUNCHER_RECOVER)(output, run)
+    assert len(HOOK_STATES) == 1
+    for name, value in before.items():
+        torch.testing.assert_close(HOOK_STATES[0][name], value, rtol=0, atol=0, msg=name)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
+    assert not (tmp_path / "weights.ckpt").exists()  # the launcher removes the file it loaded
+
+
+def test_main_process_hook_leaves_the_popen_launcher_alone() -> None:
+    """popen (the default): the launching process trains as rank 0, so there is nothing to load back."""
+    plain = L.Trainer(accelerator="cpu", devices=1, strategy=HookedSpawnDDP(), logger=False)
+    assert type(plain.strategy.launcher).__name__ == "_SubprocessScriptLauncher"
 
 
 # ---------------------------------------------------------------------------------------------- the range

@@ -38,7 +38,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_speedup._chain import chain_method
-from lightning_speedup._compat import StrategyRegistryType, optimizer_to_device, set_module_device
+from lightning_speedup._compat import (
+    StrategyRegistryType,
+    launch_with_main_process_hook,
+    optimizer_to_device,
+    set_module_device,
+)
 from lightning_speedup._registry import registered_strategy
 from lightning_speedup._validation import check_int
 from lightning_speedup.metrics import log_number
@@ -68,6 +73,16 @@ _TORCH_CLASS = {
     "zbv": "ScheduleZBVZeroBubble",
     "dualpipev": "ScheduleDualPipeV",
 }
+
+
+def _materialize_on_cpu(module: LightningModule) -> None:
+    """Give each declared layer still on the meta device CPU storage, initialised as the stages initialise
+    theirs (``pipeline_init_weights`` or ``reset_parameters``), so that loading the full model's weights into
+    it fills it; non-persistent buffers, which no state dict carries, keep their initial values."""
+    layers = collect_layers(module)
+    for layer in layers.modules:
+        if any(t.device.type == "meta" for t in (*layer.parameters(), *layer.buffers())):
+            layers.materialize_(layer, torch.device("cpu"))
 
 
 @registered_strategy
@@ -722,6 +737,12 @@ class PipelineStrategy(DDPStrategy):
         self._completed = True
 
     @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        # spawn/fork: the launching process never set up, so a model built on the meta device is still there
+        launch_with_main_process_hook(self, _materialize_on_cpu)
+
+    @override
     def teardown(self) -> None:
         for undo in reversed(self._undo):
             undo()
@@ -735,10 +756,8 @@ class PipelineStrategy(DDPStrategy):
                 # As after plain Lightning: the whole trained model in every process (and back in the launching
                 # process for spawn/fork), not a pipeline of meta-device holes.
                 self._reassemble(module)
-            else:  # interrupted: peers may be gone, so no collective; drop what cannot move to the CPU
-                for layer in self._layers:
-                    if any(t.device.type == "meta" for t in layer.parameters()):
-                        layer.to_empty(device="cpu")
+            else:  # interrupted: peers may be gone, so no collective; initialise what cannot move to the CPU
+                _materialize_on_cpu(module)
         self._layers, self._stage_modules, self._schedule = [], {}, None
         super().teardown()
 
@@ -749,9 +768,7 @@ class PipelineStrategy(DDPStrategy):
         full: dict[str, Any] = {}
         for part in parts:
             full.update(part)
-        for layer in self._layers:
-            if any(t.device.type == "meta" for t in (*layer.parameters(), *layer.buffers())):
-                layer.to_empty(device="cpu")
+        _materialize_on_cpu(module)
         module.load_state_dict(full, strict=False)
 
     # ------------------------------------------------------------------ strings

@@ -192,7 +192,12 @@ def test_meta_device_model_is_materialised_per_stage(tmp_path: Path) -> None:
     held = [json.loads((run / f"held_params_rank{r}.json").read_text()) for r in range(2)]
     assert sum(held) == total and max(held) < total
     assert all(torch.isfinite(torch.tensor(losses(run))))
-    TinyLM().load_state_dict(final_state(run))
+    trained = final_state(run)
+    TinyLM().load_state_dict(trained)
+    # The launching process (spawn) never set up: its meta-device model receives the trained weights whole.
+    assert not [n for n, t in model.state_dict().items() if t.device.type == "meta"]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
 
 
 # ---------------------------------------------------------------------- bad input, each before training
