@@ -10,6 +10,9 @@ unquantized work between the layers (norms, residual adds, activations, attentio
 around them, and a ``fullgraph=True`` compile succeeds. Eager calls skip the dispatcher and call the
 functions themselves.
 
+Each op states its schema: torch 2.4 cannot infer one from this module's postponed (string)
+annotations.
+
 The real implementations run the same functions (autotuning on their first real call, so warm a
 compiled model up before capturing it in a CUDA graph).
 """
@@ -25,7 +28,12 @@ from .triton_int8 import w8a8_linear
 __all__ = ["dequantize_packed_op", "lut_gemv_op", "w8a8_linear_op"]
 
 
-@torch.library.custom_op("lightning_speedup::lut_gemv", mutates_args=())
+@torch.library.custom_op(
+    "lightning_speedup::lut_gemv",
+    mutates_args=(),
+    schema="(Tensor x2d, Tensor packed, Tensor scales, Tensor? lut, int group_size, int n, int k, Tensor? bias, "
+    "ScalarType out_dtype) -> Tensor",
+)
 def lut_gemv_op(
     x2d: Tensor,
     packed: Tensor,
@@ -49,7 +57,11 @@ def _lut_gemv_fake(
     return x2d.new_empty(x2d.shape[0], n, dtype=out_dtype)
 
 
-@torch.library.custom_op("lightning_speedup::dequantize_packed", mutates_args=())
+@torch.library.custom_op(
+    "lightning_speedup::dequantize_packed",
+    mutates_args=(),
+    schema="(Tensor packed, Tensor scales, Tensor? lut, int group_size, int n, int k, ScalarType dtype) -> Tensor",
+)
 def dequantize_packed_op(
     packed: Tensor, scales: Tensor, lut: Tensor | None, group_size: int, n: int, k: int, dtype: torch.dtype
 ) -> Tensor:
@@ -64,7 +76,11 @@ def _dequantize_packed_fake(
     return packed.new_empty(n, k, dtype=dtype)
 
 
-@torch.library.custom_op("lightning_speedup::w8a8_linear", mutates_args=())
+@torch.library.custom_op(
+    "lightning_speedup::w8a8_linear",
+    mutates_args=(),
+    schema="(Tensor x2d, Tensor wq, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
+)
 def w8a8_linear_op(
     x2d: Tensor, wq: Tensor, w_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
