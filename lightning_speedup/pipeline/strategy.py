@@ -75,6 +75,31 @@ _TORCH_CLASS = {
 }
 
 
+# The oldest torch tried whose schedules pass activations between two adjacent stages held by one process
+# (2.8 and 2.10 send them over the process group, which gloo refuses: "Pair is not connected"; 2.11 and 2.12
+# were not tried).
+_LOCAL_STAGES_TORCH = (2, 13)
+
+
+def adjacent_local_stages_problem(
+    schedule: str, pipeline_size: int, stages_per_rank: int, torch_version: str
+) -> str | None:
+    """Why ``schedule`` cannot run on ``torch_version``, or ``None``: a schedule that gives one process two
+    adjacent stages (the V-shaped ones always; a looped one when a single process holds every stage) needs a
+    torch that passes between local stages without sending to itself."""
+    adjacent = schedule in _V_SHAPED or (schedule in _LOOPED and pipeline_size == 1 and stages_per_rank > 1)
+    major_minor = tuple(int(x) for x in torch_version.split("+")[0].split(".")[:2])
+    if not adjacent or major_minor >= _LOCAL_STAGES_TORCH:
+        return None
+    need = ".".join(map(str, _LOCAL_STAGES_TORCH))
+    return (
+        f"The {schedule!r} schedule here puts two adjacent stages in one process, and torch {torch_version} "
+        f"sends between them over the process group, which fails ('Pair is not connected' on gloo). Use torch "
+        f"{need} or newer, or a schedule that gives each process non-adjacent stages (gpipe, 1f1b, or a looped "
+        f"schedule over several processes)."
+    )
+
+
 def _materialize_on_cpu(module: LightningModule) -> None:
     """Give each declared layer still on the meta device CPU storage, initialised as the stages initialise
     theirs (``pipeline_init_weights`` or ``reset_parameters``), so that loading the full model's weights into
@@ -354,6 +379,11 @@ class PipelineStrategy(DDPStrategy):
                 f"torch {torch.__version__} has no pipelining.{_TORCH_CLASS[self.schedule_name]}; "
                 f"choose another schedule or upgrade torch."
             )
+        problem = adjacent_local_stages_problem(
+            self.schedule_name, self.pipeline_size, self.stages_per_rank, torch.__version__
+        )
+        if problem:
+            raise RuntimeError(problem)
         stages = [
             pipelining.PipelineStage(
                 self._stage_modules[s], s, self.plan.num_stages, self.root_device, group=self._pp_group
