@@ -86,3 +86,18 @@ def test_decorator_requires_register_strategies() -> None:
         @_registry.registered_strategy
         class _NoAliases(SingleDeviceStrategy):
             pass
+
+
+def test_the_oldest_supported_torch_is_declared_once() -> None:
+    """pyproject's lower bound on torch is the version ``make test-torch-oldest`` installs."""
+    import re
+    from pathlib import Path
+
+    from packaging.version import Version
+
+    root = Path(__file__).resolve().parents[1]
+    spec = re.search(r'^\s*"torch>=([\d.]+)"', (root / "pyproject.toml").read_text(), re.MULTILINE)
+    assert spec, "pyproject.toml must bound torch from below (torch>=X.Y)"
+    oldest = re.search(r"^TORCH_OLDEST \?= (\S+)$", (root / "Makefile").read_text(), re.MULTILINE)
+    assert oldest, "the Makefile must name the oldest supported torch as TORCH_OLDEST"
+    assert Version(oldest.group(1)) == Version(spec.group(1))

@@ -10,8 +10,8 @@ unquantized work between the layers (norms, residual adds, activations, attentio
 around them, and a ``fullgraph=True`` compile succeeds. Eager calls skip the dispatcher and call the
 functions themselves.
 
-Each op states its schema: torch 2.4 cannot infer one from this module's postponed (string)
-annotations.
+Each op states its schema instead of leaving torch to infer it from this module's postponed (string)
+annotations, which some releases (2.4) cannot read.
 
 The real implementations run the same functions (autotuning on their first real call, so warm a
 compiled model up before capturing it in a CUDA graph).
