@@ -291,6 +291,12 @@ class PipelineStrategy(DDPStrategy):
         layers.check_stages(self.plan)
         self.precision_plugin.convert_module(module)
         self._materialize(layers)
+        if trainer.state.fn == TrainerFn.FITTING:  # validation and predict pass between stages themselves
+            problem = adjacent_local_stages_problem(
+                self.schedule_name, self.pipeline_size, self.stages_per_rank, torch.__version__
+            )
+            if problem:
+                raise RuntimeError(problem)
         self._build_schedule()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -379,11 +385,6 @@ class PipelineStrategy(DDPStrategy):
                 f"torch {torch.__version__} has no pipelining.{_TORCH_CLASS[self.schedule_name]}; "
                 f"choose another schedule or upgrade torch."
             )
-        problem = adjacent_local_stages_problem(
-            self.schedule_name, self.pipeline_size, self.stages_per_rank, torch.__version__
-        )
-        if problem:
-            raise RuntimeError(problem)
         stages = [
             pipelining.PipelineStage(
                 self._stage_modules[s], s, self.plan.num_stages, self.root_device, group=self._pp_group
