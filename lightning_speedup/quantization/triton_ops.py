@@ -10,8 +10,8 @@ unquantized work between the layers (norms, residual adds, activations, attentio
 around them, and a ``fullgraph=True`` compile succeeds. Eager calls skip the dispatcher and call the
 functions themselves.
 
-Each op states its schema instead of leaving torch to infer it from this module's postponed (string)
-annotations, which some releases (2.4) cannot read.
+Each op states its schema (the one torch infers from the signature) instead of leaving torch to read
+this module's postponed (string) annotations, which some releases (2.4) cannot.
 
 The real implementations run the same functions (autotuning on their first real call, so warm a
 compiled model up before capturing it in a CUDA graph).
@@ -31,7 +31,7 @@ __all__ = ["dequantize_packed_op", "lut_gemv_op", "w8a8_linear_op"]
 @torch.library.custom_op(
     "lightning_speedup::lut_gemv",
     mutates_args=(),
-    schema="(Tensor x2d, Tensor packed, Tensor scales, Tensor? lut, int group_size, int n, int k, Tensor? bias, "
+    schema="(Tensor x2d, Tensor packed, Tensor scales, Tensor? lut, SymInt group_size, SymInt n, SymInt k, Tensor? bias, "
     "ScalarType out_dtype) -> Tensor",
 )
 def lut_gemv_op(
@@ -60,7 +60,7 @@ def _lut_gemv_fake(
 @torch.library.custom_op(
     "lightning_speedup::dequantize_packed",
     mutates_args=(),
-    schema="(Tensor packed, Tensor scales, Tensor? lut, int group_size, int n, int k, ScalarType dtype) -> Tensor",
+    schema="(Tensor packed, Tensor scales, Tensor? lut, SymInt group_size, SymInt n, SymInt k, ScalarType dtype) -> Tensor",
 )
 def dequantize_packed_op(
     packed: Tensor, scales: Tensor, lut: Tensor | None, group_size: int, n: int, k: int, dtype: torch.dtype
