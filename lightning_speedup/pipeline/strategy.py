@@ -75,10 +75,10 @@ _TORCH_CLASS = {
 }
 
 
-# The oldest torch tried whose schedules pass activations between two adjacent stages held by one process
-# (2.8 and 2.10 send them over the process group, which gloo refuses: "Pair is not connected"; 2.11 and 2.12
-# were not tried).
-_LOCAL_STAGES_TORCH = (2, 13)
+# The oldest torch seen passing activations between two adjacent stages held by one process: 2.11 (looped
+# schedules in one process, NCCL on one H200; 2.13 and 2.14 on gloo). 2.8 and 2.10 send them over the process
+# group, which gloo refuses ("Pair is not connected").
+_LOCAL_STAGES_TORCH = (2, 11)
 
 
 def adjacent_local_stages_problem(
