@@ -21,8 +21,8 @@ LIGHTNING_RANGE := $(shell sed -n 's/^ *"\(lightning[<>=][^"]*\)",*$$/\1/p' pypr
 OLDEST_TESTS ?= tests/test_compat.py tests/schedules tests/test_metrics.py tests/distributed/test_core.py \
 	tests/distributed/test_strategies.py tests/pipeline/test_strategy.py::test_checkpoint_roundtrip_and_exact_resume
 # The oldest torch the package supports (pyproject.toml's lower bound). `make test-torch-oldest` runs the whole
-# suite against it in .venv-torch-oldest. PyPI has only CUDA builds of it for Linux x86_64 (about 3 GB with the
-# CUDA libraries, which the tests do not use), so CI leaves it out; run it before raising or lowering the bound.
+# suite against it in .venv-torch-oldest. PyPI has only CUDA builds of it for Linux x86_64 (about 6 GB installed
+# with the CUDA libraries, which the tests do not use), so CI leaves it out; run it before changing the bound.
 TORCH_OLDEST ?= 2.10.0
 TORCH_OLDEST_VENV ?= .venv-torch-oldest
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -82,7 +82,7 @@ demo: install data
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The same tests against the oldest supported Lightning, in a venv of its own (no optional extras).
+# The whole suite against the oldest supported torch (a CUDA build from PyPI), in a venv of its own.
 test-torch-oldest:
 	@test -x $(TORCH_OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_OLDEST_VENV)
 	$(TORCH_OLDEST_VENV)/bin/python -m pip install -q "torch==$(TORCH_OLDEST)"
@@ -91,6 +91,7 @@ test-torch-oldest:
 	  sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_OLDEST)' else 1)"
 	$(TORCH_OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# The same tests against the oldest supported Lightning, in a venv of its own (no optional extras).
 test-lightning-oldest:
 	@$(MAKE) --no-print-directory torch VENV=$(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q -e . "lightning==$(LIGHTNING_OLDEST)" "pytest>=8" "pytest-timeout>=2.3"

@@ -108,8 +108,8 @@ register_recipe(
 )
 
 
-# The LM's attention off cuDNN's kernel, which recent PyTorch releases prefer on Hopper GPUs and whose plans are built
-# on each process's first calls: a candidate for the LM's cold start (docs/methods/compile.md).
+# The LM's attention off cuDNN's kernel, which recent PyTorch releases prefer on Hopper GPUs and whose plans
+# are built on each process's first calls: a candidate for the LM's cold start (docs/methods/compile.md).
 def _attention_without_cudnn(ctx):  # type: ignore[no-untyped-def]
     from lightning_speedup import SDPABackends
 

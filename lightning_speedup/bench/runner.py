@@ -511,8 +511,8 @@ def run_bench(
     ``resume`` those runs are loaded instead of rerun; failed ones are rerun. With ``time_budget_s`` no
     new run starts that would end after that many seconds, judged by the same recipe's longest run so far
     (a loaded run's ``total_s`` counts; a recipe's first run is judged by the time passed alone). A SIGTERM
-    stops the running run (it is not recorded) and starts nothing more; ``meta["stopped"]`` then says why. Returns the results, the metadata, and
-    whether every planned run is done.
+    stops the running run (it is not recorded) and starts nothing more; ``meta["stopped"]`` then says why.
+    Returns the results, the metadata, and whether every planned run is done.
     """
     task, recipes, target, max_epochs = cfg.resolve()
     if time_budget_s is not None and time_budget_s < 0:

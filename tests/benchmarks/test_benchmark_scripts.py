@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from lightning_speedup.pipeline.strategy import adjacent_local_stages_problem
 from lightning_speedup.quantization.triton_gemv import triton_unavailable
+from tests.pipeline.common import needs_local_stages
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -248,10 +247,7 @@ def test_pipeline_bubble_script(tmp_path: Path) -> None:
     assert all(0.0 <= r["bubble_measured_rank0"] <= 1.0 for r in rows)
 
 
-@pytest.mark.skipif(
-    adjacent_local_stages_problem("interleaved_1f1b", 1, 2, torch.__version__) is not None,
-    reason=f"torch {torch.__version__} cannot pass between adjacent stages of one process",
-)
+@needs_local_stages  # its default schedule interleaves two stages in one process
 def test_pipeline_overhead_script(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     _run(

@@ -31,6 +31,7 @@ from tests.pipeline.common import (
     fit,
     loader,
     losses,
+    needs_local_stages,
 )
 
 STAGES_PER_RANK = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zero_bubble": 2, "zbv": 2, "dualpipev": 2}
@@ -80,13 +81,6 @@ def _assert_same_training(ref: Path, run: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fit(tmp_path_factory.mktemp("reference"))
-
-
-# On a torch that cannot pass between two adjacent stages of one process, the strategy refuses those schedules.
-OLD_TORCH = adjacent_local_stages_problem("zbv", 2, 2, torch.__version__) is not None
-needs_local_stages = pytest.mark.skipif(
-    OLD_TORCH, reason=f"torch {torch.__version__} cannot pass between adjacent stages of one process"
-)
 
 
 @pytest.mark.parametrize(
