@@ -99,34 +99,11 @@ register_recipe(
         name="speedup-lm-cudagraphs",
         description=(
             "speedup-autotune with the LM's training forward/backward as CUDA graphs without Inductor "
-            "(EagerCUDAGraphs) and the fused AdamW kernel (today's `speedup` for the LM); images as speedup-autotune."
+            "(EagerCUDAGraphs) and the fused AdamW kernel: the LM's `speedup` from 2026-12-04 until its attention left "
+            "cuDNN's kernel on 2026-12-05; images as speedup-autotune."
         ),
         per_task={
             "char-lm": {**_AUTOTUNE.per_task["char-lm"], "cuda_graphs": "eager", "fused_optimizer": True}
-        },
-    )
-)
-
-
-# The LM's attention off cuDNN's kernel, which recent PyTorch releases prefer on Hopper GPUs and whose plans
-# are built on each process's first calls: a candidate for the LM's cold start (docs/methods/compile.md).
-def _attention_without_cudnn(ctx):  # type: ignore[no-untyped-def]
-    from lightning_speedup import SDPABackends
-
-    return SDPABackends()
-
-
-_attention_without_cudnn.__name__ = "SDPABackends()"
-_SPEEDUP_LM = get_recipe("speedup").per_task["char-lm"]
-register_recipe(
-    get_recipe("speedup").extended(
-        name="speedup-lm-flash",
-        description=(
-            "speedup with the LM's attention kept off cuDNN's kernel (SDPABackends(): flash, efficient or math); "
-            "images as speedup."
-        ),
-        per_task={
-            "char-lm": {**_SPEEDUP_LM, "callbacks": (*_SPEEDUP_LM["callbacks"], _attention_without_cudnn)}
         },
     )
 )

@@ -249,6 +249,17 @@ def async_metrics(ctx: RunContext) -> Callback:
 
 async_metrics.__name__ = "AsyncProgressBarMetrics()"
 
+
+def attention_without_cudnn(ctx: RunContext) -> Callback:
+    """``SDPABackends()``: attention on flash, efficient or math, not cuDNN's kernel (whose plans each fresh
+    process builds on its first calls)."""
+    from lightning_speedup.compile import SDPABackends
+
+    return SDPABackends()
+
+
+attention_without_cudnn.__name__ = "SDPABackends()"
+
 _LM_SPEEDUP = {
     **LEVERS.per_task["char-lm"],
     "data": "baseline",
@@ -310,13 +321,15 @@ register_recipe(
             "training step's forward/backward as CUDA graphs without Inductor (EagerCUDAGraphs) with the fused "
             "Adam(W) kernel; for images the data set resident in GPU memory with GPUAugment, OneCycle (max_lr "
             "4e-3, 10 epochs) and no cuDNN benchmark mode; for the LM WarmupStableDecay (peak 1e-3, 40 "
-            "epochs); AsyncProgressBarMetrics."
+            "epochs) and attention off cuDNN's kernel (SDPABackends()); AsyncProgressBarMetrics."
         ),
         trainer_kwargs={},
         # The LM's runs were measured with cudnn.benchmark on, which picks convolution algorithms (the GPT has none).
+        # Its attention off cuDNN's kernel won cold on 2026-12-05 (`speedup-lm-flash` in that day's files).
         per_task={
             "char-lm": {
                 **_EAGER_LM,
+                "callbacks": (*_EAGER_LM["callbacks"], attention_without_cudnn),
                 "cuda_graphs": "eager",
                 "fused_optimizer": True,
                 "trainer_kwargs": {"benchmark": True},

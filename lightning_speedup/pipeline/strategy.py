@@ -110,6 +110,10 @@ def _materialize_on_cpu(module: LightningModule) -> None:
             layers.materialize_(layer, torch.device("cpu"))
 
 
+def _holds_meta(module: torch.nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in (*module.parameters(), *module.buffers()))
+
+
 @registered_strategy
 class PipelineStrategy(DDPStrategy):
     """Pipeline parallelism (optionally x data parallelism) for a LightningModule that declares its layers.
@@ -790,6 +794,16 @@ class PipelineStrategy(DDPStrategy):
             else:  # interrupted: peers may be gone, so no collective; initialise what cannot move to the CPU
                 _materialize_on_cpu(module)
         self._layers, self._stage_modules, self._schedule = [], {}, None
+        if module is not None and _holds_meta(module):
+            # The run failed before this process's model was placed (a worker's setup) or before the trained
+            # weights came back (the launching process of spawn/fork): the model stays as built. Lightning's
+            # teardown moves it to the CPU, which fails for meta tensors and would replace the run's own error.
+            module.__dict__["cpu"] = lambda: module  # shadows nn.Module.cpu for this one call
+            try:
+                super().teardown()
+            finally:
+                del module.__dict__["cpu"]
+            return
         super().teardown()
 
     def _reassemble(self, module: LightningModule) -> None:

@@ -20,14 +20,15 @@ FIELDS = {
     "channels-last": {"channels_last"}, "cudnn-benchmark": {"trainer_kwargs"}, "data": {"data", "num_workers"},
     "schedule": {"max_epochs"}, "async-metrics": set(), "drop-last": {"drop_last"},
     "compile": {"compile", "compile_cache"}, "cuda-graphs": {"cuda_graphs", "compile_mode"},
-    "fused-optimizer": {"fused_optimizer"},
+    "fused-optimizer": {"fused_optimizer"}, "attention-no-cudnn": set(),
 }  # fmt: skip
-CALLBACKS = {"schedule": ("OneCycle(", "WarmupStableDecay("), "async-metrics": ("AsyncProgressBarMetrics(",)}
+CALLBACKS = {"schedule": ("OneCycle(", "WarmupStableDecay("), "async-metrics": ("AsyncProgressBarMetrics(",),
+             "attention-no-cudnn": ("SDPABackends(",)}  # fmt: skip
 LADDERS = {
     "fashion-mnist": ["bf16", "batch", "channels-last", "data", "schedule", "async-metrics", "drop-last",
                       "cuda-graphs", "fused-optimizer"],
     "char-lm": ["bf16", "cudnn-benchmark", "schedule", "async-metrics", "drop-last", "cuda-graphs",
-                "fused-optimizer"],
+                "fused-optimizer", "attention-no-cudnn"],
 }  # fmt: skip
 # `speedup` minus a technique that another needs removes both: CUDA graphs replay fixed shapes, so they go
 # with the dropped last batch.
@@ -95,12 +96,14 @@ def test_ladder_adds_then_removes_one_technique_at_a_time(task: str) -> None:
     # speedup compiles nothing (chosen by cold runs), so no step of the ladder compiles either
     assert not any(_resolved_step(task, n).compile for n in names)
 
-    # The schedule and the asynchronous metrics are steps of their own, in both directions.
+    # The schedule and the asynchronous metrics (and the LM's attention kernels) are steps of their own, in
+    # both directions.
     schedule_name = end.callbacks[0].__name__
     assert schedule_name.startswith(CALLBACKS["schedule"])
+    attention = ["SDPABackends()"] if task == "char-lm" else []
     for step, kept in (
-        (f"{task}:speedup-async-metrics", [schedule_name]),
-        (f"{task}:speedup-schedule", ["AsyncProgressBarMetrics()"]),
+        (f"{task}:speedup-async-metrics", [schedule_name, *attention]),
+        (f"{task}:speedup-schedule", ["AsyncProgressBarMetrics()", *attention]),
         (
             f"{task}:{names[names.index('speedup') - 1].split(':')[1]}",
             [schedule_name, "AsyncProgressBarMetrics()"],

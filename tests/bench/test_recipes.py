@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 
 from lightning_speedup.bench import RunContext, get_recipe, get_task, register_recipe
 from lightning_speedup.bench.datasets import DataError
-from lightning_speedup.bench.recipes import _RECIPES, Recipe, available_recipes
+from lightning_speedup.bench.recipes import _RECIPES, Recipe, attention_without_cudnn, available_recipes
 from lightning_speedup.bench.runner import BenchConfig, build_trainer_parts
 
 
@@ -72,15 +72,18 @@ def test_speedup_adds_cudagraphs_and_fused_adam_for_images_only() -> None:
 def test_cold_start_candidates() -> None:
     """`speedup` and its candidates differ from `speedup-compiled` only in how (and whether) they compile or
     graph the step and in cuDNN's benchmark mode; `speedup` graphs both tasks' steps without Inductor, and
-    differs from `speedup-autotune` (the candidates' base) only there and, for images, in benchmark mode."""
+    differs from `speedup-autotune` (the candidates' base) only there, for images in benchmark mode and for the
+    LM in its attention kernels."""
     base = get_recipe("speedup-compiled")
     for task in ("fashion-mnist", "char-lm"):
         sp = base.for_task(task)
         eager = get_recipe("speedup").for_task(task)
         assert eager.compile is False and eager.compile_mode is None
         assert eager.cuda_graphs == "eager" and eager.fused_optimizer and eager.drop_last
+        attention = ["SDPABackends()"] if task == "char-lm" else []  # the LM's attention off cuDNN's kernel
         assert [c.__name__ for c in eager.callbacks] == [c.__name__ for c in sp.callbacks] + [
-            "AsyncProgressBarMetrics()"
+            "AsyncProgressBarMetrics()",
+            *attention,
         ]
         same = ("precision", "batch_size", "lr", "data", "max_epochs", "channels_last", "drop_last")
         assert all(getattr(eager, f) == getattr(sp, f) for f in same)
@@ -88,9 +91,12 @@ def test_cold_start_candidates() -> None:
         assert get_recipe("speedup-auto").for_task(task).compile == "auto"
         autotune = get_recipe("speedup-autotune").for_task(task)
         assert autotune.trainer_kwargs == {"benchmark": True}
+        assert [c.__name__ for c in autotune.callbacks] == [c.__name__ for c in sp.callbacks] + [
+            "AsyncProgressBarMetrics()"
+        ]
         for name in ("speedup-regional", "speedup-auto", "speedup-eager-step"):
             r = get_recipe(name).for_task(task)
-            assert r.callbacks == eager.callbacks and r.data == eager.data, name
+            assert r.callbacks == autotune.callbacks and r.data == eager.data, name
             assert r.cuda_graphs is None and r.trainer_kwargs == autotune.trainer_kwargs, name
     images = get_recipe("speedup").for_task("fashion-mnist")
     autotune = get_recipe("speedup-autotune").for_task("fashion-mnist")
@@ -101,7 +107,8 @@ def test_cold_start_candidates() -> None:
     lm = get_recipe("speedup").for_task("char-lm")
     lm_autotune = get_recipe("speedup-autotune").for_task("char-lm")
     assert lm_autotune.cuda_graphs is None and not lm_autotune.fused_optimizer
-    assert _as(lm_autotune, lm, cuda_graphs="eager", fused_optimizer=True) == lm
+    graphed = _as(lm_autotune, lm, cuda_graphs="eager", fused_optimizer=True, callbacks=lm.callbacks)
+    assert graphed == lm and lm.callbacks == (*lm_autotune.callbacks, attention_without_cudnn)
 
 
 @pytest.mark.parametrize(
@@ -317,8 +324,9 @@ def test_the_no_sanity_candidate_skips_only_the_sanity_check(
 
 
 def test_the_measured_candidates_are_todays_speedup_where_the_case_study_says_so(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The case study files `speedup-lm-cudagraphs` (char-lm) and the ablation's `speedup-autotune` minus
-    cudnn-benchmark (fashion-mnist) under today's `speedup`: both must be exactly that recipe."""
+    """The case study files the ablation's `speedup-autotune` minus cudnn-benchmark (fashion-mnist) under today's
+    `speedup`, which must be exactly that recipe; and the LM's `speedup-lm-flash` of 2026-12-05, which was
+    `speedup-lm-cudagraphs` (the LM's `speedup` before) with SDPABackends() added, and today's `speedup` is that."""
     import pathlib
 
     from lightning_speedup.bench.ablation import _resolved, ablation_recipes
@@ -329,40 +337,32 @@ def test_the_measured_candidates_are_todays_speedup_where_the_case_study_says_so
     monkeypatch.setenv("LIGHTNING_SPEEDUP_RECIPES", str(repo / "benchmarks" / "recipes.py"))
     load_recipe_files()
     ablation_recipes("fashion-mnist", end="speedup-autotune")
-    pairs = [
-        ("char-lm", "speedup-lm-cudagraphs"),
-        ("fashion-mnist", "fashion-mnist:speedup-autotune-cudnn-benchmark"),
-    ]
-    for task, name in pairs:
-        defaults = get_task(task).defaults  # the ablation's recipes spell out the task's defaults
-        today = _resolved(get_recipe("speedup").for_task(task), defaults)
-        assert _as(_resolved(get_recipe(name).for_task(task), defaults), today) == today, name
+    defaults = get_task("fashion-mnist").defaults  # the ablation's recipes spell out the task's defaults
+    today = _resolved(get_recipe("speedup").for_task("fashion-mnist"), defaults)
+    candidate = get_recipe("fashion-mnist:speedup-autotune-cudnn-benchmark").for_task("fashion-mnist")
+    assert _as(_resolved(candidate, defaults), today) == today
+    lm, before = (get_recipe(n).for_task("char-lm") for n in ("speedup", "speedup-lm-cudagraphs"))
+    assert lm.callbacks == (*before.callbacks, attention_without_cudnn)
+    assert _as(before, lm, callbacks=lm.callbacks) == lm
 
 
-def test_the_lm_flash_candidate_is_speedup_with_sdpa_backends(
-    shakespeare_path, tmp_path, monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
-    """`speedup-lm-flash` adds SDPABackends() to the LM's `speedup` and nothing else, and its bench run trains."""
+def test_the_lm_speedup_keeps_attention_off_cudnn(shakespeare_path, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The LM's `speedup` ends its callbacks with SDPABackends() (no cuDNN attention), images have none, and the
+    LM's bench run trains with it (on the CPU, where it warns that it changes nothing)."""
     import json
-    import pathlib
 
     from lightning_speedup import SDPABackends
     from lightning_speedup.cli import EXIT_OK, main
 
-    repo = pathlib.Path(__file__).resolve().parents[2]
-    monkeypatch.setenv("LIGHTNING_SPEEDUP_RECIPES", str(repo / "benchmarks" / "recipes.py"))
     images, lm = (get_recipe("speedup").for_task(t) for t in ("fashion-mnist", "char-lm"))
-    candidate_images, candidate_lm = (
-        get_recipe("speedup-lm-flash").for_task(t) for t in ("fashion-mnist", "char-lm")
-    )
-    assert _as(candidate_images, images) == images
-    assert _as(candidate_lm, lm, callbacks=lm.callbacks) == lm and candidate_lm.callbacks[:-1] == lm.callbacks
-    ctx = RunContext(task=get_task("char-lm"), recipe=candidate_lm, seed=0, accelerator="cpu")
-    assert isinstance(candidate_lm.callbacks[-1](ctx), SDPABackends)
+    assert attention_without_cudnn not in images.callbacks and lm.callbacks[-1] is attention_without_cudnn
+    ctx = RunContext(task=get_task("char-lm"), recipe=lm, seed=0, accelerator="cpu")
+    made = lm.callbacks[-1](ctx)
+    assert isinstance(made, SDPABackends) and made.backends == ("flash", "efficient", "math")
     tiny = ["--train-subset", "256", "--val-subset", "8", "--max-epochs", "1", "--model-arg", "n_layer=1",
             "--model-arg", "n_embd=32", "--model-arg", "n_head=2", "--model-arg", "block_size=32"]  # fmt: skip
-    argv = ["bench", "--task", "char-lm", "--data", str(shakespeare_path), "--recipe", "speedup-lm-flash",
+    argv = ["bench", "--task", "char-lm", "--data", str(shakespeare_path), "--recipe", "speedup",
             "--seeds", "1", "--target", "9", "--out", str(tmp_path / "o"), *tiny]  # fmt: skip
     assert main(argv) == EXIT_OK
     (run,) = json.loads((tmp_path / "o" / "report.json").read_text())["runs"]
-    assert run["recipe"] == "speedup-lm-flash" and run["reached"] and run["error"] is None
+    assert run["recipe"] == "speedup" and run["reached"] and run["error"] is None

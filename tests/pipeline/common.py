@@ -219,3 +219,10 @@ class SavePredictions(L.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         torch.save(outputs, self.out / f"rank{trainer.global_rank}_batch{batch_idx}.pt")
+
+
+class FailsOnTrainStart(TinyLM):
+    """Raises in every training process before its first step (picklable, for spawned processes)."""
+
+    def on_train_start(self) -> None:
+        raise ValueError("failed on purpose before the first step")

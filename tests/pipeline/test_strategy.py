@@ -22,6 +22,7 @@ from lightning_speedup.pipeline import SCHEDULES
 from lightning_speedup.pipeline.strategy import adjacent_local_stages_problem
 from tests.pipeline.common import (
     LAUNCH_VARIABLES,
+    FailsOnTrainStart,
     PredictLM,
     ReplicaShards,
     SavePredictions,
@@ -203,6 +204,18 @@ def test_meta_device_model_is_materialised_per_stage(tmp_path: Path) -> None:
     assert not [n for n, t in model.state_dict().items() if t.device.type == "meta"]
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_failed_spawn_run_with_a_meta_model_raises_its_own_error(tmp_path: Path) -> None:
+    """The workers fail before any weights come back: the launching process reports the workers' error, not a
+    second one from moving its still-meta model to the CPU at teardown, and the model stays as it was built."""
+    with torch.device("meta"):
+        model = FailsOnTrainStart()
+    with pytest.raises(Exception, match="failed on purpose before the first step") as raised:
+        fit(tmp_path, strategy=_pp("1f1b"), devices=2, model=model, max_steps=2)
+    assert "meta tensor" not in str(raised.value)
+    assert all(t.device.type == "meta" for t in model.state_dict().values())
+    assert "cpu" not in vars(model)  # teardown's stand-in for `.cpu()` is gone again
 
 
 # ---------------------------------------------------------------------- bad input, each before training
