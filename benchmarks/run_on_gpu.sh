@@ -131,6 +131,17 @@ set_cold_fashion() {
       --no-cudnn-benchmark --out "$WORK/reference_loop_speedup_seed$seed.json"
   done
 }
+# The plain-PyTorch loop of `speedup` beside `speedup` alone (no baseline), Fashion-MNIST, cold, 3 seeds each (the
+# headline's loop comparison, headline/2026-12-05-h200-loop-fashion).
+set_loop_fashion() {
+  local seed
+  for seed in 0 1 2; do
+    job "reference-loop-speedup-$seed" 0 python benchmarks/reference_loop.py --seed "$seed" --cuda-graphs \
+      --no-cudnn-benchmark --out "$WORK/reference_loop_speedup_seed$seed.json"
+  done
+  job loop-fashion-speedup 0 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --cache cold \
+    --recipe speedup --seeds 3 --out "$WORK/loop-fashion/fashion-mnist"
+}
 set_cold_charlm() {
   job cold-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache cold \
     --recipe baseline --recipe speedup --seeds 3 --out "$WORK/cold-charlm"
@@ -142,14 +153,13 @@ set_compile_cold_start() {
     --out "$WORK/compile_cold_start.json"
 }
 # The LM's attention kernel on a cold start: the compile package's GPU tests (one prints the kernel PyTorch picks
-# by default), then `speedup` against `speedup-lm-flash` (SDPABackends: no cuDNN attention), cold, 3 seeds. The
-# baseline is left out to keep the call short: a winner becomes `speedup`, and `cold-charlm` then measures it
-# against `baseline` in one call.
+# by default), then `speedup-lm-cudagraphs` (PyTorch's default attention, cuDNN on an H200) against `speedup`
+# (SDPABackends(): no cuDNN attention), cold, 3 seeds. `cold-charlm` measures `speedup` against `baseline`.
 set_attention_charlm() {
   job compile-gpu-tests 0 python -m pytest -q -s -p no:cacheprovider tests/compile/test_gpu.py \
     --junitxml="$WORK/compile-gpu-tests.xml"
   job attention-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache cold \
-    --recipe speedup --recipe speedup-lm-flash --seeds 3 --resume --out "$WORK/attention-charlm"
+    --recipe speedup-lm-cudagraphs --recipe speedup --seeds 3 --resume --out "$WORK/attention-charlm"
 }
 # `speedup` warm beside cold on both tasks: per seed a cold run, then a fresh process reusing its caches.
 set_warm() {

@@ -16,6 +16,7 @@ SETS = {
     "pipeline",
     "cold-fashion",
     "cold-charlm",
+    "loop-fashion",
     "attention-charlm",
     "compile-cold-start",
     "compile-charlm",
