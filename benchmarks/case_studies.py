@@ -337,7 +337,9 @@ def headline_loop(results: Path, price: float, prefix: str) -> str:
     _, rows, _ = bench_folder(
         results / LOOP_FOLDER / "fashion-mnist", price, RECIPE_NAMES.get(LOOP_FOLDER, {})
     )
-    return loop_paragraph(results, LOOP_FOLDER, "reference_loop_speedup_seed*.json", rows, prefix)
+    text = loop_paragraph(results, LOOP_FOLDER, "reference_loop_speedup_seed*.json", rows, prefix)
+    bench = _link(LOOP_FOLDER + "/fashion-mnist/", prefix)
+    return f"{text} The Lightning runs of that call (`speedup` alone, 3 seeds): {bench}."
 
 
 def warm_sentence(results: Path, price: float, prefix: str) -> str:
