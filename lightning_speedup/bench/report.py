@@ -39,6 +39,7 @@ def _stats(runs: Sequence[RunResult], base: float | None) -> dict[str, Any]:
         "compile_s": _median([r.compile_s for r in runs]),
         "sanity_s": _median([r.sanity_s for r in runs]),
         "cudagraph_s": _median([r.cudagraph_s for r in runs]),
+        "process_s": _median([r.process_s for r in runs]),
         "avg_power_w": _median([r.avg_power_w for r in runs]),
     }
 
@@ -89,6 +90,7 @@ def summarize(
                 "compile_s": h["compile_s"],
                 "sanity_s": h["sanity_s"],
                 "cudagraph_s": h["cudagraph_s"],
+                "process_s": h["process_s"],
                 "gpu_hours_to_target": gpu_h,
                 "cost_to_target": gpu_h * price if (gpu_h is not None and price is not None) else None,
                 "energy_to_target_wh": energy_wh,
@@ -120,9 +122,9 @@ def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     metric = meta["metric"]
     header = (
         f"| recipe | cold: time to target (median, min-max) | speed-up | warm: time to target | speed-up | "
-        f"epochs | best {metric} | warm-up | compile | sanity check | CUDA graphs | samples/s | peak mem | "
-        "GPU-hours | cost | energy |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        f"epochs | best {metric} | warm-up | compile | sanity check | CUDA graphs | process | samples/s | "
+        "peak mem | GPU-hours | cost | energy |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
     for r in rows:
@@ -135,7 +137,8 @@ def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{_fmt(r['warm']['speedup'], '.2f', 'x')} | {_fmt(r['epochs_to_target'], '.0f')} | "
             f"{_fmt(r['best_metric'], '.4f')} | {_fmt(r['warmup_s'], '.1f', ' s')} | "
             f"{_fmt(r['compile_s'], '.1f', ' s')} | {_fmt(r['sanity_s'], '.1f', ' s')} | "
-            f"{_fmt(r['cudagraph_s'], '.1f', ' s')} | {_fmt(r['samples_per_s'], ',.0f')} | "
+            f"{_fmt(r['cudagraph_s'], '.1f', ' s')} | {_fmt(r.get('process_s'), '.1f', ' s')} | "
+            f"{_fmt(r['samples_per_s'], ',.0f')} | "
             f"{_fmt(r['peak_mem_mb'], ',.0f', ' MiB')} | {_fmt(r.get('gpu_hours_to_target'), '.4f')} | "
             f"{_fmt(r.get('cost_to_target'), '.3f', ' $')} | {_fmt(r.get('energy_to_target_wh'), '.1f', ' Wh')} |"
         )
@@ -151,7 +154,9 @@ COLUMNS = (
     "the median step, plus the sanity check; **compile**: seconds in Dynamo and Inductor compilation "
     "(`torch._dynamo.utils.compilation_time_metrics`); **sanity check**: the sanity-check validation (Lightning's "
     "hooks); **CUDA graphs**: `EagerCUDAGraphs`' graph capture, warm-up iterations included (Inductor's "
-    "`reduce-overhead` capture is not separated from its warm-up: '-'). Warm-up columns are medians "
+    "`reduce-overhead` capture is not separated from its warm-up: '-'). **process**: the run's whole process "
+    "from start to exit (interpreter, imports, CUDA initialisation, set-up, fit, teardown), which time to target "
+    "leaves out but every run pays. Warm-up columns are medians "
     "of the headline (cold) runs; '-' means not measured or not applicable. **GPU-hours**: the headline median time "
     "to target on the run's one device; **cost**: GPU-hours at the price per GPU-hour stated below the table; "
     "**energy**: GPU-hours times the mean power `nvidia-smi` reported over the runs (empty on a CPU)."

@@ -237,6 +237,10 @@ class RunResult:
     cudagraph_s: float | None = None
     # Mean GPU power over the run (nvidia-smi samples); None where no power is reported (a CPU).
     avg_power_w: float | None = None
+    # The run's whole process as the bench saw it, from its start to its exit: interpreter, imports, CUDA
+    # initialisation, data and model set-up, fit and teardown (time to target counts from the start of fit
+    # only). None for runs made in the bench's own process, and in files from before it was recorded.
+    process_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -409,6 +413,7 @@ def _run_in_process(
     result_path.unlink(missing_ok=True)
     write_atomic(spec_path, json.dumps(spec, indent=2) + "\n")
     env = {**os.environ, **cache_environment(cache_dir)}
+    started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lightning_speedup.bench.worker", str(spec_path), str(result_path)],
         env=env, stdout=subprocess.PIPE, text=True, bufsize=1,
@@ -421,6 +426,7 @@ def _run_in_process(
         rc = proc.wait()
     finally:
         children.proc = None
+    process_s = time.perf_counter() - started
     if children.terminated or rc == -signal.SIGTERM:
         raise _Terminated
     if rc != 0 or not result_path.exists():
@@ -430,8 +436,9 @@ def _run_in_process(
             task=cfg.task, recipe=name, seed=seed, reached=False, time_to_target_s=None, epochs_to_target=None,
             steps_to_target=None, best_metric=None, final_metric=None, warmup_s=None, first_step_s=None,
             samples_per_s=None, peak_mem_mb=None, total_s=0.0, epochs=0, history=[], error=error,
+            process_s=process_s,
         )  # fmt: skip
-    return RunResult(**read_json(result_path))
+    return dataclasses.replace(RunResult(**read_json(result_path)), process_s=process_s)
 
 
 def _plan(cfg: BenchConfig, recipes: list[str]) -> list[tuple[int, str, str]]:
