@@ -34,8 +34,11 @@ folders `headline/2026-11-27-h100-foundation`, `schedules/2026-11-27-h200-schedu
 
 
 def _environment(record: Any) -> dict[str, Any]:
-    """The first dict under an ``env``/``environment`` key, searched depth-first."""
+    """The first dict under an ``env``/``environment`` key, searched depth-first; or the record itself where
+    it names its GPU, torch and date at the top (the plain-loop and compile scripts write them there)."""
     if isinstance(record, dict):
+        if {"gpu", "torch", "date"} <= record.keys():
+            return record
         for key in ("env", "environment"):
             if isinstance(record.get(key), dict):
                 return record[key]
@@ -52,15 +55,23 @@ def _environment(record: Any) -> dict[str, Any]:
 
 
 def _record_of(entry: Path) -> tuple[dict[str, Any], str]:
-    """The environment record of a JSON file, or of the first JSON file in a folder (bench.json first)."""
+    """The environment record of a JSON file, or of the first JSON file in a folder that has one (a bench's
+    report.json first: its bench.json holds the settings only)."""
     if entry.is_dir():
-        files = sorted(entry.rglob("*.json"), key=lambda p: (p.name != "bench.json", len(p.parts), str(p)))
-        if not files:
-            return {}, ""
-        record = json.loads(files[0].read_text())
-        return _environment(record), record.get("benchmark", "bench") if isinstance(record, dict) else ""
+        order = {"report.json": 0, "bench.json": 1}
+        files = sorted(entry.rglob("*.json"), key=lambda p: (order.get(p.name, 2), len(p.parts), str(p)))
+        records = [json.loads(f.read_text()) for f in files]
+        record = next((r for r in records if _environment(r)), records[0] if records else {})
+        return _environment(record), _benchmark(record, "bench")
     record = json.loads(entry.read_text())
-    return _environment(record), record.get("benchmark", "") if isinstance(record, dict) else ""
+    return _environment(record), _benchmark(record, "")
+
+
+def _benchmark(record: Any, default: str) -> str:
+    if not isinstance(record, dict):
+        return ""
+    script = record.get("script")
+    return record.get("benchmark") or (Path(script).stem if isinstance(script, str) else default)
 
 
 def _row(topic: str, entry: Path) -> str:
@@ -72,7 +83,9 @@ def _row(topic: str, entry: Path) -> str:
     count = env.get("gpu_count") or 0
     machine = f"{count}x {gpu}" if count and gpu != "CPU" else gpu
     date = str(env.get("date") or "")[:10]
-    versions = f"torch {env.get('torch', '?')}, Lightning {env.get('lightning', '?')}"
+    versions = f"torch {env.get('torch', '?')}" + (
+        f", Lightning {env['lightning']}" if env.get("lightning") else ""
+    )
     commit = env.get("git_commit") or env.get("commit") or "-"
     return f"| [`{topic}/{name}`]({topic}/{name}) | {benchmark or '-'} | {machine} | {date} | {versions} | {commit} |"
 
