@@ -517,7 +517,8 @@ def run_bench(
     Each finished run is saved at once as ``runs/RECIPE-seedN.json`` (``-warm`` for warm runs). With
     ``resume`` those runs are loaded instead of rerun; failed ones are rerun. With ``time_budget_s`` no
     new run starts that would end after that many seconds, judged by the same recipe's longest run so far
-    (a loaded run's ``total_s`` counts; a recipe's first run is judged by the time passed alone). A SIGTERM
+    (a loaded run's ``process_s``, else its ``total_s``, counts; a recipe's first run is judged by the time passed
+    alone). A SIGTERM
     stops the running run (it is not recorded) and starts nothing more; ``meta["stopped"]`` then says why.
     Returns the results, the metadata, and whether every planned run is done.
     """
@@ -572,7 +573,8 @@ def _run_plan(
                 earlier = RunResult(**read_json(saved))
                 if earlier.error is None:
                     results.append(earlier)
-                    longest[name] = max(longest.get(name, 0.0), earlier.total_s or 0.0)
+                    # its process's whole time where recorded; files from before that record its fit only
+                    longest[name] = max(longest.get(name, 0.0), earlier.process_s or earlier.total_s or 0.0)
                     echo(f"{label}: done earlier, loaded from {saved}")
                     continue
                 echo(f"{label}: failed earlier ({earlier.error}); running it again")
