@@ -110,9 +110,9 @@ def test_time_budget_then_resume_runs_only_what_is_left(
     done = [json.loads((out / "runs" / f"baseline-seed{s}.json").read_text()) for s in (0, 1)]
     budget = 1.5 * max(r["total_s"] for r in done)
     assert budget < max(r["process_s"] for r in done)
-    assert _bench(fashion_mnist_dir, out, *args, "--seeds", "3", "--resume", "--time-budget", str(budget)) == (
-        EXIT_INCOMPLETE
-    )
+    assert _bench(
+        fashion_mnist_dir, out, *args, "--seeds", "3", "--resume", "--time-budget", str(budget)
+    ) == (EXIT_INCOMPLETE)
     assert "too short for baseline" in capsys.readouterr().out
     assert not (out / "runs" / "baseline-seed2.json").exists()
 
