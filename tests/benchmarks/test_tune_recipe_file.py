@@ -79,8 +79,8 @@ def test_recipe_file_registers_the_tuned_recipe_as_the_sweep_built_it(
     assert f"{RECIPES_ENV}={out} lightning-speedup bench --task char-lm" in capsys.readouterr().out
     source = out.read_text()
     assert (
-        "from lightning_speedup.bench.recipes import async_metrics, get_recipe, register_recipe, schedule\n"
-        in (source)
+        "from lightning_speedup.bench.recipes import async_metrics, attention_without_cudnn, get_recipe, "
+        "register_recipe, schedule\n" in (source)
     )
     assert f"--from-result {result_path} --recipe-out {out}" in source  # the docstring names the command
 
@@ -97,7 +97,7 @@ def test_recipe_file_registers_the_tuned_recipe_as_the_sweep_built_it(
     assert (name, kwargs) == ("WarmupStableDecay", {"peak_lr": 2.5e-3, "warmup": 0.08, "decay": 0.3})
     assert inspect.getclosurevars(tuned.callbacks[index]).nonlocals["kwargs"] == kwargs
     assert [f.__name__ for f in tuned.callbacks] == [f.__name__ for f in expected.callbacks]
-    assert [f.__name__ for f in tuned.callbacks][1:] == ["AsyncProgressBarMetrics()"]
+    assert [f.__name__ for f in tuned.callbacks][1:] == ["AsyncProgressBarMetrics()", "SDPABackends()"]
     assert {**tuned.summary(), "name": "", "description": ""} == {
         **expected.summary(),
         "name": "",
@@ -123,7 +123,8 @@ def test_the_recipe_file_runs_in_a_fresh_process(tmp_path: Path, forget_tuned: N
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0] == (
-        "256 30 ['WarmupStableDecay(peak_lr=0.0025, warmup=0.08, decay=0.3)', 'AsyncProgressBarMetrics()']"
+        "256 30 ['WarmupStableDecay(peak_lr=0.0025, warmup=0.08, decay=0.3)', 'AsyncProgressBarMetrics()', "
+        "'SDPABackends()']"
     )
 
 
