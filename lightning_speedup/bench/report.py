@@ -40,6 +40,7 @@ def _stats(runs: Sequence[RunResult], base: float | None) -> dict[str, Any]:
         "sanity_s": _median([r.sanity_s for r in runs]),
         "cudagraph_s": _median([r.cudagraph_s for r in runs]),
         "process_s": _median([r.process_s for r in runs]),
+        "startup_s": _median([r.startup_s for r in runs]),
         "avg_power_w": _median([r.avg_power_w for r in runs]),
     }
 
@@ -91,6 +92,7 @@ def summarize(
                 "sanity_s": h["sanity_s"],
                 "cudagraph_s": h["cudagraph_s"],
                 "process_s": h["process_s"],
+                "startup_s": h["startup_s"],
                 "gpu_hours_to_target": gpu_h,
                 "cost_to_target": gpu_h * price if (gpu_h is not None and price is not None) else None,
                 "energy_to_target_wh": energy_wh,
@@ -116,6 +118,13 @@ def _ttt_cell(k: dict[str, Any]) -> str:
     return f"not reached ({k['reached']}/{k['runs']} runs reached)"
 
 
+def _process_cell(row: dict[str, Any]) -> str:
+    """The run's whole process (median), with its part before ``fit`` in brackets where recorded."""
+    process, startup = row.get("process_s"), row.get("startup_s")
+    cell = _fmt(process, ".1f", " s")
+    return cell if startup is None or process is None else f"{cell} ({startup:.1f} s before fit)"
+
+
 def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     """Markdown table; also what the CLI prints. Cold and warm time to target side by side; the warm-up
     columns are those of the headline (cold) runs."""
@@ -137,7 +146,7 @@ def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{_fmt(r['warm']['speedup'], '.2f', 'x')} | {_fmt(r['epochs_to_target'], '.0f')} | "
             f"{_fmt(r['best_metric'], '.4f')} | {_fmt(r['warmup_s'], '.1f', ' s')} | "
             f"{_fmt(r['compile_s'], '.1f', ' s')} | {_fmt(r['sanity_s'], '.1f', ' s')} | "
-            f"{_fmt(r['cudagraph_s'], '.1f', ' s')} | {_fmt(r.get('process_s'), '.1f', ' s')} | "
+            f"{_fmt(r['cudagraph_s'], '.1f', ' s')} | {_process_cell(r)} | "
             f"{_fmt(r['samples_per_s'], ',.0f')} | "
             f"{_fmt(r['peak_mem_mb'], ',.0f', ' MiB')} | {_fmt(r.get('gpu_hours_to_target'), '.4f')} | "
             f"{_fmt(r.get('cost_to_target'), '.3f', ' $')} | {_fmt(r.get('energy_to_target_wh'), '.1f', ' Wh')} |"
@@ -155,8 +164,8 @@ COLUMNS = (
     "(`torch._dynamo.utils.compilation_time_metrics`); **sanity check**: the sanity-check validation (Lightning's "
     "hooks); **CUDA graphs**: `EagerCUDAGraphs`' graph capture, warm-up iterations included (Inductor's "
     "`reduce-overhead` capture is not separated from its warm-up: '-'). **process**: the run's whole process "
-    "from start to exit (interpreter, imports, CUDA initialisation, set-up, fit, teardown), which time to target "
-    "leaves out but every run pays. Warm-up columns are medians "
+    "from start to exit (interpreter, imports, CUDA initialisation, set-up, fit, teardown), and in brackets its "
+    "part before `fit` started; time to target leaves both out, and every run pays them. Warm-up columns are medians "
     "of the headline (cold) runs; '-' means not measured or not applicable. **GPU-hours**: the headline median time "
     "to target on the run's one device; **cost**: GPU-hours at the price per GPU-hour stated below the table; "
     "**energy**: GPU-hours times the mean power `nvidia-smi` reported over the runs (empty on a CPU)."

@@ -241,6 +241,8 @@ class RunResult:
     # initialisation, data and model set-up, fit and teardown (time to target counts from the start of fit
     # only). None for runs made in the bench's own process, and in files from before it was recorded.
     process_s: float | None = None
+    # Of that, the seconds from the process's launch to the start of fit (the same caveats).
+    startup_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -288,8 +290,10 @@ def run_one(
     run_dir: Path,
     echo: Callable[[str], None] = print,
     label: str = "",
+    launched_at: float | None = None,
 ) -> RunResult:
-    """One fit of one recipe with one seed; failures are caught and reported, never hidden."""
+    """One fit of one recipe with one seed; failures are caught and reported, never hidden. ``launched_at``
+    (``time.time()`` when the bench started this run's process) gives ``startup_s``."""
     task, _, target, default_epochs = cfg.resolve()
     recipe = get_recipe(recipe_name).for_task(task.name)
     # An explicit --max-epochs applies to every recipe; otherwise a recipe's own budget (a schedule's
@@ -303,6 +307,7 @@ def run_one(
     timer = TimeToTarget(task.metric, target, task.mode, stop_at_target=cfg.stop_at_target)
     error = None
     callbacks: list[Callback] | None = None
+    startup_s = None
     try:
         module, dm, callbacks, kwargs = build_trainer_parts(task, ctx)
         with warnings.catch_warnings():
@@ -326,6 +331,8 @@ def run_one(
                 enable_model_summary=False,
                 **kwargs,
             )
+            if launched_at is not None:
+                startup_s = time.time() - launched_at
             trainer.fit(module, datamodule=dm)
     except KeyboardInterrupt:
         raise
@@ -339,7 +346,7 @@ def run_one(
     s = timer.summary()
     return RunResult(
         task=task.name, recipe=recipe_name, seed=seed, error=error, compile_s=_compile_seconds(),
-        cudagraph_s=_capture_seconds(callbacks), **s,
+        cudagraph_s=_capture_seconds(callbacks), startup_s=startup_s, **s,
     )  # fmt: skip
 
 
@@ -408,7 +415,8 @@ def _run_in_process(
     """One run in a fresh Python process whose compile caches live in ``cache_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    spec = {"config": asdict(cfg), "recipe": name, "seed": seed, "run_dir": str(run_dir), "label": label}
+    spec = {"config": asdict(cfg), "recipe": name, "seed": seed, "run_dir": str(run_dir), "label": label,
+            "launched_at": time.time()}  # fmt: skip
     spec_path, result_path = run_dir / "spec.json", run_dir / "result.json"
     result_path.unlink(missing_ok=True)
     write_atomic(spec_path, json.dumps(spec, indent=2) + "\n")

@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     with PowerSampler() as power:
         result = run_one(
             cfg, spec["recipe"], spec["seed"], Path(spec["run_dir"]), echo=lambda s: print(s, flush=True),
-            label=spec["label"],
+            label=spec["label"], launched_at=spec.get("launched_at"),
         )  # fmt: skip
     result.avg_power_w = power.mean_w
     result.cache_env = {k: os.environ[k] for k in cache_environment(Path()) if k in os.environ}

@@ -54,6 +54,8 @@ def test_cache_both_gives_each_seed_its_own_cache_and_the_warm_run_reuses_it(
     assert row["compile_s"] == 0.0 and row["sanity_s"] is not None and row["cudagraph_s"] is None
     # Each process's whole life, measured from outside it: longer than its fit, which time to target is part of.
     assert all(r["process_s"] > r["total_s"] > 0 for r in runs)
+    # Its part before fit (interpreter, imports, data and model set-up) leaves the fit and teardown after it.
+    assert all(0 < r["startup_s"] < r["process_s"] - r["total_s"] for r in runs)
     cold = [r["process_s"] for r in runs if r["cache"] == "cold"]
     assert row["process_s"] == pytest.approx(sum(cold) / 2)  # the median of the headline (cold) runs
     md = (out / "report.md").read_text()
@@ -63,7 +65,9 @@ def test_cache_both_gives_each_seed_its_own_cache_and_the_warm_run_reuses_it(
     cells = next(line for line in md.splitlines() if line.startswith("| baseline |")).split("|")
     assert cells[2].strip().endswith(")") and cells[4].strip().endswith(")")  # both columns filled
     header = next(line for line in md.splitlines() if line.startswith("| recipe |")).split("|")
-    assert cells[header.index(" process ")].strip() == f"{row['process_s']:.1f} s"
+    assert cells[header.index(" process ")].strip() == (
+        f"{row['process_s']:.1f} s ({row['startup_s']:.1f} s before fit)"
+    )
     # Cost: the headline (cold) median time in device-hours at the given price; no power sensor on a CPU.
     assert row["gpu_hours_to_target"] == pytest.approx(row["cold"]["ttt_median_s"] / 3600)
     assert row["cost_to_target"] == pytest.approx(2 * row["gpu_hours_to_target"])
