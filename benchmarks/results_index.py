@@ -60,8 +60,14 @@ def _record_of(entry: Path) -> tuple[dict[str, Any], str]:
     if entry.is_dir():
         order = {"report.json": 0, "bench.json": 1}
         files = sorted(entry.rglob("*.json"), key=lambda p: (order.get(p.name, 2), len(p.parts), str(p)))
-        records = [json.loads(f.read_text()) for f in files]
-        record = next((r for r in records if _environment(r)), records[0] if records else {})
+        record: Any = {}
+        for i, path in enumerate(files):  # read until one has an environment; if none has, the first file
+            found = json.loads(path.read_text())
+            if _environment(found):
+                record = found
+                break
+            if i == 0:
+                record = found
         return _environment(record), _benchmark(record, "bench")
     record = json.loads(entry.read_text())
     return _environment(record), _benchmark(record, "")

@@ -64,7 +64,7 @@ class PipelineLayers:
 
     def materialize_(self, layer: nn.Module, device: torch.device) -> None:
         """Move ``layer`` to ``device``; a layer built on the meta device is allocated there and initialised."""
-        if any(t.device.type == "meta" for t in (*layer.parameters(), *layer.buffers())):
+        if holds_meta(layer):
             layer.to_empty(device=device)
             self._init(layer)
         else:
@@ -88,6 +88,11 @@ class PipelineLayers:
             reset = getattr(sub, "reset_parameters", None)
             if callable(reset):
                 reset()
+
+
+def holds_meta(module: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``module`` is on the meta device (built without storage)."""
+    return any(t.device.type == "meta" for t in (*module.parameters(), *module.buffers()))
 
 
 def collect_layers(module: LightningModule) -> PipelineLayers:

@@ -47,7 +47,7 @@ from lightning_speedup._compat import (
 from lightning_speedup._registry import registered_strategy
 from lightning_speedup._validation import check_int
 from lightning_speedup.metrics import log_number
-from lightning_speedup.pipeline.contract import PipelineLayers, collect_layers, split_batch
+from lightning_speedup.pipeline.contract import PipelineLayers, collect_layers, holds_meta, split_batch
 from lightning_speedup.pipeline.p2p import forward_only
 from lightning_speedup.pipeline.partition import (
     StagePlan,
@@ -106,12 +106,8 @@ def _materialize_on_cpu(module: LightningModule) -> None:
     it fills it; non-persistent buffers, which no state dict carries, keep their initial values."""
     layers = collect_layers(module)
     for layer in layers.modules:
-        if any(t.device.type == "meta" for t in (*layer.parameters(), *layer.buffers())):
+        if holds_meta(layer):
             layers.materialize_(layer, torch.device("cpu"))
-
-
-def _holds_meta(module: torch.nn.Module) -> bool:
-    return any(t.device.type == "meta" for t in (*module.parameters(), *module.buffers()))
 
 
 @registered_strategy
@@ -794,7 +790,7 @@ class PipelineStrategy(DDPStrategy):
             else:  # interrupted: peers may be gone, so no collective; initialise what cannot move to the CPU
                 _materialize_on_cpu(module)
         self._layers, self._stage_modules, self._schedule = [], {}, None
-        if module is not None and _holds_meta(module):
+        if module is not None and holds_meta(module):
             # The run failed before this process's model was placed (a worker's setup) or before the trained
             # weights came back (the launching process of spawn/fork): the model stays as built. Lightning's
             # teardown moves it to the CPU, which fails for meta tensors and would replace the run's own error.
