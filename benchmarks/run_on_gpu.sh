@@ -165,8 +165,12 @@ set_attention_charlm() {
 set_warm() {
   job warm-fashion 0 lightning-speedup bench --time-budget "$(($(budget) / 3))" --task fashion-mnist \
     --cache both --recipe speedup --seeds 3 --out "$WORK/warm-fashion"
+  set_warm_charlm
+}
+# The char-LM part of `warm` alone (Fashion-MNIST's is headline/2026-12-05-h200-warm).
+set_warm_charlm() {
   job warm-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache both \
-    --recipe speedup --seeds 3 --out "$WORK/warm-charlm"
+    --recipe speedup --seeds 3 --resume --out "$WORK/warm-charlm"
 }
 # The LM's compile candidates (which derive from `speedup-autotune`, the LM step eager) beside it and `speedup`.
 set_compile_charlm() {

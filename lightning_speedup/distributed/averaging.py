@@ -49,6 +49,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_speedup._compat import current_hook, ddp_kwargs, ddp_layer_sync, has_trainer
+from lightning_speedup._process_group import CleanExitDDPStrategy
 from lightning_speedup._validation import check_int
 from lightning_speedup.distributed.collectives import (
     CommGroup,
@@ -158,7 +159,7 @@ def check_hierarchical(hierarchical: bool | int) -> None:
         )
 
 
-class ParameterAveragingStrategy(DDPStrategy):
+class ParameterAveragingStrategy(CleanExitDDPStrategy):
     """Base of the strategies that average parameters instead of all-reducing gradients.
 
     Args:

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
@@ -26,6 +25,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_speedup._compat import StrategyRegistryType
+from lightning_speedup._process_group import CleanExitDDPStrategy
 from lightning_speedup._registry import registered_strategy
 from lightning_speedup._validation import check_int
 from lightning_speedup.distributed.averaging import (
@@ -57,7 +57,7 @@ def _check_backend_sums_bf16() -> None:
 
 
 @registered_strategy
-class CompressedDDPStrategy(DDPStrategy):
+class CompressedDDPStrategy(CleanExitDDPStrategy):
     """DDP whose gradient all-reduce goes through a compression comm hook.
 
     Args:

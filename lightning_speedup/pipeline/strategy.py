@@ -30,7 +30,6 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.accelerators import Accelerator
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
@@ -44,6 +43,7 @@ from lightning_speedup._compat import (
     optimizer_to_device,
     set_module_device,
 )
+from lightning_speedup._process_group import CleanExitDDPStrategy
 from lightning_speedup._registry import registered_strategy
 from lightning_speedup._validation import check_int
 from lightning_speedup.metrics import log_number
@@ -111,7 +111,7 @@ def _materialize_on_cpu(module: LightningModule) -> None:
 
 
 @registered_strategy
-class PipelineStrategy(DDPStrategy):
+class PipelineStrategy(CleanExitDDPStrategy):
     """Pipeline parallelism (optionally x data parallelism) for a LightningModule that declares its layers.
 
     Args:

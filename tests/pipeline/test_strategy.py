@@ -46,9 +46,8 @@ def _pp(schedule: str, **kwargs: object) -> PipelineStrategy:
 
 def _in_fresh_interpreter(code: str, *args: str) -> None:
     """Runs ``code`` (with ``args`` as ``sys.argv[1:]``) in a new interpreter at the repository root, without
-    the launch variables of this one. After the whole suite's earlier modules, or after an earlier multi-process
-    launch in the same interpreter, a spawned rank has aborted (SIGABRT, "terminate called without an active
-    exception") at times; a fresh interpreter per launch has not."""
+    the launch variables of this one, so that no launch inherits a process group, thread or environment variable
+    that the suite's earlier modules or launches left behind."""
     repo = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": repo, "PYTHONWARNINGS": "ignore"}
     for key in LAUNCH_VARIABLES:

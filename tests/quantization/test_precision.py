@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
+from lightning_speedup._process_group import CleanExitDDPStrategy
 from lightning_speedup.quantization import QATLinear, QATPrecision, convert, qat_modules, quantize
 from lightning_speedup.quantization.report import compare, recovered_share
 
@@ -196,8 +197,9 @@ def test_ddp_with_learnable_scales(tmp_path: Path, fmnist: Any) -> None:
     torch.manual_seed(0)
     # Spawned, not forked: earlier tests in this process ran bitsandbytes' OpenMP CPU kernels, and a
     # forked child that uses an OpenMP pool inherited from its parent can deadlock (seen: both ranks
-    # hung in their first broadcast when this test ran after the others).
-    strategy = "ddp_spawn"
+    # hung in their first broadcast when this test ran after the others). The project's DDP base class, so that
+    # the spawned processes destroy their gloo group before exit (lightning_speedup/_process_group.py).
+    strategy = CleanExitDDPStrategy(start_method="spawn")
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_steps=6, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,

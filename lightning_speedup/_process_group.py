@@ -1,0 +1,44 @@
+"""Tear the default process group down at interpreter exit, before Python finalises.
+
+Lightning destroys the process group at exit only for NCCL. Left to interpreter finalisation, a gloo group's
+C++ worker threads may still hold work objects with Python references, and releasing them then aborts the
+process ("terminate called without an active exception", SIGABRT) at times. A spawned worker that had finished
+its run then takes the whole ``fit`` down with it. Destroying the group from an exit handler, while the
+interpreter is still whole, avoids it (the upstream discussion: pytorch/pytorch#179291).
+"""
+
+from __future__ import annotations
+
+import atexit
+
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from typing_extensions import override
+
+__all__ = ["CleanExitDDPStrategy", "destroy_process_group_at_exit"]
+
+_registered = False
+
+
+def _destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def destroy_process_group_at_exit() -> None:
+    """Register, once per process, an exit handler that destroys the default process group and every
+    subgroup if they still exist. Harmless where the user or Lightning already destroyed them."""
+    global _registered
+    if not _registered:
+        atexit.register(_destroy)
+        _registered = True
+
+
+class CleanExitDDPStrategy(DDPStrategy):
+    """Lightning's ``DDPStrategy`` whose processes destroy their process group at exit (see the module's
+    docstring); the base of this project's data- and pipeline-parallel strategies."""
+
+    @override
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        destroy_process_group_at_exit()
