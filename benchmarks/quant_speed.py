@@ -1,8 +1,10 @@
-"""Quantized inference speed (issue 5): a 1.3B-parameter GPT with RANDOM weights, every format/backend vs bf16.
+"""Quantized inference speed (issue 5): a GPT with RANDOM weights, every format/backend vs bf16.
 
-The model is the project's GPT (``lightning_speedup.bench.models``) at 24 layers, 16 heads, width 2048,
-vocabulary 50304 (1.31B parameters), initialised randomly and cast to bfloat16: speed does not depend
-on the weights' values, so no checkpoint is needed; quality numbers come from quant_accuracy.py.
+The model is the project's GPT (``lightning_speedup.bench.models``). ``--model gpt`` (the default): 24 layers,
+16 heads, width 2048, vocabulary 50304 (1.31B parameters). ``--model char-lm``: the bench's char-LM exactly
+(``GPTConfig()``: 6 layers, 6 heads, width 384, context 256, vocabulary 65, 10.7M parameters), whose trained
+accuracy after quantization quant_accuracy.py measures. Initialised randomly and cast to bfloat16: speed does
+not depend on the weights' values, so no checkpoint is needed; quality numbers come from quant_accuracy.py.
 PTQ (``quantize``) quantizes all 96 Linear layers of the blocks; the tied embedding / lm_head stays
 bf16 in every configuration.
 
@@ -13,7 +15,10 @@ Measured per configuration, all in one process, interleaved (A B C ... A B C ...
   the step is captured in a CUDA graph (``--no-graphs`` to time eager) so that the number reflects
   the kernels and not Python/launch overhead. Tokens/s over ``--decode-tokens`` steps.
 * prefill: ``model(idx)`` on a 16 x 512 batch (``--prefill-batch``, ``--prefill-len``); tokens/s.
-* weight memory: bytes of the quantized Linear layers vs their bf16 size, and of the whole model.
+* weight memory: bytes of the quantized Linear layers vs their bf16 size, and of the whole model; the KV
+  cache's bytes; and the peak memory each configuration allocates on top of what it holds while it prefills and
+  while it decodes (``prefill_peak_extra_bytes``, ``decode_peak_extra_bytes``; CUDA only).
+* latency: milliseconds per decoded token and per prefill batch (from the medians).
 * correctness: max |logits - reference| / max |reference| on a small batch (``rel_err_vs_fake_quant``)
   and on one token (``rel_err_1tok_vs_fake_quant``: every Linear sees one row, the decode path of the
   GEMV backends), where the reference is the fake-quantized model of the same format (what QAT
@@ -182,6 +187,22 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def peak_extra_bytes(fn: Any) -> int | None:
+    """Bytes ``fn`` allocates at its peak on top of what was allocated before it (CUDA only, else None)."""
+    if DEVICE != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated() - before)
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
 def timed(fn: Any) -> float:
     if DEVICE != "cuda":
         start_s = time.perf_counter()
@@ -198,9 +219,32 @@ def timed(fn: Any) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+# The model presets: layers, heads, width, context (the KV cache's length) and vocabulary.
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt": {"layers": 24, "heads": 16, "width": 2048, "context": 1024, "vocab": 50304},
+    "char-lm": {
+        "layers": GPTConfig.n_layer, "heads": GPTConfig.n_head, "width": GPTConfig.n_embd,
+        "context": GPTConfig.block_size, "vocab": GPTConfig.vocab_size,
+    },
+}  # fmt: skip
+
+
+def resolve_shape(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill the shape arguments left unset from ``--model``'s preset; refuse a prefill longer than the context."""
+    for key, value in PRESETS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.prefill_len is None:
+        args.prefill_len = min(512, args.context)
+    if args.prefill_len > args.context:
+        parser.error(
+            f"--prefill-len {args.prefill_len} exceeds the context ({args.context}); lower it or raise --context"
+        )
+
+
 def build_model(args: argparse.Namespace) -> GPT:
     cfg = GPTConfig(
-        vocab_size=50304, block_size=args.context, n_layer=args.layers, n_head=args.heads, n_embd=args.width,
+        vocab_size=args.vocab, block_size=args.context, n_layer=args.layers, n_head=args.heads, n_embd=args.width,
         dropout=0.0, bias=False,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -248,13 +292,20 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--width", type=int, default=2048)
-    parser.add_argument("--context", type=int, default=1024, help="KV-cache length (decode) and block size")
+    parser.add_argument(
+        "--model", choices=sorted(PRESETS), default="gpt",
+        help="shape preset: 'gpt' (1.31B) or 'char-lm' (the bench's char-LM); the flags below override it",
+    )  # fmt: skip
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--heads", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--context", type=int, default=None, help="KV-cache length (decode) and block size")
+    parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--prefill-batch", type=int, default=16)
-    parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument(
+        "--prefill-len", type=int, default=None, help="default: 512, or the context if shorter"
+    )
     parser.add_argument("--no-graphs", action="store_true", help="time decoding eagerly (no CUDA graphs)")
     parser.add_argument(
         "--compile",
@@ -267,6 +318,7 @@ def main() -> None:
         "--accelerator", default="gpu", choices=["gpu", "cpu"], help="'cpu': plumbing check only"
     )
     args = parser.parse_args()
+    resolve_shape(args, parser)
     global DEVICE
     DEVICE = "cuda" if args.accelerator == "gpu" else "cpu"
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -278,12 +330,12 @@ def main() -> None:
 
     base = build_model(args)
     n_params = count_parameters(base)
-    log(f"GPT with random weights: {n_params / 1e9:.2f}B parameters, bf16")
+    log(f"GPT ({args.model}) with random weights: {n_params / 1e6:,.1f}M parameters, bf16")
     chosen = [c for c in CONFIGS if args.only is None or c.weights is None or c.name in args.only]
 
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     prefill_idx = torch.randint(
-        0, 50304, (args.prefill_batch, args.prefill_len), device=DEVICE, generator=gen
+        0, args.vocab, (args.prefill_batch, args.prefill_len), device=DEVICE, generator=gen
     )
     check_idx = prefill_idx[:2, :64]
     check_tok = prefill_idx[:1, :1]  # one row per Linear: the decode path
@@ -350,10 +402,15 @@ def main() -> None:
                 seconds = timed(lambda m=model: m(prefill_idx))
                 runs[name]["prefill_tok_s"].append(prefill_idx.numel() / seconds)
             log(f"repeat {repeat} done")
+        for name, model in models.items():  # after the timing, so that it cannot disturb it
+            info[name]["prefill_peak_extra_bytes"] = peak_extra_bytes(lambda m=model: m(prefill_idx))
+            info[name]["decode_peak_extra_bytes"] = peak_extra_bytes(info[name]["decode_run"])
 
     medians = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in runs.items()}
     base_m = medians.get("bf16", {})
     for m in medians.values():
+        m["decode_ms_per_token"] = 1e3 / m["decode_tok_s"]
+        m["prefill_ms_per_batch"] = 1e3 * args.prefill_batch * args.prefill_len / m["prefill_tok_s"]
         m["decode_vs_bf16"] = m["decode_tok_s"] / base_m["decode_tok_s"] if base_m else float("nan")
         m["prefill_vs_bf16"] = m["prefill_tok_s"] / base_m["prefill_tok_s"] if base_m else float("nan")
     four_bit = [n for n in medians if info[n]["weights"] in ("int4", "nf4", "fp4")]
@@ -377,6 +434,8 @@ def main() -> None:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "seeds": {"model_init": 0, "inputs": 1},
         "parameters": n_params,
+        # keys and values of every layer, bf16, batch 1, the whole context (Decoder's static cache)
+        "kv_cache_bytes": 2 * args.layers * args.context * args.width * torch.finfo(torch.bfloat16).bits // 8,
         "configs": info,
         "runs": runs,
         "medians": medians,
@@ -387,11 +446,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2, default=str))
 
-    print(f"\n{device_label(env)} | torch {env['torch']} | {n_params / 1e9:.2f}B random-weight GPT "
+    print(f"\n{device_label(env)} | torch {env['torch']} | {n_params / 1e6:,.1f}M-parameter random-weight GPT "
           f"| median of {args.repeats} | {record['wall_s']:.0f}s | {args.out}")  # fmt: skip
     print(
-        f"{'config':20s} {'decode tok/s':>12s} {'vs bf16':>8s} {'prefill tok/s':>14s} {'vs bf16':>8s} "
-        f"{'linears GiB':>11s} {'err vs fq':>9s} {'1tok err':>9s} {'graph':>5s}"
+        f"{'config':20s} {'decode tok/s':>12s} {'ms/token':>8s} {'vs bf16':>8s} {'prefill tok/s':>14s} "
+        f"{'vs bf16':>8s} {'linears GiB':>11s} {'prefill peak MiB':>16s} {'err vs fq':>9s} {'1tok err':>9s} "
+        f"{'graph':>5s}"
     )
     for c in chosen:
         e = info[c.name]
@@ -403,8 +463,9 @@ def main() -> None:
             continue
         m = medians[c.name]
         print(
-            f"{c.name:20s} {m['decode_tok_s']:12,.1f} {m['decode_vs_bf16']:7.2f}x {m['prefill_tok_s']:14,.0f} "
-            f"{m['prefill_vs_bf16']:7.2f}x {e['weight_bytes_block_linears'] / 2**30:11.3f} "
+            f"{c.name:20s} {m['decode_tok_s']:12,.1f} {m['decode_ms_per_token']:8.3f} {m['decode_vs_bf16']:7.2f}x "
+            f"{m['prefill_tok_s']:14,.0f} {m['prefill_vs_bf16']:7.2f}x {e['weight_bytes_block_linears'] / 2**30:11.3f} "
+            f"{_mib(e.get('prefill_peak_extra_bytes')):>16s} "
             f"{e['rel_err_vs_fake_quant']:9.1e} {e['rel_err_1tok_vs_fake_quant']:9.1e} "
             f"{'yes' if e['cuda_graph'] else 'no':>5s}"
         )

@@ -92,6 +92,16 @@ set_quantization() {
   wait
 }
 
+# The char-LM's own inference: every format against bf16 on the bench's char-LM (its shape, random weights: speed,
+# latency and memory; its accuracy after quantization is quant_accuracy.py's), eager with CUDA graphs, then the
+# Triton formats compiled. bitsandbytes' formats run only where its wheel was carried in .whl/.
+set_quant_charlm() {
+  job quant-speed-charlm 0 python benchmarks/quant_speed.py --model char-lm --repeats 5 \
+    --out "$WORK/quant_speed_charlm.json"
+  job quant-speed-charlm-compiled 0 python benchmarks/quant_speed.py --model char-lm --repeats 5 --compile \
+    --only int4_g32_triton nf4_triton w8a8_triton --out "$WORK/quant_speed_charlm_compiled.json"
+}
+
 # Distributed: throughput of every strategy and time to target over sockets, on all visible GPUs.
 set_distributed() {
   local n k gpus

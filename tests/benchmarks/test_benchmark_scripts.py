@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_speedup.bench.models import GPT, GPTConfig
 from lightning_speedup.quantization.triton_gemv import triton_unavailable
 from tests.pipeline.common import needs_local_stages
 
@@ -86,6 +87,23 @@ def test_quant_scripts(fashion_mnist_dir: Path, shakespeare_path: Path, tmp_path
         "--repeats", "1", "--out", str(speed),
     )  # fmt: skip
     assert json.loads(speed.read_text())["medians"]["bf16"]["decode_vs_bf16"] == pytest.approx(1.0)
+    lm = tmp_path / "speed_charlm.json"
+    _run(
+        "quant_speed.py", "--accelerator", "cpu", "--model", "char-lm", "--only", "int8_torch", "--repeats", "1",
+        "--decode-tokens", "2", "--prefill-batch", "1", "--prefill-len", "8", "--out", str(lm),
+    )  # fmt: skip
+    record = json.loads(lm.read_text())
+    # the bench's char-LM: 6 layers x 384 wide, context 256, vocabulary 65 (tied head), as GPTConfig() builds it
+    assert {k: record["args"][k] for k in ("layers", "heads", "width", "context", "vocab")} == {
+        "layers": 6, "heads": 6, "width": 384, "context": 256, "vocab": 65,
+    }  # fmt: skip
+    assert record["parameters"] == sum(p.numel() for p in GPT(GPTConfig(dropout=0.0)).parameters())
+    assert record["kv_cache_bytes"] == 2 * 6 * 256 * 384 * 2
+    int8 = record["medians"]["int8_torch"]
+    assert int8["decode_ms_per_token"] == pytest.approx(1e3 / int8["decode_tok_s"])
+    assert record["configs"]["int8_torch"]["prefill_peak_extra_bytes"] is None  # measured on CUDA only
+    with pytest.raises(AssertionError, match="exceeds the context"):
+        _run("quant_speed.py", "--accelerator", "cpu", "--model", "char-lm", "--prefill-len", "512")
     acc = tmp_path / "acc.json"
     _run(
         "quant_accuracy.py", "--accelerator", "cpu", "--seeds", "0", "--formats", "int8", "nf4-b4096-lsq", "w4a8-lsq",
