@@ -671,21 +671,33 @@ def _tok_cell(values: Sequence[float]) -> str:
     return f"{med:,.0f} ({lo:,.0f}-{hi:,.0f})"
 
 
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
 def inference_speed_block(results: Path) -> str:
     """Decode and prefill speed and weight memory of the quantized GPTs against bf16, per result file."""
     lines = [
         "| model | configuration | weights | batch-1 decode tokens/s, median (min-max) | ms per token "
         "(1000 / median tokens/s) | vs bf16 "
-        "| prefill tokens/s, median (min-max) | vs bf16 | hardware | versions | repeats | reproduce | result |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prefill tokens/s, median (min-max) | vs bf16 | peak memory while prefilling, beyond the weights "
+        "| hardware | versions | repeats | reproduce | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rel in QUANT_SPEED:
         d = _load(rel, results)
         env, args = d["env"], d["args"]
-        model = f"GPT {d['parameters'] / 1e9:.2f}B, {'compiled' if args.get('compile') else 'eager'}"
+        char_lm = args.get("model") == "char-lm"
+        size = f"{d['parameters'] / 1e6:.1f}M" if char_lm else f"{d['parameters'] / 1e9:.2f}B"
+        model = f"{'char-LM ' if char_lm else ''}GPT {size}, {'compiled' if args.get('compile') else 'eager'}"
         if not args.get("no_graphs"):
             model += ", CUDA graphs"
-        flags = [f"--layers {args['layers']} --heads {args['heads']} --width {args['width']}"]
+        # the char-LM preset fixes the shape; the GPT's was given as flags
+        flags = (
+            ["--model char-lm"]
+            if char_lm
+            else [f"--layers {args['layers']} --heads {args['heads']} --width {args['width']}"]
+        )
         flags.append(f"--repeats {args['repeats']}")
         if args.get("compile"):
             flags.append("--compile")
@@ -695,10 +707,12 @@ def inference_speed_block(results: Path) -> str:
         for name, med in d["medians"].items():
             runs, cfg = d["runs"][name], d["configs"][name]
             decode, prefill = runs["decode_tok_s"], runs["prefill_tok_s"]
+            peak = cfg.get("prefill_peak_extra_bytes")
             lines.append(
-                f"| {model} | {name} | {cfg['weight_bytes_total'] / 2**30:.2f} GiB | {_tok_cell(decode)} | "
+                f"| {model} | {name} | {_bytes(cfg['weight_bytes_total'])} | {_tok_cell(decode)} | "
                 f"{1000 / statistics.median(decode):.2f} | {med['decode_vs_bf16']:.2f}x | {_tok_cell(prefill)} | "
-                f"{med['prefill_vs_bf16']:.2f}x | {_machine(env)} | {_versions(env)} | {len(decode)} | "
+                f"{med['prefill_vs_bf16']:.2f}x | {'not recorded' if peak is None else _bytes(peak)} | "
+                f"{_machine(env)} | {_versions(env)} | {len(decode)} | "
                 f"`{command}` | {_link(rel, '../')} |"
             )
     return "\n".join(lines)

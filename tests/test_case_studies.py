@@ -218,3 +218,24 @@ def test_missing_markers_raise_an_error_that_names_them() -> None:
     twice = f"{block.start}\na\n{block.end}\n{block.start}\nb\n{block.end}\n"
     with pytest.raises(ValueError, match="found it 2 times"):
         cs.fill(twice, block, "body")
+
+
+def test_inference_speed_rows_of_the_char_lm_preset(
+    results_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``quant_speed.py --model char-lm`` file gets its own label, command and memory columns; files from before
+    peak memory was recorded say so."""
+    assert "| 2.45 GiB |" in cs.inference_speed_block(results_copy)
+    assert "not recorded" in cs.inference_speed_block(results_copy)
+    rel = cs.QUANT_SPEED[0]
+
+    def as_char_lm(record: dict[str, Any]) -> None:
+        record["args"].update(model="char-lm", layers=6, heads=6, width=384, only=None, compile=False)
+        record["parameters"] = 10_700_000
+        record["configs"]["bf16"].update(weight_bytes_total=20 * 2**20, prefill_peak_extra_bytes=3 * 2**20)
+
+    _rewrite([results_copy / rel], as_char_lm)
+    monkeypatch.setattr(cs, "QUANT_SPEED", (rel,))
+    row = next(line for line in cs.inference_speed_block(results_copy).splitlines() if "| bf16 |" in line)
+    assert row.startswith("| char-LM GPT 10.7M, eager, CUDA graphs | bf16 | 20.0 MiB |"), row
+    assert "| 3.0 MiB |" in row and "`python benchmarks/quant_speed.py --model char-lm --repeats 5`" in row
