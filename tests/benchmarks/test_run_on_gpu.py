@@ -21,6 +21,8 @@ SETS = {
     "compile-cold-start",
     "compile-charlm",
     "warm",
+    "warm-charlm",
+    "quant-charlm",
     "second-corpus",
     "ablation-fashion",
     "ablation-charlm",
