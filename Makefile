@@ -19,7 +19,8 @@ LIGHTNING_RANGE := $(shell sed -n 's/^ *"\(lightning[<>=][^"]*\)",*$$/\1/p' pypr
 # compatibility test, the schedule callbacks and LR range test, logging, the strategies on gloo, and a
 # pipeline resume.
 OLDEST_TESTS ?= tests/test_compat.py tests/schedules tests/test_metrics.py tests/distributed/test_core.py \
-	tests/distributed/test_strategies.py tests/pipeline/test_strategy.py::test_checkpoint_roundtrip_and_exact_resume
+	tests/distributed/test_strategies.py tests/distributed/test_clean_exit.py \
+	tests/pipeline/test_strategy.py::test_checkpoint_roundtrip_and_exact_resume
 # The oldest torch the package supports (pyproject.toml's lower bound). `make test-torch-oldest` runs the whole
 # suite against it in .venv-torch-oldest. PyPI has only CUDA builds of it for Linux x86_64 (about 6 GB installed
 # with the CUDA libraries, which the tests do not use), so CI leaves it out; run it before changing the bound.
