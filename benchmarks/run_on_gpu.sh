@@ -182,11 +182,12 @@ set_warm_charlm() {
   job warm-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache both \
     --recipe speedup --seeds 3 --resume --out "$WORK/warm-charlm"
 }
-# The LM's compile candidates (which derive from `speedup-autotune`, the LM step eager) beside it and `speedup`.
+# The LM's compile candidates (which derive from `speedup-autotune`, the LM step eager) beside it and `speedup`
+# (12 runs: more than one call's limit; run the set again on the warm machine and --resume continues).
 set_compile_charlm() {
   job compile-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache cold \
     --recipe speedup --recipe speedup-autotune --recipe speedup-regional --recipe speedup-auto --seeds 3 \
-    --out "$WORK/compile-charlm"
+    --resume --out "$WORK/compile-charlm"
 }
 
 # A second corpus no recipe was tuned on (issue 21): the King James Bible as Debian's bible-kjv prints it
