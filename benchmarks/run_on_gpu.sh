@@ -183,7 +183,7 @@ set_warm_charlm() {
     --recipe speedup --seeds 3 --resume --out "$WORK/warm-charlm"
 }
 # The LM's compile candidates (which derive from `speedup-autotune`, the LM step eager) beside it and `speedup`
-# (12 runs: more than one call's limit; run the set again on the warm machine and --resume continues).
+# (12 cold runs; where a call's limit cuts them short, run the set again on the warm machine: --resume continues).
 set_compile_charlm() {
   job compile-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --cache cold \
     --recipe speedup --recipe speedup-autotune --recipe speedup-regional --recipe speedup-auto --seeds 3 \
