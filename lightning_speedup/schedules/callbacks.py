@@ -49,6 +49,7 @@ from lightning_speedup.schedules.functional import (
     one_cycle,
     warmup_cosine,
     warmup_stable_decay,
+    warmup_steps,
 )
 from lightning_speedup.schedules.range_test import (
     LRRangeTest,
@@ -168,7 +169,16 @@ class LRScheduleCallback(Callback):
         raise NotImplementedError
 
     def check_total_steps(self, total_steps: int) -> None:
-        """Raise ``ValueError`` if the schedule cannot run for ``total_steps`` steps."""
+        """Raise ``ValueError`` if the schedule cannot run for ``total_steps`` steps; warn where a phase it was
+        given gets no step of them."""
+
+    def _warn_if_no_step(self, name: str, fraction: float, steps: int, total_steps: int, effect: str) -> None:
+        """Warn that a phase of ``fraction > 0`` got no step of the run: ``effect`` says what the LR does instead."""
+        if fraction > 0 and steps == 0:
+            rank_zero_warn(
+                f"{type(self).__name__}: {name}={fraction:g} of this {total_steps}-step run rounds to no step, so "
+                f"{effect}. Lengthen the run, raise {name}, or set {name}=0 to say so."
+            )
 
     def schedule_settings(self) -> dict[str, Any]:
         """The settings that shape the schedule; a resume compares them with the checkpoint's."""
@@ -721,6 +731,16 @@ class WarmupCosine(LRScheduleCallback):
         fraction = warmup_cosine(step, total_steps, warmup=self.warmup, min_lr_ratio=self.min_lr_ratio)
         return peak_lr * fraction, inverse_momentum(fraction, base_momentum, max_momentum)
 
+    @override
+    def check_total_steps(self, total_steps: int) -> None:
+        n_warmup = warmup_steps(total_steps, self.warmup)
+        self._warn_if_no_step("warmup", self.warmup, n_warmup, total_steps, "the first step is at the peak")
+        if n_warmup >= total_steps:
+            rank_zero_warn(
+                f"{type(self).__name__}: warmup={self.warmup:g} fills the whole {total_steps}-step run, so the LR "
+                "never decays (it reaches the peak at the last step). Lengthen the run or lower warmup."
+            )
+
 
 class WarmupStableDecay(LRScheduleCallback):
     """Warmup, a long constant phase at the peak, then a short decay (the WSD / trapezoidal schedule)::
@@ -805,3 +825,14 @@ class WarmupStableDecay(LRScheduleCallback):
             min_lr_ratio=self.min_lr_ratio,
         )
         return peak_lr * fraction, inverse_momentum(fraction, base_momentum, max_momentum)
+
+    @override
+    def check_total_steps(self, total_steps: int) -> None:
+        n_decay = warmup_steps(total_steps, self.decay)
+        n_warmup = min(
+            warmup_steps(total_steps, self.warmup), total_steps - n_decay
+        )  # as warmup_stable_decay
+        self._warn_if_no_step("warmup", self.warmup, n_warmup, total_steps, "the first step is at the peak")
+        self._warn_if_no_step(
+            "decay", self.decay, n_decay, total_steps, "the LR stays at the peak to the end of the run"
+        )

@@ -213,7 +213,9 @@ def _linear_warmup(step: int, n_warmup: int) -> float:
 def warmup_cosine(step: int, total_steps: int, *, warmup: float = 0.05, min_lr_ratio: float = 0.0) -> float:
     """LR as a fraction of the peak: linear warmup over ``warmup`` of the run, then cosine to a floor.
 
-    The floor is ``min_lr_ratio`` times the peak, reached at ``step == total_steps``.
+    The floor is ``min_lr_ratio`` times the peak, reached at ``step == total_steps``. Where the warmup rounds to
+    the whole run (a short run), the cosine phase is empty: the warmup reaches the peak at the last step and the
+    value after it is the floor.
 
     Raises:
         ValueError: ``step`` outside [0, total_steps], ``warmup`` outside [0, 1) or
@@ -225,7 +227,8 @@ def warmup_cosine(step: int, total_steps: int, *, warmup: float = 0.05, min_lr_r
     n_warmup = warmup_steps(total_steps, warmup)
     if step < n_warmup:
         return _linear_warmup(step, n_warmup)
-    progress = (step - n_warmup) / (total_steps - n_warmup)
+    n_cosine = total_steps - n_warmup
+    progress = (step - n_warmup) / n_cosine if n_cosine else 1.0
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -252,7 +255,8 @@ def warmup_stable_decay(
     """LR as a fraction of the peak: linear warmup, constant at the peak, then decay to a floor.
 
     ``warmup`` and ``decay`` are fractions of the run (rounded half up to whole steps); the decay
-    takes the last ``decay`` of the run with shape ``"linear"``, ``"cosine"`` or ``"1-sqrt"``.
+    takes the last ``decay`` of the run with shape ``"linear"``, ``"cosine"`` or ``"1-sqrt"``. Where the decay
+    rounds to no step (``decay=0``, or a run too short for it), the LR stays at the peak to the end.
 
     Raises:
         ValueError: ``step`` outside [0, total_steps], ``warmup``/``decay``/``min_lr_ratio`` out
@@ -267,7 +271,7 @@ def warmup_stable_decay(
     decay_start = total_steps - n_decay
     if step < n_warmup:
         return _linear_warmup(step, n_warmup)
-    if step < decay_start:
+    if step < decay_start or n_decay == 0:
         return 1.0
     progress = (step - decay_start) / n_decay
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay_shape_value(decay_shape, progress)

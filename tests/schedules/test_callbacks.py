@@ -147,6 +147,23 @@ def test_warmup_stable_decay_uses_each_groups_own_lr_as_peak(shape: str) -> None
         assert moms == [0.9, 0.9]  # momentum cycling is off by default for the warmup schedules
 
 
+def test_a_run_too_short_for_a_phase_warns_and_trains_to_the_end() -> None:
+    """4 steps: decay=0.1 of them rounds to none (it divided by zero at the last step before), warmup=0.9 to all."""
+    recorder = Recorder()
+    wsd = WarmupStableDecay(peak_lr=0.01, warmup=0.0, decay=0.1)
+    trainer = make_trainer(max_epochs=1, callbacks=[recorder, wsd])
+    with pytest.warns(
+        UserWarning, match=r"decay=0.1 of this 4-step run rounds to no step, so the LR stays at the peak"
+    ):
+        trainer.fit(Regressor("adam", (1e-3,)), regression_loader(n_batches=4))
+    assert wsd.steps_taken == [4] and [lrs for lrs, _ in recorder.of(0)] == [[0.01]] * 4
+    cosine = WarmupCosine(peak_lr=0.01, warmup=0.9)
+    trainer = make_trainer(max_epochs=1, callbacks=[cosine])
+    with pytest.warns(UserWarning, match=r"warmup=0.9 fills the whole 4-step run, so the LR never decays"):
+        trainer.fit(Regressor("adam", (1e-3,)), regression_loader(n_batches=4))
+    assert cosine.steps_taken == [4]
+
+
 # ------------------------------------------------------------------------------------------------
 # exact resume
 # ------------------------------------------------------------------------------------------------

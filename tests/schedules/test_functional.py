@@ -86,6 +86,25 @@ def test_warmup_stable_decay_values(shape: str, half: float) -> None:
         warmup_stable_decay(0, 10, warmup=0.5, decay=0.6)
 
 
+def test_short_runs_and_empty_phases_give_a_value_at_every_step() -> None:
+    """Where a phase rounds to no step (a short run, ``decay=0``, a warmup that fills the run) each function still
+    gives a finite fraction in (0, 1] at every step, the step after the last included (a clamped overrun uses it)."""
+    fractions = [0.0, 0.01, 0.1, 0.2, 0.49, 0.5, 0.9, 0.99]
+    for total in range(1, 25):
+        for step in range(total + 1):
+            for w in fractions:
+                assert 0 < warmup_cosine(step, total, warmup=w, min_lr_ratio=0.1) <= 1
+                for d in (d for d in fractions if w + d <= 1):
+                    assert 0 < warmup_stable_decay(step, total, warmup=w, decay=d, min_lr_ratio=0.1) <= 1
+    # decay=0 (or a decay too short to get a step): the peak to the end, the step after the last included
+    assert [warmup_stable_decay(t, 5, warmup=0.0, decay=0.0) for t in range(6)] == [1.0] * 6
+    assert [warmup_stable_decay(t, 2, warmup=0.0, decay=0.2) for t in range(3)] == [1.0] * 3
+    # a warmup that fills the run: the peak at the last step, then the floor
+    assert [warmup_cosine(t, 4, warmup=0.9, min_lr_ratio=0.1) for t in range(5)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 0.1]
+    )
+
+
 def test_inverse_momentum() -> None:
     assert inverse_momentum(0.0, 0.85, 0.95) == 0.95
     assert inverse_momentum(1.0, 0.85, 0.95) == pytest.approx(0.85)
