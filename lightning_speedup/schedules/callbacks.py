@@ -50,6 +50,7 @@ from lightning_speedup.schedules.functional import (
     warmup_cosine,
     warmup_stable_decay,
     warmup_steps,
+    wsd_phase_steps,
 )
 from lightning_speedup.schedules.range_test import (
     LRRangeTest,
@@ -828,10 +829,7 @@ class WarmupStableDecay(LRScheduleCallback):
 
     @override
     def check_total_steps(self, total_steps: int) -> None:
-        n_decay = warmup_steps(total_steps, self.decay)
-        n_warmup = min(
-            warmup_steps(total_steps, self.warmup), total_steps - n_decay
-        )  # as warmup_stable_decay
+        n_warmup, n_decay = wsd_phase_steps(total_steps, self.warmup, self.decay)
         self._warn_if_no_step("warmup", self.warmup, n_warmup, total_steps, "the first step is at the peak")
         self._warn_if_no_step(
             "decay", self.decay, n_decay, total_steps, "the LR stays at the peak to the end of the run"

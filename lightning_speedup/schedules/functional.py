@@ -265,9 +265,7 @@ def warmup_stable_decay(
     _check_step(step, total_steps)
     check_wsd_fractions(warmup, decay)
     check_fraction("min_lr_ratio", min_lr_ratio, low_open=False, high_open=True)
-    n_decay = warmup_steps(total_steps, decay)
-    # Rounding both parts half up can overshoot the run by one step; the warmup gives way.
-    n_warmup = min(warmup_steps(total_steps, warmup), total_steps - n_decay)
+    n_warmup, n_decay = wsd_phase_steps(total_steps, warmup, decay)
     decay_start = total_steps - n_decay
     if step < n_warmup:
         return _linear_warmup(step, n_warmup)
@@ -275,6 +273,13 @@ def warmup_stable_decay(
         return 1.0
     progress = (step - decay_start) / n_decay
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay_shape_value(decay_shape, progress)
+
+
+def wsd_phase_steps(total_steps: int, warmup: float, decay: float) -> tuple[int, int]:
+    """Steps of a warmup-stable-decay run's warmup and decay: each fraction rounded half up to whole steps.
+    Rounding both up can overshoot the run by one step; the warmup gives way."""
+    n_decay = warmup_steps(total_steps, decay)
+    return min(warmup_steps(total_steps, warmup), total_steps - n_decay), n_decay
 
 
 def check_wsd_fractions(warmup: float, decay: float) -> None:
