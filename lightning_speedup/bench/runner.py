@@ -243,6 +243,11 @@ class RunResult:
     process_s: float | None = None
     # Of that, the seconds from the process's launch to the start of fit (the same caveats).
     startup_s: float | None = None
+    # Where the process's time before the clock went, in seconds (timestamps only; nothing is done differently):
+    # imports_s (the interpreter's start and every import of the worker), power_sampler_s (its first nvidia-smi),
+    # data_and_model_s (the task's data module, model and callbacks built), trainer_s (the Trainer built) and
+    # fit_until_clock_s (from calling fit to the start of time to target: data set-up, device placement).
+    startup_phases: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -291,9 +296,11 @@ def run_one(
     echo: Callable[[str], None] = print,
     label: str = "",
     launched_at: float | None = None,
+    phases: dict[str, float] | None = None,
 ) -> RunResult:
     """One fit of one recipe with one seed; failures are caught and reported, never hidden. ``launched_at``
-    (``time.time()`` when the bench started this run's process) gives ``startup_s``."""
+    (``time.time()`` when the bench started this run's process) gives ``startup_s``; ``phases`` (the worker's
+    own, before this call) gets this call's and becomes ``startup_phases``."""
     task, _, target, default_epochs = cfg.resolve()
     recipe = get_recipe(recipe_name).for_task(task.name)
     # An explicit --max-epochs applies to every recipe; otherwise a recipe's own budget (a schedule's
@@ -307,9 +314,13 @@ def run_one(
     timer = TimeToTarget(task.metric, target, task.mode, stop_at_target=cfg.stop_at_target)
     error = None
     callbacks: list[Callback] | None = None
-    startup_s = None
+    startup_s = fit_called_at = None
+    phases = dict(phases or {})
     try:
+        t0 = time.time()
         module, dm, callbacks, kwargs = build_trainer_parts(task, ctx)
+        phases["data_and_model_s"] = time.time() - t0
+        t0 = time.time()
         with warnings.catch_warnings():
             # Noise that says nothing about the bench: 4 workers on a 2-core CI box, a short epoch, and
             # Lightning 2.6's own pytree deprecation.
@@ -331,8 +342,10 @@ def run_one(
                 enable_model_summary=False,
                 **kwargs,
             )
+            fit_called_at = time.time()
+            phases["trainer_s"] = fit_called_at - t0
             if launched_at is not None:
-                startup_s = time.time() - launched_at
+                startup_s = fit_called_at - launched_at
             trainer.fit(module, datamodule=dm)
     except KeyboardInterrupt:
         raise
@@ -344,10 +357,37 @@ def run_one(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     s = timer.summary()
+    if timer.clock_started_at is not None and fit_called_at is not None:
+        phases["fit_until_clock_s"] = timer.clock_started_at - fit_called_at
     return RunResult(
         task=task.name, recipe=recipe_name, seed=seed, error=error, compile_s=_compile_seconds(),
-        cudagraph_s=_capture_seconds(callbacks), startup_s=startup_s, **s,
+        cudagraph_s=_capture_seconds(callbacks), startup_s=startup_s, startup_phases=phases or None, **s,
     )  # fmt: skip
+
+
+_PHASE_NAMES = {
+    "imports_s": "imports",
+    "power_sampler_s": "power sampler",
+    "data_and_model_s": "data and model",
+    "trainer_s": "Trainer",
+    "fit_until_clock_s": "fit until the clock",
+}
+
+
+def describe_process(res: RunResult) -> str:
+    """One line on where a run's process went: before the clock (by phase), the fit, and what came after."""
+    if res.process_s is None:
+        return "process: not recorded"
+    parts = [f"process {res.process_s:.1f} s"]
+    phases = res.startup_phases or {}
+    before = sum(phases.values())
+    if phases:
+        parts.append(f"before the clock {before:.1f} s (" + ", ".join(
+            f"{_PHASE_NAMES.get(k, k)} {v:.1f}" for k, v in phases.items()
+        ) + ")")  # fmt: skip
+    parts.append(f"fit {res.total_s:.1f} s")
+    parts.append(f"the rest {res.process_s - before - res.total_s:.1f} s")
+    return ", ".join(parts)
 
 
 def _capture_seconds(callbacks: Sequence[Callback] | None) -> float | None:
@@ -631,6 +671,8 @@ def _run_plan(
             shown = f"{res.time_to_target_s:.1f}s" if res.reached else "not reached"
             best = "-" if res.best_metric is None else f"{res.best_metric:.4g}"
             echo(f"  -> {shown} (best {task.metric} {best}, {res.epochs} epochs, {res.total_s:.1f}s total)")
+            if res.process_s is not None:
+                echo(f"     {describe_process(res)}")
             results.append(res)
             if cfg.cache != "warm" and (cache == "warm" or cfg.cache == "cold") and not keep_caches:
                 shutil.rmtree(cache_dir, ignore_errors=True)

@@ -63,6 +63,7 @@ class TimeToTarget(Callback):
         self.total_s = 0.0
         self.peak_mem_mb: float | None = None
         self._t0 = 0.0
+        self.clock_started_at: float | None = None
         self._samples = 0
         self._epoch_t0 = 0.0
         self._epoch_samples = 0
@@ -106,6 +107,7 @@ class TimeToTarget(Callback):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
         self._t0 = time.perf_counter()
+        self.clock_started_at = time.time()  # wall clock, for the bench's account of what came before
 
     @override
     def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

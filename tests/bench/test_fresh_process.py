@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_speedup.bench.runner import RunResult, describe_process
 from lightning_speedup.cli import EXIT_OK, main
 
 TINY = ["--train-subset", "600", "--val-subset", "128", "--max-epochs", "1", "--model-arg", "width=4"]
@@ -56,6 +57,26 @@ def test_cache_both_gives_each_seed_its_own_cache_and_the_warm_run_reuses_it(
     assert all(r["process_s"] > r["total_s"] > 0 for r in runs)
     # Its part before fit (interpreter, imports, data and model set-up) leaves the fit and teardown after it.
     assert all(0 < r["startup_s"] < r["process_s"] - r["total_s"] for r in runs)
+    # Where the time before the clock went, phase by phase: together it is more than the startup (to fit's call)
+    # by the fit's own set-up before the clock, and it fits in the process beside the fit.
+    for r in runs:
+        phases = r["startup_phases"]
+        assert list(phases) == [
+            "imports_s",
+            "power_sampler_s",
+            "data_and_model_s",
+            "trainer_s",
+            "fit_until_clock_s",
+        ]
+        assert all(v >= 0 for v in phases.values()) and phases["imports_s"] > 0
+        before_fit = sum(v for k, v in phases.items() if k != "fit_until_clock_s")
+        # the same timestamps, less the worker's own few steps between them
+        assert 0 <= r["startup_s"] - before_fit < 1.0
+        assert r["startup_s"] < sum(phases.values()) < r["process_s"] - r["total_s"]
+        line = describe_process(
+            RunResult(**{k: v for k, v in r.items() if k in RunResult.__dataclass_fields__})
+        )
+        assert line.startswith(f"process {r['process_s']:.1f} s, before the clock ") and "imports " in line
     cold = [r["process_s"] for r in runs if r["cache"] == "cold"]
     assert row["process_s"] == pytest.approx(sum(cold) / 2)  # the median of the headline (cold) runs
     md = (out / "report.md").read_text()
