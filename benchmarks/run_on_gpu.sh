@@ -102,6 +102,12 @@ set_quant_charlm() {
     --only int4_g32_triton nf4_triton w8a8_triton --out "$WORK/quant_speed_charlm_compiled.json"
 }
 
+# Where a fresh process's start goes (imports, CUDA, nvidia-smi), alone and with another process holding the GPU
+# open: every bench run pays it before its clock starts.
+set_process_startup() {
+  job process-startup 0 python benchmarks/process_startup.py --tries 5 --out "$WORK/process_startup.json"
+}
+
 # Distributed: throughput of every strategy and time to target over sockets, on all visible GPUs.
 set_distributed() {
   local n k gpus

@@ -115,6 +115,17 @@ def test_quant_scripts(fashion_mnist_dir: Path, shakespeare_path: Path, tmp_path
     assert set(record["summary"]) == {"fashion-mnist", "char-lm"} and "goals" in record
 
 
+def test_process_startup_script(tmp_path: Path) -> None:
+    out = tmp_path / "startup.json"
+    _run("process_startup.py", "--tries", "1", "--out", str(out))
+    record = json.loads(out.read_text())
+    alone = record["tries"]["alone"][0]  # no CUDA here: the import phases only, and no gpu-held configuration
+    assert list(record["tries"]) == ["alone"]
+    assert list(alone) == ["interpreter", "torch", "lightning", "lightning_speedup", "total"]
+    assert alone["total"] == pytest.approx(sum(v for k, v in alone.items() if k != "total"))
+    assert record["medians_s"]["alone"] == alone
+
+
 @pytest.mark.skipif(
     triton_unavailable() is not None, reason="compiling the Triton GEMV needs the triton package"
 )

@@ -23,6 +23,7 @@ SETS = {
     "warm",
     "warm-charlm",
     "quant-charlm",
+    "process-startup",
     "second-corpus",
     "ablation-fashion",
     "ablation-charlm",
