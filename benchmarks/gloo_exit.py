@@ -14,7 +14,6 @@ interleaved try by try. No GPU is involved.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -22,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _cli import tries_and_out
 
 CONFIGS = [(work, exit_) for exit_ in ("none", "exit-handler") for work in ("collectives", "p2p-subgroups")]
 
@@ -81,12 +82,7 @@ def _one_try(work: str, exit_: str) -> tuple[bool, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--tries", type=int, default=40, help="tries per configuration (default 40)")
-    parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
-    args = parser.parse_args()
+    args = tries_and_out(__doc__, 40)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lightning_speedup.bench.env import environment
 

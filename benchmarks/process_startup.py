@@ -16,7 +16,6 @@ throw-away try that warms the file cache:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _cli import tries_and_out
 
 CHILD = r"""
 import json, subprocess, sys, time
@@ -90,14 +91,7 @@ def _holder(env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--tries", type=int, default=5, help="tries per configuration (default 5)")
-    parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
-    args = parser.parse_args()
-    if args.tries < 1:
-        parser.error(f"--tries must be >= 1, got {args.tries}")
+    args = tries_and_out(__doc__, 5)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 

@@ -115,6 +115,19 @@ def test_quant_scripts(fashion_mnist_dir: Path, shakespeare_path: Path, tmp_path
     assert set(record["summary"]) == {"fashion-mnist", "char-lm"} and "goals" in record
 
 
+def test_gloo_exit_script(tmp_path: Path) -> None:
+    out = tmp_path / "gloo_exit.json"
+    _run("gloo_exit.py", "--tries", "1", "--out", str(out))
+    record = json.loads(out.read_text())
+    assert record["tries_per_configuration"] == 1
+    assert set(record["failed"]) == {
+        "collectives/none", "p2p-subgroups/none", "collectives/exit-handler", "p2p-subgroups/exit-handler",
+    }  # fmt: skip
+    assert record["failed"]["collectives/exit-handler"] == record["failed"]["p2p-subgroups/exit-handler"] == 0
+    with pytest.raises(AssertionError, match="--tries must be >= 1"):
+        _run("gloo_exit.py", "--tries", "0", "--out", str(out))
+
+
 def test_process_startup_script(tmp_path: Path) -> None:
     out = tmp_path / "startup.json"
     _run("process_startup.py", "--tries", "1", "--out", str(out))
