@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,12 +24,6 @@ from pathlib import Path
 from _cli import tries_and_out
 
 CONFIGS = [(work, exit_) for exit_ in ("none", "exit-handler") for work in ("collectives", "p2p-subgroups")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _worker(rank: int, port: int, work: str, exit_: str) -> None:
@@ -66,6 +59,9 @@ def _worker(rank: int, port: int, work: str, exit_: str) -> None:
 
 
 def _one_try(work: str, exit_: str) -> tuple[bool, str]:
+    # Imported here, in the parent only: the tries' processes import this module and should not pay for that one.
+    from distributed_cpu_algorithmic import free_port
+
     code = (
         "import sys, torch.multiprocessing as mp; sys.path.insert(0, sys.argv[1]); from gloo_exit import _worker; "
         "mp.start_processes(_worker, args=(int(sys.argv[2]), sys.argv[3], sys.argv[4]), nprocs=2, "
@@ -74,7 +70,7 @@ def _one_try(work: str, exit_: str) -> tuple[bool, str]:
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": str(here.parent)}
     done = subprocess.run(
-        [sys.executable, "-c", code, str(here), str(_free_port()), work, exit_],
+        [sys.executable, "-c", code, str(here), str(free_port()), work, exit_],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     reason = next((line for line in done.stderr.splitlines() if "terminate" in line or "signal" in line), "")

@@ -50,7 +50,10 @@ if torch.cuda.is_available():
 print(json.dumps(t))
 """
 
-HOLDER = "import sys, torch; torch.empty(1, device='cuda'); torch.cuda.synchronize(); print('ready', flush=True); sys.stdin.read()"
+HOLDER = (
+    "import sys, torch; torch.empty(1, device='cuda'); torch.cuda.synchronize(); print('ready', flush=True); "
+    "sys.stdin.read()"
+)
 
 
 def _phases(launched: float, stamps: dict[str, float]) -> dict[str, float]:

@@ -60,7 +60,8 @@ def _schedule_classes() -> tuple[str, ...]:
 def callback_technique(factory: CallbackFactory) -> str:
     """The technique a callback factory of a recipe is: ``"schedule"`` for a schedule (a ``schedule(...)``
     factory, or one named after a schedule callback of ``lightning_speedup.schedules``), ``"async-metrics"``
-    for ``async_metrics``, ``"attention-no-cudnn"`` for ``attention_without_cudnn``, else the factory's name in lower case without its arguments."""
+    for ``async_metrics``, ``"attention-no-cudnn"`` for ``attention_without_cudnn``, else the factory's name in
+    lower case without its arguments."""
     name = getattr(factory, "__name__", type(factory).__name__)
     if schedule_spec(factory) is not None or name.startswith(_schedule_classes()):
         return "schedule"

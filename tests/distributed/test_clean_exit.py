@@ -9,14 +9,11 @@ group left. Each launch is a script in a fresh interpreter, launched by Lightnin
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.pipeline.common import LAUNCH_VARIABLES
+from tests.pipeline.common import in_fresh_interpreter
 
 SCRIPT = """
 import atexit, json, os, sys
@@ -43,14 +40,6 @@ fit(out / "run", strategy=sys.argv[2], devices=2, max_steps=2, data=loader(n=32)
 def test_no_process_group_is_left_to_interpreter_exit(strategy: str, tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": repo, "PYTHONWARNINGS": "ignore"}
-    for key in LAUNCH_VARIABLES:
-        env.pop(key, None)
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), strategy], cwd=repo, env=env, capture_output=True,
-        text=True, timeout=240, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    in_fresh_interpreter(str(script), str(tmp_path), strategy)
     seen = {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)}
     assert seen == {r: {"initialized_at_exit": False} for r in range(2)}

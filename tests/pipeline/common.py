@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +96,20 @@ class TinyLM(L.LightningModule):
         if self.optimizer_name == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def in_fresh_interpreter(*argv: str) -> None:
+    """Runs ``python *argv`` in a new interpreter at the repository root, without the launch variables of this
+    one, so that no launch inherits a process group, thread or environment variable that the suite's earlier
+    modules or launches left behind; fails with the tail of its output if it exits non-zero."""
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": repo, "PYTHONWARNINGS": "ignore"}
+    for key in LAUNCH_VARIABLES:
+        env.pop(key, None)
+    done = subprocess.run(
+        [sys.executable, *argv], cwd=repo, env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
 def dataset(n: int = 64, seed: int = 0) -> TensorDataset:

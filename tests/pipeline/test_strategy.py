@@ -7,9 +7,6 @@ over four Adam steps parameters agree to ~1e-6 and losses to ~1e-7 relative, so 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +18,6 @@ from lightning_speedup import PipelineStrategy
 from lightning_speedup.pipeline import SCHEDULES
 from lightning_speedup.pipeline.strategy import adjacent_local_stages_problem
 from tests.pipeline.common import (
-    LAUNCH_VARIABLES,
     FailsOnTrainStart,
     PredictLM,
     ReplicaShards,
@@ -30,6 +26,7 @@ from tests.pipeline.common import (
     dataset,
     final_state,
     fit,
+    in_fresh_interpreter,
     loader,
     losses,
     needs_local_stages,
@@ -44,21 +41,6 @@ def _pp(schedule: str, **kwargs: object) -> PipelineStrategy:
     return PipelineStrategy(schedule=schedule, start_method="spawn", **kwargs)  # type: ignore[arg-type]
 
 
-def _in_fresh_interpreter(code: str, *args: str) -> None:
-    """Runs ``code`` (with ``args`` as ``sys.argv[1:]``) in a new interpreter at the repository root, without
-    the launch variables of this one, so that no launch inherits a process group, thread or environment variable
-    that the suite's earlier modules or launches left behind."""
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": repo, "PYTHONWARNINGS": "ignore"}
-    for key in LAUNCH_VARIABLES:
-        env.pop(key, None)
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=240,
-        check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-
-
 def _fit_pipelined(out: Path, schedule: str, n: int, **kwargs: object) -> Path:
     """``fit(out, strategy=_pp(schedule), devices=2, data=loader(n=n), **kwargs)``, in a fresh interpreter."""
     code = (
@@ -66,7 +48,7 @@ def _fit_pipelined(out: Path, schedule: str, n: int, **kwargs: object) -> Path:
         "from tests.pipeline.test_strategy import _pp; a = json.loads(sys.argv[1]); "
         "fit(Path(a.pop('out')), strategy=_pp(a.pop('schedule')), devices=2, data=loader(n=a.pop('n')), **a)"
     )
-    _in_fresh_interpreter(code, json.dumps({"out": str(out), "schedule": schedule, "n": n, **kwargs}))
+    in_fresh_interpreter("-c", code, json.dumps({"out": str(out), "schedule": schedule, "n": n, **kwargs}))
     return out
 
 
@@ -123,7 +105,7 @@ def test_checkpoint_roundtrip_and_exact_resume(tmp_path: Path) -> None:
     exactly as an uninterrupted run."""
     data = loader(n=16)  # 2 batches per epoch: checkpoints fall on epoch ends
     whole = fit(tmp_path / "whole", data=data, max_steps=-1, max_epochs=2)
-    # The two pipelined launches each in a fresh interpreter (see _in_fresh_interpreter).
+    # The two pipelined launches each in a fresh interpreter (see in_fresh_interpreter).
     half = _fit_pipelined(tmp_path / "half", "1f1b", n=16, max_steps=-1, max_epochs=1)
     ckpt = torch.load(half / "final.ckpt", map_location="cpu", weights_only=False)
     plain = TinyLM()
@@ -150,14 +132,14 @@ def test_checkpoint_roundtrip_and_exact_resume(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("part", ["validate:zero_bubble", "validate:zbv", "predict:gpipe"])
 def test_validate_and_predict_equal_the_plain_module(part: str, tmp_path: Path) -> None:
-    """Each launch in a fresh interpreter (see :func:`_in_fresh_interpreter`); the check itself is
-    :func:`check_validate_and_predict`. ``zbv`` is V-shaped: its last stage sits on process 0."""
+    """Each launch in a fresh interpreter (see :func:`~tests.pipeline.common.in_fresh_interpreter`); the check
+    itself is :func:`check_validate_and_predict`. ``zbv`` is V-shaped: its last stage sits on process 0."""
     code = (
         "import sys; from pathlib import Path; "
         "from tests.pipeline.test_strategy import check_validate_and_predict; "
         "check_validate_and_predict(Path(sys.argv[1]), sys.argv[2])"
     )
-    _in_fresh_interpreter(code, str(tmp_path), part)
+    in_fresh_interpreter("-c", code, str(tmp_path), part)
 
 
 def check_validate_and_predict(tmp_path: Path, part: str) -> None:
