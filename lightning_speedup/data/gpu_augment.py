@@ -33,6 +33,8 @@ from lightning_speedup.data.augment import Compose, ImageOp, MixOp, batch_seed
 __all__ = ["GPUAugment"]
 
 Key = int | str
+# Mixed into the seed of batches augmented outside the training stream (GPUAugment.augment_outside_stream).
+_OUTSIDE_STREAM = 0x5EED_0F_0D_D_BA7C4
 
 
 def _get(batch: Any, key: Key, role: str) -> Any:
@@ -200,6 +202,15 @@ class GPUAugment(Callback):
             raise RuntimeError("GPUAugment.setup() has not run; add the callback to the Trainer's callbacks.")
         self._generator.manual_seed(batch_seed(self.seed, self._rank, self.step))
         self.step += 1
+        self.augment(batch, self._generator, convert=trainer.precision_plugin.convert_input)
+
+    def augment_outside_stream(self, trainer: L.Trainer, batch: Any, index: int) -> None:
+        """Augment ``batch`` in place as a training batch, from a stream of its own that leaves the training
+        stream (and the checkpointed step counter) untouched: for work before training that runs the training
+        step on real batches, such as the LR range test."""
+        if self._generator is None or self.seed is None:
+            raise RuntimeError("GPUAugment.setup() has not run; add the callback to the Trainer's callbacks.")
+        self._generator.manual_seed(batch_seed(self.seed ^ _OUTSIDE_STREAM, self._rank, index))
         self.augment(batch, self._generator, convert=trainer.precision_plugin.convert_input)
 
     def _convert_eval(self, trainer: L.Trainer, batch: Any) -> None:

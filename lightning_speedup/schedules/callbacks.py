@@ -159,6 +159,7 @@ class LRScheduleCallback(Callback):
         self._loaded: dict[str, Any] | None = None
         self._last_logged_step: int | None = None
         self._warned_overrun = False
+        self._sized_by_estimate = False
         self.range_test_result: RangeTestResult | None = None
 
     # ------------------------------------------------------------------ what subclasses define
@@ -180,6 +181,11 @@ class LRScheduleCallback(Callback):
                 f"{type(self).__name__}: {name}={fraction:g} of this {total_steps}-step run rounds to no step, so "
                 f"{effect}. Lengthen the run, raise {name}, or set {name}=0 to say so."
             )
+
+    def can_resize(self, step: int, saved_total: int, total: int) -> bool:
+        """Whether a resumed schedule at ``step`` of ``saved_total`` steps may continue as one of ``total`` steps
+        with no change to the LRs already used (only :class:`WarmupStableDecay`, in its stable phase)."""
+        return False
 
     def schedule_settings(self) -> dict[str, Any]:
         """The settings that shape the schedule; a resume compares them with the checkpoint's."""
@@ -310,11 +316,16 @@ class LRScheduleCallback(Callback):
 
         total = self._resolve_total_steps(trainer)
         loaded, self._loaded = self._loaded, None
+        self._sized_by_estimate = False
         if loaded:
             self._resume_from(loaded, total)
         else:
+            self._warn_if_max_steps_counts_every_optimizer(trainer, pl_module, total)
             self.check_total_steps(total)
             self._total = total
+            # A Trainer that has trained already is at its global step only from on_train_start on (a resume
+            # restores the loops after on_fit_start); a fresh schedule is sized to the steps to come there.
+            self._sized_by_estimate = self.total_steps is None
             self._steps = [0] * len(optimizers)
             self._auto_lr = None
             self._peaks = self._resolve_peaks(trainer, pl_module, n_groups)
@@ -324,6 +335,10 @@ class LRScheduleCallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sized_by_estimate and trainer.global_step > 0:
+            self._total = self._remaining_steps(trainer.global_step, self._total)
+            self.check_total_steps(self._total)
+        self._sized_by_estimate = False
         # A resumed run has just had its optimizer state (and the param groups in it) restored.
         self._apply_all()
 
@@ -352,7 +367,7 @@ class LRScheduleCallback(Callback):
             self._warned_overrun = True
             rank_zero_warn(
                 f"{type(self).__name__}: optimizer {index} is taking step {self._steps[index] + 1} of a schedule "
-                f"of {self._total} steps; it keeps the schedule's last LR from here on. The run is longer than "
+                f"of {self._total} steps; it keeps the schedule's final LR from here on. The run is longer than "
                 "trainer.estimated_stepping_batches predicted (or than total_steps)."
             )
         self._apply(index)
@@ -452,6 +467,36 @@ class LRScheduleCallback(Callback):
             )
         return int(estimate)
 
+    def _warn_if_max_steps_counts_every_optimizer(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, total: int
+    ) -> None:
+        manual_with_several = not pl_module.automatic_optimization and len(self._optimizers) > 1
+        if self.total_steps is None and manual_with_several and trainer.max_steps != -1:
+            name = type(self).__name__
+            rank_zero_warn(
+                f"{name}: this module steps {len(self._optimizers)} optimizers itself (manual optimization), and "
+                f"Lightning counts max_steps={trainer.max_steps} over the steps of all of them, so the schedule "
+                f"of {total} steps per optimizer may run only part of its length. Pass "
+                f"{name}(total_steps=...) with the number of steps each optimizer takes."
+            )
+
+    def _remaining_steps(self, done: int, total: int) -> int:
+        """A fresh schedule on a Trainer that has already trained (a second fit, or a resume from a checkpoint
+        without this schedule's state) covers the steps still to come, not the whole run again."""
+        name = type(self).__name__
+        remaining = total - done
+        if remaining < 1:
+            raise ValueError(
+                f"{name} starts at global step {done}, but the run is estimated at {total} steps, so no step is "
+                f"left to schedule. Raise max_epochs/max_steps, or pass {name}(total_steps=...)."
+            )
+        rank_zero_warn(
+            f"{name}: the Trainer is at global step {done} and the checkpoint (if any) holds no state of this "
+            f"schedule, so a fresh schedule covers the {remaining} steps still to come (of {total}). Pass "
+            f"{name}(total_steps=...) to choose its length."
+        )
+        return remaining
+
     def _resolve_peaks(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, n_groups: int
     ) -> list[list[float]]:
@@ -512,11 +557,19 @@ class LRScheduleCallback(Callback):
         self._steps = [int(s) for s in state["steps"]]
         self._peaks = [[float(v) for v in row] for row in state["peak_lrs"]]
         self._auto_lr = state.get("auto_lr")
+        resized = total != self._total and self.can_resize(max(self._steps), self._total, total)
+        if resized:
+            rank_zero_info(
+                f"{type(self).__name__}: the checkpoint's schedule of {self._total} steps is in its stable phase "
+                f"(step {max(self._steps)}), so it is resized to this run's {total} steps."
+            )
+            self.check_total_steps(total)
+            self._total = total
         saved_settings = state.get("settings", {})
         changed = [
             f"{k}: {saved_settings[k]!r} -> {v!r}"
             for k, v in self.schedule_settings().items()
-            if k in saved_settings and saved_settings[k] != v
+            if k in saved_settings and saved_settings[k] != v and not (resized and k == "total_steps")
         ]
         if changed:
             rank_zero_warn(
@@ -531,7 +584,8 @@ class LRScheduleCallback(Callback):
             )
 
     def _apply(self, index: int) -> None:
-        # The value after the last step (step == total) is never used by a step; clamp to keep it in range.
+        # Past the end (a run longer than the schedule) every step uses the value after the last step, the
+        # schedule's final LR.
         step = min(self._steps[index], self._total)
         use_beta1 = self._use_beta1[index]
         for group, peak, (base_m, max_m) in zip(
@@ -826,6 +880,15 @@ class WarmupStableDecay(LRScheduleCallback):
             min_lr_ratio=self.min_lr_ratio,
         )
         return peak_lr * fraction, inverse_momentum(fraction, base_momentum, max_momentum)
+
+    @override
+    def can_resize(self, step: int, saved_total: int, total: int) -> bool:
+        # The LR of every step so far and of the next is the peak under both lengths.
+        for length in (saved_total, total):
+            n_warmup, n_decay = wsd_phase_steps(length, self.warmup, self.decay)
+            if not n_warmup <= step < length - n_decay:
+                return False
+        return True
 
     @override
     def check_total_steps(self, total_steps: int) -> None:

@@ -159,7 +159,8 @@ def one_cycle(
     Identical, bit for bit, to ``torch.optim.lr_scheduler.OneCycleLR`` with the same arguments:
     the LR starts at ``max_lr / div_factor``, rises to ``max_lr`` over ``pct_start`` of the run and
     anneals to ``max_lr / div_factor / final_div_factor``; momentum moves inversely between
-    ``max_momentum`` and ``base_momentum``. With ``max_lr=1`` the LR is a multiplier.
+    ``max_momentum`` and ``base_momentum``. With ``max_lr=1`` the LR is a multiplier. At
+    ``step == total_steps`` (after the last step; torch's scheduler raises there) it gives the final values.
 
     Raises:
         ValueError: ``step`` outside [0, total_steps], an unknown ``anneal_strategy``, or a
@@ -187,7 +188,9 @@ def one_cycle(
         if step <= end_step or i == len(phases) - 1:
             if end_step == start_step:
                 check_one_cycle(total_steps, pct_start, three_phase)  # raises with the explanation
-            pct = (step - start_step) / (end_step - start_step)
+            # step == total_steps (after the last step, which torch's scheduler never reaches) is the final value,
+            # not an extrapolation past it (which for "linear" would be a negative LR).
+            pct = min((step - start_step) / (end_step - start_step), 1.0)
             lr = anneal(values[phase.start_lr], values[phase.end_lr], pct)
             momentum = anneal(values[phase.start_momentum], values[phase.end_momentum], pct)
             return lr, momentum

@@ -8,7 +8,9 @@ from the same state as a run without the test.
 
 The sweep runs the module's own ``training_step`` through the Trainer's strategy (DDP gradient
 sync, the precision plugin's autocast, ``gradient_clip_val`` and ``accumulate_grad_batches`` all
-apply) but calls no other callback, so nothing else in the run sees the sweep. Lightning's own
+apply) but calls no other callback, so nothing else in the run sees the sweep; the one exception is
+``GPUAugment``, whose ops the sweep's batches pass through as training batches do (from a stream of
+their own, so the training run's augmentation is unchanged). Lightning's own
 ``LearningRateFinder`` instead saves a checkpoint to disk, swaps out every callback and the
 logger, runs the fit loop and restores the checkpoint; the direct loop here avoids the disk
 round trip and leaves the loops' progress untouched.
@@ -361,6 +363,11 @@ def run_range_test(
     losses: list[float] = []
     stopped_early = False
 
+    # The training batches reach training_step through GPUAugment (uint8 images become floats there), so the
+    # sweep's batches do too; the training run's augmentation stream is left as it was.
+    from lightning_speedup.data.gpu_augment import GPUAugment
+
+    augmenters = [cb for cb in trainer.callbacks if isinstance(cb, GPUAugment)]
     snapshot = TrainingStateSnapshot(pl_module, optimizers, scaler)
     batches = _endless_batches(trainer)
     try:
@@ -372,9 +379,11 @@ def run_range_test(
                     _set_group_lr(group, lr * ratio)
                 optimizer.zero_grad(set_to_none=True)
                 total = torch.zeros((), device=strategy.root_device)
-                for _ in range(accumulate):
+                for micro in range(accumulate):
                     batch, batch_idx, dataloader_idx = next(batches)
                     batch = strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
+                    for augmenter in augmenters:
+                        augmenter.augment_outside_stream(trainer, batch, len(losses) * accumulate + micro)
                     loss = _loss_of(strategy.training_step(batch, batch_idx)) / accumulate
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                     total += loss.detach().float()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,60 @@ def test_a_run_too_short_for_a_phase_warns_and_trains_to_the_end() -> None:
     assert cosine.steps_taken == [4]
 
 
+@pytest.mark.parametrize("anneal", ["cos", "linear"])
+def test_a_run_longer_than_the_one_cycle_keeps_its_final_lr(anneal: str) -> None:
+    """Steps past the schedule's end use its final LR (min_lr); before, they extrapolated past it, which for
+    "linear" was a negative LR (gradient ascent) and for "cos" one 3000x the final LR."""
+    recorder = Recorder()
+    schedule = OneCycle(max_lr=0.1, anneal_strategy=anneal, total_steps=20)  # type: ignore[arg-type]
+    trainer = make_trainer(max_epochs=None, max_steps=24, callbacks=[recorder, schedule])
+    with pytest.warns(
+        UserWarning, match=r"taking step 21 of a schedule of 20 steps; it keeps the schedule's final"
+    ):
+        trainer.fit(Regressor("sgd", (0.05,)), regression_loader(n_batches=10))
+    final = 0.1 / 25 / 1e4
+    lrs = [lrs[0] for lrs, _ in recorder.of(0)]
+    assert lrs[19] == pytest.approx(final, rel=1e-12) and lrs[20:] == [lrs[19]] * 4
+    moms = [moms[0] for _, moms in recorder.of(0)]
+    assert moms[20:] == [0.95] * 4
+    assert trainer.optimizers[0].param_groups[0]["lr"] == lrs[19]
+
+
+def test_manual_optimization_with_several_optimizers_and_max_steps_warns() -> None:
+    """Lightning counts max_steps over every optimizer's steps, so the per-optimizer schedule is too long."""
+    schedule = WarmupCosine(peak_lr=0.1)
+    trainer = make_trainer(max_epochs=None, max_steps=20, callbacks=[schedule])
+    with pytest.warns(
+        UserWarning, match=r"steps 2 optimizers itself.*Pass WarmupCosine\(total_steps=\.\.\.\)"
+    ):
+        trainer.fit(TwoOptimizers(), regression_loader(n_batches=10))
+
+
+@pytest.mark.parametrize("how", ["second-fit", "checkpoint-without-schedule"])
+def test_a_schedule_added_to_a_trained_trainer_covers_the_steps_to_come(how: str, tmp_path: Path) -> None:
+    """Before, it started the whole schedule again at the Trainer's global step: a second warmup, and a run that
+    ended halfway down the decay."""
+    loader = regression_loader(n_batches=10)
+    recorder, schedule = Recorder(), WarmupCosine(peak_lr=0.1, warmup=0.1)
+    if how == "second-fit":
+        trainer = make_trainer(max_epochs=1, callbacks=[recorder, schedule])
+        trainer.fit(Regressor("sgd"), loader)
+        recorder.records.clear()
+        trainer.fit_loop.max_epochs = 3
+        ckpt = None
+    else:
+        first = make_trainer(max_epochs=1)
+        first.fit(Regressor("sgd"), loader)
+        ckpt = tmp_path / "no-schedule.ckpt"
+        first.save_checkpoint(ckpt)
+        trainer = make_trainer(max_epochs=3, callbacks=[recorder, schedule])
+    with pytest.warns(UserWarning, match=r"global step 10 .* covers the 20 steps still to come \(of 30\)"):
+        trainer.fit(Regressor("sgd") if ckpt else trainer.lightning_module, loader, ckpt_path=ckpt)
+    assert schedule.schedule_total_steps == 20 and schedule.steps_taken == [20]
+    expected = [0.1 * warmup_cosine(t, 20, warmup=0.1) for t in range(20)]
+    assert [lrs[0] for lrs, _ in recorder.of(0)] == pytest.approx(expected, rel=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------
 # exact resume
 # ------------------------------------------------------------------------------------------------
@@ -209,6 +264,37 @@ def test_resume_with_changed_settings_warns_naming_them(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"max_lr: 0.1 -> 0.2; pct_start: 0.3 -> 0.4.*continues exactly as"):
         trainer.fit(Regressor("sgd"), regression_loader(n_batches=6), ckpt_path=str(ckpt))
     assert schedule.peak_lrs == [[0.1]] and schedule.steps_taken == [12]
+
+
+def test_warmup_stable_decay_resumed_in_its_stable_phase_takes_the_new_length(tmp_path: Path) -> None:
+    """The WSD promise: a checkpoint from the stable phase can be trained on and cooled down later. A resume into
+    a longer run moves the decay to the new end; a resume already in the decay keeps its length and warns."""
+
+    def checkpoint_at_step_6_of_12(dirpath: Path, schedule: WarmupStableDecay) -> str:
+        checkpoint = ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1)
+        trainer = make_trainer(max_epochs=2, callbacks=[schedule, checkpoint], enable_checkpointing=True)
+        trainer.fit(Regressor("sgd"), regression_loader(n_batches=6))
+        return str(dirpath / "epoch=0-step=6.ckpt")
+
+    ckpt = checkpoint_at_step_6_of_12(
+        tmp_path / "stable", WarmupStableDecay(peak_lr=0.1, warmup=0.1, decay=0.2)
+    )
+    # 6 of 12 steps: warmup 1 step, decay 2 (steps 10-11); step 6 is stable under 12 and under 30 steps.
+    recorder, schedule = Recorder(), WarmupStableDecay(peak_lr=0.1, warmup=0.1, decay=0.2)
+    trainer = make_trainer(max_epochs=5, callbacks=[recorder, schedule])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*WarmupStableDecay")
+        trainer.fit(Regressor("sgd"), regression_loader(n_batches=6), ckpt_path=ckpt)
+    assert schedule.schedule_total_steps == 30 and schedule.steps_taken == [30]
+    expected = [0.1 * warmup_stable_decay(t, 30, warmup=0.1, decay=0.2) for t in range(6, 30)]
+    assert [lrs[0] for lrs, _ in recorder.of(0)] == pytest.approx(expected, rel=1e-12)
+
+    in_decay = checkpoint_at_step_6_of_12(tmp_path / "decay", WarmupStableDecay(peak_lr=0.1, decay=0.6))
+    schedule = WarmupStableDecay(peak_lr=0.1, decay=0.6)
+    trainer = make_trainer(max_epochs=5, callbacks=[schedule])
+    with pytest.warns(UserWarning, match=r"schedule is 12 steps long but this run is estimated at 30"):
+        trainer.fit(Regressor("sgd"), regression_loader(n_batches=6), ckpt_path=in_decay)
+    assert schedule.schedule_total_steps == 12
 
 
 def test_resume_with_another_schedule_class_is_refused(tmp_path: Path) -> None:

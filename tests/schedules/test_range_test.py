@@ -214,3 +214,38 @@ def test_auto_lr_works_when_the_run_length_is_given_in_steps(
     assert schedule.peak_lrs == [[schedule.range_test_result.lr]]
     assert schedule.schedule_total_steps == 10
     assert trainer.global_step == 10  # one epoch of the 10-batch loader
+
+
+def test_range_test_batches_pass_through_gpu_augment_and_leave_its_stream_alone(
+    fashion_mnist_dir: Path,
+) -> None:
+    """A uint8 data set converted by GPUAugment (the resident-data recipe): the sweep's batches need the
+    conversion as training batches do (the sweep crashed on uint8 images before), and the training run after
+    the sweep is bit-identical to one given the chosen LR directly, so the augmentation stream is unchanged."""
+    from lightning_speedup.data import GPUAugment, augment
+
+    data = load_fashion_mnist(fashion_mnist_dir)
+    loader = DataLoader(
+        TensorDataset(data.train_images[:512].unsqueeze(1), data.train_labels[:512]), batch_size=64
+    )
+
+    def run(max_lr: Any) -> tuple[SmallNet, OneCycle, GPUAugment]:
+        torch.manual_seed(5)
+        model = SmallNet()
+        gpu_augment = GPUAugment(
+            augment.RandomCrop(28, padding=2),
+            augment.Normalize(FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+            seed=7,
+        )
+        range_test = LRRangeTest(min_lr=1e-5, max_lr=10.0, num_steps=30) if max_lr == "auto" else None
+        schedule = OneCycle(max_lr=max_lr, range_test=range_test)
+        make_trainer(max_epochs=1, callbacks=[gpu_augment, schedule]).fit(model, loader)
+        return model, schedule, gpu_augment
+
+    auto_model, auto, auto_augment = run("auto")
+    result = auto.range_test_result
+    assert result is not None and len(result.losses) >= 10 and 1e-5 < result.lr < 10.0
+    assert auto_augment.step == 8  # the training batches only
+    explicit_model, _, _ = run(result.lr)
+    for a, b in zip(auto_model.state_dict().values(), explicit_model.state_dict().values()):
+        assert torch.equal(a, b)
