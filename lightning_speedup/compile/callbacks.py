@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,7 @@ from lightning_speedup.compile.core import (
     decide_compile,
     device_name,
     expected_costs,
+    find_regions,
     median,
     sdpa_backend_enums,
 )
@@ -43,6 +45,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _batches_left(trainer: L.Trainer, batch_idx: int) -> float:
+    """Training batches the run has left after batch ``batch_idx`` of this epoch, whichever of ``max_steps``
+    (optimizer steps x ``accumulate_grad_batches``) and ``max_epochs`` ends it first; ``inf`` when neither
+    bounds it (a run bounded by time)."""
+    accumulate = trainer.accumulate_grad_batches
+    done = batch_idx + 1  # batches of this epoch run so far
+    left = math.inf
+    if trainer.max_steps != -1:
+        # global_step counts optimizer steps; the current one has `done % accumulate` of its batches behind it
+        left = (trainer.max_steps - trainer.global_step) * accumulate - done % accumulate
+    per_epoch = trainer.num_training_batches
+    if trainer.max_epochs is not None and trainer.max_epochs != -1 and math.isfinite(per_epoch):
+        left = min(left, per_epoch * (trainer.max_epochs - trainer.current_epoch) - done)
+    return max(float(left), 0.0)
+
+
 class Compile(Callback):
     """Compile the LightningModule's repeated blocks (``scope="regional"``) or its ``forward``
     (``scope="full"``) before training, or with ``auto=True`` only when the measured eager step time and
@@ -52,17 +70,22 @@ class Compile(Callback):
         scope: ``"regional"`` compiles each instance of the repeated block class in place (compiled once per
             class); ``"full"`` compiles the module's ``forward`` (``training_step`` must call ``self(...)``).
         auto: measure ``measure_steps`` eager steps, then compile only if
-            ``remaining_steps * eager_step * (1 - 1/speedup) > compile_seconds``, with compile seconds and
+            ``remaining_batches * eager_batch * (1 - 1/speedup) > compile_seconds`` (training batches, so
+            gradient accumulation counts each of its batches), with compile seconds and
             speed-up from the cache's record of an earlier run with the same key, else conservative priors
             (``lightning_speedup.compile.core.PRIOR_*``). The reason is logged at INFO in one line.
-        regions: class names of the blocks to compile (``["Block"]``); default: found automatically.
+        regions: class names of the blocks to compile (``["Block"]``); default: found automatically. A name
+            that is not a submodule class of the LightningModule fails at the start of ``fit``.
         mode: ``torch.compile`` mode (``None``, ``"default"``, ``"reduce-overhead"``, ``"max-autotune"``, ...).
         backend: ``"inductor"`` (CUDA only here; elsewhere the callback warns once and does nothing) or
             ``"eager"`` / ``"aot_eager"`` (anywhere; for tests and debugging).
         cache: keep compiled artifacts across processes (``torch.compiler.save_cache_artifacts``).
         cache_dir: where; default ``$LIGHTNING_SPEEDUP_COMPILE_CACHE`` or ``~/.cache/lightning_speedup/compile``.
         measure_steps: eager steps timed by ``auto`` (after one unmeasured warm-up step) and compiled steps
-            timed afterwards for the cache's record.
+            timed afterwards for the cache's record; each step is one training batch.
+
+    One callback may serve several fits (of a new Trainer or the same): each fit starts afresh, with its own
+    key, decision and timings.
     """
 
     def __init__(
@@ -82,7 +105,7 @@ class Compile(Callback):
             )
         if mode not in MODES:
             raise ValueError(f"Compile(mode={mode!r}): torch.compile's modes are {list(MODES)}.")
-        if not isinstance(measure_steps, int) or measure_steps < 1:
+        if isinstance(measure_steps, bool) or not isinstance(measure_steps, int) or measure_steps < 1:
             raise ValueError(f"Compile(measure_steps={measure_steps!r}) must be a positive integer.")
         if regions is not None and (isinstance(regions, str) or not all(isinstance(r, str) for r in regions)):
             raise ValueError(f"Compile(regions={regions!r}) must be a list of class names, e.g. ['Block'].")
@@ -95,9 +118,13 @@ class Compile(Callback):
         self.backend = backend
         self.cache = ArtifactCache(cache_dir) if cache else None
         self.measure_steps = measure_steps
+        self._active = False
+        self._reset()
+
+    def _reset(self) -> None:
+        """The state of one fit: a callback reused for a second fit measures, decides and compiles anew."""
         self.decision: CompileDecision | None = None
         self.compiled = False
-        self._active = False
         self._key: str | None = None
         self._steps = 0
         self._t0 = 0.0
@@ -110,6 +137,7 @@ class Compile(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._reset()
         device = trainer.strategy.root_device
         self._active = device.type == "cuda" or self.backend in _BACKENDS_OFF_CUDA
         if not self._active:
@@ -117,6 +145,13 @@ class Compile(Callback):
                 f"Compile: Inductor on {device.type} is not where compiling pays for itself here; training "
                 "uncompiled. (backend='eager' or 'aot_eager' runs anywhere, for tests.)"
             )
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Named regions are checked before any batch runs (here rather than in setup: a LightningModule may
+        # build its blocks in configure_model, which runs after the callbacks' setup).
+        if self.regions is not None:
+            find_regions(pl_module, self.regions)  # raises ValueError listing the classes present
 
     def _compile(self, pl_module: L.LightningModule) -> None:
         compile_model(pl_module, self.scope, self.regions, mode=self.mode, backend=self.backend)
@@ -131,7 +166,16 @@ class Compile(Callback):
         if self._key is None:
             # The key needs the input shapes, first known here; compilation is lazy, so artifacts loaded now
             # are found by the first compiled call.
-            self._key = cache_key(pl_module, batch, self.mode, self.scope, device_name(pl_module.device))
+            self._key = cache_key(
+                pl_module,
+                batch,
+                self.mode,
+                self.scope,
+                device_name(pl_module.device),
+                backend=self.backend,
+                regions=self.regions,
+                precision=str(trainer.precision),
+            )
             hit = self.cache is not None and self.cache.load_artifacts(self._key)
             self._artifacts_hit = bool(hit)
             if not self.auto:
@@ -164,19 +208,23 @@ class Compile(Callback):
             return  # the first eager step pays one-off costs (allocator, cuDNN autotuning)
         self._eager.append(elapsed)
         if self.auto and len(self._eager) == self.measure_steps and self.decision is None:
-            self._decide(trainer, pl_module)
+            self._decide(trainer, pl_module, batch_idx)
 
     def _done_measuring(self) -> bool:
         if self.auto and self.decision is not None and not self.decision.compile:
             return True
         return len(self._compiled_times) >= self.measure_steps
 
-    def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule, batch_idx: int) -> None:
         assert self._key is not None
-        remaining = float(trainer.estimated_stepping_batches) - trainer.global_step
+        # Steps are timed per training batch, so the steps left are counted in batches too (with gradient
+        # accumulation an optimizer step is several of them).
+        remaining = _batches_left(trainer, batch_idx)
         record = self.cache.read_record(self._key) if self.cache is not None else None
         compile_s, speedup, source = expected_costs(self.scope, record, self._artifacts_hit)
-        self.decision = decide_compile(median(self._eager), max(remaining, 0.0), compile_s, speedup, source)
+        self.decision = decide_compile(
+            median(self._eager), remaining, compile_s, speedup, source, unit="batches"
+        )
         verb = "compiling" if self.decision.compile else "not compiling"
         rank_zero_info(f"Compile(auto): {verb} ({self.scope}): {self.decision.reason}.")
         if self.decision.compile:
@@ -217,8 +265,14 @@ class EagerCUDAGraphs(Callback):
             raise ValueError(
                 f"EagerCUDAGraphs(module_attr={module_attr!r}) must name an attribute, e.g. 'net'."
             )
-        if num_warmup_iters < 1:
-            raise ValueError(f"EagerCUDAGraphs(num_warmup_iters={num_warmup_iters}) must be at least 1.")
+        if (
+            isinstance(num_warmup_iters, bool)
+            or not isinstance(num_warmup_iters, int)
+            or num_warmup_iters < 1
+        ):
+            raise ValueError(
+                f"EagerCUDAGraphs(num_warmup_iters={num_warmup_iters!r}) must be an integer, at least 1."
+            )
         self.module_attr = module_attr
         self.num_warmup_iters = num_warmup_iters
         self.graphed = False

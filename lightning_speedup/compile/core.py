@@ -142,6 +142,12 @@ def _shape_signature(inputs: Any) -> Any:
     return type(inputs).__name__
 
 
+def _backend_name(backend: Any) -> str:
+    if isinstance(backend, str):
+        return backend
+    return getattr(backend, "__qualname__", None) or type(backend).__qualname__  # a callable backend
+
+
 def cache_key(
     model: nn.Module,
     inputs: Any,
@@ -149,10 +155,16 @@ def cache_key(
     strategy: str,
     device: str,
     torch_version: str = torch.__version__,
+    *,
+    backend: Any = "inductor",
+    regions: Sequence[str] | None = None,
+    fullgraph: bool = False,
+    precision: str | None = None,
 ) -> str:
-    """A hex digest of what changes the compiled code: the module tree (classes and names), every
-    parameter's and buffer's name, shape and dtype, the input shapes and dtypes, the compile mode and
-    strategy, the torch version and the device name."""
+    """A hex digest of what changes the compiled code or its speed: the module tree (classes and names),
+    every parameter's and buffer's name, shape and dtype, the input shapes and dtypes, the compile mode,
+    strategy, backend, regions and ``fullgraph``, the training precision (autocast changes the graphs), the
+    torch version and the device name."""
     tree = [[name, type(m).__qualname__] for name, m in model.named_modules()]
     tensors = [
         [name, list(t.shape), str(t.dtype)] for name, t in (*model.named_parameters(), *model.named_buffers())
@@ -163,6 +175,10 @@ def cache_key(
         "inputs": _shape_signature(inputs),
         "mode": mode,
         "strategy": strategy,
+        "backend": _backend_name(backend),
+        "regions": sorted(set(regions)) if regions is not None else None,
+        "fullgraph": fullgraph,
+        "precision": precision,
         "device": device,
         "torch": torch_version,
     }
@@ -186,7 +202,9 @@ class ArtifactCache:
     """Compiled artifacts and timing records by key, one ``<key>.bin`` and ``<key>.json`` per entry.
 
     Clear it by deleting the directory (``rm -rf ~/.cache/lightning_speedup/compile``). A file that cannot
-    be read is reported in a warning naming it, removed, and rebuilt by the run.
+    be read, or a record whose values are out of range (a negative or non-finite ``compile_s``, a ``speedup``
+    that is not a finite positive number), is reported in a warning naming it, removed, and rebuilt by the
+    run.
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
@@ -239,6 +257,10 @@ class ArtifactCache:
         try:
             raw = json.loads(path.read_text())
             record = CompileRecord(compile_s=float(raw["compile_s"]), speedup=float(raw["speedup"]))
+            if not (math.isfinite(record.compile_s) and record.compile_s >= 0):
+                raise ValueError(f"compile_s must be a finite number of seconds >= 0, got {record.compile_s}")
+            if not (math.isfinite(record.speedup) and record.speedup > 0):
+                raise ValueError(f"speedup must be a finite number > 0, got {record.speedup}")
         except Exception as error:
             self._discard(path, error)
             return None
@@ -285,13 +307,20 @@ def decide_compile(
     compile_s: float,
     speedup: float,
     source: str = "priors",
+    unit: str = "steps",
 ) -> CompileDecision:
     """Compile when the time the compiled steps save, ``remaining_steps * eager_step_s * (1 - 1/speedup)``,
-    exceeds ``compile_s``. ``remaining_steps`` may be ``inf`` (a run bounded by time, not steps)."""
-    if eager_step_s < 0 or compile_s < 0 or speedup <= 0 or remaining_steps < 0:
+    exceeds ``compile_s``. ``remaining_steps`` may be ``inf`` (a run bounded by time, not steps); ``unit``
+    names what ``eager_step_s`` times and ``remaining_steps`` counts in the reason ("batches" for the
+    callback, which times each training batch)."""
+    finite = all(math.isfinite(v) for v in (eager_step_s, compile_s, speedup)) and not math.isnan(
+        remaining_steps
+    )
+    if not finite or eager_step_s < 0 or compile_s < 0 or speedup <= 0 or remaining_steps < 0:
         raise ValueError(
-            f"decide_compile needs non-negative times and steps and a positive speed-up, got eager_step_s="
-            f"{eager_step_s}, remaining_steps={remaining_steps}, compile_s={compile_s}, speedup={speedup}."
+            f"decide_compile needs finite non-negative times and steps and a finite positive speed-up, got "
+            f"eager_step_s={eager_step_s}, remaining_steps={remaining_steps}, compile_s={compile_s}, "
+            f"speedup={speedup}."
         )
     saved_per_step = eager_step_s * (1.0 - 1.0 / speedup)
     if saved_per_step <= 0:
@@ -301,7 +330,7 @@ def decide_compile(
     saving = math.inf if math.isinf(remaining_steps) else remaining_steps * saved_per_step
     net = saving - compile_s
     detail = (
-        f"{remaining_steps:g} steps left x {eager_step_s * 1e3:.2f} ms eager x (1 - 1/{speedup:.2f}) = "
+        f"{remaining_steps:g} {unit} left x {eager_step_s * 1e3:.2f} ms eager x (1 - 1/{speedup:.2f}) = "
         f"{saving:.1f} s saved vs {compile_s:.1f} s to compile ({source})"
     )
     if net > 0:

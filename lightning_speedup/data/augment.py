@@ -104,6 +104,25 @@ def _check_float(images: Tensor, op: str) -> None:
         )
 
 
+def _check_fill_type(fill: object, op: str) -> float:
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+        raise ValueError(f"{op}: fill must be a number (the value of the filled pixels); got {fill!r}.")
+    return fill
+
+
+def _check_fill(fill: float, dtype: torch.dtype, op: str) -> None:
+    """Raise if integer images of ``dtype`` cannot hold ``fill`` exactly (masked_fill would wrap or truncate it)."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return
+    info = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+    if not (math.isfinite(fill) and float(fill).is_integer() and info[0] <= fill <= info[1]):
+        raise ValueError(
+            f"{op}: fill={fill!r} is not a value of the images' dtype {dtype}, whose values are the integers in "
+            f"[{info[0]}, {info[1]}]; pass an integer fill in that range (e.g. 0 or {info[1]}), or convert the "
+            f"images to float before {op} (ToDtype or Normalize)."
+        )
+
+
 def _pair(size: int | Sequence[int], op: str) -> tuple[int, int]:
     if isinstance(size, int) and not isinstance(size, bool):
         return check_int("size", size, 1, prefix=f"{op}: "), size
@@ -235,6 +254,7 @@ def crop_batch(
     cols = left.view(B, 1) + _offsets(w, padding, images.device)  # (B, w) source cols
     valid: Tensor | None = None
     if padding_mode == "constant":
+        _check_fill(fill, images.dtype, "crop_batch")
         valid = ((rows >= 0) & (rows < H)).view(B, h, 1) & ((cols >= 0) & (cols < W)).view(B, 1, w)
         rows, cols = rows.clamp(0, H - 1), cols.clamp(0, W - 1)
     elif padding_mode == "reflect":
@@ -258,8 +278,9 @@ class RandomCrop(ImageOp):
 
     Raises:
         ValueError: ``size`` or ``padding`` is not a positive int (padding may be 0); an unknown
-            ``padding_mode``; at call time, a crop larger than the padded image or reflect padding
-            as large as the image.
+            ``padding_mode``; a ``fill`` that is not a number; at call time, a crop larger than the
+            padded image, reflect padding as large as the image, or a ``fill`` that integer images
+            cannot hold (not an integer in their dtype's range, e.g. -1 or 0.5 for uint8).
     """
 
     def __init__(
@@ -276,7 +297,7 @@ class RandomCrop(ImageOp):
                 f"RandomCrop: padding_mode must be one of {_PADDING_MODES}; got {padding_mode!r}."
             )
         self.padding_mode: PaddingMode = padding_mode
-        self.fill = fill
+        self.fill = _check_fill_type(fill, "RandomCrop")
 
     def sample(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Per-sample (top, left) offsets into the padded image, each (B,) int64."""
@@ -300,6 +321,8 @@ class RandomCrop(ImageOp):
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         top, left = self.sample(images, generator)
+        if self.padding_mode == "constant":
+            _check_fill(self.fill, images.dtype, "RandomCrop")
         return crop_batch(images, top, left, self.size, self.padding, self.padding_mode, self.fill)
 
 
@@ -350,14 +373,15 @@ class Cutout(ImageOp):
     """Fill a ``size`` x ``size`` square at a random centre (per sample) with ``fill``; DeVries & Taylor (2017).
 
     As in the paper, the centre is uniform over the whole image and the square is clipped at the
-    borders, so squares near an edge cover less area. The image size is known only at the first call,
-    which raises ``ValueError`` if ``size`` exceeds the image's shorter side (a square that large
-    blanks most or all of every image).
+    borders, so squares near an edge cover less area. The image size and dtype are known only at the
+    first call, which raises ``ValueError`` if ``size`` exceeds the image's shorter side (a square that
+    large blanks most or all of every image) or if integer images cannot hold ``fill`` (e.g. -1 or 0.5
+    for uint8). The output keeps the input's memory format (channels-last stays channels-last).
     """
 
     def __init__(self, size: int, fill: float = 0.0) -> None:
         self.size = check_int("size", size, 1, prefix="Cutout: ")
-        self.fill = fill
+        self.fill = _check_fill_type(fill, "Cutout")
 
     def sample(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Per-sample square centres (cy, cx), each (B,) int64."""
@@ -375,8 +399,10 @@ class Cutout(ImageOp):
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         cy, cx = self.sample(images, generator)
+        _check_fill(self.fill, images.dtype, "Cutout")
         H, W = images.shape[-2:]
-        return images.masked_fill(box_mask(cy, cx, self.size, self.size, H, W), self.fill)
+        # clone() keeps the memory format, which an out-of-place masked_fill with the (B, 1, H, W) mask does not.
+        return images.clone().masked_fill_(box_mask(cy, cx, self.size, self.size, H, W), self.fill)
 
 
 # ----------------------------------------------------------------------------------------------------

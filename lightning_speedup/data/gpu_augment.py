@@ -38,9 +38,16 @@ _OUTSIDE_STREAM = 0x5EED_0F_0D_D_BA7C4
 
 
 def _get(batch: Any, key: Key, role: str) -> Any:
+    if isinstance(batch, Tensor):
+        # A loader that yields images only (typical for predict): the batch is the images.
+        if role == "image":
+            return batch
+        raise ValueError(
+            f"GPUAugment's mixing ops (MixUp, CutMix) need the labels, but the batch is a bare tensor of shape "
+            f"{tuple(batch.shape)} (images only). Yield (images, labels) from the training loader, or drop the "
+            f"mixing ops."
+        )
     try:
-        if isinstance(batch, Tensor):
-            raise TypeError
         if isinstance(key, int):
             if not isinstance(batch, Sequence) or isinstance(batch, str):
                 raise TypeError
@@ -51,9 +58,8 @@ def _get(batch: Any, key: Key, role: str) -> Any:
             return getattr(batch, key)
         raise TypeError
     except (TypeError, KeyError, IndexError, AttributeError):
-        what = f"shape {tuple(batch.shape)}" if isinstance(batch, Tensor) else type(batch).__name__
         raise ValueError(
-            f"GPUAugment could not find the {role} at {role}_key={key!r} in a batch of type {what}. "
+            f"GPUAugment could not find the {role} at {role}_key={key!r} in a batch of type {type(batch).__name__}. "
             f"Batches must be sequences like (images, labels) (use int keys) or dicts/dataclasses (use str keys); "
             f"set GPUAugment(..., image_key=..., label_key=...) to match your collate output."
         ) from None
@@ -69,13 +75,14 @@ def _set(batch: Any, key: Key, value: Tensor, role: str) -> None:
     if dataclasses.is_dataclass(batch) and not type(batch).__dataclass_params__.frozen:  # type: ignore[attr-defined]
         setattr(batch, key, value)  # type: ignore[arg-type]
         return
-    # Immutable container (tuple, namedtuple, frozen dataclass): the container object is what reaches
-    # training_step, so the tensor object inside it takes the new contents.
+    # Immutable container (tuple, namedtuple, frozen dataclass) or a bare tensor: that object is what reaches
+    # the step, so the tensor object (inside it, or the batch itself) takes the new contents.
     try:
         torch.utils.swap_tensors(old, value)
     except RuntimeError as err:
+        where = "bare-tensor" if isinstance(batch, Tensor) else f"immutable {type(batch).__name__}"
         raise RuntimeError(
-            f"GPUAugment cannot replace the {role} inside an immutable {type(batch).__name__} batch: {err}. "
+            f"GPUAugment cannot replace the {role} inside a {where} batch: {err}. "
             "Return a list or dict from your collate_fn (torch's default_collate already returns lists)."
         ) from err
 
@@ -101,7 +108,9 @@ class GPUAugment(Callback):
     ``on_train_batch_start``: they see it augmented if they come after this one. In a tuple batch the
     image tensor object itself takes the augmented contents, so a loader must hand out fresh tensors
     for every batch (DataLoader, the prefetcher and the resident module do); list and dict batches
-    (``default_collate``'s output) just get new entries.
+    (``default_collate``'s output) just get new entries. A batch that is a bare tensor is taken as the
+    images (whatever ``image_key`` says) and takes the new contents itself, as in a tuple; mixing ops
+    need labels, so they raise ``ValueError`` on such a batch.
 
     Args:
         *args: ops from :mod:`lightning_speedup.augment`, applied in order.

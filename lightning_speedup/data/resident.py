@@ -15,6 +15,7 @@ once if they fit the memory budget, and otherwise says so and serves them throug
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -35,6 +36,23 @@ __all__ = ["DeviceResidentDataModule", "ResidentBatches", "tensor_bytes"]
 def tensor_bytes(tensors: Sequence[Tensor]) -> int:
     """Bytes the tensors occupy (their element count times element size)."""
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _format_bytes(n: float) -> str:
+    """``n`` bytes in the largest unit (bytes, KiB, MiB, GiB) that keeps the number at least 1."""
+    if n < 1024:
+        return f"{n:,.0f} bytes"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:,.1f} {unit}"
+    return f"{n / 1024:,.1f} GiB"
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int; got {seed!r}.")
+    return seed
 
 
 def _check_tensors(tensors: object, name: str) -> tuple[Tensor, ...]:
@@ -68,8 +86,9 @@ class ResidentBatches:
     under Lightning; without it, each ``iter()`` advances an internal counter.
 
     Raises:
-        ValueError: no tensors, tensors of different lengths, a batch size < 1, a rank outside
-            ``[0, world_size)``, or no batch at all (``drop_last`` with fewer samples than a batch).
+        ValueError: no tensors, tensors of different lengths, a batch size < 1, a seed that is not an
+            int, a rank outside ``[0, world_size)``, or no batch at all (``drop_last`` with fewer samples
+            than a batch).
     """
 
     def __init__(
@@ -90,6 +109,7 @@ class ResidentBatches:
                 f"ResidentBatches needs all tensors on one device; got {sorted(map(str, devices))}."
             )
         check_int("batch_size", batch_size, 1)
+        _check_seed(seed)
         if not (
             isinstance(world_size, int)
             and world_size >= 1
@@ -167,17 +187,20 @@ class DeviceResidentDataModule(L.LightningDataModule):
 
     Args:
         train: tensors that share their first dimension, e.g. ``(images, labels)``.
-        val: the same for validation, or None for no validation loader.
+        val: the same for validation, or None for no validation: the module then leaves
+            ``val_dataloader`` undefined, as Lightning expects of a data module without validation
+            data, so ``fit`` runs no validation loop and ``validate`` raises ``ValueError``.
         batch_size: training batch size (per rank); ``val_batch_size`` defaults to it.
         shuffle: reshuffle the training set every epoch.
         drop_last: drop the last incomplete training batch (keeps batch shapes static).
         budget_bytes: device memory the data may take; must hold at least one training batch.
-        budget_fraction: share of free device memory used when ``budget_bytes`` is None.
+        budget_fraction: share of free device memory used when ``budget_bytes`` is None, in (0, 1].
         seed: seed of the per-epoch permutations.
         num_workers: workers of the fallback DataLoader.
 
     Raises:
-        ValueError: bad tensors, batch sizes, budget fraction, or a budget smaller than one batch.
+        ValueError: bad tensors, batch sizes, budget fraction, seed or number of workers, or a budget
+            smaller than one batch.
     """
 
     def __init__(
@@ -196,12 +219,21 @@ class DeviceResidentDataModule(L.LightningDataModule):
         super().__init__()
         self.train_tensors = _check_tensors(train, "train")
         self.val_tensors = _check_tensors(val, "val") if val is not None else None
-        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size or batch_size)):
-            check_int(name, value, 1)
-        if not 0.0 < budget_fraction <= 1.0:
-            raise ValueError(f"budget_fraction must be in (0, 1]; got {budget_fraction!r}.")
+        check_int("batch_size", batch_size, 1)
+        check_int("val_batch_size", val_batch_size, 1, allow_none=True, hint="None uses batch_size.")
+        if (
+            isinstance(budget_fraction, bool)
+            or not isinstance(budget_fraction, (int, float))
+            or not 0.0 < budget_fraction <= 1.0  # also refuses NaN and inf
+        ):
+            raise ValueError(
+                f"budget_fraction must be a number in (0, 1] (the share of free device memory the data may take); "
+                f"got {budget_fraction!r}."
+            )
+        _check_seed(seed)
+        check_int("num_workers", num_workers, 0, meaning="worker processes of the fallback DataLoader")
         self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
+        self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
         self.shuffle, self.drop_last, self.seed, self.num_workers = shuffle, drop_last, seed, num_workers
         self.budget_fraction = budget_fraction
         self.batch_bytes = tensor_bytes([t[:1] for t in self.train_tensors]) * batch_size
@@ -221,6 +253,14 @@ class DeviceResidentDataModule(L.LightningDataModule):
         self.device = torch.device("cpu")
         self._train_on_device: tuple[Tensor, ...] | None = None
         self._val_on_device: tuple[Tensor, ...] | None = None
+        # Lightning runs no validation for a data module whose val_dataloader is the base class's (its
+        # is_overridden check); returning an empty list instead makes it warn that the loader has zero length.
+        # A subclass that defines its own val_dataloader keeps it.
+        self._no_val_loader = (
+            val is None and type(self).val_dataloader is DeviceResidentDataModule.val_dataloader
+        )
+        if self._no_val_loader:
+            self.val_dataloader = functools.partial(L.LightningDataModule.val_dataloader, self)  # type: ignore[method-assign]
 
     @classmethod
     def from_fashion_mnist(
@@ -265,6 +305,11 @@ class DeviceResidentDataModule(L.LightningDataModule):
 
     @override
     def setup(self, stage: str) -> None:
+        if stage == "validate" and self._no_val_loader:
+            raise ValueError(
+                "DeviceResidentDataModule has no validation data (val=None), so trainer.validate() has nothing to "
+                "run; pass val=(images, labels) to the module."
+            )
         if self._prepared:
             return
         trainer = self.trainer
@@ -278,8 +323,8 @@ class DeviceResidentDataModule(L.LightningDataModule):
                 self._val_on_device = tuple(t.to(self.device) for t in self.val_tensors)
         else:
             rank_zero_warn(
-                f"DeviceResidentDataModule: the data set needs {need / 2**20:,.1f} MiB but the budget on {self.device} "
-                f"is {budget / 2**20:,.1f} MiB, so it stays in host memory and is served by a DataLoader "
+                f"DeviceResidentDataModule: the data set needs {_format_bytes(need)} but the budget on {self.device} "
+                f"is {_format_bytes(budget)}, so it stays in host memory and is served by a DataLoader "
                 f"(the normal path). Pass budget_bytes= (or a larger budget_fraction) to hold it on the device."
             )
         self._prepared = True
@@ -328,10 +373,12 @@ class DeviceResidentDataModule(L.LightningDataModule):
         )
 
     @override
-    def val_dataloader(self) -> ResidentBatches | DataLoader | list[object]:
+    def val_dataloader(self) -> ResidentBatches | DataLoader:
         self._require_setup()
         if self.val_tensors is None:
-            return []
+            raise RuntimeError(
+                "DeviceResidentDataModule has no validation data (val=None); pass val=(images, labels)."
+            )
         if not self.resident:
             return self._host_loader(self.val_tensors, self.val_batch_size, False, False)
         assert self._val_on_device is not None

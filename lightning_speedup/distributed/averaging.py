@@ -488,7 +488,12 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
             return super().lightning_module_state_dict()
         self._swap_in_average()
         try:
-            return {k: v.detach().clone() for k, v in super().lightning_module_state_dict().items()}
+            # Copies of the averaged tensors (they are swapped out below); extra state (a QAT layer's settings, a
+            # dict) is the module's own, unchanged by averaging.
+            return {
+                k: v.detach().clone() if isinstance(v, Tensor) else v
+                for k, v in super().lightning_module_state_dict().items()
+            }
         finally:
             self._swap_out()
 

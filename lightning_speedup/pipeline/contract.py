@@ -134,6 +134,28 @@ def collect_layers(module: LightningModule) -> PipelineLayers:
     )
 
 
+def batch_inputs(module: LightningModule, batch: Any) -> Tensor:
+    """The inputs of a batch to predict on, which needs no target: ``module.pipeline_batch(batch)[0]`` if defined,
+    else the batch itself when it is a tensor, else ``batch[0]`` (an inputs-only ``TensorDataset`` gives
+    ``[inputs]``)."""
+    custom = getattr(module, "pipeline_batch", None)
+    if callable(custom):
+        x = custom(batch)[0]
+    elif isinstance(batch, Tensor):
+        x = batch
+    elif isinstance(batch, (list, tuple)) and batch:
+        x = batch[0]
+    else:
+        x = None
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"A pipelined predict batch must be the inputs tensor or a sequence that starts with it; got "
+            f"{type(batch).__name__}. Define pipeline_batch(batch) -> (inputs, target) on your LightningModule to "
+            "pick the inputs out of other batch layouts."
+        )
+    return x
+
+
 def split_batch(module: LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
     """``(inputs, target)`` of a batch: ``module.pipeline_batch(batch)`` if defined, else ``batch[0], batch[1]``."""
     custom = getattr(module, "pipeline_batch", None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -47,7 +47,13 @@ from lightning_speedup._process_group import CleanExitDDPStrategy
 from lightning_speedup._registry import registered_strategy
 from lightning_speedup._validation import check_int
 from lightning_speedup.metrics import log_number
-from lightning_speedup.pipeline.contract import PipelineLayers, collect_layers, holds_meta, split_batch
+from lightning_speedup.pipeline.contract import (
+    PipelineLayers,
+    batch_inputs,
+    collect_layers,
+    holds_meta,
+    split_batch,
+)
 from lightning_speedup.pipeline.p2p import forward_only
 from lightning_speedup.pipeline.partition import (
     StagePlan,
@@ -280,6 +286,9 @@ class PipelineStrategy(CleanExitDDPStrategy):
             )
         self._check_microbatches(self.schedule_name, self.n_microbatches, self.pipeline_size)
         self._make_groups()
+        # Before the layers are collected: a precision plugin that swaps modules (QAT's fake-quantized layers)
+        # must swap them in the model the stages are cut from, or a stage would hold the replaced layer.
+        self.precision_plugin.convert_module(module)
         layers = collect_layers(module)
         self._layers = layers.modules
         self.plan = self._plan(layers)
@@ -289,7 +298,6 @@ class PipelineStrategy(CleanExitDDPStrategy):
             + self.plan.describe(layers.names)
         )
         layers.check_stages(self.plan)
-        self.precision_plugin.convert_module(module)
         self._materialize(layers)
         if trainer.state.fn == TrainerFn.FITTING:  # validation and predict pass between stages themselves
             problem = adjacent_local_stages_problem(
@@ -365,9 +373,7 @@ class PipelineStrategy(CleanExitDDPStrategy):
         module = self.lightning_module
         assert module is not None
         self._owned_params = [p for p in module.parameters() if id(p) in owned_ids]
-        self._owned_names = {
-            n for n, t in module.state_dict(keep_vars=True).items() if t.device.type != "meta"
-        }
+        self._owned_names = _owned_state_names(module, layers.modules, self._stage_modules.values())
         # A layer must map one tensor to one tensor; a tuple output would otherwise fail deep inside the stage
         # or its send. Checked until the first training step has passed every layer.
         self._output_checks = [
@@ -618,11 +624,10 @@ class PipelineStrategy(CleanExitDDPStrategy):
         return next(st for st in stages if st.stage_index == s)
 
     # ------------------------------------------------------------------ evaluation
-    def _forward(self, batch: Any) -> tuple[Tensor | None, Tensor]:
-        module = self.lightning_module
-        assert module is not None and self.plan is not None
-        x, y = split_batch(module, batch)
-        out = forward_only(
+    def _forward(self, x: Tensor) -> Tensor | None:
+        """The last stage's output for inputs ``x`` on the process that holds it (None elsewhere)."""
+        assert self.plan is not None
+        return forward_only(
             self._stage_modules,
             self.plan,
             self.pp_rank,
@@ -632,7 +637,6 @@ class PipelineStrategy(CleanExitDDPStrategy):
             self.n_microbatches,
             self.root_device,
         )
-        return out, y
 
     @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -646,7 +650,8 @@ class PipelineStrategy(CleanExitDDPStrategy):
         module = self.lightning_module
         assert module is not None and self.plan is not None
         with context():
-            out, y = self._forward(batch)
+            x, y = split_batch(module, batch)
+            out = self._forward(x)
             metrics: dict[str, Tensor] = {}
             if out is not None:
                 metrics = {f"{stage}_loss": module.pipeline_loss(out, y)}  # type: ignore[operator]
@@ -671,8 +676,10 @@ class PipelineStrategy(CleanExitDDPStrategy):
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         assert self.plan is not None
+        module = self.lightning_module
+        assert module is not None
         with self.precision_plugin.predict_step_context():
-            out, _ = self._forward(args[0])
+            out = self._forward(batch_inputs(module, args[0]))
         box = [out.cpu() if out is not None else None]
         dist.broadcast_object_list(
             box, src=self._pp_ranks[self.plan.rank_of(self.plan.num_stages - 1)], group=self._pp_group
@@ -690,7 +697,7 @@ class PipelineStrategy(CleanExitDDPStrategy):
         """The full model's state (every stage), gathered on the pipeline's first process (collective)."""
         module = self.lightning_module
         assert module is not None
-        mine = {k: v.detach().cpu() for k, v in module.state_dict().items() if k in self._owned_names}
+        mine = {k: _to_cpu(v) for k, v in module.state_dict().items() if k in self._owned_names}
         parts = self._gather(mine)
         full: dict[str, Any] = {}
         for part in parts or []:
@@ -803,7 +810,7 @@ class PipelineStrategy(CleanExitDDPStrategy):
         super().teardown()
 
     def _reassemble(self, module: LightningModule) -> None:
-        mine = {k: v.detach().cpu() for k, v in module.state_dict().items() if k in self._owned_names}
+        mine = {k: _to_cpu(v) for k, v in module.state_dict().items() if k in self._owned_names}
         parts: list[Any] = [None] * self.pipeline_size
         dist.all_gather_object(parts, mine, group=self._pp_group)
         full: dict[str, Any] = {}
@@ -823,6 +830,29 @@ class PipelineStrategy(CleanExitDDPStrategy):
                 description=f"Pipeline parallelism with the {name} schedule",
                 schedule=name,
             )
+
+
+def _owned_state_names(
+    module: nn.Module, layers: Sequence[nn.Module], stages: Iterable[nn.Module]
+) -> set[str]:
+    """The keys of ``module.state_dict()`` this process holds: tensors not on the meta device, and the extra state
+    (a non-tensor, such as a QAT layer's settings) of modules in its own stages or in no layer at all."""
+    in_layers = {id(m) for layer in layers for m in layer.modules()}
+    in_stages = {id(m) for stage in stages for m in stage.modules()}
+    owned = set()
+    for name, value in module.state_dict(keep_vars=True).items():
+        if isinstance(value, Tensor):
+            if value.device.type != "meta":
+                owned.add(name)
+            continue
+        owner = id(module.get_submodule(name.rpartition(".")[0]))
+        if owner in in_stages or owner not in in_layers:
+            owned.add(name)
+    return owned
+
+
+def _to_cpu(value: Any) -> Any:
+    return value.detach().cpu() if isinstance(value, Tensor) else value
 
 
 def _one_tensor_out(index: int) -> Callable[[nn.Module, Any, Any], None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import lightning as L
 import pytest
@@ -98,6 +99,16 @@ def test_cache_key_hits_and_misses() -> None:
     assert key != cache_key(_gpt(), x, None, "full", "cpu")
     assert key != cache_key(_gpt(), x, None, "regional", "NVIDIA H200")
     assert key != cache_key(_gpt(), x, None, "regional", "cpu", torch_version="2.11.0")
+    # What is compiled, and how: an aot_eager run's artifacts and timings are not an inductor run's.
+    assert key == cache_key(
+        _gpt(), x, None, "regional", "cpu", backend="inductor", regions=None, fullgraph=False
+    )
+    assert key != cache_key(_gpt(), x, None, "regional", "cpu", backend="aot_eager")
+    assert key != cache_key(_gpt(), x, None, "regional", "cpu", regions=["Block"])
+    assert key != cache_key(_gpt(), x, None, "regional", "cpu", fullgraph=True)
+    assert key != cache_key(_gpt(), x, None, "regional", "cpu", precision="bf16-mixed")
+    two = cache_key(_gpt(), x, None, "regional", "cpu", regions=["Block", "MLP"])
+    assert two == cache_key(_gpt(), x, None, "regional", "cpu", regions=["MLP", "Block"])
 
 
 def test_cache_dir_default_and_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
@@ -144,6 +155,25 @@ def test_records_round_trip_and_corrupt(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
+    "content",
+    [
+        '{"compile_s": 1.0, "speedup": 0}',
+        '{"compile_s": 1.0, "speedup": -2.0}',
+        '{"compile_s": -3.0, "speedup": 2.0}',
+        '{"compile_s": NaN, "speedup": 2.0}',
+        '{"compile_s": 1.0, "speedup": Infinity}',
+    ],
+)
+def test_records_out_of_range_are_discarded(tmp_path, content: str) -> None:
+    """A record decide_compile cannot use is handled as a corrupt file: warned about, removed, re-measured."""
+    cache = ArtifactCache(tmp_path)
+    cache.record_path("k").write_text(content)
+    with pytest.warns(UserWarning, match=r"k\.json \(ValueError: (compile_s|speedup) must be a finite"):
+        assert cache.read_record("k") is None
+    assert not cache.record_path("k").exists()
+
+
+@pytest.mark.parametrize(
     ("eager_ms", "steps", "compile_s", "speedup", "want"),
     [
         (10.0, 10_000, 20.0, 1.5, True),  # 33 s saved > 20 s
@@ -178,11 +208,28 @@ def test_auto_costs_prefer_records() -> None:
 
 
 @pytest.mark.parametrize(
+    "args",
+    [
+        (math.nan, 10, 1.0, 2.0),
+        (0.01, math.nan, 1.0, 2.0),
+        (0.01, 10, math.inf, 2.0),
+        (0.01, 10, 1.0, math.nan),
+        (0.01, 10, 1.0, math.inf),
+    ],
+)
+def test_decide_compile_rejects_non_finite_inputs(args: tuple[float, float, float, float]) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        decide_compile(*args)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"scope": "whole"}, "choose 'regional'"),
         ({"mode": "fast"}, "torch.compile's modes"),
         ({"measure_steps": 0}, "positive integer"),
+        ({"measure_steps": True}, "positive integer"),  # bool is an int to isinstance
+        ({"measure_steps": 2.0}, "positive integer"),
         ({"regions": "Block"}, "list of class names"),
         ({"scope": "full", "regions": ["Block"]}, "only applies to scope='regional'"),
     ],
@@ -197,6 +244,9 @@ def test_cuda_graphs_rejects_bad_arguments() -> None:
         EagerCUDAGraphs(module_attr="a.b")
     with pytest.raises(ValueError, match="at least 1"):
         EagerCUDAGraphs(num_warmup_iters=0)
+    for bad in (True, 2.5):
+        with pytest.raises(ValueError, match="must be an integer"):
+            EagerCUDAGraphs(num_warmup_iters=bad)  # type: ignore[arg-type]
 
 
 class _LM(L.LightningModule):
@@ -215,21 +265,33 @@ class _LM(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(callback: L.Callback, steps: int, tmp_path) -> _LM:
+def _fit(
+    callback: L.Callback,
+    steps: int,
+    tmp_path,
+    batches: int | None = None,
+    before: tuple[L.Callback, ...] = (),
+    **trainer_kwargs: Any,
+) -> _LM:
+    """Train a fresh 2-layer GPT for ``max_steps=steps`` on ``batches`` batches an epoch (default ``steps``),
+    with ``before``'s callbacks ahead of ``callback``; ``trainer_kwargs`` override the Trainer's."""
     torch.manual_seed(0)
-    data = torch.randint(0, 11, (steps * 2, 9))
+    data = torch.randint(0, 11, ((batches or steps) * 2, 9))
     ds = torch.utils.data.TensorDataset(data[:, :-1], data[:, 1:])
     model = _LM()
-    L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    ).fit(model, torch.utils.data.DataLoader(ds, batch_size=2, drop_last=True))
+    kwargs: dict[str, Any] = {
+        "accelerator": "cpu",
+        "max_steps": steps,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+        **trainer_kwargs,
+    }
+    L.Trainer(callbacks=[*before, callback], **kwargs).fit(
+        model, torch.utils.data.DataLoader(ds, batch_size=2, drop_last=True)
+    )
     return model
 
 
@@ -263,6 +325,92 @@ def test_compile_always_regional_trains_with_eager_backend(tmp_path) -> None:
     model = _fit(cb, 5, tmp_path)
     assert cb.compiled and all(b._compiled_call_impl is not None for b in model.net.blocks)
     torch._dynamo.reset()
+
+
+def test_compile_reused_for_a_second_fit_starts_afresh(tmp_path) -> None:
+    """One callback, two fits (each a new Trainer and model): the second compiles its own model, and auto
+    measures and decides again for the second run's length."""
+    torch._dynamo.reset()
+    cache = str(tmp_path / "cache")
+    cb = Compile(backend="eager", measure_steps=2, cache_dir=cache)
+    first, second = _fit(cb, 4, tmp_path), _fit(cb, 4, tmp_path)
+    for model in (first, second):
+        assert all(b._compiled_call_impl is not None for b in model.net.blocks)
+
+    auto = Compile(auto=True, backend="eager", measure_steps=2, cache_dir=cache)
+    _fit(auto, 6, tmp_path)  # decides after 3 batches (1 warm-up + 2 timed)
+    assert auto.decision is not None and "3 batches left" in auto.decision.reason
+    _fit(auto, 8, tmp_path)
+    assert auto.decision is not None and "5 batches left" in auto.decision.reason
+    torch._dynamo.reset()
+
+
+def test_auto_uses_only_a_record_of_the_same_backend_regions_and_precision(tmp_path) -> None:
+    """An aot_eager run's record steers another aot_eager run, not an eager one, one with other regions or
+    one at another precision."""
+    torch._dynamo.reset()
+    cache = str(tmp_path / "cache")
+    first = Compile(auto=True, backend="aot_eager", measure_steps=1, cache_dir=cache)
+    _fit(first, 3, tmp_path)
+    assert first.decision is not None and not first.decision.compile and first._key is not None
+    # As if that run had measured a large saving for free.
+    ArtifactCache(cache).write_record(first._key, CompileRecord(compile_s=0.0, speedup=100.0))
+    for kwargs, trainer_kwargs in [
+        ({"backend": "eager"}, {}),
+        ({"backend": "aot_eager", "regions": ["Block"]}, {}),
+        ({"backend": "aot_eager"}, {"precision": "bf16-mixed"}),
+    ]:
+        other = Compile(auto=True, measure_steps=1, cache_dir=cache, **kwargs)
+        _fit(other, 3, tmp_path, **trainer_kwargs)
+        assert other.decision is not None and "documented priors" in other.decision.reason, kwargs
+    same = Compile(auto=True, backend="aot_eager", measure_steps=1, cache_dir=cache)
+    _fit(same, 3, tmp_path)
+    assert same.decision is not None and "measured by an earlier run" in same.decision.reason
+    assert same.decision.compile and same.compiled
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("bound", [{}, {"max_steps": -1, "max_epochs": 1}])
+def test_auto_counts_batches_left_under_gradient_accumulation(tmp_path, bound: dict) -> None:
+    """Steps are timed per batch, so the rest of the run counts batches: 8 batches, 3 of them measured, leave
+    5, not the 3 optimizer steps of 2 batches each (bounded by max_steps=4, or by one epoch)."""
+    cb = Compile(auto=True, backend="eager", measure_steps=2, cache_dir=str(tmp_path / "cache"))
+    _fit(cb, 4, tmp_path, batches=8, accumulate_grad_batches=2, **bound)
+    assert cb.decision is not None and "5 batches left x" in cb.decision.reason
+
+
+def test_auto_discards_an_out_of_range_record_and_trains(tmp_path) -> None:
+    """A record with speedup 0 in the cache is warned about and replaced by the priors, not an error
+    mid-training."""
+    cache = str(tmp_path / "cache")
+    first = Compile(auto=True, backend="eager", measure_steps=1, cache_dir=cache)
+    _fit(first, 3, tmp_path)
+    assert first._key is not None
+    record = ArtifactCache(cache).record_path(first._key)
+    record.parent.mkdir(parents=True)
+    record.write_text('{"compile_s": 1.0, "speedup": 0}')
+    second = Compile(auto=True, backend="eager", measure_steps=1, cache_dir=cache)
+    with pytest.warns(UserWarning, match="speedup must be a finite number > 0"):
+        _fit(second, 3, tmp_path)
+    assert second.decision is not None and "documented priors" in second.decision.reason
+    assert not record.exists()
+
+
+class _TrainStarted(L.Callback):
+    def __init__(self) -> None:
+        self.started = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = True
+
+
+def test_unknown_region_fails_before_training(tmp_path) -> None:
+    """A misspelt region fails at the start of fit, naming the classes present, before any batch runs."""
+    started = _TrainStarted()
+    cb = Compile(backend="eager", regions=["Blocks"], cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"\['Blocks'\] are not submodule classes of _LM.*'Block'"):
+        _fit(cb, 3, tmp_path, before=(started,))
+    assert not started.started
 
 
 def test_method_card_snippet_runs() -> None:

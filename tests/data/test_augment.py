@@ -110,6 +110,14 @@ def test_cutout_area_is_the_clipped_square() -> None:
     assert torch.equal(box_mask(cy, cx, 8, 8, 28, 28).flatten(1).sum(1), rows * cols)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_cutout_keeps_channels_last(dtype: torch.dtype) -> None:
+    images = torch.randint(0, 256, (8, 3, 10, 10)).to(dtype)
+    out = Cutout(4, fill=7)(images.contiguous(memory_format=torch.channels_last), gen(2))
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, Cutout(4, fill=7)(images, gen(2)))  # same values as the NCHW input gets
+
+
 def test_ops_draw_per_sample_not_per_batch() -> None:
     # torchvision v2 on a batch applies one crop and one flip to every image; here each image gets its own.
     one = torch.arange(28 * 28, dtype=torch.float32).view(1, 1, 28, 28)
@@ -269,6 +277,22 @@ def test_bad_inputs_name_found_and_expected_shapes() -> None:
         Cutout(100)(torch.zeros(2, 1, 28, 28))
 
 
+@pytest.mark.parametrize("fill", [-1, 0.5, 300])
+@pytest.mark.parametrize("op", [RandomCrop, Cutout])
+def test_fill_that_integer_images_cannot_hold_is_a_clear_error(op: type, fill: float) -> None:
+    """uint8 would wrap -1 to 255 and truncate 0.5 to 0 silently, and 300 raise torch's overflow error."""
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    aug = RandomCrop(8, padding=2, fill=fill) if op is RandomCrop else Cutout(4, fill=fill)
+    with pytest.raises(ValueError, match=rf"{op.__name__}: fill={fill}.*torch.uint8.*integers in \[0, 255\]"):
+        aug(images, gen())
+    # The same fill is fine for float images, and an integer in range for uint8 ones: the same pixels as in float.
+    assert aug(images.float(), gen()).dtype == torch.float32
+    ok = RandomCrop(8, padding=2, fill=255) if op is RandomCrop else Cutout(4, fill=255)
+    assert torch.equal(ok(images, gen()), ok(images.float(), gen()).to(torch.uint8))
+    with pytest.raises(ValueError, match=rf"{op.__name__}: fill must be a number"):
+        RandomCrop(8, fill="0") if op is RandomCrop else Cutout(4, fill="0")  # type: ignore[arg-type]
+
+
 def test_gpu_augment_takes_ops_as_a_keyword_list() -> None:
     """``ops=[...]`` (the form a LightningCLI config sets) builds the same pipeline as positional ops."""
     images = torch.rand(4, 1, 28, 28)
@@ -416,6 +440,62 @@ def test_bad_batch_layout_is_a_clear_error() -> None:
         trainer(max_steps=1, callbacks=[GPUAugment(RandomHorizontalFlip(), image_key="images")]).fit(
             Recorder(), loader
         )
+
+
+class TensorBatches(L.LightningModule):
+    """Steps that take a bare tensor of images as the batch (a loader that yields images only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, CLASSES))
+        self.seen: dict[str, list[Tensor]] = {"train": [], "val": [], "test": [], "predict": []}
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        self.seen["train"].append(batch.clone())
+        return self.net(batch.float()).logsumexp(1).mean()
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self.seen["val"].append(batch.clone())
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        self.seen["test"].append(batch.clone())
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        self.seen["predict"].append(batch.clone())
+        return self.net(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_bare_tensor_batches_are_the_images() -> None:
+    """Training batches are augmented and evaluation batches converted when the loader yields images only."""
+    x, _ = fake_images(64)
+    loader = DataLoader(x, batch_size=32)  # default_collate stacks bare tensors: each batch is one tensor
+    norm = Normalize(0.286, 0.353)
+    model = TensorBatches()
+    aug = GPUAugment(RandomCrop(28, padding=2), RandomHorizontalFlip(), norm, seed=3)
+    trainer(max_epochs=1, callbacks=[aug]).fit(model, loader, loader)
+    trainer(callbacks=[aug]).test(model, loader, verbose=False)
+    predictions = trainer(callbacks=[aug]).predict(model, loader)
+    assert predictions is not None and len(predictions) == 2
+    for i, xb in enumerate(model.seen["train"]):
+        expected, _ = aug.pipeline(x[i * 32 : (i + 1) * 32], None, gen(batch_seed(3, 0, i)))
+        assert torch.equal(xb, expected)
+    for stage in ("val", "test", "predict"):  # the deterministic op only
+        assert len(model.seen[stage]) == 2, stage
+        for i, xb in enumerate(model.seen[stage]):
+            assert torch.equal(xb, norm(x[i * 32 : (i + 1) * 32])), stage
+
+
+def test_mixing_ops_on_bare_tensor_batches_are_a_clear_error() -> None:
+    x, _ = fake_images(32)
+    aug = GPUAugment(Normalize(0.286, 0.353), MixUp(0.4, num_classes=CLASSES), seed=0)
+    loader = DataLoader(x, batch_size=32)
+    with pytest.raises(
+        ValueError, match=r"need the labels.*bare tensor of shape \(32, 1, 28, 28\).*\(images, labels\)"
+    ):
+        trainer(max_steps=1, callbacks=[aug]).fit(TensorBatches(), loader, loader)
 
 
 def _fit(tmp_path: Path, max_epochs: int, ckpt: str | None = None) -> tuple[Recorder, GPUAugment]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_speedup.data.augment import RandomCrop, RandomHorizontalFlip
 from lightning_speedup.data.gpu_augment import GPUAugment
 from lightning_speedup.data.prefetch import _install_dataloader_wrapper
-from lightning_speedup.data.resident import DeviceResidentDataModule, ResidentBatches
+from lightning_speedup.data.resident import DeviceResidentDataModule, ResidentBatches, _format_bytes
 
 
 def ids(n: int) -> tuple[Tensor, Tensor]:
@@ -68,6 +69,33 @@ def test_drop_last_and_bad_arguments() -> None:
         ResidentBatches((x, y), batch_size=0)
     with pytest.raises(ValueError, match="tuple of tensors"):
         DeviceResidentDataModule(x)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"budget_fraction": "0.5"}, r"budget_fraction must be a number in \(0, 1\].*got '0.5'"),
+        ({"budget_fraction": True}, "budget_fraction must be a number"),
+        ({"budget_fraction": float("nan")}, "budget_fraction must be a number"),
+        ({"budget_fraction": float("inf")}, "budget_fraction must be a number"),
+        ({"budget_fraction": 0.0}, "budget_fraction must be a number"),
+        ({"val_batch_size": 0}, "val_batch_size must be an int >= 1 or None, got 0"),
+        ({"seed": 1.5}, r"seed must be an int; got 1\.5"),
+        ({"seed": "0"}, "seed must be an int; got '0'"),
+        ({"num_workers": -1}, r"num_workers must be an int >= 0 \(worker processes"),
+        ({"num_workers": 2.0}, "num_workers must be an int >= 0"),
+    ],
+)
+def test_bad_numeric_arguments_are_clear_errors(kwargs: dict[str, Any], match: str) -> None:
+    x, y = ids(50)
+    with pytest.raises(ValueError, match=match):
+        DeviceResidentDataModule((x, y), batch_size=8, **kwargs)
+
+
+def test_resident_batches_seed_must_be_an_int() -> None:
+    x, y = ids(50)
+    with pytest.raises(ValueError, match=r"seed must be an int; got 0\.5"):
+        ResidentBatches((x, y), batch_size=8, seed=0.5)  # type: ignore[arg-type]
 
 
 def test_budget_smaller_than_one_batch_is_an_error() -> None:
@@ -126,10 +154,51 @@ def test_over_budget_warns_and_uses_a_dataloader() -> None:
     x, y = ids(60)
     dm = DeviceResidentDataModule((x, y), batch_size=12, budget_bytes=1000)
     model = IdModel()
-    with pytest.warns(UserWarning, match=r"needs 0.0 MiB but the budget on cpu is 0.0 MiB.*DataLoader"):
+    # 60 samples of 16 float32 pixels and an int64 label: 4,320 bytes.
+    with pytest.warns(UserWarning, match=r"needs 4.2 KiB but the budget on cpu is 1,000 bytes.*DataLoader"):
         cpu_trainer(max_epochs=1).fit(model, dm)
     assert dm.resident is False
     assert sorted(model.seen[0]) == list(range(60))
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [(0, "0 bytes"), (1023, "1,023 bytes"), (1024, "1.0 KiB"), (1536, "1.5 KiB"), (5 * 2**20, "5.0 MiB"),
+     (3.5 * 2**30, "3.5 GiB"), (2**50, "1,048,576.0 GiB")],
+)  # fmt: skip
+def test_sizes_are_shown_in_a_unit_that_shows_them(n: float, text: str) -> None:
+    assert _format_bytes(n) == text
+
+
+class NoValStepModel(IdModel):
+    """IdModel without a validation_step."""
+
+    validation_step = L.LightningModule.validation_step  # type: ignore[assignment]
+
+
+def test_no_val_data_runs_no_validation_and_warns_nothing() -> None:
+    """``val=None`` leaves val_dataloader undefined, Lightning's sign of no validation, instead of returning an
+    empty list (which made Lightning warn "Total length of `list` across ranks is zero")."""
+    x, y = ids(48)
+    for model in (IdModel(), NoValStepModel()):
+        dm = DeviceResidentDataModule((x, y), batch_size=8)
+        trainer = cpu_trainer(max_epochs=2, num_sanity_val_steps=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, dm)
+        messages = [str(w.message) for w in caught]
+        assert not [m for m in messages if "across ranks is zero" in m], messages
+        assert not trainer.enable_validation and model.val_seen == [] and len(model.seen) == 2
+        if isinstance(model, NoValStepModel):  # nothing about validation at all
+            assert not [m for m in messages if "val" in m], messages
+        else:  # Lightning's own note: the model has a validation_step but the data has no validation set
+            assert [m for m in messages if "have no `val_dataloader`. Skipping val loop" in m], messages
+    with pytest.raises(ValueError, match=r"no validation data \(val=None\).*pass val=\(images, labels\)"):
+        cpu_trainer().validate(IdModel(), dm)
+    # A subclass that defines its own val_dataloader keeps it.
+    model = IdModel()
+    cpu_trainer(max_epochs=1).fit(model, DDPDataModule((x, y), batch_size=8))
+    assert model.val_seen == list(range(48))
 
 
 def test_from_fashion_mnist_loads_uint8_images(fashion_mnist_dir: Path) -> None:

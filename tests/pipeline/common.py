@@ -216,7 +216,7 @@ class ReplicaShards(L.LightningDataModule):
 
 
 class PredictLM(TinyLM):
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self(batch[0])
 
 
@@ -235,7 +235,9 @@ class SavePredictions(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        torch.save(outputs, self.out / f"rank{trainer.global_rank}_batch{batch_idx}.pt")
+        torch.save(
+            outputs, self.out / f"rank{trainer.global_rank}_loader{dataloader_idx}_batch{batch_idx}.pt"
+        )
 
 
 class FailsOnTrainStart(TinyLM):

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_speedup import PipelineStrategy
 from lightning_speedup.pipeline import SCHEDULES
@@ -160,14 +161,42 @@ def check_validate_and_predict(tmp_path: Path, part: str) -> None:
         return
     pm = PredictLM()
     pm.load_state_dict(model.state_dict())
+    # Prediction needs no target: (inputs, target) batches, bare input tensors, and an inputs-only TensorDataset's
+    # [inputs] (before, a bare tensor's first two samples were taken for inputs and target).
+    inputs = dataset(20, seed=1).tensors[0]
+    loaders = [val, DataLoader(inputs, batch_size=8), DataLoader(TensorDataset(inputs), batch_size=8)]
     L.Trainer(devices=2, strategy=_pp(schedule), use_distributed_sampler=False,
-              callbacks=[SavePredictions(tmp_path)], **kw).predict(pm, val, return_predictions=False)  # fmt: skip
+              callbacks=[SavePredictions(tmp_path)], **kw).predict(pm, loaders, return_predictions=False)  # fmt: skip
     expected = [model(x) for x, _ in val]
-    out = [torch.load(tmp_path / f"rank{r}_batch{i}.pt") for r in range(2) for i in range(3)]
-    assert len(out) == 6  # every process returns the last stage's output
-    expected = expected + expected
-    for got, want in zip(out, expected):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for rank in range(2):  # every process returns the last stage's output
+        for loader_index in range(3):
+            for i, want in enumerate(expected):
+                got = torch.load(tmp_path / f"rank{rank}_loader{loader_index}_batch{i}.pt")
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_quantization_aware_training_matches_single_process(tmp_path: Path) -> None:
+    """QATPrecision's fake-quantized layers, the head among them (a pipeline layer itself, which the plugin swaps):
+    the pipeline trains as one process does. Before, setup failed on the layers' non-tensor state (a dict)."""
+    code = (
+        "import sys; from pathlib import Path; "
+        "from tests.pipeline.test_strategy import check_quantization_aware_training; "
+        "check_quantization_aware_training(Path(sys.argv[1]))"
+    )
+    in_fresh_interpreter("-c", code, str(tmp_path))
+
+
+def check_quantization_aware_training(tmp_path: Path) -> None:
+    from lightning_speedup.quantization import QATPrecision
+
+    def plugins() -> list[QATPrecision]:
+        return [QATPrecision("int8", base="32-true", exclude_first_last=False)]
+
+    ref = fit(tmp_path / "ref", plugins=plugins())
+    run = fit(tmp_path / "pp", strategy=_pp("1f1b"), devices=2, plugins=plugins())
+    _assert_same_training(ref, run)
+    float_run = fit(tmp_path / "float")
+    assert losses(float_run)[1:] != pytest.approx(losses(ref)[1:], rel=1e-6)  # fake quantization was on
 
 
 def test_meta_device_model_is_materialised_per_stage(tmp_path: Path) -> None:

@@ -211,6 +211,41 @@ def test_ddp_with_learnable_scales(tmp_path: Path, fmnist: Any) -> None:
     assert trainer.state.finished
 
 
+class _SaveBetweenAveragings(Callback):
+    """After step 6 of local SGD with sync_every=4 (last averaging at step 4): each parameter's mean over the ranks,
+    then a checkpoint, which holds the averaged model."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        gathered = {n: trainer.strategy.all_gather(p.detach()) for n, p in pl_module.named_parameters()}
+        trainer.save_checkpoint(self.out / "mid-interval.ckpt")
+        if trainer.is_global_zero:
+            torch.save({n: g for n, g in gathered.items()}, self.out / "per-rank.pt")
+
+
+def test_local_sgd_checkpoint_between_averagings(tmp_path: Path, fmnist: Any) -> None:
+    """A checkpoint between averagings holds the ranks' average; with QAT layers, whose state_dict carries a
+    dict of settings (``_extra_state``) beside the tensors, saving it crashed before."""
+    from lightning_speedup.distributed import LocalSGDStrategy
+
+    torch.manual_seed(0)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=LocalSGDStrategy(sync_every=4, start_method="spawn"), max_steps=6,
+        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=tmp_path, plugins=[QATPrecision("int8", base="32-true")],
+        callbacks=[_SaveBetweenAveragings(tmp_path)],
+    )  # fmt: skip
+    trainer.fit(FlatClassifier(width=32, depth=2), _loader(fmnist.x_train[:512], fmnist.y_train[:512], 32))
+    per_rank = torch.load(tmp_path / "per-rank.pt")
+    state = torch.load(tmp_path / "mid-interval.ckpt", weights_only=False)["state_dict"]
+    assert any(not torch.equal(g[0], g[1]) for g in per_rank.values()), "the ranks should differ mid-interval"
+    for name, g in per_rank.items():
+        torch.testing.assert_close(state[name], g.mean(0), rtol=0, atol=1e-6)
+
+
 class CompiledClassifier(FlatClassifier):
     """Compiles its network in ``configure_model`` (before the plugin swaps layers), as bench modules do."""
 
