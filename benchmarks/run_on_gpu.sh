@@ -209,13 +209,20 @@ set_second_corpus() {
       "'gen1:1-rev22:21') > $data" >&2
     return 2
   fi
-  job corpus-calibrate 0 lightning-speedup bench --task char-lm --data "$data" "${sizes[@]}" --cache cold \
-    --recipe baseline --seeds 1 --target 0 --max-epochs 60 --out "$WORK/corpus-calibrate"
-  # (exit 3 there is expected: target 0 is never reached; the script checks that the run finished)
+  # A call's limit can cut the set: SECOND_CORPUS_FROM=<a folder holding corpus-calibrate/ and second-corpus/ from an
+  # earlier call, carried in the working tree> continues it (the calibration is not run again; --resume).
+  if [ -n "${SECOND_CORPUS_FROM:-}" ] && [ ! -d "$WORK/corpus-calibrate" ]; then
+    cp -r "$SECOND_CORPUS_FROM"/corpus-calibrate "$SECOND_CORPUS_FROM"/second-corpus "$WORK"/ 2>/dev/null
+  fi
+  if [ ! -f "$WORK/corpus-calibrate/report.json" ]; then
+    job corpus-calibrate 0 lightning-speedup bench --task char-lm --data "$data" "${sizes[@]}" --cache cold \
+      --recipe baseline --seeds 1 --target 0 --max-epochs 60 --out "$WORK/corpus-calibrate"
+    # (exit 3 there is expected: target 0 is never reached; the script checks that the run finished)
+  fi
   target=$(python3 benchmarks/corpus_target.py "$WORK/corpus-calibrate") || return
   echo "second corpus: target val loss $target"
   job second-corpus 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --data "$data" \
-    "${sizes[@]}" --cache cold --target "$target" --recipe baseline --recipe speedup --seeds 3 \
+    "${sizes[@]}" --cache cold --target "$target" --recipe baseline --recipe speedup --seeds 3 --resume \
     --out "$WORK/second-corpus"
 }
 
