@@ -1,4 +1,4 @@
-"""The package's one integer check, so that every "must be an int >= k" error reads the same."""
+"""The package's argument checks (ints, bools, finite floats), so that every such error reads the same."""
 
 from __future__ import annotations
 
@@ -67,3 +67,22 @@ def check_int(
             f"{prefix}{name} must be an int >= {minimum}{alternative}{note}, got {value!r}.{advice}"
         )
     return value
+
+
+def check_bool(name: str, value: object, prefix: str = "") -> bool:
+    """Return ``value`` if it is a ``bool``: a string such as ``"no"`` is truthy and would mean ``True``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{prefix}{name} must be True or False, got {value!r}.")
+    return value
+
+
+def check_float(name: str, value: object, minimum: float, *, above: bool = True, prefix: str = "") -> float:
+    """Return ``value`` as a float if it is a finite real number ``> minimum`` (``>= minimum`` with
+    ``above=False``): NaN passes every comparison-based check and infinity is no setting."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= minimum if above else value < minimum):  # type: ignore[operator]
+        bound = ">" if above else ">="
+        raise ValueError(f"{prefix}{name} must be a finite number {bound} {minimum:g}, got {value!r}.")
+    return float(value)  # type: ignore[arg-type]

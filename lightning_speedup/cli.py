@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -146,12 +147,16 @@ def _bench(args: argparse.Namespace, model_kwargs: dict | None = None, command: 
     )  # fmt: skip
     cfg.resolve()  # unknown names and bad numbers fail here, before anything is written
     price = getattr(args, "price_per_gpu_hour", DEFAULT_PRICE_PER_GPU_HOUR)
-    if price is None or price < 0:
-        raise ValueError(f"--price-per-gpu-hour must be >= 0 (US dollars), got {price}.")
+    if price is None or not math.isfinite(price) or price < 0:
+        raise ValueError(f"--price-per-gpu-hour must be a finite number >= 0 (US dollars), got {price}.")
     budget = getattr(args, "time_budget", None)
-    if budget is not None and budget < 0:
-        raise ValueError(f"--time-budget must be >= 0 seconds, got {budget}.")
+    if budget is not None and (not math.isfinite(budget) or budget < 0):
+        raise ValueError(f"--time-budget must be a finite number >= 0 of seconds, got {budget}.")
     out = args.out or Path("bench-out") / f"{args.task}-{datetime.now():%Y%m%d-%H%M%S}"
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"--out {out} is a file; --out names the folder that receives the report (new or existing)."
+        )
     resume = getattr(args, "resume", False)
     if command == "demo":
         remove_demo_report(out)  # only a report the demo wrote; anything else is refused

@@ -116,6 +116,21 @@ class Task:
                 f"Unknown model argument(s) {unknown} for task {self.name!r}; "
                 f"{self.module_class.__name__} accepts {sorted(allowed)}."
             )
+        # The command line gives ints, floats, bools or strings; each must be of its argument's default's kind, or
+        # the run would fail later, recorded as a failed run instead of refused as bad input.
+        parameters = inspect.signature(self.module_class).parameters
+        for key, value in model_kwargs.items():
+            default = parameters[key].default
+            kinds: tuple[type, ...] | None = (
+                (bool,) if isinstance(default, bool) else (int,) if isinstance(default, int)
+                else (int, float) if isinstance(default, float) else (str,) if isinstance(default, str) else None
+            )  # fmt: skip
+            wrong_bool = isinstance(value, bool) and bool not in (kinds or ())
+            if kinds is not None and (wrong_bool or not isinstance(value, kinds)):
+                raise ValueError(
+                    f"--model-arg {key}={value!r}: {self.module_class.__name__}'s {key} takes "
+                    f"{' or '.join(k.__name__ for k in kinds)} values like its default, {default!r}."
+                )
 
     def reached(self, value: float, target: float) -> bool:
         return value >= target if self.mode == "max" else value <= target

@@ -50,7 +50,7 @@ from typing_extensions import override
 
 from lightning_speedup._compat import current_hook, ddp_kwargs, ddp_layer_sync, has_trainer
 from lightning_speedup._process_group import CleanExitDDPStrategy
-from lightning_speedup._validation import check_int
+from lightning_speedup._validation import check_bool, check_float, check_int
 from lightning_speedup.distributed.collectives import (
     CommGroup,
     CommTimer,
@@ -192,8 +192,8 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
         **ddp_kwargs: Any,
     ) -> None:
         check_hierarchical(hierarchical)
-        if bucket_cap_mb <= 0:
-            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}.")
+        bucket_cap_mb = check_float("bucket_cap_mb", bucket_cap_mb, 0)
+        check_bool("log_metrics", log_metrics)
         check_int("consensus_every", consensus_every, 0, "0 = off")
         flat = hierarchical is False or (not isinstance(hierarchical, bool) and hierarchical == 1)
         ddp_kwargs = check_ddp_kwargs(type(self).__name__, ddp_kwargs)

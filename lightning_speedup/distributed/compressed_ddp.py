@@ -27,7 +27,7 @@ from typing_extensions import override
 from lightning_speedup._compat import StrategyRegistryType
 from lightning_speedup._process_group import CleanExitDDPStrategy
 from lightning_speedup._registry import registered_strategy
-from lightning_speedup._validation import check_int
+from lightning_speedup._validation import check_bool, check_float, check_int
 from lightning_speedup.distributed.averaging import (
     CHECKPOINT_KEY,
     _log_metric,
@@ -108,11 +108,12 @@ class CompressedDDPStrategy(CleanExitDDPStrategy):
             raise ValueError(f"Unknown compression {compression!r}; choose one of {list(COMPRESSIONS)}.")
         check_int("rank (PowerSGD approximation rank)", rank, 1)
         check_int("start_iter", start_iter, 0)
-        if not min_compression_rate >= 0:
-            raise ValueError(
-                f"min_compression_rate must be >= 0 (compress a matrix only if it shrinks by this factor; 0 = all), "
-                f"got {min_compression_rate!r}."
-            )
+        check_float("min_compression_rate (compress a matrix only if it shrinks by this factor; 0 = all)",
+                    min_compression_rate, 0, above=False)  # fmt: skip
+        for name, flag in (("error_feedback", error_feedback), ("warm_start", warm_start),
+                           ("cuda_graphs", cuda_graphs), ("log_metrics", log_metrics),
+                           ("gradient_as_bucket_view", gradient_as_bucket_view)):  # fmt: skip
+            check_bool(name, flag)
         kwargs = check_ddp_kwargs(type(self).__name__, kwargs)
         clashing = sorted(
             k

@@ -27,7 +27,7 @@ from typing_extensions import override
 
 from lightning_speedup._compat import StrategyRegistryType
 from lightning_speedup._registry import registered_strategy
-from lightning_speedup._validation import check_int
+from lightning_speedup._validation import check_bool, check_float, check_int
 from lightning_speedup.distributed.averaging import ParameterAveragingStrategy
 from lightning_speedup.distributed.collectives import Traffic, average_
 from lightning_speedup.distributed.compression import check_compression
@@ -102,8 +102,9 @@ class DiLoCoStrategy(ParameterAveragingStrategy):
         lr = PAPER_OUTER_LR if outer_lr is None else outer_lr
         momentum = PAPER_OUTER_MOMENTUM if outer_momentum is None else outer_momentum
         use_nesterov = (momentum > 0) if nesterov is None else nesterov
-        if lr <= 0:
-            raise ValueError(f"outer_lr must be > 0, got {lr}.")
+        lr = check_float("outer_lr", lr, 0)
+        if nesterov is not None:
+            check_bool("nesterov", nesterov)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"outer_momentum must be in [0, 1), got {momentum}.")
         if use_nesterov and momentum == 0:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_speedup._validation import check_float
+
 
 @dataclass(frozen=True)
 class _Slot:
@@ -42,8 +44,7 @@ class FlatBuckets:
     """
 
     def __init__(self, tensors: Sequence[Tensor], bucket_cap_mb: float = 64.0, pad_to: int = 1) -> None:
-        if bucket_cap_mb <= 0:
-            raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}.")
+        bucket_cap_mb = check_float("bucket_cap_mb", bucket_cap_mb, 0)
         if pad_to < 1:
             raise ValueError(f"pad_to must be >= 1, got {pad_to}.")
         seen: set[int] = set()

@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from lightning_speedup._compat import StrategyRegistryType
 from lightning_speedup._registry import registered_strategy
-from lightning_speedup._validation import check_int
+from lightning_speedup._validation import check_bool, check_int
 from lightning_speedup.distributed.averaging import ParameterAveragingStrategy
 from lightning_speedup.distributed.collectives import NeighborExchange, Traffic
 from lightning_speedup.distributed.compression import check_compression
@@ -68,6 +68,7 @@ class GossipSGDStrategy(ParameterAveragingStrategy):
         if topology not in TOPOLOGIES:
             raise ValueError(f"Unknown topology {topology!r}; choose one of {list(TOPOLOGIES)}.")
         check_int("gossip_every", gossip_every, 1)
+        check_bool("overlap", overlap)
         check_compression(compress)
         super().__init__(**kwargs)
         self.topology = topology

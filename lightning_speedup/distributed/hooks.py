@@ -35,6 +35,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
 
+from lightning_speedup._validation import check_float
+
 _WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -123,8 +125,7 @@ class PowerSGDState:
             raise ValueError(f"PowerSGD rank must be >= 1, got {self.rank}.")
         if self.start_iter < 0:
             raise ValueError(f"start_iter must be >= 0, got {self.start_iter}.")
-        if self.min_compression_rate < 0:
-            raise ValueError(f"min_compression_rate must be >= 0, got {self.min_compression_rate}.")
+        check_float("min_compression_rate", self.min_compression_rate, 0, above=False)
         self._index = {id(p): i for i, p in enumerate(self.params)}
 
     def index_of(self, param: Tensor) -> int:

@@ -69,7 +69,21 @@ def test_bad_input_exits_2_and_never_overwrites(fashion_mnist_dir: Path, tmp_pat
         == EXIT_BAD_INPUT
     )
     assert "--first-seed must be >= 0" in capsys.readouterr().err
+    # Accepted before: a string for a size (the run then failed, recorded as not reached), NaN and infinity.
+    for bad, message in (
+        (("--model-arg", "width=abc"), "ImageClassifier's width takes int values like its default, 64"),
+        (("--model-arg", "width=2.5"), "width takes int values"),
+        (("--price-per-gpu-hour", "nan"), "--price-per-gpu-hour must be a finite number >= 0"),
+        (("--time-budget", "inf"), "--time-budget must be a finite number >= 0"),
+    ):
+        assert _bench(fashion_mnist_dir, tmp_path / "a", "--recipe", "baseline", *bad) == EXIT_BAD_INPUT
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "a").exists()  # nothing written for bad input
+    a_file = tmp_path / "a-file"
+    a_file.write_text("kept")
+    assert _bench(fashion_mnist_dir, a_file, "--recipe", "baseline") == EXIT_BAD_INPUT
+    assert "is a file; --out names the folder" in capsys.readouterr().err
+    assert a_file.read_text() == "kept"
     out = tmp_path / "kept"
     out.mkdir()
     (out / "report.md").write_text("earlier results")

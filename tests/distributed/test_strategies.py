@@ -6,6 +6,8 @@ about the algorithms, not float32 rounding.
 
 from __future__ import annotations
 
+import math
+
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -332,7 +334,18 @@ def test_resume_is_bitwise_exact(shakespeare_path: Path, tmp_path: Path, name: s
             r"rank \(PowerSGD approximation rank\)",
         ),
         (lambda: lsd.CompressedDDPStrategy(ddp_comm_hook=print), r"installs its own comm hook"),
-        (lambda: lsd.CompressedDDPStrategy(min_compression_rate=-1), r"min_compression_rate must be >= 0"),
+        (
+            lambda: lsd.CompressedDDPStrategy(min_compression_rate=-1),
+            r"min_compression_rate .* must be a finite number >= 0, got -1",
+        ),
+        # NaN passes every comparison and a non-empty string is truthy: both were taken before.
+        (lambda: lsd.CompressedDDPStrategy(min_compression_rate=math.inf), r"finite number >= 0, got inf"),
+        (lambda: lsd.DiLoCoStrategy(outer_lr=math.nan), r"outer_lr must be a finite number > 0, got nan"),
+        (lambda: lsd.LocalSGDStrategy(bucket_cap_mb=math.nan), r"bucket_cap_mb must be a finite number > 0"),
+        (lambda: lsd.GossipSGDStrategy(overlap="no"), r"overlap must be True or False, got 'no'"),
+        (lambda: lsd.LocalSGDStrategy(log_metrics="no"), r"log_metrics must be True or False"),
+        (lambda: lsd.CompressedDDPStrategy(cuda_graphs="off"), r"cuda_graphs must be True or False"),
+        (lambda: lsd.DiLoCoStrategy(nesterov="yes"), r"nesterov must be True or False"),
         (
             lambda: lsd.CompressedDDPStrategy(foo=1),
             r"CompressedDDPStrategy got unknown keyword arguments 'foo'",
