@@ -19,7 +19,7 @@ except ImportError as _err:  # pragma: no cover - depends on the installed extra
         "pip install 'lightning-speedup[tune]'."
     ) from _err
 
-from lightning_speedup.tune.callback import MetricNotReportedError, TuneReportCallback
+from lightning_speedup.tune.callback import MetricNotReportedError, NoValidationError, TuneReportCallback
 from lightning_speedup.tune.cluster import InsufficientResourcesError, init_ray
 from lightning_speedup.tune.objective import TimeToTargetObjective
 from lightning_speedup.tune.results import TuneResults
@@ -29,6 +29,7 @@ from lightning_speedup.tune.sweep import tune_lightning
 __all__ = [
     "InsufficientResourcesError",
     "MetricNotReportedError",
+    "NoValidationError",
     "TimeToTargetObjective",
     "TuneReportCallback",
     "TuneResults",

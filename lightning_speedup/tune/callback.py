@@ -1,9 +1,10 @@
 """Lightning adapter: report every validation's metrics to Ray Tune and keep the best weights only.
 
 After each validation (the sanity check excluded) the callback sends every scalar in
-``trainer.callback_metrics`` plus ``epoch``, ``step``, ``fit_time_s`` and ``validation`` (the count of
-validations so far) to ``ray.tune.report``, so schedulers such as ASHA (Li et al., 2020) can stop a weak
-trial between epochs. A checkpoint goes
+``trainer.callback_metrics`` plus ``epoch``, ``step``, ``fit_time_s``, ``validation`` (the count of
+validations so far) and ``budget_fraction`` (the fraction of the trial's step budget done) to
+``ray.tune.report``, so schedulers such as ASHA (Li et al., 2020) can stop a weak trial between
+validations. A checkpoint goes
 along only when the tuned value improved, and it holds weights and hyper-parameters only (no
 optimizer state), which keeps sweeps of many trials from filling the disk; Tune keeps one per trial.
 
@@ -31,6 +32,9 @@ from lightning_speedup.tune.objective import TimeToTargetObjective
 CHECKPOINT_FILE = "model.ckpt"
 # The 1-based count of validations in this run of the trial, reported with every result.
 VALIDATION_KEY = "validation"
+# The fraction of the trial's step budget (Lightning's ``estimated_stepping_batches``) done, in (0, 1];
+# reported when the budget is known. ASHA's rungs are on it.
+BUDGET_KEY = "budget_fraction"
 
 # report(metrics, checkpoint_dir or None); the default sends to the Ray Tune session of the trial.
 Reporter = Callable[[dict[str, float], "str | None"], None]
@@ -38,6 +42,19 @@ Reporter = Callable[[dict[str, float], "str | None"], None]
 
 class MetricNotReportedError(ValueError):
     """The tuned metric was not among the metrics a trial logged; the message lists those it did log."""
+
+
+class NoValidationError(MetricNotReportedError):
+    """A trial finished training without a single validation, so it reported nothing to Tune."""
+
+
+# Why a trial can finish without a validation report, for the messages that say so.
+NO_VALIDATION_CAUSES = (
+    "limit_val_batches=0, check_val_every_n_epoch above max_epochs, a val_check_interval, max_steps or "
+    "max_time that ends training before the first validation, a module without validation_step or a "
+    "datamodule without val_dataloader, a callback that stops training early, or a strategy that trains "
+    "in processes it starts (their reports never reach Tune)"
+)
 
 
 def _ray_report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
@@ -73,9 +90,12 @@ class TuneReportCallback(Callback):
             (to minimise) and stops once the target is reached.
         checkpoint: send a weights-only checkpoint to Tune whenever the tuned value improves.
         report: where to send ``(metrics, checkpoint_dir)``; default: ``ray.tune.report`` of the trial.
+        require_budget: raise at the start of training when Lightning cannot tell the trial's step
+            budget (a scheduler such as ASHA places its rungs on ``budget_fraction``).
 
     Raises:
-        ValueError: empty ``metric`` or ``mode`` not in {"max", "min"}.
+        ValueError: empty ``metric`` or ``mode`` not in {"max", "min"}; with ``require_budget``, a trial
+            whose step budget is unknown (a training DataLoader without a length and no ``max_steps``).
         MetricNotReportedError: at the first validation, when the metric the sweep needs was not logged.
     """
 
@@ -86,6 +106,7 @@ class TuneReportCallback(Callback):
         objective: TimeToTargetObjective | None = None,
         checkpoint: bool = True,
         report: Reporter | None = None,
+        require_budget: bool = False,
     ) -> None:
         if objective is None and (not isinstance(metric, str) or not metric):
             raise ValueError(f"metric must be a non-empty logged metric name, got {metric!r}.")
@@ -97,6 +118,7 @@ class TuneReportCallback(Callback):
         self.tuned_mode = "min" if objective else mode
         self.checkpoint = checkpoint
         self._report = report or _ray_report
+        self.require_budget = require_budget
         self._t0: float | None = None
         self._excluded_s = 0.0
         self._best_source: float | None = None
@@ -111,6 +133,11 @@ class TuneReportCallback(Callback):
             self._excluded_s = 0.0
             self._best_source = self._best_tuned = self._reached_at_s = None
             self._validations = 0
+
+    @property
+    def validations(self) -> int:
+        """Validations reported in the current ``fit`` (the sanity check excluded)."""
+        return self._validations
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -139,11 +166,27 @@ class TuneReportCallback(Callback):
             return False
         return b is None or math.isnan(b) or (a > b if mode == "max" else a < b)
 
-    def _fraction_done(self, trainer: L.Trainer) -> float:
+    @staticmethod
+    def _budget(trainer: L.Trainer) -> float | None:
+        """The trial's step budget, or ``None`` when Lightning cannot know it."""
         total = trainer.estimated_stepping_batches
-        if not math.isfinite(total) or total <= 0:
+        return float(total) if math.isfinite(total) and total > 0 else None
+
+    def _fraction_done(self, trainer: L.Trainer) -> float:
+        total = self._budget(trainer)
+        if total is None:
             return 1.0
         return min(1.0, max(trainer.global_step, 1) / total)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.require_budget and self._budget(trainer) is None:
+            raise ValueError(
+                "The sweep's scheduler places its rungs on the fraction of a trial's step budget, but Lightning "
+                f"cannot tell this trial's budget (estimated_stepping_batches="
+                f"{trainer.estimated_stepping_batches}): its training DataLoader has no length. Set "
+                "trainer_kwargs['max_steps'] (or an int limit_train_batches), or use scheduler=None."
+            )
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -171,6 +214,8 @@ class TuneReportCallback(Callback):
             fit_time_s=elapsed,
             **{VALIDATION_KEY: float(self._validations)},
         )
+        if self._budget(trainer) is not None:
+            metrics[BUDGET_KEY] = self._fraction_done(trainer)
 
         stop = False
         if self.objective is not None:

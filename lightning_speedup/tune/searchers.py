@@ -9,7 +9,8 @@
 * ``"random"``: Ray's ``BasicVariantGenerator`` (random sampling; also runs ``tune.grid_search``).
 
 Both model-based searchers start with ``n_initial`` random trials. ``"asha"`` is Ray's
-``ASHAScheduler`` (Li et al., 2020) on the trial's count of validations (``validation``).
+``ASHAScheduler`` (Li et al., 2020) on the fraction of its step budget a trial has done
+(``budget_fraction``), with rungs at 1/16 and 1/4 of the budget and ``max_t`` the whole budget.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 
-from lightning_speedup.tune.callback import VALIDATION_KEY
+from lightning_speedup.tune.callback import BUDGET_KEY
 from lightning_speedup.tune.space import SEARCHERS
 
 SCHEDULERS = ("asha", None)
@@ -114,25 +115,29 @@ def make_searcher(
     return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=max_concurrent)
 
 
-def asha_max_t(trainer_kwargs: Mapping[str, Any]) -> int:
-    """Validations in a full trial, from ``max_epochs`` and the validation frequency.
+# ASHA's rungs, as fractions of a trial's step budget: 1/16 and 1/4 (reduction factor 4), then the end.
+ASHA_GRACE = 1 / 16
+ASHA_REDUCTION = 4
+
+
+def check_asha_budget(trainer_kwargs: Mapping[str, Any]) -> None:
+    """Raise unless ``trainer_kwargs`` bound a trial's steps (``max_epochs`` or ``max_steps``).
 
     Raises:
-        ValueError: ``max_epochs`` is missing or not a positive int (ASHA places its rungs on it).
+        ValueError: neither is a positive int (ASHA places its rungs on fractions of the step budget).
     """
-    max_epochs = trainer_kwargs.get("max_epochs")
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+
+    def positive(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    max_epochs, max_steps = trainer_kwargs.get("max_epochs"), trainer_kwargs.get("max_steps")
+    if not (positive(max_epochs) or positive(max_steps)):
         raise ValueError(
-            "scheduler='asha' places its rungs on the number of validations, so it needs "
-            f"trainer_kwargs['max_epochs'] as a positive int (got {max_epochs!r}). Set it, or pass "
-            "scheduler=ASHAScheduler(max_t=...) yourself, or scheduler=None."
+            "scheduler='asha' places its rungs on fractions of a trial's step budget, so it needs "
+            f"trainer_kwargs['max_epochs'] or trainer_kwargs['max_steps'] as a positive int (got "
+            f"max_epochs={max_epochs!r}, max_steps={max_steps!r}). Set one, or pass "
+            "scheduler=ASHAScheduler(...) yourself, or scheduler=None."
         )
-    every = trainer_kwargs.get("check_val_every_n_epoch") or 1
-    per_epoch = 1
-    interval = trainer_kwargs.get("val_check_interval")
-    if isinstance(interval, float) and 0 < interval < 1:
-        per_epoch = int(1 / interval)
-    return max(1, (max_epochs // every) * per_epoch)
 
 
 def make_scheduler(
@@ -142,7 +147,13 @@ def make_scheduler(
     check_scheduler(scheduler)
     if scheduler is None or isinstance(scheduler, TrialScheduler):
         return scheduler
-    max_t = asha_max_t(trainer_kwargs)
-    # Not Ray's training_iteration: it continues from a resumed trial's checkpoint while the trial reruns
-    # from its first epoch, which would move the trial past rungs it never reached.
-    return ASHAScheduler(time_attr=VALIDATION_KEY, max_t=max_t, grace_period=1, reduction_factor=4)
+    check_asha_budget(trainer_kwargs)
+    # The rungs are on the fraction of the step budget done (the report callback's ``budget_fraction``),
+    # not on a count of validations: how many validations a trial makes depends on val_check_interval
+    # and on the length of its data, which the driver cannot know, and a max_t below a trial's count
+    # stopped trials that ASHA never meant to stop. The fraction reaches max_t=1 only at the end of the
+    # trial's budget. Nor is it Ray's training_iteration, which continues from a resumed trial's
+    # checkpoint while the trial reruns from its first epoch.
+    return ASHAScheduler(
+        time_attr=BUDGET_KEY, max_t=1.0, grace_period=ASHA_GRACE, reduction_factor=ASHA_REDUCTION
+    )

@@ -150,6 +150,61 @@ def grid_size(space: Mapping[str, Any]) -> int:
     return size
 
 
+def grid_paths(space: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The names (``a/b`` if nested) of the ``tune.grid_search`` values of ``space``."""
+    paths: list[str] = []
+    for key, value in space.items():
+        if _is_grid(value):
+            paths.append(f"{prefix}{key}")
+        elif isinstance(value, Mapping):
+            paths.extend(grid_paths(value, f"{prefix}{key}/"))
+    return paths
+
+
+def space_constants(space: Mapping[str, Any]) -> dict[str, Any]:
+    """The constants of a validated ``space`` (neither domains nor grids), nested as in the space.
+
+    Dicts that hold no constant are left out.
+    """
+    out: dict[str, Any] = {}
+    for key, value in space.items():
+        if isinstance(value, Domain) or _is_grid(value):
+            continue
+        if isinstance(value, Mapping):
+            nested = space_constants(value)
+            if nested:
+                out[key] = nested
+        else:
+            out[key] = value
+    return out
+
+
+def constant_paths(space: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The sorted names (``a/b`` if nested) of the constants of a validated ``space``."""
+    paths: list[str] = []
+    for key, value in space_constants(space).items():
+        if isinstance(value, Mapping):
+            paths.extend(constant_paths(value, f"{prefix}{key}/"))
+        else:
+            paths.append(f"{prefix}{key}")
+    return sorted(paths)
+
+
+def with_constants(config: Mapping[str, Any], constants: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` whose constants are those of ``constants`` (from :func:`space_constants`).
+
+    A resumed sweep passes the constants of the current call: Ray restores the sampled part of each
+    configuration with the sweep, constants included, and a constant such as a data path may move.
+    """
+    out = dict(config)
+    for key, value in constants.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = with_constants(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _lookup(config: Mapping[str, Any], path: str) -> tuple[bool, Any]:
     node: Any = config
     for part in path.split("/"):
@@ -217,8 +272,9 @@ def _describe_domain(domain: Domain) -> str:
 def describe_search_space(space: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """The searched parameters of a validated ``space`` with their ranges, choices or grids (JSON-able).
 
-    Constants are left out: a constant such as a data path may move between a sweep and its resume
-    without changing what is searched.
+    Constants are left out: a constant such as a data path may change its value between a sweep and its
+    resume without changing what is searched (the resumed sweep's trials get the new value; see
+    :func:`with_constants`). Adding or removing a constant is refused on resume.
     """
     described: dict[str, str] = {}
     for key, value in space.items():

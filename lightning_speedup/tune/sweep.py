@@ -28,7 +28,7 @@ from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
 from lightning_speedup._validation import check_int
-from lightning_speedup.tune.callback import MetricNotReportedError
+from lightning_speedup.tune.callback import VALIDATION_KEY, MetricNotReportedError, NoValidationError
 from lightning_speedup.tune.cluster import check_resources, init_ray, normalize_resources, trial_slots
 from lightning_speedup.tune.objective import TimeToTargetObjective
 from lightning_speedup.tune.results import TuneResults
@@ -41,7 +41,14 @@ from lightning_speedup.tune.searchers import (
     make_scheduler,
     make_searcher,
 )
-from lightning_speedup.tune.space import describe_search_space, grid_size, validate_search_space
+from lightning_speedup.tune.space import (
+    constant_paths,
+    describe_search_space,
+    grid_paths,
+    grid_size,
+    space_constants,
+    validate_search_space,
+)
 from lightning_speedup.tune.trial import Build, check_trainer_kwargs, run_trial
 
 log = logging.getLogger(__name__)
@@ -50,9 +57,9 @@ SETTINGS_FILE = "tune_lightning.json"
 _SNAPSHOT_WARN_ENV = "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"
 DEFAULT_STORAGE = "~/ray_results"
 
-# Trials that raised MetricNotReportedError, by experiment path. A module global rather than state on
+# The MetricNotReportedError that ended a sweep, by experiment path. A module global rather than state on
 # the monitor callback: Ray pickles run callbacks into the sweep's state and restores copies on resume.
-_ABORTS: dict[str, str] = {}
+_ABORTS: dict[str, MetricNotReportedError] = {}
 _ABORTS_LOCK = threading.Lock()
 
 
@@ -61,17 +68,28 @@ class SweepAbortedError(RuntimeError):
 
 
 class _SweepMonitor(TuneCallback):
-    """Ends the sweep at the first trial that did not log the tuned metric: every other trial would too."""
+    """Ends the sweep at the first trial that did not log the tuned metric: every other trial would too.
+    A trial that never validated ends it too while no trial has reported; once one has, only that trial
+    fails (its configuration kept it from validating, e.g. a ``max_time`` it could not validate within).
+    """
 
     def __init__(self, experiment_path: str) -> None:
         self.experiment_path = experiment_path
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         cause = getattr(_trial_exception(trial), "cause", None)
-        if isinstance(cause, MetricNotReportedError):
-            with _ABORTS_LOCK:
-                _ABORTS[self.experiment_path] = str(cause)
-            raise SweepAbortedError(str(cause))
+        if not isinstance(cause, MetricNotReportedError):
+            return
+        if isinstance(cause, NoValidationError) and any(_has_reported(t) for t in trials if t is not trial):
+            return
+        with _ABORTS_LOCK:
+            _ABORTS[self.experiment_path] = cause
+        raise SweepAbortedError(str(cause))
+
+
+def _has_reported(trial: Any) -> bool:
+    """Whether a trial has reported a validation (read from what Ray stored, without asking its actor)."""
+    return VALIDATION_KEY in (getattr(getattr(trial, "run_metadata", None), "last_result", None) or {})
 
 
 def _trial_exception(trial: Any) -> BaseException | None:
@@ -98,12 +116,23 @@ def _describe(part: Any) -> str | None:
     return part if part is None or isinstance(part, str) else type(part).__name__
 
 
-def _write_settings(path: Path, settings: dict[str, Any]) -> None:
-    """Write the settings file atomically: an interrupted write leaves the old file or none, never half."""
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(settings, indent=1))
-    os.replace(tmp, path / SETTINGS_FILE)
+def _settings_fs(path: str | os.PathLike[str]) -> tuple[Any, str]:
+    """The pyarrow filesystem and path of a sweep's folder, a local path or a URI (``s3://``,
+    ``file://``, ...): the filesystem Ray's storage uses for the same ``storage_path``."""
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(str(path))
+
+
+def _write_settings(path: str | os.PathLike[str], settings: dict[str, Any]) -> None:
+    """Write the settings file atomically: an interrupted write leaves the old file or none, never half
+    (on local disk; an object store writes each object whole)."""
+    fs, folder = _settings_fs(path)
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.{SETTINGS_FILE}.{os.getpid()}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(settings, indent=1).encode())
+    fs.move(tmp, f"{folder}/{SETTINGS_FILE}")
 
 
 # The objective's class was called ``TimeToTarget`` before it was renamed; a sweep saved then stores
@@ -120,12 +149,20 @@ def _upgrade_settings(saved: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
-def _check_resume_settings(path: Path, settings: dict[str, Any]) -> None:
-    file = path / SETTINGS_FILE
-    if not file.exists():
+# Settings added after sweeps were saved without them: such a saved file is not compared on them.
+_LATER_SETTINGS = ("constants",)
+
+
+def _check_resume_settings(path: str | os.PathLike[str], settings: dict[str, Any]) -> None:
+    import pyarrow.fs
+
+    file = f"{str(path).rstrip('/')}/{SETTINGS_FILE}"
+    fs, fs_file = _settings_fs(file)
+    if fs.get_file_info(fs_file).type == pyarrow.fs.FileType.NotFound:
         return
     try:
-        saved = json.loads(file.read_text())
+        with fs.open_input_stream(fs_file) as f:
+            saved = json.loads(f.read().decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(
             f"resume=True: {file} (the settings the sweep was started with) is not valid JSON ({err}). "
@@ -137,12 +174,22 @@ def _check_resume_settings(path: Path, settings: dict[str, Any]) -> None:
             f"{type(saved).__name__}. Restore it, or start a new sweep under another name."
         )
     saved = _upgrade_settings(saved)
-    diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    diff = {
+        k: (saved.get(k), v)
+        for k, v in settings.items()
+        if saved.get(k) != v and not (k in _LATER_SETTINGS and k not in saved)
+    }
     if diff:
         lines = "; ".join(f"{k}: was {old!r}, now {new!r}" for k, (old, new) in diff.items())
+        hint = (
+            " A constant of the search space may change its value on resume, but not be added or removed: "
+            "Ray restores the sweep with the parameters it was started with."
+            if "constants" in diff
+            else ""
+        )
         raise ValueError(
-            f"resume=True: the sweep at {path} was started with other settings ({lines}). Resume it with "
-            "the settings it was started with, or start a new sweep under another name."
+            f"resume=True: the sweep at {path} was started with other settings ({lines}).{hint} Resume it "
+            "with the settings it was started with, or start a new sweep under another name."
         )
 
 
@@ -193,21 +240,25 @@ def tune_lightning(
             callbacks (e.g. ``[OneCycle(max_lr=config["max_lr"])]``). Runs on a Ray worker, so it must
             be picklable (a function defined in a notebook or script is).
         search_space: Ray Tune search space (see :mod:`lightning_speedup.tune.space`); constants are
-            passed to ``build`` unchanged.
+            passed to ``build`` unchanged. On resume a constant may change its value (e.g. a moved data
+            path: trials that run after the resume get the new value) but not be added or removed.
         metric: the logged validation metric to optimise (e.g. ``"val_acc"``). Leave out with ``objective``.
         mode: ``"max"`` or ``"min"``. Leave out with ``objective``.
         num_samples: number of trials.
         searcher: ``"bayes"`` (Gaussian-process BO, default), ``"tpe"``, ``"random"``, or a Ray ``Searcher``.
         scheduler: ``"asha"`` (stop weak trials early, default), ``None`` (run all to the end), or a Ray
-            ``TrialScheduler``. ``"asha"`` needs ``trainer_kwargs["max_epochs"]``.
+            ``TrialScheduler``. ``"asha"`` places its rungs on the fraction of a trial's step budget done
+            (1/16, 1/4), so it needs ``trainer_kwargs["max_epochs"]`` or ``["max_steps"]``.
         resources_per_trial: e.g. ``{"cpu": 2, "gpu": 0.25}`` (default ``{"cpu": 1}``). A fraction of a
             GPU shares one GPU between trials; a trial never spans several devices.
         trainer_kwargs: arguments of ``lightning.Trainer`` for every trial (not ``accelerator``,
-            ``devices``, ``num_nodes``: the resources decide those). Trials default to no logger, no
-            progress bar, no model summary and no Lightning checkpoints.
+            ``devices``, ``num_nodes``: the resources decide those; nor a strategy that starts processes,
+            such as ``"ddp_spawn"``). Trials default to no logger, no progress bar, no model summary and
+            no Lightning checkpoints; a ``ModelCheckpoint`` in ``callbacks`` (one Callback or a list)
+            turns checkpointing on.
         objective: :class:`TimeToTargetObjective` to tune for the fastest time to a quality target instead.
-        storage_path: where sweeps are stored (default ``~/ray_results``; a URI such as ``s3://...``
-            works too). The sweep lives in ``storage_path/name``.
+        storage_path: where sweeps are stored (default ``~/ray_results``; a URI such as ``s3://...`` or
+            ``file://...`` works too, settings check included). The sweep lives in ``storage_path/name``.
         name: the sweep's name (default: ``tune_lightning_<date>-<time>``); needed to resume.
         resume: continue the sweep ``storage_path/name``: finished trials are kept, trials that were
             running restart from their first epoch with the same configuration, the rest run. When
@@ -221,19 +272,24 @@ def tune_lightning(
         checkpoint: keep each trial's best weights (weights-only, one per trial).
         tune_callbacks: extra ``ray.tune.Callback`` objects (loggers, ...). Ray stores them with the
             sweep: a resumed sweep uses those it was started with.
-        verbose: Ray Tune's verbosity (0 silent, 1 experiment summary, 2 trial results). A local
-            cluster started by this call forwards the trials' own output only with ``verbose=2``.
+        verbose: Ray Tune's verbosity (0 silent but for warnings and errors, 1 experiment summary and
+            progress, 2 trial results). A local cluster started by this call forwards the trials' own
+            output only with ``verbose=2``.
 
     Returns:
         :class:`TuneResults` with ``best_config``, ``best_metric``, ``dataframe()``, ``plot()``.
 
     Raises:
-        ValueError: unknown searcher or scheduler; an empty or malformed search space; metric/mode
-            missing or given together with ``objective``; bad counts, seed or trainer arguments; a sweep
-            of this name exists and ``resume`` is False; resumed settings differ from the saved ones.
+        ValueError: unknown searcher or scheduler; an empty or malformed search space (a grid with a
+            ``Searcher`` instance); metric/mode missing or given together with ``objective``; bad counts,
+            seed or trainer arguments (including a process-starting strategy, or arguments with which no
+            validation runs); a sweep of this name exists and ``resume`` is False; resumed settings differ
+            from the saved ones (a constant of the search space added or removed included).
         InsufficientResourcesError: no node of the cluster can host ``resources_per_trial``.
         MetricNotReportedError: the first trial finished a validation without logging the tuned
-            metric (the message lists the metrics it did log); the sweep stops there.
+            metric (the message lists the metrics it did log); the sweep stops there. Its subclass
+            ``NoValidationError``: a trial finished training without any validation before any trial
+            reported (the message names likely causes); the sweep stops there too.
         RuntimeError: every trial failed (the first failure is chained).
     """
     request = _validate_request(
@@ -244,7 +300,7 @@ def tune_lightning(
         verbose=verbose,
     )  # fmt: skip
     tuner = _build_tuner(request)
-    return _collect_results(request, _fit(tuner, request.experiment_path))
+    return _collect_results(request, _fit(tuner, request))
 
 
 @dataclass(frozen=True)
@@ -291,6 +347,8 @@ class _SweepRequest:
             "objective": repr(self.objective),
             "searched": sorted(self.searched),
             "search_space": describe_search_space(self.search_space),
+            # Their names only: a constant's value may change on resume (run_trial passes the current ones).
+            "constants": constant_paths(self.search_space),
             "max_epochs": self.trainer_kwargs.get("max_epochs"),
             "max_steps": self.trainer_kwargs.get("max_steps"),
             "resources": dict(self.resources),
@@ -330,6 +388,13 @@ def _validate_request(
     check_scheduler(scheduler)
     searcher_name = searcher if isinstance(searcher, str) else "random"
     searched = validate_search_space(search_space, searcher_name)
+    grids = grid_paths(search_space)
+    if isinstance(searcher, Searcher) and grids:
+        raise ValueError(
+            f"search_space[{grids[0]!r}] is tune.grid_search, which a Searcher instance "
+            f"({type(searcher).__name__}) cannot run: Ray runs grids only with its random search. Use "
+            "tune.choice([...]) with the Searcher, or searcher='random' for a grid."
+        )
     if objective is not None:
         if not isinstance(objective, TimeToTargetObjective):
             raise TypeError(f"objective must be a TimeToTargetObjective(...) or None, got {objective!r}.")
@@ -430,6 +495,9 @@ def _build_tuner(req: _SweepRequest) -> tune.Tuner:
             seed=req.seed,
             cpus=request["CPU"],
             gpus=request["GPU"],
+            # This call's constants: a resumed sweep's trials come back from Ray with the old ones.
+            constants=space_constants(req.search_space),
+            require_budget=req.scheduler == "asha",
         ),
         PlacementGroupFactory([bundle]),
     )
@@ -444,15 +512,13 @@ def _build_tuner(req: _SweepRequest) -> tune.Tuner:
     with _ABORTS_LOCK:
         _ABORTS.pop(experiment_path, None)
     if exists:
-        if not _is_uri(experiment_path):
-            _check_resume_settings(Path(experiment_path), req.settings())
+        _check_resume_settings(experiment_path, req.settings())
         tuner = _restore(experiment_path, trainable, req.search_space)
         log.info("Resuming the sweep at %s.", experiment_path)
         return tuner
     if req.resume:
         log.warning("resume=True but there is no sweep at %s yet; starting a new one.", experiment_path)
-    if not _is_uri(experiment_path):
-        _write_settings(Path(experiment_path), req.settings())
+    _write_settings(experiment_path, req.settings())
     return tune.Tuner(
         trainable,
         param_space=dict(req.search_space),
@@ -481,21 +547,23 @@ def _build_tuner(req: _SweepRequest) -> tune.Tuner:
     )
 
 
-def _fit(tuner: tune.Tuner, experiment_path: str) -> ResultGrid:
-    """Run the sweep; a trial that did not log the tuned metric ends it with ``MetricNotReportedError``."""
+def _fit(tuner: tune.Tuner, req: _SweepRequest) -> ResultGrid:
+    """Run the sweep; a trial that did not log the tuned metric ends it with ``MetricNotReportedError``
+    (``NoValidationError`` for one that never validated, while no trial has reported)."""
+    experiment_path = req.experiment_path
     try:
-        with _quiet_forced_snapshots():
+        with _quiet_forced_snapshots(), _quiet_ray(req.verbose):
             grid = tuner.fit()
     except Exception:
         with _ABORTS_LOCK:
             aborted = _ABORTS.pop(experiment_path, None)
         if aborted is not None:
-            raise MetricNotReportedError(aborted) from None
+            raise type(aborted)(str(aborted)) from None
         raise
     with _ABORTS_LOCK:
         aborted = _ABORTS.pop(experiment_path, None)
     if aborted is not None:
-        raise MetricNotReportedError(aborted)
+        raise type(aborted)(str(aborted))
     return grid
 
 
@@ -548,6 +616,35 @@ def _quiet_forced_snapshots() -> Iterator[None]:
             os.environ.pop(_SNAPSHOT_WARN_ENV, None)
         else:
             os.environ[_SNAPSHOT_WARN_ENV] = old
+
+
+_NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
+
+
+@contextmanager
+def _quiet_ray(verbose: int) -> Iterator[None]:
+    """At ``verbose=0``, keep Ray Tune from printing anything but warnings and errors.
+
+    Ray's current output engine prints the experiment's header and path whatever the verbosity; its
+    legacy engine (``RAY_AIR_NEW_OUTPUT=0``, read when the sweep starts) prints nothing at 0. Ray Tune's
+    INFO log lines (the final sync, a resume) are held back too. Checked against Ray 2.60.
+    """
+    if verbose > 0:
+        yield
+        return
+    old = os.environ.get(_NEW_OUTPUT_ENV)
+    tune_log = logging.getLogger("ray.tune")
+    old_level = tune_log.level
+    os.environ[_NEW_OUTPUT_ENV] = "0"
+    tune_log.setLevel(max(logging.WARNING, old_level))
+    try:
+        yield
+    finally:
+        tune_log.setLevel(old_level)
+        if old is None:
+            os.environ.pop(_NEW_OUTPUT_ENV, None)
+        else:
+            os.environ[_NEW_OUTPUT_ENV] = old
 
 
 def _restore(path: str, trainable: Callable[..., Any], search_space: Mapping[str, Any]) -> tune.Tuner:

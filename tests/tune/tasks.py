@@ -89,6 +89,21 @@ class TensorDataModule(L.LightningDataModule):
         return DataLoader(TensorDataset(x, y), batch_size=512)
 
 
+class TrainOnlyDataModule(L.LightningDataModule):
+    """Training data only: no ``val_dataloader``, so Lightning skips validation (with a warning)."""
+
+    def __init__(
+        self, tensors: tuple[Tensor, Tensor, Tensor, Tensor], batch_size: int = 128, shuffle: bool = True
+    ) -> None:
+        super().__init__()
+        self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        x, y = self.tensors[0], self.tensors[1]
+        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=self.shuffle)
+
+
 def build_mlp(config: dict[str, Any]) -> tuple[L.LightningModule, L.LightningDataModule]:
     """``build`` for the sweeps: ``config`` holds ``lr`` (searched), ``data_dir`` and optional knobs.
 
@@ -96,6 +111,7 @@ def build_mlp(config: dict[str, Any]) -> tuple[L.LightningModule, L.LightningDat
     count how often each trial ran. ``batch_sleep_s`` (optional) sleeps after every training batch, so
     a test can interrupt a sweep while a trial is running. ``val_marker_dir`` (optional) gets one empty
     file per finished validation (``<trial id>.<epoch>``), so a test can interrupt after a report.
+    ``validate=False`` returns a datamodule without validation data (Lightning then runs no validation).
     """
     if config.get("marker_dir"):
         from ray import tune
@@ -107,7 +123,8 @@ def build_mlp(config: dict[str, Any]) -> tuple[L.LightningModule, L.LightningDat
     module = TinyMLP(
         lr=config["lr"], hidden=config.get("hidden", 32), log_metrics=config.get("log_metrics", True)
     )
-    datamodule = TensorDataModule(
+    datamodule_cls = TensorDataModule if config.get("validate", True) else TrainOnlyDataModule
+    datamodule = datamodule_cls(
         data, batch_size=config.get("batch_size", 128), shuffle=config.get("shuffle", True)
     )
     callbacks: list[L.Callback] = []

@@ -22,11 +22,13 @@ from ray import tune
 from lightning_speedup.tune import (
     InsufficientResourcesError,
     MetricNotReportedError,
+    NoValidationError,
     TimeToTargetObjective,
     config_in_space,
     init_ray,
     tune_lightning,
 )
+from lightning_speedup.tune.sweep import SETTINGS_FILE
 from tests.tune.tasks import TinyMLP, build_mlp
 
 QUIET: dict[str, Any] = {"verbose": 0}
@@ -126,6 +128,30 @@ def test_asha_stops_weak_trials_and_resume_returns_the_finished_sweep_as_recorde
         )  # fmt: skip
 
 
+def test_asha_lets_the_trials_it_keeps_run_their_whole_budget_when_validating_within_epochs(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    """8 batches per epoch validated every 2 batches: 8 validations in 2 epochs. ASHA's max_t counted one
+    validation per epoch (2) and stopped the good trial at its second validation, a quarter of its run."""
+    good, weak = 3e-3, 1e-6
+    space = {
+        "lr": tune.grid_search([good, weak]),
+        "data_dir": str(fashion_mnist_dir),
+        "n_train": 1024,
+        "n_val": 512,
+    }
+    results = tune_lightning(
+        build_mlp, space, "val_acc", "max", 1, searcher="random", scheduler="asha", seed=0, max_concurrent=1,
+        trainer_kwargs={"max_epochs": 2, "val_check_interval": 2}, storage_path=tmp_path, name="asha_vci", **QUIET,
+    )  # fmt: skip
+    df, history = results.dataframe(), results.history()
+    assert results.complete and (df["status"] == "finished").all()
+    kept = history[history["config/lr"] == good]
+    assert kept["validation"].tolist() == list(range(1, 9)) and kept["step"].iloc[-1] == 16
+    assert kept["budget_fraction"].iloc[-1] == 1.0
+    assert df.loc[df["config/lr"] == weak, "iterations"].tolist() == [1], "ASHA still stops the weak trial"
+
+
 class _InterruptAfter(tune.Callback):
     """Sends this process SIGINT (as Ctrl+C or a notebook's interrupt does) once ``n`` trials finished.
 
@@ -196,6 +222,143 @@ def test_resume_after_interrupt_does_not_rerun_finished_trials(
             after.loc[[trial_id], "time_total_s"].tolist() == before.loc[[trial_id], "time_total_s"].tolist()
         )
     assert second.best_metric == pytest.approx(second.history()["val_acc"].max(), abs=0)
+
+
+def test_a_resumed_sweep_gives_build_the_current_constants_and_refuses_added_or_removed_ones(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    """A constant such as a data path may move between a sweep and its resume: Ray restores the trials'
+    configurations with the old value, which build got for every trial run after the resume."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    before.mkdir()
+    after.mkdir()
+    space = {
+        "lr": tune.loguniform(1e-4, 3e-2), "data_dir": str(fashion_mnist_dir), "marker_dir": str(before),
+        "n_train": 512, "n_val": 256,
+    }  # fmt: skip
+    kwargs: dict[str, Any] = dict(
+        searcher="random", scheduler=None, seed=0, max_concurrent=1, trainer_kwargs={"max_epochs": 1},
+        storage_path=tmp_path / "sweeps", name="moved", **QUIET,
+    )  # fmt: skip
+    first = tune_lightning(
+        build_mlp,
+        space,
+        "val_acc",
+        "max",
+        3,
+        tune_callbacks=[_InterruptAfter(1, tmp_path / "flag")],
+        **kwargs,
+    )
+    assert not first.complete
+    done = set(first.dataframe().query("status == 'finished'")["trial_id"])
+    assert len(done) == 1
+
+    constants = r"constants: was \['data_dir', 'marker_dir', 'n_train', 'n_val'\], now "
+    with pytest.raises(
+        ValueError, match=constants + r"\['data_dir', 'hidden', .*may change its value on resume"
+    ):
+        tune_lightning(build_mlp, {**space, "hidden": 16}, "val_acc", "max", 3, resume=True, **kwargs)
+    without = {k: v for k, v in space.items() if k != "n_val"}
+    with pytest.raises(ValueError, match=constants + r"\['data_dir', 'marker_dir', 'n_train'\]\)"):
+        tune_lightning(build_mlp, without, "val_acc", "max", 3, resume=True, **kwargs)
+
+    second = tune_lightning(
+        build_mlp, {**space, "marker_dir": str(after)}, "val_acc", "max", 3, resume=True, **kwargs
+    )
+    df = second.dataframe()
+    assert second.complete and len(df) == 3 and (df["status"] == "finished").all()
+    rest = set(df["trial_id"]) - done
+    assert set(_markers(after)) == rest, "every trial run after the resume got the new constant"
+    assert done <= set(_markers(before))
+    recorded = dict(zip(df["trial_id"], df["config/marker_dir"]))
+    assert {t: recorded[t] for t in done} == {t: str(before) for t in done}
+    assert {t: recorded[t] for t in rest} == {t: str(after) for t in rest}, "results show what build got"
+
+
+def test_a_trial_that_never_validates_fails_naming_the_likely_causes(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    """A trial that trains without validating reports nothing. Ray marked it finished without a result,
+    or failed the whole sweep with an error about its own metric check; now the trial fails saying why,
+    and while no trial has reported (every other trial would likely do the same) the sweep stops there."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    space = {
+        "lr": tune.loguniform(1e-4, 1e-2), "data_dir": str(fashion_mnist_dir), "n_train": 512, "n_val": 256,
+        "validate": False, "marker_dir": str(markers),
+    }  # fmt: skip
+    kwargs: dict[str, Any] = dict(
+        searcher="random", scheduler=None, max_concurrent=1, trainer_kwargs={"max_epochs": 1}, storage_path=tmp_path,
+        **QUIET,
+    )  # fmt: skip
+    with pytest.raises(
+        NoValidationError,
+        match=r"without a single validation, so it never reported 'val_acc'.*val_dataloader",
+    ):
+        tune_lightning(build_mlp, space, "val_acc", "max", 3, name="noval", **kwargs)
+    assert sum(_markers(markers).values()) == 1, "the sweep should stop at the first trial"
+
+    # Once a trial has reported, a trial that cannot validate fails alone and the sweep goes on.
+    mixed = {**space, "validate": tune.grid_search([True, False]), "marker_dir": None}
+    results = tune_lightning(build_mlp, mixed, "val_acc", "max", 1, name="mixed", **kwargs)
+    df = results.dataframe().set_index("config/validate")
+    assert df.loc[True, "status"] == "finished" and df.loc[False, "status"] == "error"
+    assert (
+        "NoValidationError" in df.loc[False, "error"]
+        and "without a single validation" in df.loc[False, "error"]
+    )
+    assert results.best_trial_id == df.loc[True, "trial_id"]
+
+
+def test_a_file_uri_storage_path_keeps_and_checks_the_settings_like_a_local_path(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    space = {
+        "lr": tune.loguniform(1e-4, 1e-2),
+        "data_dir": str(fashion_mnist_dir),
+        "n_train": 512,
+        "n_val": 256,
+    }
+    kwargs: dict[str, Any] = dict(
+        searcher="random", scheduler=None, seed=0, trainer_kwargs={"max_epochs": 1},
+        storage_path=f"file://{tmp_path}/sweeps", name="uri", **QUIET,
+    )  # fmt: skip
+    first = tune_lightning(build_mlp, space, "val_acc", "max", 1, **kwargs)
+    assert first.complete and first.best_metric is not None
+    saved = json.loads((tmp_path / "sweeps" / "uri" / SETTINGS_FILE).read_text())
+    assert saved["num_samples"] == 1 and saved["metric"] == "val_acc"
+    with pytest.raises(
+        ValueError, match=r"\(metric: was 'val_acc', now 'val_loss'; .*num_samples: was 1, now 2"
+    ):
+        tune_lightning(build_mlp, space, "val_loss", "min", 2, resume=True, **kwargs)
+    again = tune_lightning(build_mlp, space, "val_acc", "max", 1, resume=True, **kwargs)
+    assert again.complete and again.best_trial_id == first.best_trial_id
+
+
+def test_a_single_model_checkpoint_callback_keeps_lightning_checkpoints_and_verbose_0_prints_nothing(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """One Callback (not a list), as Lightning takes it; a ModelCheckpoint turns the trial's default
+    enable_checkpointing=False on. Ray's output engine printed its header even at verbose=0."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt_dir = tmp_path / "lightning"
+    space = {
+        "lr": tune.loguniform(1e-4, 1e-2),
+        "data_dir": str(fashion_mnist_dir),
+        "n_train": 512,
+        "n_val": 256,
+    }
+    results = tune_lightning(
+        build_mlp, space, "val_acc", "max", 1, searcher="random", scheduler=None,
+        trainer_kwargs={"max_epochs": 1, "callbacks": ModelCheckpoint(dirpath=ckpt_dir, filename="best")},
+        storage_path=tmp_path / "sweeps", name="ckpt", **QUIET,
+    )  # fmt: skip
+    assert results.complete and results.best_metric is not None and not results.errors
+    assert [p.name for p in ckpt_dir.iterdir()] == ["best.ckpt"]
+    printed = capfd.readouterr()
+    for line in ("Configuration for experiment", "View detailed results", "Wrote the latest version"):
+        assert line not in printed.out + printed.err
 
 
 def test_metric_no_trial_reports_stops_the_sweep_and_lists_logged_keys(

@@ -9,11 +9,14 @@ from typing import Any
 
 import lightning as L
 import pytest
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
 
 pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'lightning-speedup[tune]'")
 import ray
 import torch
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from lightning_speedup.tune import (
     MetricNotReportedError,
@@ -23,12 +26,18 @@ from lightning_speedup.tune import (
     tune_lightning,
     validate_search_space,
 )
-from lightning_speedup.tune.callback import CHECKPOINT_FILE
-from lightning_speedup.tune.searchers import asha_max_t, default_concurrency, make_searcher
-from lightning_speedup.tune.space import describe_search_space, grid_size
+from lightning_speedup.tune.callback import BUDGET_KEY, CHECKPOINT_FILE
+from lightning_speedup.tune.searchers import default_concurrency, make_scheduler, make_searcher
+from lightning_speedup.tune.space import (
+    constant_paths,
+    describe_search_space,
+    grid_size,
+    space_constants,
+    with_constants,
+)
 from lightning_speedup.tune.sweep import SETTINGS_FILE, _check_resume_settings, _write_settings
-from lightning_speedup.tune.trial import check_built, make_trainer
-from tests.tune.tasks import build_mlp
+from lightning_speedup.tune.trial import check_built, check_trainer_kwargs, make_trainer
+from tests.tune.tasks import TensorDataModule, TinyMLP, build_mlp
 
 SPACE = {"lr": tune.loguniform(1e-4, 1e-1)}
 
@@ -65,7 +74,22 @@ def _noop_build(config: dict[str, Any]) -> Any:
         ({"num_samples": 0}, ValueError, "num_samples must be an int >= 1"),
         ({"trainer_kwargs": {"max_epoch": 2}}, ValueError, "Did you mean 'max_epochs'"),
         ({"trainer_kwargs": {"devices": 2}}, ValueError, "trains on one device"),
-        ({"trainer_kwargs": {}}, ValueError, r"scheduler='asha'.*max_epochs"),
+        ({"trainer_kwargs": {}}, ValueError, r"scheduler='asha'.*max_epochs.*max_steps"),
+        ({"trainer_kwargs": {"max_epochs": 2, "strategy": "ddp_spawn"}}, ValueError,
+         r"'ddp_spawn'.*start method 'spawn'.*never reach Ray Tune"),
+        ({"trainer_kwargs": {"max_epochs": 2, "strategy": "ddp_notebook"}}, ValueError, "start method 'fork'"),
+        ({"trainer_kwargs": {"max_epochs": 2, "strategy": DDPStrategy(start_method="spawn")}}, ValueError,
+         r"'DDPStrategy'.*start method 'spawn'"),
+        ({"trainer_kwargs": {"max_epochs": 2, "limit_val_batches": 0}}, ValueError,
+         r"limit_val_batches'\]=0 turns validation off"),
+        ({"trainer_kwargs": {"max_epochs": 2, "check_val_every_n_epoch": 3}}, ValueError,
+         "check_val_every_n_epoch'\\]=3 is more than max_epochs=2"),
+        ({"trainer_kwargs": {"max_epochs": 2, "callbacks": ["EarlyStopping"]}}, TypeError,
+         r"callbacks'\] must hold Lightning Callbacks, got str"),
+        ({"trainer_kwargs": {"max_epochs": 2, "enable_checkpointing": False, "callbacks": ModelCheckpoint()}},
+         ValueError, "enable_checkpointing=False and a ModelCheckpoint"),
+        ({"searcher": OptunaSearch(), "search_space": {"lr": tune.grid_search([1e-3, 1e-2])}}, ValueError,
+         r"'lr'.*grid_search.*Searcher instance \(OptunaSearch\)"),
         ({"resources_per_trial": {"gpu": 2}}, ValueError, "one device"),
         ({"resources_per_trial": {"cpu": -1}}, ValueError, ">= 0"),
         ({"resume": True}, ValueError, "resume=True needs the name"),
@@ -118,10 +142,16 @@ def test_config_in_space_follows_ray_bounds() -> None:
     assert not config_in_space({k: v for k, v in ok.items() if k != "n"}, space)
 
 
-def test_asha_rungs_count_validations() -> None:
-    assert asha_max_t({"max_epochs": 10}) == 10
-    assert asha_max_t({"max_epochs": 10, "check_val_every_n_epoch": 2}) == 5
-    assert asha_max_t({"max_epochs": 4, "val_check_interval": 0.25}) == 16
+@pytest.mark.parametrize(
+    "trainer_kwargs",
+    [{"max_epochs": 10}, {"max_epochs": 3, "val_check_interval": 2}, {"max_epochs": 2, "val_check_interval": 0.3},
+     {"max_steps": 100}, {"max_epochs": 10, "check_val_every_n_epoch": 2}],
+)  # fmt: skip
+def test_asha_rungs_are_fractions_of_the_step_budget(trainer_kwargs: dict[str, Any]) -> None:
+    """However often a trial validates, ASHA stops it at max_t only when its whole budget is done."""
+    asha = make_scheduler("asha", trainer_kwargs)
+    assert asha._time_attr == BUDGET_KEY and asha._max_t == 1.0
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs if milestone < 1] == [0.25, 0.0625]
 
 
 def test_default_concurrency_keeps_bayes_nearly_sequential() -> None:
@@ -205,6 +235,40 @@ def test_callback_reports_every_validation_and_checkpoints_only_improvements(fas
         best = min(best, r["val_loss"])
         assert {"val_acc", "val_loss", "train_loss", "step", "fit_time_s"} <= set(r)
     assert sink.checkpointed == expected and expected[0]
+
+
+def test_callback_reports_the_fraction_of_the_step_budget_done(fashion_mnist_dir: Path) -> None:
+    """1024 images in batches of 128, validated every 2 batches for 2 epochs: 8 validations, 16 steps."""
+    sink = _Sink()
+    _fit(
+        fashion_mnist_dir,
+        TuneReportCallback("val_acc", "max", report=sink),
+        max_epochs=2,
+        val_check_interval=2,
+    )
+    assert [r["validation"] for r in sink.reports] == list(range(1, 9))
+    assert [r[BUDGET_KEY] for r in sink.reports] == [k / 8 for k in range(1, 9)]
+
+
+class _Unsized(torch.utils.data.IterableDataset):
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __iter__(self) -> Any:
+        return iter(self.dataset)
+
+
+def test_callback_that_needs_the_budget_refuses_a_trial_whose_budget_is_unknown(
+    fashion_mnist_dir: Path,
+) -> None:
+    module, data = build_mlp({"lr": 1e-3, "data_dir": str(fashion_mnist_dir), "n_train": 256, "n_val": 256})
+    unsized = torch.utils.data.DataLoader(_Unsized(data.train_dataloader().dataset), batch_size=64)
+    trainer = L.Trainer(
+        max_epochs=1, callbacks=[TuneReportCallback("val_acc", "max", report=_Sink(), require_budget=True)],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"cannot tell this trial's budget.*max_steps"):
+        trainer.fit(module, train_dataloaders=unsized, val_dataloaders=data.val_dataloader())
 
 
 def test_callback_names_the_missing_metric_and_what_was_logged(fashion_mnist_dir: Path) -> None:
@@ -344,6 +408,73 @@ def test_trial_trainer_gets_placement_defaults_and_every_callback(tmp_path: Path
     assert names.index(ModelSummary) < names.index(LearningRateMonitor) < names.index(TuneReportCallback)
     assert trainer.default_root_dir == str(tmp_path)
     assert kwargs["callbacks"] == [user_cb]  # the caller's dict is not consumed
+
+
+def test_one_callback_in_trainer_kwargs_is_taken_as_lightning_takes_it(tmp_path: Path) -> None:
+    stop = EarlyStopping("val_acc", mode="max")
+    checked = check_trainer_kwargs({"max_epochs": 1, "callbacks": stop}, gpus=0)
+    assert checked["callbacks"] == [stop]
+    report = TuneReportCallback("val_acc", "max", report=_Sink())
+    trainer = make_trainer({"callbacks": stop}, [], report, gpus=0, root_dir=str(tmp_path))
+    assert [type(cb) for cb in trainer.callbacks[-2:]] == [EarlyStopping, TuneReportCallback]
+    tensors = (torch.zeros(4, 784), torch.zeros(4, dtype=torch.long)) * 2
+    extra = EarlyStopping("val_loss")
+    assert check_built((TinyMLP(), TensorDataModule(tensors), extra))[2] == [extra]  # build's too
+
+
+@pytest.mark.parametrize("where", ["trainer_kwargs", "build"])
+def test_a_model_checkpoint_of_the_user_turns_lightning_checkpointing_on(tmp_path: Path, where: str) -> None:
+    ckpt = ModelCheckpoint(monitor="val_acc", mode="max")
+    report = TuneReportCallback("val_acc", "max", report=_Sink())
+    kwargs: dict[str, Any] = {"callbacks": [ckpt]} if where == "trainer_kwargs" else {}
+    trainer = make_trainer(kwargs, [ckpt] if where == "build" else [], report, gpus=0, root_dir=str(tmp_path))
+    assert isinstance(trainer.checkpoint_callback, ModelCheckpoint)  # a copy of trainer_kwargs' one
+    assert trainer.checkpoint_callback.monitor == "val_acc"
+    assert trainer.progress_bar_callback is None and trainer.logger is None  # the other defaults stay
+
+
+def test_placements_are_accepted_when_lightning_reads_them_as_the_trials_own() -> None:
+    same = [({"accelerator": "cuda"}, 0.5), ({"accelerator": "GPU"}, 1), ({"accelerator": "auto", "devices": "auto"}, 0),
+            ({"devices": "1"}, 0), ({"devices": [0]}, 0.25), ({"devices": "0,"}, 1),
+            ({"accelerator": "cpu", "devices": 1, "num_nodes": 1}, 0)]  # fmt: skip
+    for kwargs, gpus in same:
+        assert check_trainer_kwargs(kwargs, gpus) == kwargs, kwargs
+    other = [({"accelerator": "gpu"}, 0), ({"accelerator": "cpu"}, 0.5), ({"devices": [0]}, 0), ({"devices": [1]}, 1),
+             ({"devices": 2}, 1), ({"devices": True}, 0), ({"num_nodes": 2}, 0)]  # fmt: skip
+    for kwargs, gpus in other:
+        with pytest.raises(ValueError, match="disagrees with resources_per_trial"):
+            check_trainer_kwargs(kwargs, gpus)
+
+
+def test_search_space_constants_are_found_and_replaced() -> None:
+    space = {"lr": tune.loguniform(1e-4, 1e-1), "data": {"dir": "/old", "bs": tune.choice([1, 2])},
+             "opt": {"wd": tune.uniform(0, 1)}, "grid": tune.grid_search([1, 2]), "seed": 0}  # fmt: skip
+    assert space_constants(space) == {"data": {"dir": "/old"}, "seed": 0}
+    assert constant_paths(space) == ["data/dir", "seed"]
+    config = {"lr": 1e-3, "data": {"dir": "/old", "bs": 2}, "opt": {"wd": 0.5}, "grid": 1, "seed": 0}
+    moved = with_constants(config, {"data": {"dir": "/new"}, "seed": 0})
+    assert moved == {**config, "data": {"dir": "/new", "bs": 2}}
+    assert config["data"]["dir"] == "/old"  # the sampled config is not changed in place
+
+
+def test_resume_settings_refuse_an_added_or_removed_constant_but_not_an_older_file(tmp_path: Path) -> None:
+    _write_settings(tmp_path / "sweep", {"num_samples": 4, "constants": ["data_dir"]})
+    _check_resume_settings(tmp_path / "sweep", {"num_samples": 4, "constants": ["data_dir"]})
+    with pytest.raises(
+        ValueError, match=r"constants: was \['data_dir'\], now \['data_dir', 'seed'\]\).*may change its value"
+    ):
+        _check_resume_settings(tmp_path / "sweep", {"num_samples": 4, "constants": ["data_dir", "seed"]})
+    _write_settings(tmp_path / "old", {"num_samples": 4})  # saved before constants were recorded
+    _check_resume_settings(tmp_path / "old", {"num_samples": 4, "constants": ["data_dir"]})
+
+
+def test_settings_file_goes_through_a_file_uri(tmp_path: Path) -> None:
+    uri = f"file://{tmp_path}/sweep"
+    _write_settings(uri, {"num_samples": 4})
+    assert [p.name for p in (tmp_path / "sweep").iterdir()] == [SETTINGS_FILE]
+    _check_resume_settings(uri, {"num_samples": 4})
+    with pytest.raises(ValueError, match="num_samples: was 4, now 5"):
+        _check_resume_settings(uri, {"num_samples": 5})
 
 
 def test_search_space_description_names_ranges_choices_and_grids_but_not_constants() -> None:
