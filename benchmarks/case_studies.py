@@ -43,9 +43,9 @@ COLD_FOLDERS = {"fashion-mnist": COLD_FOLDER, "char-lm": COLD_LM_FOLDER}
 # `speedup` on Fashion-MNIST and its plain-PyTorch loop, cold, in one call.
 LOOP_FOLDER = "headline/2026-12-05-h200-loop-fashion"
 COMPILED_FOLDER = "headline/2026-12-04-h200-cold"
-WARM_FOLDER = "headline/2026-12-04-h200-warm"  # char-lm: the LM's `speedup` before its attention left cuDNN
-WARM_FASHION_FOLDER = "headline/2026-12-05-h200-warm"
-WARM_FOLDERS = {"fashion-mnist": WARM_FASHION_FOLDER, "char-lm": WARM_FOLDER}
+# Warm beside cold, today's `speedup` on both tasks (two calls on 2026-12-05, one folder).
+WARM_FOLDER = "headline/2026-12-05-h200-warm"
+WARM_FOLDERS = {"fashion-mnist": WARM_FOLDER, "char-lm": WARM_FOLDER}
 ATTENTION_FOLDER = "compile/2026-12-05-h200-attention-charlm"
 CANDIDATES_FOLDER = "compile/2026-12-04-h200-compile-candidates"
 ABLATION_FOLDER = "headline/2026-12-04-h200-ablation-fashion"
@@ -63,7 +63,6 @@ TUNE_CONFIRM_FOLDER = "tune/2026-12-04-h200-tune-confirm-charlm"
 _TODAY = {"speedup": "speedup-autotune", "fashion-mnist:speedup-cudnn-benchmark": "speedup"}
 RECIPE_NAMES: dict[str, dict[str, str]] = {
     COLD_FOLDER: _TODAY,
-    WARM_FOLDER: _TODAY,
     COLD_LM_FOLDER: {"speedup-lm-flash": "speedup"},
     ATTENTION_FOLDER: {"speedup": "speedup-lm-cudagraphs", "speedup-lm-flash": "speedup"},
     COMPILED_FOLDER: {
@@ -106,6 +105,8 @@ QUANT_SPEED = (
     "quantization/2026-11-27-h200-quant-speed.json",
     "quantization/2026-11-27-h200-quant-speed-6b-all.json",
     "quantization/2026-11-27-h200-quant-speed-6b-compiled-onegraph.json",
+    "quantization/2026-12-05-h200-quant-speed-charlm.json",
+    "quantization/2026-12-05-h200-quant-speed-charlm-compiled.json",
 )
 DIST_TTT = (
     "distributed/2026-11-27-h200x2-distributed-charlm-ttt-sockets-b64-dropout03.json",

@@ -93,6 +93,24 @@ def _holder(env: dict[str, str]) -> subprocess.Popen[str]:
     return proc
 
 
+def _write(
+    out: Path, tries: dict[str, list[dict[str, float]]], planned: int, done: int, env: dict[str, object]
+) -> dict[str, dict[str, float]]:
+    medians = {c: {k: statistics.median(t[k] for t in ts) for k in ts[0]} for c, ts in tries.items()}
+    record = {
+        "what": "a fresh process's start by phase (median of the tries), alone and with the GPU held open",
+        "tries_per_configuration": done,
+        "tries_planned": planned,
+        "medians_s": medians,
+        "tries": tries,
+        "command": "python benchmarks/process_startup.py " + " ".join(sys.argv[1:]),
+        "env": env,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    return medians
+
+
 def main() -> None:
     args = tries_and_out(__doc__, 5)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -102,6 +120,7 @@ def main() -> None:
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     configs = ["alone", "gpu-held"] if torch.cuda.is_available() else ["alone"]
+    env_record = environment()
     _one_try(env)  # throw-away: warms the file cache
     tries: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
     for i in range(args.tries):
@@ -114,17 +133,8 @@ def main() -> None:
                     holder.communicate(input="", timeout=60)
             print(f"try {i + 1}/{args.tries} {config}: " + ", ".join(
                 f"{k} {v:.2f} s" for k, v in tries[config][-1].items()), flush=True)  # fmt: skip
-    medians = {c: {k: statistics.median(t[k] for t in ts) for k in ts[0]} for c, ts in tries.items()}
-    record = {
-        "what": "a fresh process's start by phase (median of the tries), alone and with the GPU held open",
-        "tries_per_configuration": args.tries,
-        "medians_s": medians,
-        "tries": tries,
-        "command": "python benchmarks/process_startup.py " + " ".join(sys.argv[1:]),
-        "env": environment(),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+        # Written after every round, so a call's time limit keeps the rounds that finished.
+        medians = _write(args.out, tries, args.tries, i + 1, env_record)
     for config, m in medians.items():
         print(f"{config:9s} " + ", ".join(f"{k} {v:.2f} s" for k, v in m.items()))
 

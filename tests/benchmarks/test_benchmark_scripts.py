@@ -119,7 +119,7 @@ def test_gloo_exit_script(tmp_path: Path) -> None:
     out = tmp_path / "gloo_exit.json"
     _run("gloo_exit.py", "--tries", "1", "--out", str(out))
     record = json.loads(out.read_text())
-    assert record["tries_per_configuration"] == 1
+    assert record["tries_per_configuration"] == record["tries_planned"] == 1
     assert set(record["failed"]) == {
         "collectives/none", "p2p-subgroups/none", "collectives/exit-handler", "p2p-subgroups/exit-handler",
     }  # fmt: skip

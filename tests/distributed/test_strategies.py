@@ -7,7 +7,6 @@ about the algorithms, not float32 rounding.
 from __future__ import annotations
 
 import math
-
 import re
 import warnings
 from collections.abc import Callable, Iterator
