@@ -63,7 +63,8 @@ def build(task: str, args: argparse.Namespace) -> tuple[L.LightningModule, L.Lig
             train_subset=args.fashion_train_subset,
             val_subset=args.fashion_val_subset,
         )
-        return ImageClassifier(optimizer="adam", lr=1e-3), dm
+        width = {"width": 8} if args.smoke else {}  # the smoke test's ResNet-9 is narrow, like its LM
+        return ImageClassifier(optimizer="adam", lr=1e-3, **width), dm
     samples = args.lm_steps * args.lm_batch
     dm = CharLMDataModule(
         text_path(args.text, "--text"),

@@ -134,7 +134,7 @@ class FashionTask(Task):
         data = load_fashion_mnist(args.data_dir)
         self.images = data.train_images.to(DEVICE)  # (60000, 28, 28) uint8
         self.labels = data.train_labels.to(DEVICE)
-        self.batch_size = args.fm_batch_size
+        self.batch_size, self.width = args.fm_batch_size, args.fm_width
         self.pre_steps, self.ft_steps, self.lr = args.fm_pre_steps, args.fm_ft_steps, args.fm_lr
         test_x = self._normalise(data.test_images[: args.fm_eval_images].to(DEVICE))
         test_y = data.test_labels[: args.fm_eval_images].to(DEVICE)
@@ -149,7 +149,7 @@ class FashionTask(Task):
         )  # (B, 1, 28, 28)
 
     def make_model(self, lr: float) -> L.LightningModule:
-        return ImageClassifier(lr=lr)
+        return ImageClassifier(lr=lr, width=self.width)
 
     def train_batches(self, steps: int, seed: int) -> GPUBatches:
         def draw(gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -166,7 +166,7 @@ class CharLMTask(Task):
         corpus = load_text_corpus(text_path(args.text, "--text"))
         self.vocab = corpus.vocab_size
         self.train_ids = corpus.train_ids.to(DEVICE)
-        self.block, self.batch_size = 256, args.lm_batch_size
+        self.block, self.batch_size, self.n_layer = 256, args.lm_batch_size, args.lm_layers
         self.pre_steps, self.ft_steps, self.lr = args.lm_pre_steps, args.lm_ft_steps, args.lm_lr
         val = corpus.val_ids.to(DEVICE)
         n_windows = args.lm_eval_windows
@@ -176,7 +176,7 @@ class CharLMTask(Task):
         self.eval_batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, n_windows, 64)]
 
     def make_model(self, lr: float) -> L.LightningModule:
-        return CharLM(vocab_size=self.vocab, lr=lr)
+        return CharLM(vocab_size=self.vocab, lr=lr, n_layer=self.n_layer)
 
     def train_batches(self, steps: int, seed: int) -> GPUBatches:
         offsets = torch.arange(self.block, device=DEVICE)
@@ -351,6 +351,9 @@ def main() -> None:
     parser.add_argument("--fm-ft-steps", type=int, default=150)
     parser.add_argument("--fm-lr", type=float, default=1e-3)
     parser.add_argument("--fm-eval-images", type=int, default=10000)
+    # The models' sizes: the defaults are the bench's; smaller ones only for a quick plumbing check.
+    parser.add_argument("--fm-width", type=int, default=64, help="ResNet-9 width (the bench's: 64)")
+    parser.add_argument("--lm-layers", type=int, default=6, help="char-LM layers (the bench's: 6)")
     parser.add_argument("--lm-batch-size", type=int, default=64)
     parser.add_argument("--lm-pre-steps", type=int, default=1000)
     parser.add_argument("--lm-ft-steps", type=int, default=250)
