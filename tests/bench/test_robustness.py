@@ -129,11 +129,11 @@ def test_bad_input_is_rejected_before_the_first_run(
     empty.write_text("")
     cases = [
         (["--max-epochs", "0"], "--max-epochs must be >= 1"),
-        (["--time-budget", "-5"], "--time-budget must be >= 0"),
+        (["--time-budget", "-5"], "--time-budget must be a finite number >= 0"),
         (["--train-subset", "0"], "--train-subset must be >= 1"),
         (["--model-arg", "width=-4"], "width=-4: sizes and counts must be >= 1"),
         (["--accelerator", "bogus"], "--accelerator must be one of"),
-        (["--price-per-gpu-hour", "-1"], "--price-per-gpu-hour must be >= 0"),
+        (["--price-per-gpu-hour", "-1"], "--price-per-gpu-hour must be a finite number >= 0"),
         (["--data", str(tmp_path / "nonexistent")], "nonexistent does not exist"),
         (["--data", str(truncated)], "cannot be read"),
     ]

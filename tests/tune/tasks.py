@@ -71,24 +71,6 @@ class TinyMLP(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
-class TensorDataModule(L.LightningDataModule):
-    def __init__(
-        self, tensors: tuple[Tensor, Tensor, Tensor, Tensor], batch_size: int = 128, shuffle: bool = True
-    ) -> None:
-        super().__init__()
-        self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        x, y = self.tensors[0], self.tensors[1]
-        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=self.shuffle)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        x, y = self.tensors[2], self.tensors[3]
-        return DataLoader(TensorDataset(x, y), batch_size=512)
-
-
 class TrainOnlyDataModule(L.LightningDataModule):
     """Training data only: no ``val_dataloader``, so Lightning skips validation (with a warning)."""
 
@@ -102,6 +84,13 @@ class TrainOnlyDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         x, y = self.tensors[0], self.tensors[1]
         return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=self.shuffle)
+
+
+class TensorDataModule(TrainOnlyDataModule):
+    @override
+    def val_dataloader(self) -> DataLoader:
+        x, y = self.tensors[2], self.tensors[3]
+        return DataLoader(TensorDataset(x, y), batch_size=512)
 
 
 def build_mlp(config: dict[str, Any]) -> tuple[L.LightningModule, L.LightningDataModule]:

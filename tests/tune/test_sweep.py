@@ -169,6 +169,25 @@ class _InterruptAfter(tune.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def _interrupted_sweep(
+    space: dict[str, Any], num_samples: int, finished: int, flag: Path, kwargs: dict[str, Any]
+) -> tuple[Any, Any]:
+    """A sweep of ``build_mlp`` interrupted once ``finished`` trials have finished: its results and those trials."""
+    first = tune_lightning(
+        build_mlp,
+        space,
+        "val_acc",
+        "max",
+        num_samples,
+        tune_callbacks=[_InterruptAfter(finished, flag)],
+        **kwargs,
+    )
+    assert not first.complete
+    done = first.dataframe().query("status == 'finished'")
+    assert len(done) == finished
+    return first, done
+
+
 def test_resume_after_interrupt_does_not_rerun_finished_trials(
     ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
@@ -183,18 +202,7 @@ def test_resume_after_interrupt_does_not_rerun_finished_trials(
         searcher="tpe", scheduler=None, seed=0, max_concurrent=1, trainer_kwargs={"max_epochs": 1},
         storage_path=tmp_path / "sweeps", name="resumable", **QUIET,
     )  # fmt: skip
-    first = tune_lightning(
-        build_mlp,
-        space,
-        "val_acc",
-        "max",
-        4,
-        tune_callbacks=[_InterruptAfter(2, tmp_path / "flag")],
-        **kwargs,
-    )
-    assert not first.complete
-    done = first.dataframe().query("status == 'finished'")
-    assert len(done) == 2
+    first, done = _interrupted_sweep(space, 4, 2, tmp_path / "flag", kwargs)
     before = first.history().set_index("trial_id")
 
     with pytest.raises(ValueError, match="already exists"):
@@ -240,18 +248,8 @@ def test_a_resumed_sweep_gives_build_the_current_constants_and_refuses_added_or_
         searcher="random", scheduler=None, seed=0, max_concurrent=1, trainer_kwargs={"max_epochs": 1},
         storage_path=tmp_path / "sweeps", name="moved", **QUIET,
     )  # fmt: skip
-    first = tune_lightning(
-        build_mlp,
-        space,
-        "val_acc",
-        "max",
-        3,
-        tune_callbacks=[_InterruptAfter(1, tmp_path / "flag")],
-        **kwargs,
-    )
-    assert not first.complete
-    done = set(first.dataframe().query("status == 'finished'")["trial_id"])
-    assert len(done) == 1
+    _, finished = _interrupted_sweep(space, 3, 1, tmp_path / "flag", kwargs)
+    done = set(finished["trial_id"])
 
     constants = r"constants: was \['data_dir', 'marker_dir', 'n_train', 'n_val'\], now "
     with pytest.raises(
