@@ -76,7 +76,9 @@ def check_bool(name: str, value: object, prefix: str = "") -> bool:
     return value
 
 
-def check_float(name: str, value: object, minimum: float, *, above: bool = True, prefix: str = "") -> float:
+def check_float(
+    name: str, value: object, minimum: float, *, above: bool = True, prefix: str = "", hint: str = ""
+) -> float:
     """Return ``value`` as a float if it is a finite real number ``> minimum`` (``>= minimum`` with
     ``above=False``): NaN passes every comparison-based check and infinity is no setting."""
     import math
@@ -84,5 +86,8 @@ def check_float(name: str, value: object, minimum: float, *, above: bool = True,
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or (value <= minimum if above else value < minimum):  # type: ignore[operator]
         bound = ">" if above else ">="
-        raise ValueError(f"{prefix}{name} must be a finite number {bound} {minimum:g}, got {value!r}.")
+        advice = f" {hint}" if hint else ""
+        raise ValueError(
+            f"{prefix}{name} must be a finite number {bound} {minimum:g}, got {value!r}.{advice}"
+        )
     return float(value)  # type: ignore[arg-type]

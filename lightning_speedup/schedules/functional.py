@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lightning_speedup._validation import check_float
+
 AnnealStrategy = Literal["cos", "linear"]
 DecayShape = Literal["linear", "cosine", "1-sqrt"]
 SelectionRule = Literal["minimum", "valley", "steepest"]
@@ -46,9 +48,7 @@ def _is_real(x: object) -> bool:
 
 def check_positive(name: str, value: object, hint: str = "") -> float:
     """Return ``value`` as a float if it is a finite real number > 0, else raise ``ValueError``."""
-    if not _is_real(value) or not math.isfinite(value) or value <= 0:  # type: ignore[operator, arg-type]
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.{' ' + hint if hint else ''}")
-    return float(value)  # type: ignore[arg-type]
+    return check_float(name, value, 0, hint=hint)
 
 
 def check_fraction(name: str, value: object, *, low_open: bool, high_open: bool, hint: str = "") -> float:
