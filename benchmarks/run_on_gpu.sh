@@ -255,6 +255,15 @@ set_compile_candidates() {
     --recipe speedup-regional --seeds 2 --out "$WORK/compile-warm"
 }
 
+# Regional compilation from the artifacts a throw-away run saved (--cache warm), on both tasks, 2 seeds each: the
+# cold side of the comparison is in the compile-candidates and compile-charlm folders.
+set_compile_warm() {
+  job compile-warm-fashion 0 lightning-speedup bench --time-budget "$(($(budget) - 150))" --task fashion-mnist \
+    --cache warm --recipe speedup-regional --seeds 2 --resume --out "$WORK/compile-warm-fashion"
+  job compile-warm-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm \
+    --cache warm --recipe speedup-regional --seeds 2 --resume --out "$WORK/compile-warm-charlm"
+}
+
 # Recipe sweeps by time to target with fractional GPUs (4 trials share the GPU): the GPU tests of the tuner,
 # then a Bayesian sweep of the `speedup` recipe beside a random one with the same budget, on $TUNE_TASK (char-lm
 # by default, or fashion-mnist). Ray and Optuna come from the carried wheels (benchmarks/gpu_wheels.py builds
@@ -268,7 +277,8 @@ set_tune() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  if ! grep -qs 'errors="0" failures="0"' "$WORK/tune-gpu-tests.xml"; then
+  # TUNE_TESTS=0 skips them (they passed on an H200 on 2026-12-04) where the call's minutes are for the sweeps.
+  if [ "${TUNE_TESTS:-1}" != 0 ] && ! grep -qs 'errors="0" failures="0"' "$WORK/tune-gpu-tests.xml"; then
     # (tests/tune/test_notebook.py needs nbformat, which the GPU image lacks; it has no GPU test.)
     job tune-gpu-tests 0 python -m pytest -q -p no:cacheprovider -m gpu tests/tune/test_sweep.py tests/tune/test_units.py \
       --junitxml="$WORK/tune-gpu-tests.xml"
