@@ -277,15 +277,14 @@ set_tune() {
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  # TUNE_TESTS=0 skips them (they passed on an H200 on 2026-12-04) where the call's minutes are for the sweeps.
+  # TUNE_TESTS=0 skips them where a call's minutes are for the sweeps.
   if [ "${TUNE_TESTS:-1}" != 0 ] && ! grep -qs 'errors="0" failures="0"' "$WORK/tune-gpu-tests.xml"; then
     # (tests/tune/test_notebook.py needs nbformat, which the GPU image lacks; it has no GPU test.)
     job tune-gpu-tests 0 python -m pytest -q -p no:cacheprovider -m gpu tests/tune/test_sweep.py tests/tune/test_units.py \
       --junitxml="$WORK/tune-gpu-tests.xml"
   fi
   # TUNE_RESUME_FROM=<a committed result file> continues its sweeps (same settings) instead of starting afresh,
-  # e.g. TUNE_SAMPLES=10 TUNE_RESUME_FROM=benchmarks/results/tune/2026-12-04-h200-tune-recipe-charlm.json runs
-  # only the random sweep that the first GPU call had no time for.
+  # e.g. with a file whose Bayesian sweep ran (and TUNE_SAMPLES as it ran), only the missing random sweep runs.
   if [ -n "${TUNE_RESUME_FROM:-}" ] && [ ! -f "$WORK/tune_recipe_$key.json" ]; then
     cp "$TUNE_RESUME_FROM" "$WORK/tune_recipe_$key.json"
   fi

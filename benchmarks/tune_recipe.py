@@ -593,19 +593,29 @@ def first_trial(trials: Sequence[dict[str, Any]], hit: Callable[[dict[str, Any]]
     return next((t["trial"] for t in trials if hit(t)), None)
 
 
+def sweep_gpus(sweeps: Sequence[dict[str, Any]]) -> list[str]:
+    """The GPUs the sweeps ran on, sorted (none for CPU sweeps)."""
+    return sorted({sw["gpu"] for sw in sweeps if sw.get("gpu")})
+
+
 def trials_to_target(
     sweeps: Sequence[dict[str, Any]], searchers: Sequence[str], num_samples: int, near_best: float
 ) -> dict[str, Any]:
     """Per searcher: per seed, the trials until one reached the target and until one came within
     ``near_best`` of the fastest time any sweep found (num_samples + 1 where none did), their medians and
     how many sweeps got there."""
+    gpus = sweep_gpus(sweeps)
+    # Times from different GPUs do not compare: sweeps resumed on another GPU keep 'reach' (a metric threshold)
+    # and leave 'near best' (a fraction of the fastest time) out.
+    comparable = len(gpus) <= 1
     times = [
         t["time_to_target_s"] for sw in sweeps for t in sw["trials"] if t["time_to_target_s"] is not None
     ]
-    fastest = min(times) if times else None
+    fastest = min(times) if times and comparable else None
     bar = fastest * (1 + near_best) if fastest is not None else None
     out: dict[str, Any] = {"fastest_time_to_target_s": fastest, "near_best": near_best, "near_best_s": bar,
-                           "censored_at": num_samples + 1}  # fmt: skip
+                           "censored_at": num_samples + 1, "gpus": gpus,
+                           "times_comparable": comparable}  # fmt: skip
     for searcher in searchers:
         row: dict[str, Any] = {}
         own = [sw for sw in sweeps if sw["searcher"] == searcher]
@@ -614,6 +624,9 @@ def trials_to_target(
             ("near_best", lambda t: bar is not None and t["time_to_target_s"] is not None
              and t["time_to_target_s"] <= bar),
         ):  # fmt: skip
+            if key == "near_best" and not comparable:
+                row.update(near_best=None, near_best_median=None, near_best_got_there=None)
+                continue
             counts = [first_trial(sw["trials"], hit) for sw in own]
             censored = [c if c is not None else num_samples + 1 for c in counts]
             row[key] = censored
@@ -761,11 +774,15 @@ def print_summary(result: dict[str, Any], out: Path) -> None:
         f"'near best' = the first within {ttt['near_best']:.0%} of the fastest time to target "
         f"({_fmt(ttt['fastest_time_to_target_s'])} s)"
     )
+    if not ttt["times_comparable"]:
+        print(f"  (the sweeps ran on different GPUs, {' and '.join(ttt['gpus'])}: their times do not compare, so "
+              "'near best' is left out)")  # fmt: skip
     print(f"{'searcher':>8} {'reach':>6} {'got there':>10} {'near best':>10} {'got there':>10}")
     for searcher in result["settings"]["searchers"]:
         row, n = ttt[searcher], len(ttt[searcher]["seeds"])
+        near = "-" if row["near_best_got_there"] is None else f"{row['near_best_got_there']}/{n}"
         print(f"{searcher:>8} {_fmt(row['reach_median']):>6} {row['reach_got_there']:>6}/{n:<3} "
-              f"{_fmt(row['near_best_median']):>10} {row['near_best_got_there']:>6}/{n:<3}")  # fmt: skip
+              f"{_fmt(row['near_best_median']):>10} {near:>10}")  # fmt: skip
     best = result["best"]
     if best is None:
         print("\nno trial reported a result; see the errors in the JSON")
@@ -876,6 +893,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="RESULT_JSON",
         help="no sweep: write --recipe-out from the best config of this result file",
     )
+    p.add_argument(
+        "--from-searcher",
+        default=None,
+        metavar="SEARCHER",
+        help="with --from-result: the best config of this searcher's sweeps (e.g. bayes) instead of the best of all",
+    )
     return p
 
 
@@ -910,6 +933,14 @@ def from_result(args: argparse.Namespace, argv: Sequence[str]) -> None:
         raise ValueError(
             f"--from-result {path} is not a result file of tune_recipe.py; pass the JSON of --out."
         )
+    if args.from_searcher is not None:
+        own = [sw for sw in result.get("sweeps", []) if sw.get("searcher") == args.from_searcher]
+        if not own:
+            ran = sorted({sw.get("searcher") for sw in result.get("sweeps", [])})
+            raise ValueError(
+                f"--from-searcher {args.from_searcher!r}: {path} has no sweep of it; its searchers: {ran}."
+            )
+        result = {**result, "best": overall_best(own)}
     write_recipe_file(result, args, path, argv)
 
 
@@ -937,6 +968,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = {(sw["searcher"], sw["seed"]) for sw in sweeps}
     if done:
         print(f"--resume: keeping the finished sweeps {sorted(done)} of {args.out}", flush=True)
+        here = torch.cuda.get_device_name(0) if args.device == "gpu" and torch.cuda.is_available() else None
+        elsewhere = [g for g in sweep_gpus(sweeps) if g != here]
+        if here is not None and elsewhere:
+            print(
+                f"--resume: the kept sweeps ran on {', '.join(elsewhere)} and this one runs on {here}: trials to "
+                "the target still compare, times (the 'near best' count, which sweep's best is fastest) do not",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
 
     from lightning_speedup.tune import init_ray
 

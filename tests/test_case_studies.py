@@ -192,9 +192,16 @@ def test_ablation_lists_each_step_and_what_did_not_run() -> None:
 
 def test_tune_block_reports_the_sweep_and_the_cold_verdict(results_copy: Path) -> None:
     text = cs.tune_block(results_copy, 4.54)
-    assert "| bayes, seed 0 | 10 | 2 | 60.5 s (trial 7) | 128, 1.21e-03, 60, 0.185 |" in text
-    assert "| random, seed 0 | not run (time budget) |" in text
+    assert (
+        "| bayes, seed 0 | NVIDIA H200, 2026-12-04 | 10 | 0 | 2 | 1 | 60.5 s (trial 7) | 128, 1.21e-03, 60, 0.185 |"
+        in text
+    )
+    assert (
+        "| random, seed 0 | NVIDIA H100 80GB HBM3, 2026-12-05 | 10 | 2 | 3 | 4 | 23.3 s (trial 9) |" in text
+    )
+    assert "so their times do not compare: only the trials to the target" in text
     assert "`speedup` 20.2 s (19.0-20.5); `speedup-tuned` 22.0 s (20.9-22.3)" in text
+    assert "Cold, alone on one NVIDIA H200 (2026-12-04), 3 seeds" in text and "--from-searcher bayes" in text
     assert "not faster than the hand-picked recipe, which stays (0.92x)" in text
     # Were the tuned recipe faster, the report would say it replaces the hand-picked one.
     _rewrite(
@@ -238,3 +245,16 @@ def test_inference_speed_rows_of_the_char_lm_preset(
     row = next(line for line in cs.inference_speed_block(results_copy).splitlines() if "| bf16 |" in line)
     assert row.startswith("| char-LM GPT 10.7M, eager, CUDA graphs | bf16 | 20.0 MiB |"), row
     assert "| 3.0 MiB |" in row and "`python benchmarks/quant_speed.py --model char-lm --repeats 5`" in row
+
+
+def test_the_second_corpus_reports_each_seed_and_the_goal(results_copy: Path) -> None:
+    text = cs.second_corpus_block(results_copy, 4.54)
+    assert "| `baseline` | 120.3 s (105.0-122.4) | 1.00x | 1.1957, 1.1985, 1.1969 | 53, 62, 61 |" in text
+    assert "| `speedup` | not reached (1 of 3 runs) | - | 1.2004, 1.2008, 1.1996 | 40, 40, 39 |" in text
+    assert "**not met**: `speedup` reached the target in 1 of 3 runs; the other 2 ended" in text
+    assert "reached val loss 1.1703; + 0.02, rounded up to 0.01, is 1.20" in text
+    assert "One NVIDIA H100 80GB HBM3 (not the H200" in text
+    # Had every `speedup` run reached the target at its seed 2 pace, the goal would be met.
+    runs = (results_copy / cs.SECOND_CORPUS_FOLDER / "second-corpus" / "runs").glob("speedup-seed*.json")
+    _rewrite(runs, lambda run: run.update(reached=True, time_to_target_s=18.9))
+    assert f"is **met**: {120.29375005100019 / 18.9:.2f}x" in cs.second_corpus_block(results_copy, 4.54)

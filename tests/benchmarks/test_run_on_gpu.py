@@ -15,6 +15,7 @@ SETS = {
     "tests",
     "pipeline",
     "cold-fashion",
+    "compile-warm",
     "cold-charlm",
     "loop-fashion",
     "attention-charlm",

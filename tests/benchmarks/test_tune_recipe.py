@@ -252,3 +252,32 @@ def test_asha_sweep_records_its_scheduler_and_resumes_only_with_it(
         tr.main([*argv, "--resume", "--compare-random"])
     assert exit_info.value.code == 2
     assert "ran with other settings (scheduler: {'scheduler': 'asha'})" in capsys.readouterr().err
+
+
+def _sweep(searcher: str, gpu: str | None, times: list[float | None]) -> dict:
+    trials = [{"trial": i + 1, "reached": t is not None, "time_to_target_s": t} for i, t in enumerate(times)]
+    return {"searcher": searcher, "seed": 0, "gpu": gpu, "trials": trials}
+
+
+def test_trials_to_target_leaves_near_best_out_when_the_sweeps_ran_on_different_gpus(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    same = [_sweep("bayes", "H200", [None, 60.0, 61.0]), _sweep("random", "H200", [None, None, 30.0])]
+    ttt = tr.trials_to_target(same, ["bayes", "random"], 3, 0.1)
+    assert ttt["times_comparable"] and ttt["gpus"] == ["H200"] and ttt["fastest_time_to_target_s"] == 30.0
+    assert (ttt["bayes"]["reach"], ttt["bayes"]["near_best"]) == ([2], [4])  # never within 10% of 30 s
+    assert (ttt["random"]["reach"], ttt["random"]["near_best"]) == ([3], [3])
+
+    mixed = [same[0], {**same[1], "gpu": "H100"}]
+    ttt = tr.trials_to_target(mixed, ["bayes", "random"], 3, 0.1)
+    assert not ttt["times_comparable"] and ttt["gpus"] == ["H100", "H200"]
+    assert ttt["fastest_time_to_target_s"] is None and ttt["near_best_s"] is None
+    assert (ttt["bayes"]["reach"], ttt["random"]["reach"]) == ([2], [3])  # a metric threshold still compares
+    for searcher in ("bayes", "random"):
+        assert ttt[searcher]["near_best"] is None and ttt[searcher]["near_best_got_there"] is None
+    result = {"trials_to_target": ttt, "metric": "val_loss", "mode": "min", "target": 1.47,
+              "settings": {"searchers": ["bayes", "random"]}, "best": None}  # fmt: skip
+    tr.print_summary(result, Path("out.json"))
+    out = capsys.readouterr().out
+    assert "ran on different GPUs, H100 and H200" in out
+    assert re.search(r"random\s+3\s+1/1\s+-\s+-", out)

@@ -188,3 +188,49 @@ def test_a_callback_factory_without_a_name_is_refused(
         tr.main(["--task", "char-lm", "--recipe", "tmp-unnamed-callbacks", "--device", "cpu", "--smoke",
                  "--out", str(tmp_path / "r.json"), "--recipe-out", str(out)])  # fmt: skip
     assert "--recipe-out: recipe 'tmp-unnamed-callbacks' has callback factories" in capsys.readouterr().err
+
+
+def test_from_searcher_writes_that_searchers_best_and_refuses_one_that_did_not_sweep(
+    tmp_path: Path, forget_tuned: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = _result()
+    bayes_cfg, random_cfg = CONFIG, {**CONFIG, "batch_size": 64, "epochs": 43}
+    result["sweeps"] = [
+        {"searcher": "bayes", "seed": 1, "date": "2026-12-04T16:00:00+0000",
+         "best": {"trial": 7, "config": bayes_cfg, "reached": True, "time_to_target_s": 61.25}},
+        {"searcher": "random", "seed": 1, "date": "2026-12-05T12:00:00+0000",
+         "best": {"trial": 9, "config": random_cfg, "reached": True, "time_to_target_s": 23.3}},
+    ]  # fmt: skip
+    result["best"] = {"searcher": "random", "seed": 1, **result["sweeps"][1]["best"]}  # the fastest of all
+    path = _write_result(tmp_path, result)
+    for searcher, batch, date in (("bayes", 256, "2026-12-04T16:00"), ("random", 64, "2026-12-05T12:00")):
+        out = tmp_path / f"{searcher}.py"
+        argv = [
+            "--task",
+            "char-lm",
+            "--from-result",
+            str(path),
+            "--from-searcher",
+            searcher,
+            "--recipe-out",
+            str(out),
+        ]
+        assert tr.main(argv) == 0
+        source = out.read_text()
+        assert f"batch_size={batch}" in source and f"{searcher} sweep, seed 1" in source and date in source
+    with pytest.raises(SystemExit) as exc:
+        tr.main(
+            [
+                "--task",
+                "char-lm",
+                "--from-result",
+                str(path),
+                "--from-searcher",
+                "tpe",
+                "--recipe-out",
+                "x.py",
+            ]
+        )
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--from-searcher 'tpe': " in err and "its searchers: ['bayes', 'random']" in err
