@@ -27,6 +27,9 @@ OLDEST_TESTS ?= tests/test_compat.py tests/schedules tests/test_metrics.py tests
 TORCH_OLDEST ?= 2.10.0
 TORCH_OLDEST_VENV ?= .venv-torch-oldest
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# Test processes (pytest-xdist): most tests wait on imports and child processes, so two share even two cores
+# well; PYTEST_WORKERS=0 runs the suite in this process.
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-lightning-oldest test-torch-oldest lint venv torch install install-dev data clean
@@ -81,7 +84,7 @@ demo: install data
 	$(VENV)/bin/lightning-speedup demo
 
 test: install-dev
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The whole suite against the oldest supported torch (a CUDA build from PyPI), in a venv of its own.
 test-torch-oldest:
