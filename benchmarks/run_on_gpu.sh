@@ -285,6 +285,9 @@ set_tune() {
   fi
   # TUNE_RESUME_FROM=<a committed result file> continues its sweeps (same settings) instead of starting afresh,
   # e.g. with a file whose Bayesian sweep ran (and TUNE_SAMPLES as it ran), only the missing random sweep runs.
+  # Trials' DataLoader workers pass batches through /dev/shm; two trials of the random sweep on 2026-12-05 failed
+  # when their workers exited, cause unknown: its size goes into the log.
+  echo "/dev/shm: $(df -h /dev/shm 2>&1 | tail -n 1)" | tee "$WORK/shm.txt"
   if [ -n "${TUNE_RESUME_FROM:-}" ] && [ ! -f "$WORK/tune_recipe_$key.json" ]; then
     cp "$TUNE_RESUME_FROM" "$WORK/tune_recipe_$key.json"
   fi

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_speedup._validation import check_int
 from lightning_speedup.compile.core import (
     MODES,
     SDPA_BACKENDS,
@@ -105,8 +106,7 @@ class Compile(Callback):
             )
         if mode not in MODES:
             raise ValueError(f"Compile(mode={mode!r}): torch.compile's modes are {list(MODES)}.")
-        if isinstance(measure_steps, bool) or not isinstance(measure_steps, int) or measure_steps < 1:
-            raise ValueError(f"Compile(measure_steps={measure_steps!r}) must be a positive integer.")
+        check_int("measure_steps", measure_steps, 1, "steps timed per variant", prefix="Compile: ")
         if regions is not None and (isinstance(regions, str) or not all(isinstance(r, str) for r in regions)):
             raise ValueError(f"Compile(regions={regions!r}) must be a list of class names, e.g. ['Block'].")
         if regions is not None and scope != "regional":
@@ -265,14 +265,13 @@ class EagerCUDAGraphs(Callback):
             raise ValueError(
                 f"EagerCUDAGraphs(module_attr={module_attr!r}) must name an attribute, e.g. 'net'."
             )
-        if (
-            isinstance(num_warmup_iters, bool)
-            or not isinstance(num_warmup_iters, int)
-            or num_warmup_iters < 1
-        ):
-            raise ValueError(
-                f"EagerCUDAGraphs(num_warmup_iters={num_warmup_iters!r}) must be an integer, at least 1."
-            )
+        check_int(
+            "num_warmup_iters",
+            num_warmup_iters,
+            1,
+            "eager steps before the capture",
+            prefix="EagerCUDAGraphs: ",
+        )
         self.module_attr = module_attr
         self.num_warmup_iters = num_warmup_iters
         self.graphed = False
