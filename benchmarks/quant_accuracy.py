@@ -50,6 +50,7 @@ from lightning_speedup.bench.datasets import (
     load_text_corpus,
 )
 from lightning_speedup.bench.env import device_label, environment
+from lightning_speedup.bench.models import GPTConfig
 from lightning_speedup.bench.modules import CharLM, ImageClassifier
 from lightning_speedup.quantization import QATPrecision, convert, evaluate, quantize, quantized_layers
 from lightning_speedup.quantization.report import recovered_share
@@ -166,7 +167,7 @@ class CharLMTask(Task):
         corpus = load_text_corpus(text_path(args.text, "--text"))
         self.vocab = corpus.vocab_size
         self.train_ids = corpus.train_ids.to(DEVICE)
-        self.block, self.batch_size, self.n_layer = 256, args.lm_batch_size, args.lm_layers
+        self.block, self.batch_size, self.n_layer = args.lm_context, args.lm_batch_size, args.lm_layers
         self.pre_steps, self.ft_steps, self.lr = args.lm_pre_steps, args.lm_ft_steps, args.lm_lr
         val = corpus.val_ids.to(DEVICE)
         n_windows = args.lm_eval_windows
@@ -354,6 +355,12 @@ def main() -> None:
     # The models' sizes: the defaults are the bench's; smaller ones only for a quick plumbing check.
     parser.add_argument("--fm-width", type=int, default=64, help="ResNet-9 width (the bench's: 64)")
     parser.add_argument("--lm-layers", type=int, default=6, help="char-LM layers (the bench's: 6)")
+    parser.add_argument(
+        "--lm-context",
+        type=int,
+        default=256,
+        help="tokens per training and evaluation window (the bench's: 256)",
+    )
     parser.add_argument("--lm-batch-size", type=int, default=64)
     parser.add_argument("--lm-pre-steps", type=int, default=1000)
     parser.add_argument("--lm-ft-steps", type=int, default=250)
@@ -363,6 +370,10 @@ def main() -> None:
         "--accelerator", default="gpu", choices=["gpu", "cpu"], help="'cpu' only for a plumbing check"
     )
     args = parser.parse_args()
+    if not 2 <= args.lm_context <= GPTConfig().block_size:
+        parser.error(
+            f"--lm-context must be 2-{GPTConfig().block_size} tokens (the model's context), got {args.lm_context}."
+        )
     global DEVICE
     DEVICE = "cuda" if args.accelerator == "gpu" else "cpu"
     if DEVICE == "cuda" and not torch.cuda.is_available():

@@ -109,11 +109,14 @@ def test_quant_scripts(fashion_mnist_dir: Path, shakespeare_path: Path, tmp_path
         "quant_accuracy.py", "--accelerator", "cpu", "--seeds", "0", "--formats", "int8", "nf4-b4096-lsq", "w4a8-lsq",
         "--fm-pre-steps", "2", "--fm-ft-steps", "2", "--fm-eval-images", "64", "--fm-batch-size", "16",
         "--lm-batch-size", "4", "--lm-pre-steps", "2", "--lm-ft-steps", "2", "--lm-eval-windows", "4",
-        "--fm-width", "8", "--lm-layers", "1",
+        "--fm-width", "8", "--lm-layers", "1", "--lm-context", "32",
         "--data-dir", str(fashion_mnist_dir), "--text", str(shakespeare_path), "--out", str(acc),
     )  # fmt: skip
     record = json.loads(acc.read_text())
     assert set(record["summary"]) == {"fashion-mnist", "char-lm"} and "goals" in record
+    assert record["args"]["lm_context"] == 32
+    with pytest.raises(AssertionError, match="--lm-context must be 2-256 tokens"):
+        _run("quant_accuracy.py", "--accelerator", "cpu", "--lm-context", "512")
 
 
 def test_gloo_exit_script(tmp_path: Path) -> None:
