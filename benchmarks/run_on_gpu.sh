@@ -43,7 +43,9 @@ pack() {
     echo "=== $(basename "$f")"
     grep -v -i -E "warning|warn\(|^\s*$" "$f" | tail -n "${TAIL_LINES:-16}"
   done
-  [ -n "${OUT:-}" ] && tar czf "$OUT/results.tgz" --exclude="*.ckpt" --exclude="*.pt" -C "$(dirname "$WORK")" "$(basename "$WORK")"
+  if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/results.tgz" --exclude="*.ckpt" --exclude="*.pt" -C "$(dirname "$WORK")" "$(basename "$WORK")"
+  fi
 }
 
 # --- job sets ---------------------------------------------------------------------------------
@@ -226,15 +228,20 @@ set_second_corpus() {
     --out "$WORK/second-corpus"
 }
 
-# The ablation ladders, cold, one task per call (--resume continues a folder a call's limit cut short).
-set_ablation_fashion() {
-  job ablation-fashion 0 lightning-speedup bench --time-budget "$(budget)" --task fashion-mnist --ablation \
-    --cache cold --seeds "${ABLATION_SEEDS:-1}" --resume --out "$WORK/ablation-fashion"
+# The ablation ladders, cold, one task per call (--resume continues a folder a call's limit cut short). A ladder is
+# 17-19 recipes, so 3 seeds take longer than a session's device time: ABLATION_FROM=<the folder an earlier call
+# brought back, carried in the working tree> continues it on a fresh machine (the report flags runs from different
+# machines).
+_ablation() {
+  local task=$1 key=$2
+  if [ -n "${ABLATION_FROM:-}" ] && [ ! -d "$WORK/ablation-$key" ]; then
+    cp -r "$ABLATION_FROM" "$WORK/ablation-$key" || return
+  fi
+  job "ablation-$key" 0 lightning-speedup bench --time-budget "$(budget)" --task "$task" --ablation \
+    --cache cold --seeds "${ABLATION_SEEDS:-1}" --resume --out "$WORK/ablation-$key"
 }
-set_ablation_charlm() {
-  job ablation-charlm 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --ablation \
-    --cache cold --seeds "${ABLATION_SEEDS:-1}" --resume --out "$WORK/ablation-charlm"
-}
+set_ablation_fashion() { _ablation fashion-mnist fashion; }
+set_ablation_charlm() { _ablation char-lm charlm; }
 
 # Compile and CUDA-graph candidates on Fashion-MNIST (all with cuDNN benchmark mode), cold, 3 seeds; then the
 # plain-PyTorch loop of `speedup-eager-step` and of `speedup-autotune` (3 seeds each, each its own process) for the

@@ -55,3 +55,29 @@ def test_an_unknown_set_is_refused_with_the_choices(tmp_path: Path) -> None:
     assert "unknown job set 'round7'; choose one of:" in out.stderr
     assert "gpu-data" in out.stderr
     assert not list(tmp_path.glob("*.log"))  # nothing ran
+
+
+def test_ablation_from_continues_an_earlier_folder(tmp_path: Path) -> None:
+    """ABLATION_FROM copies an earlier call's ladder into $WORK, and the bench resumes it there."""
+    bin_dir, work, earlier = tmp_path / "bin", tmp_path / "work", tmp_path / "earlier"
+    bin_dir.mkdir()
+    (earlier / "runs").mkdir(parents=True)
+    (earlier / "runs" / "baseline-seed0.json").write_text("{}")
+    stub = bin_dir / "lightning-speedup"  # records its arguments and what its --out folder held
+    stub.write_text('#!/bin/sh\necho "$@" > "$WORK/args"\nls "$WORK/ablation-charlm/runs" > "$WORK/held"\n')
+    stub.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "WORK": str(work),
+        "ABLATION_FROM": str(earlier),
+    }
+    done = subprocess.run(  # in an empty folder: no wheels or project for device_env.sh to install
+        ["bash", str(RUNNER), "ablation-charlm", "120"], capture_output=True, text=True, timeout=30, env=env,
+        cwd=bin_dir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr  # without $OUT too (nothing to pack into)
+    args = (work / "args").read_text()
+    assert "--task char-lm --ablation --cache cold --seeds 1 --resume" in args
+    assert args.rstrip().endswith(f"--out {work}/ablation-charlm")
+    assert (work / "held").read_text().split() == ["baseline-seed0.json"]
