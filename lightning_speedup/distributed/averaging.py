@@ -114,25 +114,46 @@ def _ddp_keyword_defaults() -> dict[str, Any]:
     return defaults
 
 
-def check_ddp_kwargs(owner: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _own_arguments(cls: type) -> list[str]:
+    """Keyword arguments of ``cls.__init__`` and of its bases' up to ``DDPStrategy`` (a strategy's own settings)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if klass is DDPStrategy or not issubclass(klass, DDPStrategy):
+            break
+        for name, param in inspect.signature(klass.__init__).parameters.items():
+            if name != "self" and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                names.append(name)
+    return names
+
+
+def check_ddp_kwargs(owner: str | type, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Return ``kwargs`` without the DDP arguments left at their defaults; raise for names DDP does not take.
 
     LightningCLI (jsonargparse) passes every DDP argument it finds in the signatures, at its default; those
     mean "not set" and are dropped. DDPStrategy forwards unknown keywords to ``DistributedDataParallel``,
     which would reject them only inside a worker at ``fit``; checking here makes a typo fail at construction.
+    Given the strategy class as ``owner``, the closest name is looked up among its own arguments too (a
+    ``compression=`` given to a strategy that takes ``compress=``).
     """
     defaults = _ddp_keyword_defaults()
+    own = _own_arguments(owner) if isinstance(owner, type) else []
+    name = owner.__name__ if isinstance(owner, type) else owner
     unknown = sorted(k for k in kwargs if k not in defaults)
     if unknown:
         hints = [
             f"{k!r} (did you mean {close[0]!r}?)"
-            if (close := difflib.get_close_matches(k, list(defaults), n=1))
+            if (
+                close := difflib.get_close_matches(k, own, n=1)
+                or difflib.get_close_matches(k, list(defaults), n=1)
+            )
             else repr(k)
             for k in unknown
         ]
+        settings = [n for n in own if n not in defaults]
+        takes = f" ({', '.join(settings)})" if settings else ""
         raise ValueError(
-            f"{owner} got unknown keyword arguments {', '.join(hints)}; it takes its own arguments and those of "
-            "DDPStrategy / DistributedDataParallel."
+            f"{name} got unknown keyword arguments {', '.join(hints)}; it takes its own arguments{takes} and those "
+            "of DDPStrategy / DistributedDataParallel."
         )
     return {k: v for k, v in kwargs.items() if not _is_default(v, defaults[k])}
 
@@ -196,7 +217,7 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
         check_bool("log_metrics", log_metrics)
         check_int("consensus_every", consensus_every, 0, "0 = off")
         flat = hierarchical is False or (not isinstance(hierarchical, bool) and hierarchical == 1)
-        ddp_kwargs = check_ddp_kwargs(type(self).__name__, ddp_kwargs)
+        ddp_kwargs = check_ddp_kwargs(type(self), ddp_kwargs)
         if ddp_kwargs and flat:
             raise ValueError(
                 f"{type(self).__name__} does not wrap the model in DistributedDataParallel, so DDP arguments "
@@ -248,6 +269,9 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
     def on_train_start(self) -> None:
         super().on_train_start()
         trainer = self.lightning_module.trainer
+        # The loops are restored by now: a checkpoint of another strategy (DDP) or without this strategy's state
+        # resumes at its global step, and the schedule continues from there rather than from 0.
+        self._step = trainer.global_step
         total = run_total_steps(trainer)
         reason = None if total is None else self._inactive_reason(total, trainer.global_step)
         if reason:
@@ -329,7 +353,10 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
             pad_to=self._comm.num_shards,
         )
         self._timer = CommTimer(self.root_device)
-        self._step = 0
+        # The schedule (sync_every, warmup_steps, gossip rounds) counts the trainer's optimizer steps: a second
+        # trainer.fit on the same Trainer continues it rather than starting over (a resume sets it from the
+        # checkpoint).
+        self._step = trainer.global_step
         self._in_consensus = True
         self._broadcast_from_rank_zero(module)
         self._on_setup()

@@ -114,7 +114,9 @@ class CompressedDDPStrategy(CleanExitDDPStrategy):
                            ("cuda_graphs", cuda_graphs), ("log_metrics", log_metrics),
                            ("gradient_as_bucket_view", gradient_as_bucket_view)):  # fmt: skip
             check_bool(name, flag)
-        kwargs = check_ddp_kwargs(type(self).__name__, kwargs)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed (of PowerSGD's random initial Q) must be an int, got {seed!r}.")
+        kwargs = check_ddp_kwargs(type(self), kwargs)
         clashing = sorted(
             k
             for k in ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
@@ -140,6 +142,7 @@ class CompressedDDPStrategy(CleanExitDDPStrategy):
         self._hook_state: LowPrecisionState | PowerSGDState | None = None
         self._resume: dict[str, Any] | None = None
         self._bytes_reported = 0
+        self._hook_state_loaded = False
 
     @override
     def _register_ddp_hooks(self) -> None:
@@ -167,13 +170,20 @@ class CompressedDDPStrategy(CleanExitDDPStrategy):
             self._hook_state = LowPrecisionState(self.compression)
             self.model.register_comm_hook(self._hook_state, low_precision_hook)
         self._bytes_reported = 0
+        self._hook_state_loaded = False
 
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
         if self.compression != "powersgd":
             return
-        total = run_total_steps(self.lightning_module.trainer)
+        trainer = self.lightning_module.trainer
+        if isinstance(self._hook_state, PowerSGDState) and not self._hook_state_loaded:
+            # start_iter counts the trainer's optimizer steps (one hook call each): a second fit on the same
+            # Trainer, or a resume from a checkpoint without PowerSGD state (a DDP run's), goes on from there
+            # instead of running start_iter more fp32 steps. (A PowerSGD checkpoint sets it when loaded.)
+            self._hook_state.iteration = trainer.global_step
+        total = run_total_steps(trainer)
         if total is not None and total <= self.start_iter:
             rank_zero_warn(
                 f"CompressedDDPStrategy(compression='powersgd') will not act in this run: it all-reduces in fp32 "
@@ -232,6 +242,7 @@ class CompressedDDPStrategy(CleanExitDDPStrategy):
             )
             return
         self._hook_state.load_state_dict(resume["ranks"][self.global_rank])
+        self._hook_state_loaded = True
 
     @classmethod
     @override

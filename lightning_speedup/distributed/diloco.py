@@ -101,6 +101,7 @@ class DiLoCoStrategy(ParameterAveragingStrategy):
             )
         lr = PAPER_OUTER_LR if outer_lr is None else outer_lr
         momentum = PAPER_OUTER_MOMENTUM if outer_momentum is None else outer_momentum
+        momentum = check_float("outer_momentum", momentum, 0, above=False, hint="Use a value in [0, 1).")
         use_nesterov = (momentum > 0) if nesterov is None else nesterov
         lr = check_float("outer_lr", lr, 0)
         if nesterov is not None:

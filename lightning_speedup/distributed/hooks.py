@@ -273,19 +273,25 @@ class _Step:
                         shapes.setdefault((rows, cols, r), []).append((state.index_of(p), mat))
                         continue
                 self.plain.append(g)
+        # The arithmetic runs in float32, or in float64 when the model trains in float64 (precision="64-true");
+        # bf16/fp16 gradients (precision="bf16-true") are widened to float32 and narrowed again on the way out.
+        wide = any(g.dtype == torch.float64 for b in buckets for g in b.gradients())
+        self.dtype = torch.float64 if wide else torch.float32
         self.groups: list[_Group] = []
         for (rows, cols, r), members in shapes.items():
             idx = [k for k, _ in members]
             fed = [(j, state.errors[k]) for j, k in enumerate(idx) if k in state.errors]
             new = torch.empty if len(fed) == len(idx) else torch.zeros  # no error yet: zero
-            mats = new((len(idx), rows, cols), dtype=torch.float32, device=device)
+            mats = new((len(idx), rows, cols), dtype=self.dtype, device=device)
             if state.error_feedback and fed:
                 torch._foreach_copy_([mats[j] for j, _ in fed], [e for _, e in fed])
             q = torch.stack(
                 [
-                    state.q_memory[k]
-                    if state.warm_start and k in state.q_memory
-                    else state._initial_q(k, cols, r, device)
+                    (
+                        state.q_memory[k]
+                        if state.warm_start and k in state.q_memory
+                        else state._initial_q(k, cols, r, device)
+                    ).to(self.dtype)
                     for k in idx
                 ]
             )
@@ -320,14 +326,14 @@ class _Step:
             mats = list(g.mats.unbind(0))
             if not self.error_feedback:
                 torch._foreach_copy_(mats, g.views)
-            elif all(v.dtype == torch.float32 for v in g.views):
+            elif all(v.dtype == self.dtype for v in g.views):
                 torch._foreach_add_(mats, g.views)  # multi-tensor kernels: one launch per group
             else:
-                torch._foreach_add_(mats, [v.float() for v in g.views])
+                torch._foreach_add_(mats, [v.to(self.dtype) for v in g.views])
         self.ps = [torch.bmm(g.mats, g.q) for g in self.groups]  # (b, rows, r) each
         self.p_flat = torch.cat([p.reshape(-1) for p in self.ps]) if self.ps else None
         self.plain_flat = (
-            torch.cat([g.reshape(-1) for g in self.plain]).float().div_(self.n) if self.plain else None
+            torch.cat([g.reshape(-1) for g in self.plain]).to(self.dtype).div_(self.n) if self.plain else None
         )
 
     def _project(self) -> None:
@@ -346,10 +352,11 @@ class _Step:
             q = self.q_sum[offset : offset + self.local_qs[j].numel()].view_as(self.local_qs[j])
             offset += self.local_qs[j].numel()
             p_avg = self.ps[j].div(self.n)
-            for t, view in enumerate(
-                g.views
-            ):  # P Q^T / n straight into the gradient: no (b, rows, cols) copy
-                torch.mm(p_avg[t], q[t].T, out=view)
+            for t, view in enumerate(g.views):
+                if view.dtype == p_avg.dtype:  # P Q^T / n straight into the gradient: no (rows, cols) copy
+                    torch.mm(p_avg[t], q[t].T, out=view)
+                else:  # a bf16/fp16 gradient: out= needs the product's dtype
+                    view.copy_(torch.mm(p_avg[t], q[t].T))
             if self.error_feedback:  # e_i = M_i - P Q_i^T, for the whole group in one in-place baddbmm
                 g.mats.baddbmm_(self.ps[j], self.local_qs[j].transpose(1, 2), alpha=-1)
             g.q.copy_(q)
@@ -388,5 +395,5 @@ class _Step:
             self.bound = bool(self.graphs)
         state.numel_before += self.numel_before
         state.numel_after += self.numel_after
-        state.bytes_sent += _ring_bytes(4 * self.numel_after, self.n)
+        state.bytes_sent += _ring_bytes(self.dtype.itemsize * self.numel_after, self.n)
         state.collectives += self.collectives

@@ -32,8 +32,10 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_speedup._chain import chain_method
@@ -142,7 +144,8 @@ class PipelineStrategy(CleanExitDDPStrategy):
             run with ``stages_per_rank != 1``, an interleaved run with ``stages_per_rank < 2``, or too few
             micro-batches for the schedule. Checks that need the model or the world size run in ``setup``:
             more stages than layers, a world size not divisible by ``pipeline_size``, a module without
-            ``pipeline_layers()``, parameters shared between stages, parameters outside the declared layers.
+            ``pipeline_layers()``, parameters shared between stages, parameters outside the declared layers, a
+            module with manual optimization; at the start of training, a DataLoader whose last batch is short.
     """
 
     strategy_name = "pipeline"
@@ -285,6 +288,17 @@ class PipelineStrategy(CleanExitDDPStrategy):
                 f"({self.pipeline_size}); set pipeline_size to a divisor or change devices/num_nodes."
             )
         self._check_microbatches(self.schedule_name, self.n_microbatches, self.pipeline_size)
+        if trainer.state.fn == TrainerFn.FITTING and not module.automatic_optimization:
+            # The strategy runs the schedule in place of training_step, so a manual training_step (which steps
+            # the optimizers itself) would never run: no optimizer step, and max_steps never reached.
+            raise ValueError(
+                f"PipelineStrategy needs automatic optimization, but {type(module).__name__} sets "
+                "`self.automatic_optimization = False`. The strategy runs the pipeline schedule in place of your "
+                "training_step, so its manual optimizer steps would never run. Remove the line (return the loss "
+                "and let Lightning step the optimizer) or train without the pipeline."
+            )
+        self._batch_shapes = None  # a new fit may bring batches of another size
+        self._microbatch_compute_s = None
         self._make_groups()
         # Before the layers are collected: a precision plugin that swaps modules (QAT's fake-quantized layers)
         # must swap them in the model the stages are cut from, or a stage would hold the replaced layer.
@@ -670,7 +684,15 @@ class PipelineStrategy(CleanExitDDPStrategy):
         dist.broadcast(values, src=src, group=self._pp_group)
         result = {n: values[i] for i, n in enumerate(box[0])}
         for n, v in result.items():
-            module.log(n, v, prog_bar=n.endswith("loss"), on_epoch=True, batch_size=y.shape[0])
+            # With replicas, each saw its own share of the data: the epoch value is the mean over all of them.
+            module.log(
+                n,
+                v,
+                prog_bar=n.endswith("loss"),
+                on_epoch=True,
+                batch_size=y.shape[0],
+                sync_dist=self.dp_size > 1,
+            )
         return result
 
     @override
@@ -757,6 +779,38 @@ class PipelineStrategy(CleanExitDDPStrategy):
         self._drop_foreign_optimizer_state()  # other stages' state, cast to the meta device by load_state_dict
         for optimizer in self.optimizers:
             optimizer_to_device(optimizer, self.root_device)
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._check_last_batch()
+
+    def _check_last_batch(self) -> None:
+        """Refuse, before the first step, a training DataLoader whose last batch of each epoch would be smaller than
+        the others (stages exchange fixed-shape activations); otherwise the run fails only at that batch, after
+        a whole epoch of training."""
+        module = self.lightning_module
+        trainer = module.trainer if module is not None else None
+        loaders = getattr(trainer, "train_dataloader", None)
+        found: list[DataLoader] = []
+        apply_to_collection(loaders, DataLoader, found.append)
+        for loader in found:
+            batch_sampler = loader.batch_sampler
+            size = getattr(batch_sampler, "batch_size", None)
+            if batch_sampler is None or getattr(batch_sampler, "drop_last", True) or not size:
+                continue
+            try:
+                samples, batches = len(batch_sampler.sampler), len(loader)  # type: ignore[union-attr, arg-type]
+            except TypeError:  # an iterable-style dataset has no length
+                continue
+            if samples % size == 0 or batches > trainer.num_training_batches:  # type: ignore[union-attr]
+                continue  # every batch full, or limit_train_batches stops before the short one
+            raise ValueError(
+                f"The training DataLoader gives batches of {size} but its last batch of each epoch has "
+                f"{samples % size} sample(s) ({samples} per process); pipeline stages exchange fixed-shape "
+                "activations, so every training batch must have the same size. Use DataLoader(..., "
+                "drop_last=True) or a dataset size divisible by the batch size."
+            )
 
     @override
     def on_train_end(self) -> None:

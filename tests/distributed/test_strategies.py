@@ -7,6 +7,7 @@ about the algorithms, not float32 rounding.
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,7 +23,15 @@ from typing_extensions import override
 
 import lightning_speedup.distributed as lsd
 from lightning_speedup._registry import register_strategies
-from tests.distributed.helpers import CharMLP, DumpState, flat_params, load_dumps, loaders, trainer
+from tests.distributed.helpers import (
+    CharMLP,
+    DumpState,
+    flat_params,
+    load_dumps,
+    loaders,
+    run_processes,
+    trainer,
+)
 
 OUR_STRINGS = [
     "local_sgd",
@@ -305,6 +314,139 @@ def test_resume_is_bitwise_exact(shakespeare_path: Path, tmp_path: Path, name: s
         assert saved["ranks"][0]["errors"] and saved["ranks"][0]["iteration"] == 5
 
 
+# ---------------------------------------------------------------------------------------------- precision, fit twice
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-true"])
+def test_powersgd_trains_in_float64_and_bfloat16(
+    shakespeare_path: Path, tmp_path: Path, precision: str
+) -> None:
+    """PowerSGD wrote its result into the gradients with ``torch.mm(..., out=grad)``, which needs float32
+    gradients: ``precision="64-true"`` and ``"bf16-true"`` failed in the first compressed step. Now both train,
+    the ranks agree, and at full rank the run stays close to DDP (not bitwise: rank-deficient gradients)."""
+    kw = {"max_steps": 4, "precision": precision, "limit_val_batches": 0}
+    powersgd = lsd.CompressedDDPStrategy(
+        compression="powersgd", rank=128, min_compression_rate=0.0, start_iter=1, start_method="fork"
+    )
+    dumps = _fit("powersgd", powersgd, 2, shakespeare_path, tmp_path, **kw)
+    assert dumps[0]["comm_stats"]["compression_ratio"] > 0  # steps 2-4 were compressed
+    for k, v in _params_only(dumps[0]["state"]).items():
+        assert v.dtype == {"64-true": torch.float64, "bf16-true": torch.bfloat16}[precision]
+        assert torch.equal(v, dumps[1]["state"][k]), k  # the ranks agree
+    ddp = _fit("ddp", DDPStrategy(start_method="fork"), 2, shakespeare_path, tmp_path, **kw)
+    assert _max_diff(_params_only(ddp[0]["state"]), _params_only(dumps[0]["state"])) < 0.05
+
+
+class _RanksAgree(L.Callback):
+    """Records the global steps after which every rank holds the same parameters (a sync happened)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        mine = flat_params(pl_module)
+        rank0 = mine.clone()
+        torch.distributed.broadcast(rank0, 0)
+        same = torch.tensor(float(torch.equal(mine, rank0)))
+        torch.distributed.all_reduce(same, op=torch.distributed.ReduceOp.MIN)
+        if same.item() == 1:
+            self.steps.append(trainer.global_step)
+
+
+def _fit_twice(
+    rank: int, world_size: int, data: str, tmp: str, make: tuple[type, dict[str, Any]], expected: list[int]
+) -> None:
+    # The process group exists (run_processes); a torchelastic-like environment makes Lightning use it instead of
+    # launching processes itself, so that one Trainer can fit twice (spawned/forked launches refuse to).
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size), TORCHELASTIC_RUN_ID="fit_twice",
+    )  # fmt: skip
+    L.seed_everything(0, verbose=False)
+    train, _, vocab = loaders(Path(data))
+    model = CharMLP(vocab)
+    agree = _RanksAgree()
+    cls, kwargs = make
+    t = trainer(cls(**kwargs), world_size, Path(tmp), callbacks=[agree], max_steps=7, limit_val_batches=0)
+    t.fit(model, train)
+    t.fit_loop.epoch_loop.max_steps = 12
+    t.fit(model, train)
+    assert agree.steps == expected, agree.steps
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        ((lsd.LocalSGDStrategy, {"sync_every": 5}), [5, 10]),
+        ((lsd.DiLoCoStrategy, {"sync_every": 100, "warmup_steps": 3}), [1, 2, 3]),
+    ],
+    ids=["local_sgd", "diloco_warmup"],
+)
+def test_a_second_fit_continues_the_sync_schedule(
+    shakespeare_path: Path, tmp_path: Path, make: Any, expected: list[int]
+) -> None:
+    """``trainer.fit`` twice on one Trainer (7 then 12 optimizer steps): the schedule counts the trainer's
+    optimizer steps. It restarted from 0 at each fit: local SGD averaged at step 12 instead of 10, and DiLoCo ran
+    its every-step warm-up again at steps 8-10. (Step 7's end-of-fit sync comes after the batch hooks.)"""
+    run_processes(_fit_twice, 2, str(shakespeare_path), str(tmp_path), make, expected)
+
+
+class _RanksAgreeDump(_RanksAgree):
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(self.steps, Path(trainer.default_root_dir) / f"agree{trainer.global_rank}.pt")
+
+
+def test_resuming_a_ddp_checkpoint_keeps_the_sync_schedule_on_the_global_step(
+    shakespeare_path: Path, tmp_path: Path
+) -> None:
+    """A DDP run's checkpoint (5 optimizer steps, no state of this strategy) resumed with local SGD: it averages
+    at global steps 8 and 12 (every 4). Its step counter started at 0 after such a resume: 9 and 13."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ddp", filename="{epoch}", save_top_k=-1)
+    kw = {"module": CharMLP, "n_train": 320, "limit_val_batches": 0}
+    _fit("ddp", DDPStrategy(start_method="fork"), 2, shakespeare_path, tmp_path, max_epochs=1,
+         enable_checkpointing=True, callbacks=[ckpt], **kw)  # fmt: skip
+    _fit(
+        "local",
+        lsd.LocalSGDStrategy(sync_every=4, start_method="fork"),
+        2,
+        shakespeare_path,
+        tmp_path,
+        max_steps=14,
+        ckpt_path=str(tmp_path / "ddp" / "epoch=0.ckpt"),
+        callbacks=[_RanksAgreeDump()],
+        **kw,
+    )
+    assert torch.load(tmp_path / "agree0.pt") == [8, 12]
+
+
+def test_powersgd_start_iter_counts_the_global_step_after_a_ddp_checkpoint(
+    shakespeare_path: Path, tmp_path: Path
+) -> None:
+    """A DDP run's checkpoint (5 optimizer steps) resumed with PowerSGD(start_iter=5) for 3 more steps: they are
+    compressed, and no warning says otherwise. PowerSGD's counter started at 0 after such a resume (and after a
+    second fit), so it ran start_iter more fp32 steps: this run was plain DDP without a word."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ddp", filename="{epoch}", save_top_k=-1)
+    kw = {"module": CharMLP, "n_train": 320, "limit_val_batches": 0}
+    _fit("ddp", DDPStrategy(start_method="fork"), 2, shakespeare_path, tmp_path, max_epochs=1,
+         enable_checkpointing=True, callbacks=[ckpt], **kw)  # fmt: skip
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        dumps = _fit(
+            "powersgd",
+            lsd.CompressedDDPStrategy(compression="powersgd", rank=1, start_iter=5, start_method="fork"),
+            2,
+            shakespeare_path,
+            tmp_path,
+            max_steps=8,
+            ckpt_path=str(tmp_path / "ddp" / "epoch=0.ckpt"),
+            **kw,
+        )
+    assert not [w for w in record if "will not act in this run" in str(w.message)]
+    assert dumps[0]["comm_stats"].get("compression_ratio", 0) > 1, dumps[0]["comm_stats"]
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
@@ -352,6 +494,24 @@ def test_resume_is_bitwise_exact(shakespeare_path: Path, tmp_path: Path, name: s
         (
             lambda: lsd.DiLoCoStrategy(find_unused_parameter=True),
             r"unknown keyword arguments 'find_unused_parameter' \(did you mean 'find_unused_parameters'\?\)",
+        ),
+        # the closest name is looked up among the strategy's own arguments too (it was DDP's only: 'compression'
+        # given to local SGD suggested DDP's 'mixed_precision')
+        (
+            lambda: lsd.LocalSGDStrategy(compression="bf16"),
+            r"'compression' \(did you mean 'compress'\?\); it takes its own arguments \(sync_every, ",
+        ),
+        (lambda: lsd.CompressedDDPStrategy(compress="bf16"), r"'compress' \(did you mean 'compression'\?\)"),
+        (lambda: lsd.GossipSGDStrategy(sync_every=4), r"'sync_every' \(did you mean 'gossip_every'\?\)"),
+        # a string momentum failed with "'>' not supported between 'str' and 'int'", naming no argument
+        (
+            lambda: lsd.DiLoCoStrategy(outer_momentum="0.9"),
+            r"outer_momentum must be a finite number >= 0, got '0.9'",
+        ),
+        # a non-int seed was accepted and failed inside the backward pass of the first compressed step
+        (
+            lambda: lsd.CompressedDDPStrategy(compression="powersgd", seed="a"),
+            r"seed \(of PowerSGD's random initial Q\) must be an int, got 'a'",
         ),
     ],
 )

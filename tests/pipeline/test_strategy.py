@@ -175,6 +175,26 @@ def check_validate_and_predict(tmp_path: Path, part: str) -> None:
                 torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+def test_validation_with_replicas_averages_over_all_of_them(tmp_path: Path) -> None:
+    """2 stages x 2 replicas, each validating half the data: val_loss and val_acc are those of the whole set, as
+    one process computes them. Before, they were replica 0's half alone."""
+    code = "from tests.pipeline.test_strategy import check_validation_with_replicas; check_validation_with_replicas()"
+    in_fresh_interpreter("-c", code)
+
+
+def check_validation_with_replicas() -> None:
+    L.seed_everything(0, verbose=False)
+    model = TinyLM()
+    val = torch.utils.data.DataLoader(dataset(32, seed=1), batch_size=8)  # 2 batches of 8 per replica
+    kw = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    plain = L.Trainer(devices=1, **kw).validate(model, val, verbose=False)[0]
+    piped = L.Trainer(devices=4, strategy=_pp("1f1b", pipeline_size=2, n_microbatches=2), **kw).validate(
+        model, val, verbose=False
+    )[0]
+    assert piped["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
+    assert piped["val_acc"] == pytest.approx(plain["val_acc"], rel=1e-6)
+
+
 def test_quantization_aware_training_matches_single_process(tmp_path: Path) -> None:
     """QATPrecision's fake-quantized layers, the head among them (a pipeline layer itself, which the plugin swaps):
     the pipeline trains as one process does. Before, setup failed on the layers' non-tensor state (a dict)."""
@@ -308,6 +328,20 @@ class _Tied(TinyLM):
         self.head.weight = self.embed.tok.weight  # (VOCAB, WIDTH) both: an embedding tied to the output head
 
 
+class _ManualOptimization(TinyLM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        loss = self.pipeline_loss(self(batch[0]), batch[1])
+        opt.zero_grad()  # type: ignore[union-attr]
+        self.manual_backward(loss)
+        opt.step()  # type: ignore[union-attr]
+        return loss
+
+
 @pytest.mark.parametrize(
     ("model", "strategy", "data", "error", "match"),
     [
@@ -343,6 +377,15 @@ class _Tied(TinyLM):
             TypeError,
             r"pipeline_layers\(\)\[2\] \(_PairBlock\) returned a tuple, but a pipelined layer must return one tensor",
         ),
+        # Before, the optimizer never stepped (the strategy replaces training_step), so max_steps was never
+        # reached and fit looped forever.
+        (
+            _ManualOptimization(),
+            PipelineStrategy("1f1b", n_microbatches=2),
+            None,
+            ValueError,
+            r"needs automatic optimization.*automatic_optimization = False",
+        ),
     ],
     ids=[
         "more-stages-than-layers",
@@ -353,6 +396,7 @@ class _Tied(TinyLM):
         "world-size",
         "time-without-example",
         "tuple-output",
+        "manual-optimization",
     ],
 )
 def test_bad_input_gets_a_clear_error(
@@ -411,3 +455,60 @@ def test_bench_gpt_is_pipeline_ready(tmp_path: Path) -> None:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"lm_head\.weight.*tied weights"):
         _fit_one_process(gpt(tie=True), PipelineStrategy("interleaved_1f1b", n_microbatches=2))
+
+
+def test_a_second_fit_may_bring_another_batch_size() -> None:
+    """``trainer.fit`` twice in one process, the second with smaller batches: trains as the plain module does.
+    Before, the second fit kept the first fit's batch shapes and refused its first batch as a changed shape."""
+
+    def two_fits(strategy: object) -> dict[str, torch.Tensor]:
+        L.seed_everything(0, verbose=False)
+        model = TinyLM(optimizer="sgd")  # Adam magnifies summation-order noise on near-zero gradients
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            strategy=strategy,  # type: ignore[arg-type]
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+        )
+        trainer.fit(model, loader(n=16, batch_size=8))
+        trainer.fit_loop.max_epochs = 2
+        trainer.fit(model, loader(n=16, batch_size=4))
+        assert trainer.global_step == 6
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    plain = two_fits("auto")
+    piped = two_fits(PipelineStrategy("1f1b", n_microbatches=2))
+    for k, v in plain.items():
+        torch.testing.assert_close(piped[k], v, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("limit", [None, 2])
+def test_a_short_last_training_batch_is_refused_before_the_first_step(limit: int | None) -> None:
+    """Batches of 8, 8 and 4 (drop_last=False): refused before any step, naming the short batch and the fix. Before,
+    the run trained the first two batches and failed only at the third (after a whole epoch, in a real run).
+    With limit_train_batches=2 the short batch never comes, and training runs."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=PipelineStrategy("1f1b", n_microbatches=4),
+        max_epochs=1,
+        limit_train_batches=limit,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    data = loader(n=20, batch_size=8, drop_last=False)
+    if limit is not None:
+        trainer.fit(TinyLM(), data)
+        assert trainer.global_step == 2
+        return
+    with pytest.raises(ValueError, match=r"last batch of each epoch has 4 sample\(s\).*drop_last=True"):
+        trainer.fit(TinyLM(), data)
+    assert trainer.global_step == 0
