@@ -280,19 +280,26 @@ def test_bad_settings_rejected_at_construction(kwargs: dict[str, object], match:
         PipelineStrategy(**kwargs)  # type: ignore[arg-type]
 
 
-def _fit_one_process(model: L.LightningModule, strategy: PipelineStrategy, data: object = None) -> None:
-    trainer = L.Trainer(
+def _one_process_trainer(strategy: PipelineStrategy | str, **trainer_kwargs: object) -> L.Trainer:
+    return L.Trainer(
         accelerator="cpu",
         devices=1,
         strategy=strategy,
-        max_steps=2,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
+        **{"max_steps": 2, **trainer_kwargs},
     )
+
+
+def _fit_one_process(
+    model: L.LightningModule, strategy: PipelineStrategy | str, data: object = None, **trainer_kwargs: object
+) -> L.Trainer:
+    trainer = _one_process_trainer(strategy, **trainer_kwargs)
     trainer.fit(model, data if data is not None else loader())
+    return trainer
 
 
 class _NoLayers(L.LightningModule):
@@ -461,21 +468,10 @@ def test_a_second_fit_may_bring_another_batch_size() -> None:
     """``trainer.fit`` twice in one process, the second with smaller batches: trains as the plain module does.
     Before, the second fit kept the first fit's batch shapes and refused its first batch as a changed shape."""
 
-    def two_fits(strategy: object) -> dict[str, torch.Tensor]:
+    def two_fits(strategy: PipelineStrategy | str) -> dict[str, torch.Tensor]:
         L.seed_everything(0, verbose=False)
         model = TinyLM(optimizer="sgd")  # Adam magnifies summation-order noise on near-zero gradients
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            strategy=strategy,  # type: ignore[arg-type]
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-        )
-        trainer.fit(model, loader(n=16, batch_size=8))
+        trainer = _fit_one_process(model, strategy, loader(n=16, batch_size=8), max_steps=-1, max_epochs=1)
         trainer.fit_loop.max_epochs = 2
         trainer.fit(model, loader(n=16, batch_size=4))
         assert trainer.global_step == 6
@@ -492,17 +488,8 @@ def test_a_short_last_training_batch_is_refused_before_the_first_step(limit: int
     """Batches of 8, 8 and 4 (drop_last=False): refused before any step, naming the short batch and the fix. Before,
     the run trained the first two batches and failed only at the third (after a whole epoch, in a real run).
     With limit_train_batches=2 the short batch never comes, and training runs."""
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        strategy=PipelineStrategy("1f1b", n_microbatches=4),
-        max_epochs=1,
-        limit_train_batches=limit,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
+    trainer = _one_process_trainer(
+        PipelineStrategy("1f1b", n_microbatches=4), max_steps=-1, max_epochs=1, limit_train_batches=limit
     )
     data = loader(n=20, batch_size=8, drop_last=False)
     if limit is not None:
