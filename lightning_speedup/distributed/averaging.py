@@ -126,18 +126,17 @@ def _own_arguments(cls: type) -> list[str]:
     return names
 
 
-def check_ddp_kwargs(owner: str | type, kwargs: dict[str, Any]) -> dict[str, Any]:
+def check_ddp_kwargs(owner: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Return ``kwargs`` without the DDP arguments left at their defaults; raise for names DDP does not take.
 
     LightningCLI (jsonargparse) passes every DDP argument it finds in the signatures, at its default; those
     mean "not set" and are dropped. DDPStrategy forwards unknown keywords to ``DistributedDataParallel``,
     which would reject them only inside a worker at ``fit``; checking here makes a typo fail at construction.
-    Given the strategy class as ``owner``, the closest name is looked up among its own arguments too (a
-    ``compression=`` given to a strategy that takes ``compress=``).
+    The closest name is looked up among the arguments of ``owner`` (the strategy class) first (a
+    ``compression=`` given to a strategy that takes ``compress=``), then among DDP's.
     """
     defaults = _ddp_keyword_defaults()
-    own = _own_arguments(owner) if isinstance(owner, type) else []
-    name = owner.__name__ if isinstance(owner, type) else owner
+    own = _own_arguments(owner)
     unknown = sorted(k for k in kwargs if k not in defaults)
     if unknown:
         hints = [
@@ -152,8 +151,8 @@ def check_ddp_kwargs(owner: str | type, kwargs: dict[str, Any]) -> dict[str, Any
         settings = [n for n in own if n not in defaults]
         takes = f" ({', '.join(settings)})" if settings else ""
         raise ValueError(
-            f"{name} got unknown keyword arguments {', '.join(hints)}; it takes its own arguments{takes} and those "
-            "of DDPStrategy / DistributedDataParallel."
+            f"{owner.__name__} got unknown keyword arguments {', '.join(hints)}; it takes its own arguments{takes} "
+            "and those of DDPStrategy / DistributedDataParallel."
         )
     return {k: v for k, v in kwargs.items() if not _is_default(v, defaults[k])}
 
@@ -269,8 +268,9 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
     def on_train_start(self) -> None:
         super().on_train_start()
         trainer = self.lightning_module.trainer
-        # The loops are restored by now: a checkpoint of another strategy (DDP) or without this strategy's state
-        # resumes at its global step, and the schedule continues from there rather than from 0.
+        # The schedule (sync_every, warmup_steps, gossip rounds) counts the trainer's optimizer steps. The loops are
+        # restored by now, so this also covers a second trainer.fit on the same Trainer and a checkpoint of
+        # another strategy (DDP) or without this strategy's state: it continues there rather than from 0.
         self._step = trainer.global_step
         total = run_total_steps(trainer)
         reason = None if total is None else self._inactive_reason(total, trainer.global_step)
@@ -353,10 +353,6 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
             pad_to=self._comm.num_shards,
         )
         self._timer = CommTimer(self.root_device)
-        # The schedule (sync_every, warmup_steps, gossip rounds) counts the trainer's optimizer steps: a second
-        # trainer.fit on the same Trainer continues it rather than starting over (a resume sets it from the
-        # checkpoint).
-        self._step = trainer.global_step
         self._in_consensus = True
         self._broadcast_from_rank_zero(module)
         self._on_setup()
@@ -586,12 +582,10 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
             )
             super().load_optimizer_state_dict(checkpoint)
             self._load_shared_state(resume["shared"])
-            self._step = int(resume["shared"]["step"])
             self._in_consensus = True
             return
         mine = resume["ranks"][self.global_rank]
         super().load_optimizer_state_dict({**checkpoint, "optimizer_states": mine["optimizer_states"]})
-        self._step = int(resume["shared"]["step"])
         self._in_consensus = bool(resume["shared"]["in_consensus"])
         self._load_shared_state(resume["shared"])
         if mine["params"] is not None:
