@@ -7,8 +7,9 @@ al. 2023) streams micro-batches through them. The schedule runs forward *and* ba
 ``step()``, so this strategy runs it from ``training_step`` and turns Lightning's backward into a no-op,
 while everything else a Lightning user relies on keeps working: the optimizer, LR schedulers and the
 schedule callbacks step every stage, gradient clipping by norm uses the norm over all stages, gradient
-accumulation and bf16-mixed work, the loss (which exists on the last stage only) is broadcast and logged
-as ``train_loss``, and validation/prediction run a micro-batched forward-only pipeline.
+accumulation and bf16-mixed work, the loss (which exists on the last stage only) is averaged over the replicas,
+given to every process and logged as ``train_loss``, and validation/prediction run a micro-batched forward-only
+pipeline.
 
 ``pipeline_size`` smaller than the world size gives pipeline x data parallelism: ``world // pipeline_size``
 replicas of the pipeline, each stage's gradients averaged over its replicas before the optimizer step.
@@ -503,9 +504,12 @@ class PipelineStrategy(CleanExitDDPStrategy):
             loss = torch.stack([t.detach().float() for t in losses]).sum() * self._trainer_accumulation()
         else:
             loss = torch.zeros((), device=self.root_device)
-        dist.broadcast(
-            loss, src=self._pp_ranks[self.plan.rank_of(self.plan.num_stages - 1)], group=self._pp_group
-        )
+        # One collective gives every process the mean over the replicas, which is the global batch's loss: each
+        # pipeline's last stage brings its loss and every other process zero, so the sum over all processes is
+        # the sum over replicas. With one replica this is the broadcast from the last stage (adding zeros is exact).
+        dist.all_reduce(loss)
+        if self.dp_size > 1:
+            loss.div_(self.dp_size)
         if timed:
             self._sync()
             self._log_pipeline_metrics(time.perf_counter() - t0, x)

@@ -124,17 +124,20 @@ def loader(n: int = 64, batch_size: int = 8, drop_last: bool = True) -> DataLoad
 
 
 class RecordLosses(L.Callback):
-    """Writes the per-step train loss (rank 0) and the final full checkpoint (every rank takes part)."""
+    """Writes the per-step train loss (rank 0), what every rank logged and returned as the train loss, and the
+    final full checkpoint (every rank takes part)."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
         self.losses: list[float] = []
+        self.returned: list[float] = []
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         m = trainer.callback_metrics
         self.losses.append(float(m["train_loss_step"] if "train_loss_step" in m else m["train_loss"]))
+        self.returned.append(float(outputs["loss"]))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         held = sum(p.numel() for p in pl_module.parameters() if p.device.type != "meta")
@@ -142,6 +145,13 @@ class RecordLosses(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.save_checkpoint(self.out / "final.ckpt")
+        seen = {
+            "logged": self.losses,
+            "returned": self.returned,
+            "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if "loss" in k},
+            "progress_bar": {k: float(v) for k, v in trainer.progress_bar_metrics.items() if "loss" in k},
+        }
+        (self.out / f"train_loss_rank{trainer.global_rank}.json").write_text(json.dumps(seen))
         if trainer.global_rank == 0:
             (self.out / "losses.json").write_text(json.dumps(self.losses))
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

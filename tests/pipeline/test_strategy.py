@@ -81,7 +81,9 @@ def test_schedule_matches_single_process(schedule: str, reference: Path, tmp_pat
 
 def test_pipeline_times_data_parallel(tmp_path: Path) -> None:
     """4 processes: 2 stages x 2 replicas, each replica half of every batch, equal single-process training,
-    with two accumulated batches per step (replicas average once per optimizer step) and global-norm clipping."""
+    with two accumulated batches per step (replicas average once per optimizer step) and global-norm clipping.
+    Every process logs and returns the mean of the replicas' losses, the single-process loss of the whole batch,
+    per step and for the epoch. Before, it was its own replica's half-batch loss."""
     kw = {"gradient_clip_val": 0.05, "accumulate_grad_batches": 2, "max_steps": 3}
     ref = fit(tmp_path / "ref", **kw)
     run = fit(tmp_path / "pp", strategy=_pp("1f1b", pipeline_size=2, n_microbatches=2), devices=4,
@@ -89,8 +91,15 @@ def test_pipeline_times_data_parallel(tmp_path: Path) -> None:
     a, b = final_state(ref), final_state(run)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
-    # the logged loss is replica 0's half-batch loss; the replicas' mean is what the reference logs
-    assert len(losses(run)) == len(losses(ref))
+    want = json.loads((ref / "train_loss_rank0.json").read_text())
+    assert set(want["callback_metrics"]) == {"train_loss", "train_loss_step", "train_loss_epoch"}
+    assert set(want["progress_bar"]) == {"train_loss_step", "train_loss_epoch"}
+    for rank in range(4):
+        got = json.loads((run / f"train_loss_rank{rank}.json").read_text())
+        for key in ("logged", "returned"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (rank, key)
+        for key in ("callback_metrics", "progress_bar"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), (rank, key)
 
 
 def test_clipping_and_accumulation_match_single_process(tmp_path: Path) -> None:
