@@ -48,7 +48,7 @@ WARM_FOLDER = "headline/2026-12-05-h200-warm"
 WARM_FOLDERS = {"fashion-mnist": WARM_FOLDER, "char-lm": WARM_FOLDER}
 ATTENTION_FOLDER = "compile/2026-12-05-h200-attention-charlm"
 CANDIDATES_FOLDER = "compile/2026-12-04-h200-compile-candidates"
-ABLATION_FOLDER = "headline/2026-12-04-h200-ablation-fashion"
+ABLATION_FOLDER = "headline/2026-12-05-h200-ablation-fashion"
 TUNE_FILE = "tune/2026-12-05-h200-h100-tune-recipe-charlm.json"
 TUNE_CONFIRM_FOLDER = "tune/2026-12-04-h200-tune-confirm-charlm"
 # The char-LM recipes on a corpus none was tuned on (the King James Bible): the target's calibration run and
@@ -75,7 +75,6 @@ RECIPE_NAMES: dict[str, dict[str, str]] = {
         "speedup-eager": "speedup-eager-step",
     },
     CANDIDATES_FOLDER: {"speedup": "speedup-eager-step", "speedup-cudagraphs": "speedup-autotune"},
-    ABLATION_FOLDER: {"speedup": "speedup-eager-step"},
 }
 # The full recipe each cold folder set against `baseline` (today's name; `speedup` where not listed).
 FULL_RECIPE = {COMPILED_FOLDER: "speedup-eager-step"}
@@ -528,44 +527,97 @@ def candidates_block(results: Path, price: float) -> str:
     return "\n".join(text)
 
 
+def _removed(description: str) -> str:
+    """What a ``speedup-<technique>`` step of the ladder leaves out, from its description ("speedup without
+    drop-last, cuda-graphs (fashion-mnist)." -> "drop-last, cuda-graphs")."""
+    return description.split(" without ", 1)[1].rsplit(" (", 1)[0]
+
+
 def ablation_block(results: Path, price: float) -> str:
-    """The ablation ladder as measured: each step's cold time to target and its change over the step before."""
-    names = RECIPE_NAMES[ABLATION_FOLDER]
+    """The ablation as measured: the ladder from ``baseline`` (each step's cold time to target and its change
+    over the step before), then ``speedup`` minus one technique at a time (its change over ``speedup``)."""
+    names = RECIPE_NAMES.get(ABLATION_FOLDER, {})
     meta, rows, runs = bench_folder(results / ABLATION_FOLDER, price, names, order_by=())
-    order = [names.get(n, n) for n in meta["recipes"]]
-    by = {r["name"]: r for r in rows}
+    recipes = list(meta["recipes"])
+    end = recipes.index("speedup")
+    forward, reverse = recipes[: end + 1], recipes[end + 1 :]
+    # The technique `speedup` adds over the last step is the last one the reverse half takes away.
+    last = _removed(meta["recipes"][reverse[-1]]["description"]).split(", ")[0] if reverse else "-"
+    by = {r["recipe"]: r for r in rows}
     env = meta["environment"]
+
+    def measured(recipe: str) -> dict[str, Any] | None:
+        r = by.get(recipe)
+        return r if r is not None and r["cold"]["runs"] else None
+
     lines = [
-        "| step (today's name) | technique added | cold time to target | speed-up over `baseline` | "
+        "| step | technique added | cold time to target | speed-up over `baseline` | "
         "change over the step before | epochs | warm-up | samples/s | seeds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     previous = None
     not_run = []
-    for name in order:
-        r = by.get(name)
-        if r is None or not r["cold"]["runs"]:
-            not_run.append(name)
+    for recipe in forward:
+        r = measured(recipe)
+        if r is None:
+            not_run.append(recipe)
             continue
         c = r["cold"]
-        added = name.rsplit("+", 1)[1] if "+" in name else ("-" if name == "baseline" else "fused-optimizer")
+        added = recipe.rsplit("+", 1)[1] if "+" in recipe else ("-" if recipe == "baseline" else last)
         change = "-"
         if previous is not None and c["ttt_median_s"] is not None and previous["ttt_median_s"] is not None:
             change = f"{c['ttt_median_s'] - previous['ttt_median_s']:+.1f} s"
-        epochs = ", ".join(str(x.epochs_to_target) for x in runs if x.recipe == r["recipe"])
+        epochs = ", ".join(str(x.epochs_to_target) for x in runs if x.recipe == recipe)
         lines.append(
-            f"| `{name}` | {added} | {_ttt_cell(c)} | {_f(c['speedup'], '.2f', 'x')} | {change} | {epochs} | "
-            f"{_f(c['warmup_s'], '.1f', ' s')} | {_f(r['samples_per_s'], ',.0f')} | {_seeds_of(runs, r['recipe'])} |"
+            f"| `{r['name']}` | {added} | {_ttt_cell(c)} | {_f(c['speedup'], '.2f', 'x')} | {change} | {epochs} | "
+            f"{_f(c['warmup_s'], '.1f', ' s')} | {_f(r['samples_per_s'], ',.0f')} | {_seeds_of(runs, recipe)} |"
         )
         previous = c
-    text = [
-        "\n".join(lines),
-        "",
-        f"One {env['gpu']}, driver {env['driver']}, {_versions(env)}, {str(env['date'])[:10]}, one seed per step "
-        f"(not the three the goal asks for): `lightning-speedup bench --task fashion-mnist --ablation --cache cold "
-        f"--seeds 1` ({_link(ABLATION_FOLDER + '/', '../')}). In that file `speedup` is today's "
-        "`speedup-eager-step`: the ladder ended there, before today's CUDA-graphs step.",
+    full = measured("speedup")
+    back = [
+        "| `speedup` without | cold time to target | change over `speedup` | speed-up over `baseline` | epochs | "
+        "samples/s | seeds |",
+        "|---|---|---|---|---|---|---|",
     ]
+    for recipe in reverse:
+        r = measured(recipe)
+        if r is None:
+            not_run.append(recipe)
+            continue
+        c = r["cold"]
+        change = "-"
+        if full is not None and c["ttt_median_s"] is not None and full["cold"]["ttt_median_s"] is not None:
+            change = f"{c['ttt_median_s'] - full['cold']['ttt_median_s']:+.1f} s"
+        epochs = ", ".join(str(x.epochs_to_target) for x in runs if x.recipe == recipe)
+        back.append(
+            f"| {_removed(meta['recipes'][recipe]['description'])} | {_ttt_cell(c)} | {change} | "
+            f"{_f(c['speedup'], '.2f', 'x')} | {epochs} | {_f(r['samples_per_s'], ',.0f')} | "
+            f"{_seeds_of(runs, recipe)} |"
+        )
+    asked = len(meta["seeds"])
+    counts = sorted({len([x for x in runs if x.recipe == n]) for n in recipes if measured(n)})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    text = ["\n".join(lines)]
+    if len(back) > 2:
+        text += ["", "\n".join(back)]
+    text += [
+        "",
+        f"One {env['gpu']}, driver {env['driver']}, {_versions(env)}, {str(env['date'])[:10]}, commit "
+        f"{env.get('git_commit', '?')}: `lightning-speedup bench --task {meta['task']} --ablation --cache cold "
+        f"--seeds {asked}` ({_link(ABLATION_FOLDER + '/', '../')}); {seeds} seed(s) per step"
+        + (
+            f", not the {asked} the command asked for (the device time ran out; `--resume` continues)"
+            if counts[0] < asked
+            else ""
+        )
+        + ". Times are medians over the seeds listed; the speed-up is over `baseline`'s median.",
+    ]
+    if names:
+        text.append(
+            "Names as today; in that file "
+            + ", ".join(f"`{today}` was `{then}`" for then, today in names.items())
+            + "."
+        )
     if not_run:
         text.append(
             f"Not run (the call's time ran out; names as in the file): {', '.join(f'`{n}`' for n in not_run)}."

@@ -181,13 +181,28 @@ def test_candidates_show_the_graphs_and_the_plain_loop_goal(results_copy: Path) 
     assert "did not isolate the CUDA cache" not in text
 
 
-def test_ablation_lists_each_step_and_what_did_not_run() -> None:
+def test_ablation_lists_each_step_both_directions_and_the_seeds() -> None:
     text = cs.ablation_block(cs.RESULTS, 4.54)
-    steps = [line for line in text.splitlines() if line.startswith("| `")]
-    assert len(steps) == 10 and steps[0].startswith("| `baseline` | - | 54.2 s | 1.00x | - |")
-    assert "| cudnn-benchmark | 47.3 s | 1.15x | +13.6 s |" in text
-    assert steps[-1].startswith("| `speedup-eager-step` | fused-optimizer | 14.6 s | 3.70x | -3.4 s |")
-    assert "Not run (the call's time ran out; names as in the file): `fashion-mnist:speedup-bf16`" in text
+    steps, without = (block.splitlines()[2:] for block in text.split("\n\n")[:2])
+    assert len(steps) == 10 and steps[0].startswith(
+        "| `baseline` | - | 43.1 s (39.0-47.2) | 1.00x | - | 14, 11 |"
+    )
+    assert "| bf16 | 51.2 s (49.8-52.6) | 0.84x | +8.1 s |" in text
+    # `speedup` adds the technique the reverse half takes away last.
+    assert steps[-1].startswith("| `speedup` | fused-optimizer | 6.8 s | 6.32x | -0.3 s |")
+    assert len(without) == 9
+    assert without[1].startswith("| batch | 15.2 s | +8.4 s | 2.83x | 8 |")
+    assert "| drop-last, cuda-graphs | 8.3 s | +1.5 s | 5.17x | 9 |" in text
+    assert "1 to 2 seed(s) per step, not the 3 the command asked for" in text
+    assert "Not run" not in text
+
+
+def test_ablation_says_which_steps_did_not_run(results_copy: Path) -> None:
+    for path in (results_copy / cs.ABLATION_FOLDER / "runs").glob("fashion-mnist:speedup-batch-seed*.json"):
+        path.unlink()
+    text = cs.ablation_block(results_copy, 4.54)
+    assert "Not run (the call's time ran out; names as in the file): `fashion-mnist:speedup-batch`." in text
+    assert "| batch | 15.2 s" not in text
 
 
 def test_tune_block_reports_the_sweep_and_the_cold_verdict(results_copy: Path) -> None:
