@@ -9,7 +9,7 @@ from typing import Literal, overload
 def check_int(
     name: str,
     value: object,
-    minimum: int,
+    minimum: int | None,
     meaning: str = "",
     *,
     allow_none: Literal[False] = False,
@@ -22,7 +22,7 @@ def check_int(
 def check_int(
     name: str,
     value: object,
-    minimum: int,
+    minimum: int | None,
     meaning: str = "",
     *,
     allow_none: bool,
@@ -34,7 +34,7 @@ def check_int(
 def check_int(
     name: str,
     value: object,
-    minimum: int,
+    minimum: int | None,
     meaning: str = "",
     *,
     allow_none: bool = False,
@@ -48,24 +48,23 @@ def check_int(
     Args:
         name: the argument's name, as the caller wrote it.
         value: the value to check.
-        minimum: the smallest allowed value.
+        minimum: the smallest allowed value; ``None`` allows every int (a seed: torch takes negative ones too).
         meaning: what the number is, said in brackets after the bound.
         allow_none: accept ``None`` (the argument's "default" or "off").
         prefix: what the argument belongs to, put before the message (e.g. ``"RandomCrop: "``).
         hint: a sentence appended to the message (e.g. a good value).
 
     Raises:
-        ValueError: ``"{prefix}{name} must be an int >= {minimum}[ or None][ ({meaning})], got {value!r}.[ {hint}]"``
+        ValueError: ``"{prefix}{name} must be an int[ >= {minimum}][ or None][ ({meaning})], got {value!r}.[ {hint}]"``
     """
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
         alternative = " or None" if allow_none else ""
         note = f" ({meaning})" if meaning else ""
         advice = f" {hint}" if hint else ""
-        raise ValueError(
-            f"{prefix}{name} must be an int >= {minimum}{alternative}{note}, got {value!r}.{advice}"
-        )
+        raise ValueError(f"{prefix}{name} must be an int{bound}{alternative}{note}, got {value!r}.{advice}")
     return value
 
 

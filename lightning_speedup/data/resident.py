@@ -49,12 +49,6 @@ def _format_bytes(n: float) -> str:
     return f"{n / 1024:,.1f} GiB"
 
 
-def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int; got {seed!r}.")
-    return seed
-
-
 def _check_tensors(tensors: object, name: str) -> tuple[Tensor, ...]:
     if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence) or not tensors:
         raise ValueError(
@@ -109,7 +103,7 @@ class ResidentBatches:
                 f"ResidentBatches needs all tensors on one device; got {sorted(map(str, devices))}."
             )
         check_int("batch_size", batch_size, 1)
-        _check_seed(seed)
+        check_int("seed", seed, minimum=None)
         if not (
             isinstance(world_size, int)
             and world_size >= 1
@@ -230,7 +224,7 @@ class DeviceResidentDataModule(L.LightningDataModule):
                 f"budget_fraction must be a number in (0, 1] (the share of free device memory the data may take); "
                 f"got {budget_fraction!r}."
             )
-        _check_seed(seed)
+        check_int("seed", seed, minimum=None)
         check_int("num_workers", num_workers, 0, meaning="worker processes of the fallback DataLoader")
         self.batch_size = batch_size
         self.val_batch_size = batch_size if val_batch_size is None else val_batch_size

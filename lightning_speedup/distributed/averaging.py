@@ -12,8 +12,9 @@ intra-node DDP of ``hierarchical`` mode. This base class holds everything they s
 - consistency where users look: validation, ``trainer.save_checkpoint`` (``state_dict``) and the
   model after ``fit`` are the exact average over processes, while training continues from each
   process's own parameters;
-- exact resume: every process's own parameters and optimizer state, the step counter and the
-  algorithm's state go into the checkpoint under ``"lightning_speedup.distributed"``;
+- exact resume: every process's own parameters and optimizer state and the algorithm's state go into
+  the checkpoint under ``"lightning_speedup.distributed"`` (the schedule's step is the trainer's
+  global step, which Lightning's own checkpoint restores);
 - metrics through ``LightningModule.log``: ``dist/bytes_sent`` and ``dist/comm_time_s`` per step,
   ``dist/consensus_distance`` every ``consensus_every`` steps.
 
@@ -242,6 +243,7 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
         self._buffers: FlatBuckets | None = None
         self._timer: CommTimer | None = None
         self._step = 0
+        self._fit_start_step = 0
         self._in_consensus = True
         self._stash: tuple[list[Tensor], list[Tensor]] | None = None
         self._resume: dict[str, Any] | None = None
@@ -271,7 +273,7 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
         # The schedule (sync_every, warmup_steps, gossip rounds) counts the trainer's optimizer steps. The loops are
         # restored by now, so this also covers a second trainer.fit on the same Trainer and a checkpoint of
         # another strategy (DDP) or without this strategy's state: it continues there rather than from 0.
-        self._step = trainer.global_step
+        self._step = self._fit_start_step = trainer.global_step
         total = run_total_steps(trainer)
         reason = None if total is None else self._inactive_reason(total, trainer.global_step)
         if reason:
@@ -353,6 +355,8 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
             pad_to=self._comm.num_shards,
         )
         self._timer = CommTimer(self.root_device)
+        # comm_stats are the totals of one fit: a second fit on the same Trainer starts them over
+        self._bytes_total, self._comm_seconds_total, self._last_consensus = 0, 0.0, None
         self._in_consensus = True
         self._broadcast_from_rank_zero(module)
         self._on_setup()
@@ -447,13 +451,14 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
 
     @property
     def comm_stats(self) -> dict[str, float]:
-        """Totals of this fit: bytes sent, seconds communicating, optimizer steps, last consensus distance."""
+        """Totals of the current (or last) fit: bytes sent, seconds communicating, optimizer steps, last consensus
+        distance (NaN if none was measured). Each ``fit`` starts them from zero, a resumed one too."""
         if self._timer is not None:
             self._comm_seconds_total += self._timer.pop_seconds(wait=True)
         return {
             "bytes_sent": float(self._bytes_total),
             "comm_time_s": self._comm_seconds_total,
-            "steps": float(self._step),
+            "steps": float(self._step - self._fit_start_step),
             "consensus_distance": float("nan") if self._last_consensus is None else self._last_consensus,
         }
 
@@ -548,11 +553,9 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
             self._finish_comm()
             shared = None
             if self.global_rank == 0:
-                shared = {
-                    "step": self._step,
-                    "in_consensus": self._in_consensus,
-                    **_to_cpu(self._shared_state()),
-                }
+                # No step counter: on_train_start takes the schedule's step from the restored global step. (Older
+                # checkpoints carry a "step" here; nothing reads it.)
+                shared = {"in_consensus": self._in_consensus, **_to_cpu(self._shared_state())}
             put_rank_states(checkpoint, self, self._rank_state(), shared=shared)
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 

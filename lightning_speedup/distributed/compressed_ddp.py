@@ -60,16 +60,20 @@ def _check_backend_sums_bf16() -> None:
 class CompressedDDPStrategy(CleanExitDDPStrategy):
     """DDP whose gradient all-reduce goes through a compression comm hook.
 
+    The PowerSGD arguments (``rank`` to ``cuda_graphs``) default to ``None``, which means PowerSGD's default
+    (given in brackets); with ``compression="bf16"`` or ``"fp16"`` they must be left unset.
+
     Args:
         compression: "bf16", "fp16" (16-bit all-reduce) or "powersgd".
-        rank: PowerSGD approximation rank per matrix.
-        start_iter: PowerSGD: plain fp32 all-reduce for the first ``start_iter`` iterations.
-        min_compression_rate: PowerSGD: compress an ``n x m`` matrix only if ``n m / (rank (n + m))`` reaches this.
-        error_feedback: PowerSGD: add each process's last compression error to its next gradient.
-        warm_start: PowerSGD: reuse the previous ``Q`` as the start of the power iteration.
-        seed: PowerSGD: seed of the random initial ``Q``.
+        rank: PowerSGD approximation rank per matrix (4).
+        start_iter: PowerSGD: plain fp32 all-reduce for the first ``start_iter`` iterations (100).
+        min_compression_rate: PowerSGD: compress an ``n x m`` matrix only if ``n m / (rank (n + m))`` reaches
+            this (2.0).
+        error_feedback: PowerSGD: add each process's last compression error to its next gradient (True).
+        warm_start: PowerSGD: reuse the previous ``Q`` as the start of the power iteration (True).
+        seed: PowerSGD: seed of the random initial ``Q`` (0).
         cuda_graphs: PowerSGD on CUDA: replay the compression as CUDA graphs once DDP's buckets are
-            stable (``PowerSGDState.cuda_graphs``); ``False`` runs it eagerly every step.
+            stable (``PowerSGDState.cuda_graphs``); ``False`` runs it eagerly every step (True).
         log_metrics: log ``dist/bytes_sent`` (gradient bytes this process sent) per optimizer step.
         gradient_as_bucket_view: ``True`` here (DDP's default is ``False``): parameters' ``.grad`` are views of
             the communication buckets, which saves a copy of every gradient into the buckets and back each step,
@@ -79,7 +83,8 @@ class CompressedDDPStrategy(CleanExitDDPStrategy):
             ignored.
 
     Raises:
-        ValueError: an unknown ``compression``, ``rank`` < 1, ``start_iter`` < 0, ``min_compression_rate`` < 0,
+        ValueError: an unknown ``compression``, a PowerSGD argument given with ``compression`` "bf16" or "fp16"
+            (it would do nothing), ``rank`` < 1, ``start_iter`` < 0, ``min_compression_rate`` < 0, a non-int ``seed``,
             a keyword that neither ``DDPStrategy`` nor ``DistributedDataParallel`` takes, DDP comm-hook arguments
             (``ddp_comm_hook``, ``ddp_comm_state``, ``ddp_comm_wrapper``, ``model_averaging_period``) that would
             conflict with the chosen hook; in ``setup``: bf16 on a backend that cannot sum bfloat16.
@@ -93,29 +98,44 @@ class CompressedDDPStrategy(CleanExitDDPStrategy):
     def __init__(
         self,
         compression: str = "bf16",
-        rank: int = 4,
-        start_iter: int = 100,
-        min_compression_rate: float = 2.0,
-        error_feedback: bool = True,
-        warm_start: bool = True,
-        seed: int = 0,
-        cuda_graphs: bool = True,
+        rank: int | None = None,
+        start_iter: int | None = None,
+        min_compression_rate: float | None = None,
+        error_feedback: bool | None = None,
+        warm_start: bool | None = None,
+        seed: int | None = None,
+        cuda_graphs: bool | None = None,
         log_metrics: bool = True,
         gradient_as_bucket_view: bool = True,
         **kwargs: Any,
     ) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(f"Unknown compression {compression!r}; choose one of {list(COMPRESSIONS)}.")
-        check_int("rank (PowerSGD approximation rank)", rank, 1)
-        check_int("start_iter", start_iter, 0)
-        check_float("min_compression_rate (compress a matrix only if it shrinks by this factor; 0 = all)",
-                    min_compression_rate, 0, above=False)  # fmt: skip
-        for name, flag in (("error_feedback", error_feedback), ("warm_start", warm_start),
-                           ("cuda_graphs", cuda_graphs), ("log_metrics", log_metrics),
-                           ("gradient_as_bucket_view", gradient_as_bucket_view)):  # fmt: skip
-            check_bool(name, flag)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed (of PowerSGD's random initial Q) must be an int, got {seed!r}.")
+        # PowerSGD's arguments default to None ("not given"), so that one given with another compression is refused
+        # even at PowerSGD's default value (LightningCLI passes them all, at None).
+        powersgd_only = (("rank", rank), ("start_iter", start_iter), ("min_compression_rate", min_compression_rate),
+                         ("error_feedback", error_feedback), ("warm_start", warm_start), ("seed", seed),
+                         ("cuda_graphs", cuda_graphs))  # fmt: skip
+        given = [name for name, value in powersgd_only if value is not None]
+        if given and compression != "powersgd":
+            raise ValueError(
+                f"CompressedDDPStrategy(compression={compression!r}): {given} configure PowerSGD only and would "
+                "do nothing. Drop them or pass compression='powersgd'."
+            )
+        rank = check_int("rank (PowerSGD approximation rank)", 4 if rank is None else rank, 1)
+        start_iter = check_int("start_iter", 100 if start_iter is None else start_iter, 0)
+        min_compression_rate = check_float(
+            "min_compression_rate (compress a matrix only if it shrinks by this factor; 0 = all)",
+            2.0 if min_compression_rate is None else min_compression_rate, 0, above=False,
+        )  # fmt: skip
+        error_feedback = check_bool("error_feedback", True if error_feedback is None else error_feedback)
+        warm_start = check_bool("warm_start", True if warm_start is None else warm_start)
+        cuda_graphs = check_bool("cuda_graphs", True if cuda_graphs is None else cuda_graphs)
+        seed = check_int(
+            "seed", 0 if seed is None else seed, minimum=None, meaning="of PowerSGD's random initial Q"
+        )
+        check_bool("log_metrics", log_metrics)
+        check_bool("gradient_as_bucket_view", gradient_as_bucket_view)
         kwargs = check_ddp_kwargs(type(self), kwargs)
         clashing = sorted(
             k
@@ -208,7 +228,8 @@ class CompressedDDPStrategy(CleanExitDDPStrategy):
 
     @property
     def comm_stats(self) -> dict[str, float]:
-        """Totals of this fit: gradient bytes sent by this process (and PowerSGD's compression ratio)."""
+        """Totals of the current (or last) fit: gradient bytes sent by this process (and PowerSGD's compression
+        ratio). Each ``fit`` starts them from zero (``setup`` registers a fresh hook state)."""
         state = self._hook_state
         stats = {"bytes_sent": float(state.bytes_sent) if state is not None else 0.0}
         if isinstance(state, PowerSGDState) and state.numel_after:

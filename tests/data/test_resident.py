@@ -80,8 +80,9 @@ def test_drop_last_and_bad_arguments() -> None:
         ({"budget_fraction": float("inf")}, "budget_fraction must be a number"),
         ({"budget_fraction": 0.0}, "budget_fraction must be a number"),
         ({"val_batch_size": 0}, "val_batch_size must be an int >= 1 or None, got 0"),
-        ({"seed": 1.5}, r"seed must be an int; got 1\.5"),
-        ({"seed": "0"}, "seed must be an int; got '0'"),
+        ({"seed": 1.5}, r"^seed must be an int, got 1\.5\.$"),  # the package's one message for seeds
+        ({"seed": "0"}, r"^seed must be an int, got '0'\.$"),
+        ({"seed": True}, r"^seed must be an int, got True\.$"),
         ({"num_workers": -1}, r"num_workers must be an int >= 0 \(worker processes"),
         ({"num_workers": 2.0}, "num_workers must be an int >= 0"),
     ],
@@ -94,7 +95,7 @@ def test_bad_numeric_arguments_are_clear_errors(kwargs: dict[str, Any], match: s
 
 def test_resident_batches_seed_must_be_an_int() -> None:
     x, y = ids(50)
-    with pytest.raises(ValueError, match=r"seed must be an int; got 0\.5"):
+    with pytest.raises(ValueError, match=r"^seed must be an int, got 0\.5\.$"):
         ResidentBatches((x, y), batch_size=8, seed=0.5)  # type: ignore[arg-type]
 
 

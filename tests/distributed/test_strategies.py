@@ -274,31 +274,30 @@ RESUMABLE = {
 }
 
 
-@pytest.mark.parametrize("name", list(RESUMABLE))
-def test_resume_is_bitwise_exact(shakespeare_path: Path, tmp_path: Path, name: str) -> None:
-    """Interrupted after epoch 1 (5 steps: between syncs) and resumed == uninterrupted, bitwise, on every rank:
-    parameters, buffers, optimizer state, and each rank's own copy before the final sync."""
+def _resume_run(
+    name: str, tag: str, ckpt_path: str | None, data: Path, tmp_path: Path
+) -> list[dict[str, Any]]:
+    """3 epochs of 5 optimizer steps on 2 processes with ``RESUMABLE[name]``, a checkpoint after each epoch."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / tag, filename="{epoch}", save_top_k=-1)
+    return _fit(
+        tag,
+        RESUMABLE[name](),
+        2,
+        data,
+        tmp_path,
+        module=lambda v: CharMLP(v, optimizer="adam", lr=3e-3),
+        n_train=320,
+        max_epochs=3,
+        limit_val_batches=0,
+        enable_checkpointing=True,
+        callbacks=[ckpt],
+        ckpt_path=ckpt_path,
+    )
 
-    def run(tag: str, ckpt_path: str | None) -> list[dict[str, Any]]:
-        ckpt = ModelCheckpoint(dirpath=tmp_path / tag, filename="{epoch}", save_top_k=-1)
-        return _fit(
-            tag,
-            RESUMABLE[name](),
-            2,
-            shakespeare_path,
-            tmp_path,
-            module=lambda v: CharMLP(v, optimizer="adam", lr=3e-3),
-            n_train=320,
-            max_epochs=3,
-            limit_val_batches=0,
-            enable_checkpointing=True,
-            callbacks=[ckpt],
-            ckpt_path=ckpt_path,
-        )
 
-    full = run("full", None)
-    resumed = run("resumed", str(tmp_path / "full" / "epoch=0.ckpt"))
-    for r in range(2):
+def _assert_same_end(full: list[dict[str, Any]], resumed: list[dict[str, Any]]) -> None:
+    """Bitwise equal on every rank: parameters, buffers, optimizer state, each rank's own copy before the final sync."""
+    for r in range(len(full)):
         for key in ("state", "before_final"):
             for k, v in full[r][key].items():
                 assert torch.equal(v, resumed[r][key][k]), (r, key, k)
@@ -306,12 +305,40 @@ def test_resume_is_bitwise_exact(shakespeare_path: Path, tmp_path: Path, name: s
             for pid, st in a["state"].items():
                 for k, v in st.items():
                     assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["state"][pid][k])), (r, pid, k)
+
+
+@pytest.mark.parametrize("name", list(RESUMABLE))
+def test_resume_is_bitwise_exact(shakespeare_path: Path, tmp_path: Path, name: str) -> None:
+    """Interrupted after epoch 1 (5 steps: between syncs) and resumed == uninterrupted, bitwise, on every rank:
+    parameters, buffers, optimizer state, and each rank's own copy before the final sync."""
+    full = _resume_run(name, "full", None, shakespeare_path, tmp_path)
+    resumed = _resume_run(
+        name, "resumed", str(tmp_path / "full" / "epoch=0.ckpt"), shakespeare_path, tmp_path
+    )
+    _assert_same_end(full, resumed)
     # the interruption mattered: ranks disagreed at the checkpoint (except DDP-based PowerSGD)
     saved = torch.load(tmp_path / "full" / "epoch=0.ckpt", weights_only=False)[lsd.CHECKPOINT_KEY]
     if name != "ddp_powersgd":
         assert saved["ranks"][0]["params"] is not None
     else:
         assert saved["ranks"][0]["errors"] and saved["ranks"][0]["iteration"] == 5
+
+
+def test_the_checkpoint_has_no_step_field_and_an_old_one_with_it_resumes_exactly(
+    shakespeare_path: Path, tmp_path: Path
+) -> None:
+    """The averaging strategies wrote their step counter into the checkpoint's shared state, which nothing read:
+    the schedule's step comes from the trainer's global step at ``on_train_start``. It is no longer written, and a
+    checkpoint written before (with ``"step"``) still resumes bitwise like the uninterrupted run."""
+    full = _resume_run("diloco", "full", None, shakespeare_path, tmp_path)
+    path = tmp_path / "full" / "epoch=0.ckpt"
+    checkpoint = torch.load(path, weights_only=False)
+    shared = checkpoint[lsd.CHECKPOINT_KEY]["shared"]
+    assert "step" not in shared, sorted(shared)
+    shared["step"] = checkpoint["global_step"]  # what the strategies wrote before: the step counter (5)
+    old = tmp_path / "old_format.ckpt"
+    torch.save(checkpoint, old)
+    _assert_same_end(full, _resume_run("diloco", "resumed", str(old), shakespeare_path, tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------- precision, fit twice
@@ -354,15 +381,19 @@ class _RanksAgree(L.Callback):
             self.steps.append(trainer.global_step)
 
 
-def _fit_twice(
-    rank: int, world_size: int, data: str, tmp: str, make: tuple[type, dict[str, Any]], expected: list[int]
-) -> None:
+def _join_the_process_group(rank: int, world_size: int) -> None:
     # The process group exists (run_processes); a torchelastic-like environment makes Lightning use it instead of
     # launching processes itself, so that one Trainer can fit twice (spawned/forked launches refuse to).
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size), TORCHELASTIC_RUN_ID="fit_twice",
     )  # fmt: skip
+
+
+def _fit_twice(
+    rank: int, world_size: int, data: str, tmp: str, make: tuple[type, dict[str, Any]], expected: list[int]
+) -> None:
+    _join_the_process_group(rank, world_size)
     L.seed_everything(0, verbose=False)
     train, _, vocab = loaders(Path(data))
     model = CharMLP(vocab)
@@ -390,6 +421,42 @@ def test_a_second_fit_continues_the_sync_schedule(
     optimizer steps. It restarted from 0 at each fit: local SGD averaged at step 12 instead of 10, and DiLoCo ran
     its every-step warm-up again at steps 8-10. (Step 7's end-of-fit sync comes after the batch hooks.)"""
     run_processes(_fit_twice, 2, str(shakespeare_path), str(tmp_path), make, expected)
+
+
+def _comm_stats_of_two_fits(
+    rank: int, world_size: int, data: str, tmp: str, make: tuple[type, dict[str, Any]]
+) -> None:
+    _join_the_process_group(rank, world_size)
+    L.seed_everything(0, verbose=False)
+    train, _, vocab = loaders(Path(data))
+    model = CharMLP(vocab)
+    cls, kwargs = make
+    t = trainer(cls(**kwargs), world_size, Path(tmp), max_steps=7, limit_val_batches=0)
+    t.fit(model, train)
+    first = t.strategy.comm_stats
+    t.fit_loop.epoch_loop.max_steps = 12
+    t.fit(model, train)
+    second = t.strategy.comm_stats
+    # the same bytes every step: 7 steps, then 5
+    assert first["bytes_sent"] > 0, first
+    assert second["bytes_sent"] == pytest.approx(first["bytes_sent"] * 5 / 7), (first, second)
+    if "steps" in first:
+        assert (first["steps"], second["steps"]) == (7, 5), (first, second)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        (lsd.LocalSGDStrategy, {"sync_every": 1}),
+        (lsd.CompressedDDPStrategy, {"compression": "bf16"}),
+    ],
+    ids=["local_sgd", "ddp_bf16"],
+)
+def test_comm_stats_are_the_totals_of_each_fit(shakespeare_path: Path, tmp_path: Path, make: Any) -> None:
+    """``comm_stats`` are the totals of the last ``fit`` (as the card says): a second ``fit`` on one Trainer
+    (7 then 5 more optimizer steps, the same bytes each step) reports 5 steps' bytes. The averaging strategies
+    added the second fit's to the first's (12 steps' bytes, and ``steps`` 12)."""
+    run_processes(_comm_stats_of_two_fits, 2, str(shakespeare_path), str(tmp_path), make)
 
 
 class _RanksAgreeDump(_RanksAgree):
@@ -476,16 +543,22 @@ def test_powersgd_start_iter_counts_the_global_step_after_a_ddp_checkpoint(
         ),
         (lambda: lsd.CompressedDDPStrategy(ddp_comm_hook=print), r"installs its own comm hook"),
         (
-            lambda: lsd.CompressedDDPStrategy(min_compression_rate=-1),
+            lambda: lsd.CompressedDDPStrategy(compression="powersgd", min_compression_rate=-1),
             r"min_compression_rate .* must be a finite number >= 0, got -1",
         ),
         # NaN passes every comparison and a non-empty string is truthy: both were taken before.
-        (lambda: lsd.CompressedDDPStrategy(min_compression_rate=math.inf), r"finite number >= 0, got inf"),
+        (
+            lambda: lsd.CompressedDDPStrategy(compression="powersgd", min_compression_rate=math.inf),
+            r"finite number >= 0, got inf",
+        ),
         (lambda: lsd.DiLoCoStrategy(outer_lr=math.nan), r"outer_lr must be a finite number > 0, got nan"),
         (lambda: lsd.LocalSGDStrategy(bucket_cap_mb=math.nan), r"bucket_cap_mb must be a finite number > 0"),
         (lambda: lsd.GossipSGDStrategy(overlap="no"), r"overlap must be True or False, got 'no'"),
         (lambda: lsd.LocalSGDStrategy(log_metrics="no"), r"log_metrics must be True or False"),
-        (lambda: lsd.CompressedDDPStrategy(cuda_graphs="off"), r"cuda_graphs must be True or False"),
+        (
+            lambda: lsd.CompressedDDPStrategy(compression="powersgd", cuda_graphs="off"),
+            r"cuda_graphs must be True or False",
+        ),
         (lambda: lsd.DiLoCoStrategy(nesterov="yes"), r"nesterov must be True or False"),
         (
             lambda: lsd.CompressedDDPStrategy(foo=1),
@@ -511,13 +584,66 @@ def test_powersgd_start_iter_counts_the_global_step_after_a_ddp_checkpoint(
         # a non-int seed was accepted and failed inside the backward pass of the first compressed step
         (
             lambda: lsd.CompressedDDPStrategy(compression="powersgd", seed="a"),
-            r"seed \(of PowerSGD's random initial Q\) must be an int, got 'a'",
+            r"^seed must be an int \(of PowerSGD's random initial Q\), got 'a'\.$",
         ),
     ],
 )
 def test_bad_arguments_are_rejected_early(build: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build()
+
+
+POWERSGD_ONLY = {
+    "rank": 4,
+    "start_iter": 100,
+    "min_compression_rate": 2.0,
+    "error_feedback": True,
+    "warm_start": True,
+    "seed": 0,
+    "cuda_graphs": True,
+}
+
+
+@pytest.mark.parametrize("compression", ["bf16", "fp16"])
+@pytest.mark.parametrize(("name", "value"), list(POWERSGD_ONLY.items()))
+def test_powersgd_arguments_without_powersgd_are_refused(compression: str, name: str, value: Any) -> None:
+    """An argument that configures PowerSGD did nothing with 16-bit compression and was taken without a word
+    (``rank=8`` with ``compression="bf16"``). Given at all, even at PowerSGD's default value, it is refused."""
+    match = (
+        rf"^CompressedDDPStrategy\(compression='{compression}'\): \['{name}'\] configure PowerSGD only and would "
+        r"do nothing\. Drop them or pass compression='powersgd'\.$"
+    )
+    with pytest.raises(ValueError, match=match):
+        lsd.CompressedDDPStrategy(compression=compression, **{name: value})
+    with pytest.raises(ValueError, match=r"\['rank', 'seed'\] configure PowerSGD only"):
+        lsd.CompressedDDPStrategy(compression=compression, seed=1, rank=8)
+
+
+def test_compressed_ddp_without_powersgd_arguments_builds_from_strings_and_yaml(tmp_path: Path) -> None:
+    """PowerSGD's settings are ``None`` ("not given") in the signature and resolve to its defaults; a 16-bit
+    strategy from the registry or from a LightningCLI YAML (which passes every argument at its default) builds."""
+    pytest.importorskip("jsonargparse", reason="LightningCLI needs jsonargparse[signatures] (dev extra)")
+    import yaml
+    from lightning.pytorch.cli import LightningCLI
+
+    s = lsd.CompressedDDPStrategy(compression="powersgd")
+    resolved = (s.powersgd_rank, s.start_iter, s.min_compression_rate, s.error_feedback, s.warm_start, s.seed,
+                s.cuda_graphs)  # fmt: skip
+    assert resolved == tuple(POWERSGD_ONLY.values())
+    t = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_bf16_compress", logger=False)
+    assert isinstance(t.strategy, lsd.CompressedDDPStrategy) and t.strategy.compression == "bf16"
+
+    def cli(init_args: dict[str, Any]) -> L.Trainer:
+        strategy = {"class_path": "lightning_speedup.CompressedDDPStrategy", "init_args": init_args}
+        config = {"trainer": {"logger": False, "accelerator": "cpu", "devices": 2, "strategy": strategy}}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return LightningCLI(CharMLP, run=False, args=["--config", str(path), "--model.vocab", "65"]).trainer
+
+    s = cli({"compression": "fp16"}).strategy
+    assert isinstance(s, lsd.CompressedDDPStrategy) and s.compression == "fp16"
+    with pytest.raises(ValueError, match=r"\['start_iter'\] configure PowerSGD only"):
+        cli({"compression": "fp16", "start_iter": 10})
 
 
 @pytest.mark.parametrize(
