@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_speedup._validation import check_int
 from lightning_speedup.data.augment import Compose, ImageOp, MixOp, batch_seed
 
 __all__ = ["GPUAugment"]
@@ -157,8 +158,7 @@ class GPUAugment(Callback):
                 raise ValueError(
                     f"{name} must be an int (tuple/list index) or a str (dict key/attribute); got {key!r}."
                 )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an int or None; got {seed!r}.")
+        check_int("seed", seed, None, allow_none=True)
         self.eval_pipeline = self.pipeline.deterministic() if convert_eval else None
         self._init_seed = seed
         self.seed: int | None = seed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import lightning as L
@@ -273,6 +274,11 @@ def test_bad_inputs_name_found_and_expected_shapes() -> None:
         GPUAugment(RandomHorizontalFlip(), image_key=1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not both"):
         GPUAugment(RandomHorizontalFlip(), ops=[RandomHorizontalFlip()])
+    for seed in (1.5, "0", True):  # the package's one message for seeds
+        with pytest.raises(
+            ValueError, match=rf"^seed must be an int or None, got {re.escape(repr(seed))}\.$"
+        ):
+            GPUAugment(RandomHorizontalFlip(), seed=seed)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"Cutout\(size=100\) is larger than the 28x28 images.*size <= 28"):
         Cutout(100)(torch.zeros(2, 1, 28, 28))
 
