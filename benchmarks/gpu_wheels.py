@@ -9,6 +9,12 @@ image already. The versions are the ones this checkout's tests run with.
     python benchmarks/gpu_wheels.py --out .whl        # then carry ".whl" (listed in .gitignore)
 
 On the device, `bash benchmarks/run_on_gpu.sh tune` installs them into /tmp/site before it sweeps.
+
+`--bitsandbytes` builds the bitsandbytes wheel instead (the quantization benchmarks' bnb formats; the image
+lacks it too): 43 MB as published, about 2 MB with only the native library of the device's CUDA (`--cuda`,
+13.0 there) and the CPU one, so it travels beside the data:
+
+    python benchmarks/gpu_wheels.py --bitsandbytes --out .whl     # benchmarks/device_env.sh installs .whl/*
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ RAY_STRIP = (
     "ray/serve/",
     "ray/llm/",
 )
+# The bitsandbytes release the quantization benchmarks were written against (pyproject's `quant` extra allows newer).
+BITSANDBYTES = "0.50.2"
 PLATFORMS = (
     "manylinux_2_28_x86_64",
     "manylinux_2_24_x86_64",
@@ -83,6 +91,18 @@ def strip_wheel(wheel: Path, prefixes: tuple[str, ...], out: Path) -> tuple[int,
     return kept, dropped
 
 
+def bnb_strip(wheel: Path, cuda: str) -> tuple[str, ...]:
+    """The native libraries of a bitsandbytes wheel other than the one for CUDA ``cuda`` (e.g. "13.0" keeps
+    ``libbitsandbytes_cuda130.so``) and the CPU one: ROCm, XPU and other CUDA versions."""
+    keep = (f"libbitsandbytes_cuda{cuda.replace('.', '')}.", "libbitsandbytes_cpu.")
+    with zipfile.ZipFile(wheel) as z:
+        libs = [n for n in z.namelist() if n.startswith("bitsandbytes/libbitsandbytes_")]
+    if not any(Path(n).name.startswith(keep[0]) for n in libs):
+        found = sorted(Path(n).name for n in libs)
+        raise SystemExit(f"{wheel.name} has no native library for CUDA {cuda}; it has {found}. Pass --cuda.")
+    return tuple(n for n in libs if not Path(n).name.startswith(keep))
+
+
 def download(names: dict[str, str], dest: Path, python: str) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
            "--python-version", python, "--implementation", "cp", "-d", str(dest)]  # fmt: skip
@@ -96,14 +116,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(".whl"))
     p.add_argument("--python", default="3.12", help="the device image's Python version")
+    p.add_argument(
+        "--bitsandbytes", action="store_true", help="build the bitsandbytes wheel instead of Ray's"
+    )
+    p.add_argument("--cuda", default="13.0", help="with --bitsandbytes: the device's CUDA version (13.0)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    packages = {"bitsandbytes": BITSANDBYTES} if args.bitsandbytes else PACKAGES
     with tempfile.TemporaryDirectory() as tmp:
-        download(PACKAGES, Path(tmp), args.python)
+        download(packages, Path(tmp), args.python)
         for wheel in sorted(Path(tmp).glob("*.whl")):
             target = args.out / wheel.name
-            if wheel.name.startswith("ray-"):
-                kept, dropped = strip_wheel(wheel, RAY_STRIP, target)
+            strip = RAY_STRIP if wheel.name.startswith("ray-") else ()
+            if wheel.name.startswith("bitsandbytes-"):
+                strip = bnb_strip(wheel, args.cuda)
+            if strip:
+                kept, dropped = strip_wheel(wheel, strip, target)
                 print(f"{wheel.name}: {wheel.stat().st_size / 2**20:.1f} MiB -> {target.stat().st_size / 2**20:.1f} "
                       f"MiB ({dropped} files dropped, {kept} kept)")  # fmt: skip
             else:

@@ -96,7 +96,8 @@ set_quantization() {
 
 # The char-LM's own inference: every format against bf16 on the bench's char-LM (its shape, random weights: speed,
 # latency and memory; its accuracy after quantization is quant_accuracy.py's), eager with CUDA graphs, then the
-# Triton formats compiled. bitsandbytes' formats run only where its wheel was carried in .whl/.
+# Triton formats compiled. bitsandbytes' formats run only where its wheel was carried in .whl/
+# (`python benchmarks/gpu_wheels.py --bitsandbytes --out .whl`, 3.4 MiB; device_env.sh installs it).
 set_quant_charlm() {
   job quant-speed-charlm 0 python benchmarks/quant_speed.py --model char-lm --repeats 5 \
     --out "$WORK/quant_speed_charlm.json"

@@ -10,6 +10,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 _spec = importlib.util.spec_from_file_location(
     "gpu_wheels", Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_wheels.py"
 )
@@ -64,3 +66,25 @@ def test_ray_strip_list_names_only_parts_a_local_sweep_does_not_import() -> None
     assert (
         "ray/tune/" not in RAY_STRIP and "ray/dashboard/" not in RAY_STRIP
     )  # the dashboard agent runs per node
+
+
+def test_bnb_strip_keeps_the_devices_cuda_library_and_the_cpu_one(tmp_path: Path) -> None:
+    libs = ["cpu", "cuda118", "cuda128", "cuda130", "cuda132", "rocm64", "xpu2025"]
+    files = {f"bitsandbytes/libbitsandbytes_{lib}.so": lib.encode() for lib in libs}
+    files["bitsandbytes/__init__.py"] = b"# bnb\n"
+    wheel = _wheel(tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl", files)
+    dropped = gpu_wheels.bnb_strip(wheel, "13.0")
+    assert sorted(Path(n).name for n in dropped) == [
+        f"libbitsandbytes_{lib}.so" for lib in ("cuda118", "cuda128", "cuda132", "rocm64", "xpu2025")
+    ]
+    out = tmp_path / "out" / wheel.name
+    out.parent.mkdir()
+    strip_wheel(wheel, dropped, out)
+    with zipfile.ZipFile(out) as z:
+        assert sorted(n for n in z.namelist() if n.endswith(".so")) == [
+            "bitsandbytes/libbitsandbytes_cpu.so",
+            "bitsandbytes/libbitsandbytes_cuda130.so",
+        ]
+    # A CUDA the wheel has no library for is an error that names what it has, not a wheel that cannot load.
+    with pytest.raises(SystemExit, match=r"no native library for CUDA 12\.9.*libbitsandbytes_cuda130\.so"):
+        gpu_wheels.bnb_strip(wheel, "12.9")
