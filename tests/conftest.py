@@ -142,3 +142,52 @@ def _fresh_rendezvous_port() -> Iterator[None]:
     os.environ.pop("MASTER_PORT", None)
     yield
     os.environ.pop("MASTER_PORT", None)
+
+
+# What a one-process Lightning fit run in this process leaves behind in os.environ, besides MASTER_PORT (see
+# above): the launch variables (with LOCAL_RANK set, a later launch starts no peers) and OMP_NUM_THREADS.
+_LEFT_BY_IN_PROCESS_FITS = (
+    "MASTER_ADDR",
+    "NODE_RANK",
+    "LOCAL_RANK",
+    "GROUP_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "OMP_NUM_THREADS",
+)
+_SESSION_ENV = {key: os.environ.get(key) for key in _LEFT_BY_IN_PROCESS_FITS}
+
+
+def _no_distributed_state() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in _SESSION_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _no_state_from_in_process_fits() -> Iterator[None]:
+    """Every test starts and ends without a process group and with the session's OMP_NUM_THREADS and launch
+    variables, whatever a one-process fit (DDP-type strategy, ``devices=1``) run in this process left.
+
+    Such a fit leaves two things that each hang a later forked launch (``start_method="fork"``) in this
+    process (tests/distributed/test_fork_after_in_process_fit.py):
+
+    * its world-size-1 gloo process group, which Lightning never destroys. Forked ranks inherit it,
+      Lightning's setup then skips ``init_process_group`` ("already initialized"), and the first collective
+      waits forever on the inherited group, whose worker threads exist only in this process;
+    * ``OMP_NUM_THREADS`` (Lightning's launcher sets it to the CPU count here, for one process). Forked
+      ranks then keep that many OpenMP threads instead of taking CPUs / ranks, and GNU OpenMP, whose thread
+      pool the fit used in this process, is not fork-safe: their first parallel region never ends.
+
+    Either one alone hangs; MASTER_PORT is the fixture above's.
+    """
+    threads = torch.get_num_threads()
+    _no_distributed_state()
+    yield
+    _no_distributed_state()
+    torch.set_num_threads(threads)
