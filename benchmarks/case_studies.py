@@ -21,7 +21,7 @@ import json
 import re
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -550,26 +550,37 @@ def ablation_block(results: Path, price: float) -> str:
         r = by.get(recipe)
         return r if r is not None and r["cold"]["runs"] else None
 
+    def change(c: dict[str, Any], ref: dict[str, Any] | None) -> str:
+        """``c``'s median time to target minus ``ref``'s, or '-' where either is missing."""
+        if ref is None or c["ttt_median_s"] is None or ref["ttt_median_s"] is None:
+            return "-"
+        return f"{c['ttt_median_s'] - ref['ttt_median_s']:+.1f} s"
+
+    def epochs(recipe: str) -> str:
+        return ", ".join(str(x.epochs_to_target) for x in runs if x.recipe == recipe)
+
     lines = [
         "| step | technique added | cold time to target | speed-up over `baseline` | "
         "change over the step before | epochs | warm-up | samples/s | seeds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    not_run: list[str] = []
+
+    def ran(recipes: list[str]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+        """(recipe, its summary row, its cold summary) of the recipes that ran; the others go to ``not_run``."""
+        for recipe in recipes:
+            r = measured(recipe)
+            if r is None:
+                not_run.append(recipe)
+            else:
+                yield recipe, r, r["cold"]
+
     previous = None
-    not_run = []
-    for recipe in forward:
-        r = measured(recipe)
-        if r is None:
-            not_run.append(recipe)
-            continue
-        c = r["cold"]
+    for recipe, r, c in ran(forward):
         added = recipe.rsplit("+", 1)[1] if "+" in recipe else ("-" if recipe == "baseline" else last)
-        change = "-"
-        if previous is not None and c["ttt_median_s"] is not None and previous["ttt_median_s"] is not None:
-            change = f"{c['ttt_median_s'] - previous['ttt_median_s']:+.1f} s"
-        epochs = ", ".join(str(x.epochs_to_target) for x in runs if x.recipe == recipe)
         lines.append(
-            f"| `{r['name']}` | {added} | {_ttt_cell(c)} | {_f(c['speedup'], '.2f', 'x')} | {change} | {epochs} | "
+            f"| `{r['name']}` | {added} | {_ttt_cell(c)} | {_f(c['speedup'], '.2f', 'x')} | {change(c, previous)} | "
+            f"{epochs(recipe)} | "
             f"{_f(c['warmup_s'], '.1f', ' s')} | {_f(r['samples_per_s'], ',.0f')} | {_seeds_of(runs, recipe)} |"
         )
         previous = c
@@ -579,19 +590,11 @@ def ablation_block(results: Path, price: float) -> str:
         "samples/s | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
-    for recipe in reverse:
-        r = measured(recipe)
-        if r is None:
-            not_run.append(recipe)
-            continue
-        c = r["cold"]
-        change = "-"
-        if full is not None and c["ttt_median_s"] is not None and full["cold"]["ttt_median_s"] is not None:
-            change = f"{c['ttt_median_s'] - full['cold']['ttt_median_s']:+.1f} s"
-        epochs = ", ".join(str(x.epochs_to_target) for x in runs if x.recipe == recipe)
+    for recipe, r, c in ran(reverse):
         back.append(
-            f"| {_removed(meta['recipes'][recipe]['description'])} | {_ttt_cell(c)} | {change} | "
-            f"{_f(c['speedup'], '.2f', 'x')} | {epochs} | {_f(r['samples_per_s'], ',.0f')} | "
+            f"| {_removed(meta['recipes'][recipe]['description'])} | {_ttt_cell(c)} | "
+            f"{change(c, full and full['cold'])} | {_f(c['speedup'], '.2f', 'x')} | {epochs(recipe)} | "
+            f"{_f(r['samples_per_s'], ',.0f')} | "
             f"{_seeds_of(runs, recipe)} |"
         )
     asked = len(meta["seeds"])

@@ -10,7 +10,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -761,14 +761,6 @@ def test_a_misspelled_strategy_string_gets_the_closest_registered_name() -> None
     assert check_strategy_name("ddp") == "ddp" and check_strategy_name("auto") == "auto"
 
 
-@pytest.fixture
-def no_process_group_left() -> Iterator[None]:
-    """A one-process fit runs in this process and leaves its process group; later spawning tests need none."""
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 @pytest.mark.parametrize(
     ("strategy", "match"),
     [
@@ -790,7 +782,7 @@ def no_process_group_left() -> Iterator[None]:
     ids=["diloco", "powersgd", "local_sgd"],
 )
 def test_a_run_too_short_for_the_technique_warns_once(
-    shakespeare_path: Path, tmp_path: Path, strategy: Any, match: str, no_process_group_left: None
+    shakespeare_path: Path, tmp_path: Path, strategy: Any, match: str
 ) -> None:
     with pytest.warns(UserWarning) as record:
         _fit("short", strategy(), 1, shakespeare_path, tmp_path, module=CharMLP, max_steps=4)
@@ -799,9 +791,7 @@ def test_a_run_too_short_for_the_technique_warns_once(
     assert re.search(match, said[0]), said[0]
 
 
-def test_a_run_long_enough_does_not_warn(
-    shakespeare_path: Path, tmp_path: Path, no_process_group_left: None
-) -> None:
+def test_a_run_long_enough_does_not_warn(shakespeare_path: Path, tmp_path: Path) -> None:
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         _fit(
