@@ -98,10 +98,11 @@ test-torch-oldest:
 # The same tests against the oldest supported Lightning, in a venv of its own (no optional extras).
 test-lightning-oldest:
 	@$(MAKE) --no-print-directory torch VENV=$(OLDEST_VENV)
-	$(OLDEST_VENV)/bin/python -m pip install -q -e . "lightning==$(LIGHTNING_OLDEST)" "pytest>=8" "pytest-timeout>=2.3"
+	$(OLDEST_VENV)/bin/python -m pip install -q -e . "lightning==$(LIGHTNING_OLDEST)" "pytest>=8" "pytest-timeout>=2.3" \
+	  "pytest-xdist>=3.5"
 	@$(OLDEST_VENV)/bin/python -c "import lightning, sys; print('lightning', lightning.__version__); \
 	  sys.exit(0 if lightning.__version__ == '$(LIGHTNING_OLDEST)' else 1)"
-	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) $(OLDEST_TESTS)
+	$(OLDEST_VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS) $(OLDEST_TESTS)
 
 lint: install-dev
 	$(VENV)/bin/ruff check lightning_speedup tests benchmarks
