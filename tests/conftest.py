@@ -144,6 +144,18 @@ def _fresh_rendezvous_port() -> Iterator[None]:
     os.environ.pop("MASTER_PORT", None)
 
 
+def _one_thread_in_a_forked_child() -> None:
+    """GNU OpenMP's thread pool, which this process's CPU work has started, is not fork-safe: a forked child
+    that runs a parallel region with more than one thread stalls in it for good. Children start with one
+    thread, and OMP_NUM_THREADS=1 keeps Lightning's launcher from raising it again (it sets the CPU count / the
+    processes, e.g. 2 for a one-process fit in a child, when the variable is unset)."""
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+os.register_at_fork(after_in_child=_one_thread_in_a_forked_child)
+
+
 # What a one-process Lightning fit run in this process leaves behind in os.environ, besides MASTER_PORT (see
 # above): the launch variables (with LOCAL_RANK set, a later launch starts no peers) and OMP_NUM_THREADS.
 _LEFT_BY_IN_PROCESS_FITS = (

@@ -22,7 +22,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from tests.distributed.helpers import CharMLP, loaders, trainer
+from tests.distributed.helpers import CharMLP, loaders, run_processes, trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STEPS = "LIGHTNING_SPEEDUP_FORK_SEQUENCE"
@@ -50,6 +50,19 @@ def test_step_2_forked_two_process_fit(shakespeare_path: Path, tmp_path: Path) -
     _fit(DDPStrategy(start_method="fork"), 2, shakespeare_path, tmp_path)
 
 
+def _one_process_fit_in_a_child(rank: int, world_size: int, data: Path, tmp_path: Path) -> None:
+    _fit(DDPStrategy(), 1, data, tmp_path)
+
+
+@steps
+def test_step_3_one_process_fit_in_a_forked_child(shakespeare_path: Path, tmp_path: Path) -> None:
+    """A forked child's one-process fit: with OMP_NUM_THREADS unset, Lightning's launcher raised the child to
+    two OpenMP threads of the pool this process had used, and its first parallel region never ended (CI,
+    tests/test_compat.py); conftest's at-fork hook keeps children at one thread."""
+    torch.randn(512, 512) @ torch.randn(512, 512)  # this process's OpenMP pool is in use, as after any test
+    run_processes(_one_process_fit_in_a_child, 1, shakespeare_path, tmp_path / "child")
+
+
 def test_a_forked_fit_after_an_in_process_fit_does_not_hang(tmp_path: Path) -> None:
     env = {**os.environ, STEPS: "1", "PYTHONPATH": str(REPO_ROOT), "PYTHONWARNINGS": "ignore"}
     for key in ("OMP_NUM_THREADS", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
@@ -61,7 +74,8 @@ def test_a_forked_fit_after_an_in_process_fit_does_not_hang(tmp_path: Path) -> N
         proc = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-q",
              f"{here}::test_step_1_one_process_fit_in_this_process",
-             f"{here}::test_step_2_forked_two_process_fit"],
+             f"{here}::test_step_2_forked_two_process_fit",
+             f"{here}::test_step_3_one_process_fit_in_a_forked_child"],
             cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         try:
@@ -71,4 +85,4 @@ def test_a_forked_fit_after_an_in_process_fit_does_not_hang(tmp_path: Path) -> N
             proc.wait()
             pytest.fail("the forked fit after the in-process fit hung (180 s):\n" + log.read_text()[-3000:])
     text = log.read_text()
-    assert rc == 0 and "2 passed" in text, text[-4000:]
+    assert rc == 0 and "3 passed" in text, text[-4000:]
