@@ -13,6 +13,7 @@ PowerSGD's error feedback and warm-start memory differ per process and go into t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -122,17 +123,27 @@ class CompressedDDPStrategy(CleanExitDDPStrategy):
                 f"CompressedDDPStrategy(compression={compression!r}): {given} configure PowerSGD only and would "
                 "do nothing. Drop them or pass compression='powersgd'."
             )
-        rank = check_int("rank (PowerSGD approximation rank)", 4 if rank is None else rank, 1)
-        start_iter = check_int("start_iter", 100 if start_iter is None else start_iter, 0)
+        # None is PowerSGDState's default for the field of the same name.
+        default = {f.name: f.default for f in dataclasses.fields(PowerSGDState)}
+        rank = check_int("rank (PowerSGD approximation rank)", default["rank"] if rank is None else rank, 1)
+        start_iter = check_int("start_iter", default["start_iter"] if start_iter is None else start_iter, 0)
         min_compression_rate = check_float(
             "min_compression_rate (compress a matrix only if it shrinks by this factor; 0 = all)",
-            2.0 if min_compression_rate is None else min_compression_rate, 0, above=False,
+            default["min_compression_rate"] if min_compression_rate is None else min_compression_rate, 0,
+            above=False,
         )  # fmt: skip
-        error_feedback = check_bool("error_feedback", True if error_feedback is None else error_feedback)
-        warm_start = check_bool("warm_start", True if warm_start is None else warm_start)
-        cuda_graphs = check_bool("cuda_graphs", True if cuda_graphs is None else cuda_graphs)
+        error_feedback = check_bool(
+            "error_feedback", default["error_feedback"] if error_feedback is None else error_feedback
+        )
+        warm_start = check_bool("warm_start", default["warm_start"] if warm_start is None else warm_start)
+        cuda_graphs = check_bool(
+            "cuda_graphs", default["cuda_graphs"] if cuda_graphs is None else cuda_graphs
+        )
         seed = check_int(
-            "seed", 0 if seed is None else seed, minimum=None, meaning="of PowerSGD's random initial Q"
+            "seed",
+            default["seed"] if seed is None else seed,
+            minimum=None,
+            meaning="of PowerSGD's random initial Q",
         )
         check_bool("log_metrics", log_metrics)
         check_bool("gradient_as_bucket_view", gradient_as_bucket_view)
