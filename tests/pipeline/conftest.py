@@ -1,4 +1,9 @@
-"""Every pipeline test starts and ends without a process group or Lightning's launch variables in this process."""
+"""Every pipeline test ends with the environment it started with.
+
+The process group and Lightning's launch variables that one-process runs leave behind are cleared around
+every test of the suite by ``tests/conftest.py``; the pipeline tests also put back any other variable a run
+set in this process.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +11,11 @@ import os
 from collections.abc import Iterator
 
 import pytest
-import torch
-
-from tests.pipeline.common import LAUNCH_VARIABLES
 
 
 @pytest.fixture(autouse=True)
-def _no_process_group_left() -> Iterator[None]:
-    """One-process runs initialise a process group and set Lightning's launch variables (LOCAL_RANK, ...) in
-    this process; later multi-process runs must inherit neither (with LOCAL_RANK set, Lightning launches no
-    peers). Earlier test modules may have left either behind too."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for key in LAUNCH_VARIABLES:
-        os.environ.pop(key, None)
+def _environment_restored() -> Iterator[None]:
     environ = dict(os.environ)
     yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     os.environ.clear()
     os.environ.update(environ)
