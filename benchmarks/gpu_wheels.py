@@ -11,8 +11,8 @@ image already. The versions are the ones this checkout's tests run with.
 On the device, `bash benchmarks/run_on_gpu.sh tune` installs them into /tmp/site before it sweeps.
 
 `--bitsandbytes` builds the bitsandbytes wheel instead (the quantization benchmarks' bnb formats; the image
-lacks it too): 43 MB as published, about 2 MB with only the native library of the device's CUDA (`--cuda`,
-13.0 there) and the CPU one, so it travels beside the data:
+lacks it too): 41 MiB as published (0.50.2), 3.4 MiB with only the native library of the device's CUDA
+(`--cuda`, 13.0 there) and the CPU one, so it travels beside the data:
 
     python benchmarks/gpu_wheels.py --bitsandbytes --out .whl     # benchmarks/device_env.sh installs .whl/*
 """
