@@ -48,7 +48,11 @@ WARM_FOLDER = "headline/2026-12-05-h200-warm"
 WARM_FOLDERS = {"fashion-mnist": WARM_FOLDER, "char-lm": WARM_FOLDER}
 ATTENTION_FOLDER = "compile/2026-12-05-h200-attention-charlm"
 CANDIDATES_FOLDER = "compile/2026-12-04-h200-compile-candidates"
-ABLATION_FOLDER = "headline/2026-12-05-h200-ablation-fashion"
+# The ablation ladders, one folder per task. No H200 came for the char-LM's: it ran on one H100.
+ABLATION_FOLDERS = {
+    "fashion-mnist": "headline/2026-12-05-h200-ablation-fashion",
+    "char-lm": "headline/2026-12-05-h100-ablation-charlm",
+}
 TUNE_FILE = "tune/2026-12-05-h200-h100-tune-recipe-charlm.json"
 TUNE_CONFIRM_FOLDER = "tune/2026-12-04-h200-tune-confirm-charlm"
 # The char-LM recipes on a corpus none was tuned on (the King James Bible): the target's calibration run and
@@ -110,6 +114,7 @@ QUANT_SPEED = (
     "quantization/2026-11-27-h200-quant-speed-6b-compiled-onegraph.json",
     "quantization/2026-12-05-h200-quant-speed-charlm.json",
     "quantization/2026-12-05-h200-quant-speed-charlm-compiled.json",
+    "quantization/2026-12-05-h100-quant-speed-charlm-bnb.json",
 )
 DIST_TTT = (
     "distributed/2026-11-27-h200x2-distributed-charlm-ttt-sockets-b64-dropout03.json",
@@ -533,11 +538,12 @@ def _removed(description: str) -> str:
     return description.split(" without ", 1)[1].rsplit(" (", 1)[0]
 
 
-def ablation_block(results: Path, price: float) -> str:
-    """The ablation as measured: the ladder from ``baseline`` (each step's cold time to target and its change
-    over the step before), then ``speedup`` minus one technique at a time (its change over ``speedup``)."""
-    names = RECIPE_NAMES.get(ABLATION_FOLDER, {})
-    meta, rows, runs = bench_folder(results / ABLATION_FOLDER, price, names, order_by=())
+def ablation_block(task: str, results: Path, price: float) -> str:
+    """``task``'s ablation as measured: the ladder from ``baseline`` (each step's cold time to target and its
+    change over the step before), then ``speedup`` minus one technique at a time (its change over ``speedup``)."""
+    folder = ABLATION_FOLDERS[task]
+    names = RECIPE_NAMES.get(folder, {})
+    meta, rows, runs = bench_folder(results / folder, price, names, order_by=())
     recipes = list(meta["recipes"])
     end = recipes.index("speedup")
     forward, reverse = recipes[: end + 1], recipes[end + 1 :]
@@ -557,7 +563,11 @@ def ablation_block(results: Path, price: float) -> str:
         return f"{c['ttt_median_s'] - ref['ttt_median_s']:+.1f} s"
 
     def epochs(recipe: str) -> str:
-        return ", ".join(str(x.epochs_to_target) for x in runs if x.recipe == recipe)
+        return ", ".join(
+            "not reached" if x.epochs_to_target is None else str(x.epochs_to_target)
+            for x in runs
+            if x.recipe == recipe
+        )
 
     lines = [
         "| step | technique added | cold time to target | speed-up over `baseline` | "
@@ -607,7 +617,7 @@ def ablation_block(results: Path, price: float) -> str:
         "",
         f"One {env['gpu']}, driver {env['driver']}, {_versions(env)}, {str(env['date'])[:10]}, commit "
         f"{env.get('git_commit', '?')}: `lightning-speedup bench --task {meta['task']} --ablation --cache cold "
-        f"--seeds {asked}` ({_link(ABLATION_FOLDER + '/', '../')}); {seeds} seed(s) per step"
+        f"--seeds {asked}` ({_link(folder + '/', '../')}); {seeds} seed(s) per step"
         + (
             f", not the {asked} the command asked for (the device time ran out; `--resume` continues)"
             if counts[0] < asked
@@ -959,7 +969,14 @@ def blocks(readme: Path = README, case_studies: Path = CASE_STUDIES) -> list[Blo
         Block(case_studies, *_generated("cold compile"), compile_block),
         Block(case_studies, *_generated("cold goals"), goals_block),
         Block(case_studies, *_generated("cold candidates"), candidates_block),
-        Block(case_studies, *_generated("cold ablation"), ablation_block),
+        *(
+            Block(
+                case_studies,
+                *_generated(f"cold ablation {task}"),
+                lambda r, p, t=task: ablation_block(t, r, p),
+            )
+            for task in ABLATION_FOLDERS
+        ),
         Block(case_studies, *_generated("tune sweep"), tune_block),
         Block(case_studies, *_generated("second corpus"), second_corpus_block),
         Block(case_studies, *_generated("inference accuracy"), lambda r, p: inference_accuracy_block(r)),

@@ -182,7 +182,7 @@ def test_candidates_show_the_graphs_and_the_plain_loop_goal(results_copy: Path) 
 
 
 def test_ablation_lists_each_step_both_directions_and_the_seeds() -> None:
-    text = cs.ablation_block(cs.RESULTS, 4.54)
+    text = cs.ablation_block("fashion-mnist", cs.RESULTS, 4.54)
     steps, without = (block.splitlines()[2:] for block in text.split("\n\n")[:2])
     assert len(steps) == 10 and steps[0].startswith(
         "| `baseline` | - | 43.1 s (39.0-47.2) | 1.00x | - | 14, 11 |"
@@ -197,10 +197,26 @@ def test_ablation_lists_each_step_both_directions_and_the_seeds() -> None:
     assert "Not run" not in text
 
 
+def test_ablation_of_the_lm_shows_a_step_that_missed_the_target() -> None:
+    text = cs.ablation_block("char-lm", cs.RESULTS, 4.54)
+    steps, without = (block.splitlines()[2:] for block in text.split("\n\n")[:2])
+    assert len(steps) == 9 and len(without) == 8
+    assert steps[1].startswith("| `char-lm:baseline+bf16` | bf16 | 32.1 s (29.9-34.3) | 3.10x | -67.3 s |")
+    # One of the two seeds did not reach the target: no median, so no change over it for the next step.
+    assert "| cudnn-benchmark | not reached (1 of 2 runs) | - | - | 54, not reached |" in steps[2]
+    assert steps[3].startswith(
+        "| `char-lm:baseline+bf16+cudnn-benchmark+schedule` | schedule | 22.0 s (20.4-23.7) | 4.51x | - |"
+    )
+    assert steps[-1].startswith("| `speedup` | attention-no-cudnn | 16.0 s (15.6-16.4) | 6.22x | -3.4 s |")
+    assert without[0].startswith("| bf16 | 72.1 s | +56.1 s | 1.38x |")
+    assert "One NVIDIA H100 80GB HBM3" in text
+
+
 def test_ablation_says_which_steps_did_not_run(results_copy: Path) -> None:
-    for path in (results_copy / cs.ABLATION_FOLDER / "runs").glob("fashion-mnist:speedup-batch-seed*.json"):
+    folder = results_copy / cs.ABLATION_FOLDERS["fashion-mnist"]
+    for path in (folder / "runs").glob("fashion-mnist:speedup-batch-seed*.json"):
         path.unlink()
-    text = cs.ablation_block(results_copy, 4.54)
+    text = cs.ablation_block("fashion-mnist", results_copy, 4.54)
     assert "Not run (the call's time ran out; names as in the file): `fashion-mnist:speedup-batch`." in text
     assert "| batch | 15.2 s" not in text
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -19,6 +21,9 @@ def _run(cmd: list[str]) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out or None
+
+
+OPTIONAL_PACKAGES = ("bitsandbytes", "ray", "optuna")
 
 
 def environment() -> dict[str, Any]:
@@ -43,6 +48,11 @@ def environment() -> dict[str, Any]:
         info["torchmetrics"] = torchmetrics.__version__
     except ImportError:  # pragma: no cover - a required dependency
         pass
+    # The optional dependencies a result may depend on (quantization's bitsandbytes formats, the tuner), by
+    # their installed metadata: nothing is imported, and a package that is absent is left out.
+    for package in OPTIONAL_PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info[package] = importlib.metadata.version(package)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         smi = _run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"])
