@@ -29,8 +29,7 @@ TORCH_OLDEST_VENV ?= .venv-torch-oldest
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # Test processes (pytest-xdist): most tests wait on imports and child processes, so two share even two cores
 # well; PYTEST_WORKERS=0 runs the suite in this process. A worker that runs out of tests takes some of the
-# other's (--dist worksteal): on a 2-core machine the suite took 13 min 33 s so, against 14 min 08 s with the
-# default scheduling, which left one worker idle behind the other's last long tests (three workers: 13 min 57 s).
+# other's (--dist worksteal), so that neither idles behind the other's last long tests (timings: CHANGELOG).
 PYTEST_WORKERS ?= 2
 PYTEST_DIST ?= worksteal
 PYTEST_ARGS ?=

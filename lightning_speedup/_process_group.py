@@ -41,8 +41,8 @@ class CleanExitDDPStrategy(DDPStrategy):
 
     It refuses ``start_method="forkserver"`` on the CPU. Lightning's launcher undoes tensor sharing for
     ``"spawn"`` only: with ``"forkserver"`` every process receives the model's CPU parameters in shared memory,
-    the same storage in all of them, so replicas that step apply their updates to one tensor (a 2-stage x
-    2-replica pipeline ended 0.3 away from single-process training; ``"spawn"`` matched it to 4e-7).
+    the same storage in all of them, so replicas that step apply their updates to one tensor (measured in
+    docs/methods/pipeline.md).
     """
 
     @override
