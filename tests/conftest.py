@@ -19,6 +19,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from tests.launch_env import LAUNCH_RANK_VARIABLES
+
 HIDE_ENV = "LIGHTNING_SPEEDUP_HIDE"
 
 
@@ -158,16 +160,7 @@ os.register_at_fork(after_in_child=_one_thread_in_a_forked_child)
 
 # What a one-process Lightning fit run in this process leaves behind in os.environ, besides MASTER_PORT (see
 # above): the launch variables (with LOCAL_RANK set, a later launch starts no peers) and OMP_NUM_THREADS.
-_LEFT_BY_IN_PROCESS_FITS = (
-    "MASTER_ADDR",
-    "NODE_RANK",
-    "LOCAL_RANK",
-    "GROUP_RANK",
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "OMP_NUM_THREADS",
-)
+_LEFT_BY_IN_PROCESS_FITS = ("MASTER_ADDR", *LAUNCH_RANK_VARIABLES, "OMP_NUM_THREADS")
 _SESSION_ENV = {key: os.environ.get(key) for key in _LEFT_BY_IN_PROCESS_FITS}
 
 

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 
 from tests.distributed.helpers import CharMLP, loaders, run_processes, trainer
+from tests.launch_env import LAUNCH_RANK_VARIABLES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STEPS = "LIGHTNING_SPEEDUP_FORK_SEQUENCE"
@@ -65,7 +66,7 @@ def test_step_3_one_process_fit_in_a_forked_child(shakespeare_path: Path, tmp_pa
 
 def test_a_forked_fit_after_an_in_process_fit_does_not_hang(tmp_path: Path) -> None:
     env = {**os.environ, STEPS: "1", "PYTHONPATH": str(REPO_ROOT), "PYTHONWARNINGS": "ignore"}
-    for key in ("OMP_NUM_THREADS", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
+    for key in ("OMP_NUM_THREADS", "MASTER_ADDR", "MASTER_PORT", *LAUNCH_RANK_VARIABLES):
         env.pop(key, None)  # as a user's session starts
     here = Path(__file__).relative_to(REPO_ROOT)
     log = tmp_path / "pytest.log"

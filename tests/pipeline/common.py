@@ -17,18 +17,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_speedup.pipeline.strategy import adjacent_local_stages_problem
+from tests.launch_env import LAUNCH_RANK_VARIABLES
 
 VOCAB, CONTEXT, WIDTH = 16, 8, 16
 # What Lightning's launchers leave in os.environ; a process that inherits them launches no peers.
-LAUNCH_VARIABLES = (
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "GROUP_RANK",
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_PORT",
-)
+LAUNCH_VARIABLES = (*LAUNCH_RANK_VARIABLES, "MASTER_PORT")
 # For a training run whose schedule puts two adjacent stages in one process: the strategy refuses it on a torch
 # that cannot pass between them.
 needs_local_stages = pytest.mark.skipif(
