@@ -48,7 +48,8 @@ CACHE_MODES = ("cold", "warm", "both")
 def _check_accelerator(name: str) -> None:
     from lightning.pytorch.accelerators import AcceleratorRegistry
 
-    allowed = ["auto", *AcceleratorRegistry.available_accelerators()]
+    # "gpu" is Lightning's alias (CUDA or MPS, whichever the machine has); the registry lists only real names.
+    allowed = ["auto", "gpu", *AcceleratorRegistry.available_accelerators()]
     if name not in allowed:
         raise ValueError(f"--accelerator must be one of {sorted(allowed)}, got {name!r}.")
 

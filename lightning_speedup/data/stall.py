@@ -387,6 +387,13 @@ class DataStallMonitor(Callback):
             "syncs_per_step": sum(self.sync_sites.values()) if self.sync_sites is not None else float("nan"),
         }
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # One per prefix, so that two monitors (e.g. a logging and a silent one) checkpoint side by side; Lightning
+        # refuses two stateful callbacks with one key.
+        return self._generate_state_key(prefix=self.prefix)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         self._resolve(block=True)  # every finished step's timing read before it is saved

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lightning_speedup import __version__
-from lightning_speedup.bench.runner import OutLock
+from lightning_speedup.bench.runner import OutLock, _check_accelerator
 from lightning_speedup.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_TERMINATED, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,3 +168,12 @@ def test_demo_replaces_only_its_own_report(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="the demo did not write"):
         remove_demo_report(own)
     assert (own / "report.json").exists()
+
+
+def test_accelerator_takes_lightnings_names_and_its_gpu_alias() -> None:
+    """``--accelerator gpu`` is Lightning's alias (benchmarks/step_overhead.py passes it on CUDA); the registry
+    of accelerators lists only ``cuda``, ``mps``, ... and refusing ``gpu`` failed that script on the GPU."""
+    for name in ("auto", "gpu", "cpu", "cuda"):
+        _check_accelerator(name)
+    with pytest.raises(ValueError, match=r"--accelerator must be one of \[.*'gpu'.*\], got 'bogus'"):
+        _check_accelerator("bogus")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -56,14 +57,20 @@ class Model(L.LightningModule):
 
 
 def run(
-    monitor: DataStallMonitor, load_s: float, compute_s: float, steps: int = 12, **kwargs: Any
+    monitor: DataStallMonitor,
+    load_s: float,
+    compute_s: float,
+    steps: int = 12,
+    callbacks: list[L.Callback] | None = None,
+    ckpt_path: str | None = None,
+    **kwargs: Any,
 ) -> L.Trainer:
     loader = DataLoader(SlowBatches(steps, load_s), batch_size=None)
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[monitor], **kwargs,
+        enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[monitor, *(callbacks or [])], **kwargs,
     )  # fmt: skip
-    trainer.fit(Model(compute_s), loader)
+    trainer.fit(Model(compute_s), loader, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -108,6 +115,29 @@ def test_validation_time_is_not_counted_as_wait() -> None:
     trainer.fit(model, loader, DataLoader(SlowBatches(1, 0.0), batch_size=None))
     assert model.val_calls == 3 and len(monitor.history) == 6
     assert all(t.wait < 0.25 for t in monitor.history)
+
+
+def test_two_monitors_checkpoint_and_resume_each_its_own_state(tmp_path: Path) -> None:
+    """A logging monitor beside a silent one (as the GPU tests run them): Lightning refuses two stateful callbacks
+    with one state key, so each monitor's key carries its prefix, and a resume gives each its own steps back."""
+
+    def monitors() -> list[DataStallMonitor]:
+        return [DataStallMonitor(warmup_steps=2, prefix="a/"), DataStallMonitor(warmup_steps=5, log=False)]
+
+    first = monitors()
+    trainer = run(
+        first[0], load_s=0.0, compute_s=0.0, steps=8, callbacks=[first[1]], default_root_dir=tmp_path
+    )
+    assert [len(m.history) for m in first] == [6, 3]
+    ckpt = tmp_path / "end.ckpt"
+    trainer.save_checkpoint(ckpt)
+    keys = set(torch.load(ckpt, weights_only=False)["callbacks"])
+    assert {m.state_key for m in first} <= keys and first[0].state_key != first[1].state_key
+
+    resumed = monitors()  # the run ended with its epoch: fitting from the checkpoint only restores
+    run(resumed[0], load_s=0.0, compute_s=0.0, steps=8, callbacks=[resumed[1]], ckpt_path=str(ckpt))
+    for before, after in zip(first, resumed):
+        assert list(after.history) == list(before.history) and after._step == before._step == 8
 
 
 def test_advice_names_the_loader_settings() -> None:
