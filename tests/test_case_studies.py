@@ -201,15 +201,19 @@ def test_ablation_of_the_lm_shows_a_step_that_missed_the_target() -> None:
     text = cs.ablation_block("char-lm", cs.RESULTS, 4.54)
     steps, without = (block.splitlines()[2:] for block in text.split("\n\n")[:2])
     assert len(steps) == 9 and len(without) == 8
-    assert steps[1].startswith("| `char-lm:baseline+bf16` | bf16 | 32.1 s (29.9-34.3) | 3.10x | -67.3 s |")
-    # One of the two seeds did not reach the target: no median, so no change over it for the next step.
-    assert "| cudnn-benchmark | not reached (1 of 2 runs) | - | - | 54, not reached |" in steps[2]
-    assert steps[3].startswith(
-        "| `char-lm:baseline+bf16+cudnn-benchmark+schedule` | schedule | 22.0 s (20.4-23.7) | 4.51x | - |"
+    assert steps[1].startswith("| `char-lm:baseline+bf16` | bf16 | 30.9 s (29.9-34.3) | 3.08x | -64.3 s |")
+    # Two of the three seeds did not reach the target: no median, so no change over it for the next step.
+    assert (
+        "| cudnn-benchmark | not reached (1 of 3 runs) | - | - | 54, not reached, not reached |" in steps[2]
     )
-    assert steps[-1].startswith("| `speedup` | attention-no-cudnn | 16.0 s (15.6-16.4) | 6.22x | -3.4 s |")
-    assert without[0].startswith("| bf16 | 72.1 s | +56.1 s | 1.38x |")
-    assert "One NVIDIA H100 80GB HBM3" in text
+    assert steps[3].startswith(
+        "| `char-lm:baseline+bf16+cudnn-benchmark+schedule` | schedule | 20.4 s (20.1-23.7) | 4.67x | - |"
+    )
+    assert steps[-1].startswith("| `speedup` | attention-no-cudnn | 15.6 s (15.0-16.4) | 6.10x | -3.7 s |")
+    assert without[0].startswith("| bf16 | 70.6 s (63.0-72.1) | +55.1 s | 1.35x |")
+    assert "| schedule | 26.0 s (21.7-29.9) | +10.4 s | 3.66x | 46, 56, 65 |" in without[2]
+    assert all(row.endswith("| 0-2 |") for row in steps + without)
+    assert "One NVIDIA H100 80GB HBM3" in text and "3 seed(s) per step." in text and "not the 3" not in text
 
 
 def test_ablation_says_which_steps_did_not_run(results_copy: Path) -> None:
