@@ -229,6 +229,18 @@ set_second_corpus() {
     --out "$WORK/second-corpus"
 }
 
+# The second corpus's `speedup` with a longer schedule (its 40-epoch one, tuned on Tiny Shakespeare, decays to about
+# the target there): SECOND_CORPUS_EPOCHS (default "50 40") schedule lengths, each its own folder, at the target
+# and sizes of set_second_corpus (TARGET, default 1.2, the calibrated one), 3 seeds, cold.
+set_second_corpus_schedule() {
+  local data=.data/kjv/kjv.txt epochs
+  for epochs in ${SECOND_CORPUS_EPOCHS:-50 40}; do
+    job "second-corpus-${epochs}ep" 0 lightning-speedup bench --time-budget "$(budget)" --task char-lm --data "$data" \
+      --train-subset 3840 --val-subset 435 --cache cold --target "${TARGET:-1.2}" --recipe speedup \
+      --max-epochs "$epochs" --seeds 3 --resume --out "$WORK/second-corpus-${epochs}ep"
+  done
+}
+
 # The ablation ladders, cold, one task per call (--resume continues a folder a call's limit cut short). A ladder is
 # 17-19 recipes, so 3 seeds take longer than a session's device time: ABLATION_FROM=<the folder an earlier call
 # brought back, carried in the working tree> continues it on a fresh machine (the report flags runs from different

@@ -26,6 +26,7 @@ SETS = {
     "quant-charlm",
     "process-startup",
     "second-corpus",
+    "second-corpus-schedule",
     "ablation-fashion",
     "ablation-charlm",
     "compile-candidates",
