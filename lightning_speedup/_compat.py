@@ -32,6 +32,8 @@ __all__ = [
     "DDP_REGISTER_HOOKS",
     "DDP_SETUP_MODEL",
     "StrategyRegistryType",
+    "batches_stepped",
+    "before_batch_transfer",
     "check_ddp_overrides",
     "current_hook",
     "ddp_kwargs",
@@ -78,6 +80,16 @@ def running_hook(module: pl.LightningModule, name: str) -> Iterator[None]:
         module._current_fx_name = previous
 
 
+def before_batch_transfer(module: pl.LightningModule, batch: Any, dataloader_idx: int = 0) -> Any:
+    """``batch`` after the ``on_before_batch_transfer`` hook, the datamodule's where it defines one.
+
+    Why: the LR range test feeds ``training_step`` batches the way the training loop does; the loop calls
+    ``LightningModule._on_before_batch_transfer``, which picks the module's or the datamodule's hook as the
+    Trainer's data connector decides. The public hook alone would skip a datamodule's.
+    """
+    return module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
+
+
 def has_trainer(module: pl.LightningModule) -> bool:
     """Whether ``module`` is attached to a Trainer.
 
@@ -98,6 +110,17 @@ def set_module_device(module: pl.LightningModule, device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------- Trainer
 
 
+def batches_stepped(trainer: pl.Trainer) -> int:
+    """Training batches after which the optimizers stepped so far, once per batch however many optimizers.
+
+    Why: ``trainer.global_step`` counts every optimizer's steps, so under manual optimization with several
+    optimizers it is not in the units of ``trainer.estimated_stepping_batches`` (batches); the epoch loop's
+    ``_batches_that_stepped`` (the loggers' step counter, checkpointed with the loops) is. No public
+    attribute counts it.
+    """
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
 def logged_step(trainer: pl.Trainer) -> int | None:
     """The step Lightning's loggers record now, or ``None`` when this step writes no logs.
 
@@ -107,7 +130,7 @@ def logged_step(trainer: pl.Trainer) -> int | None:
     """
     if not trainer.loggers or not trainer._logger_connector.should_update_logs:
         return None
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    return batches_stepped(trainer)
 
 
 def reset_logged_results(trainer: pl.Trainer) -> None:

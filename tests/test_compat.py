@@ -34,6 +34,7 @@ from lightning_speedup._compat import (
     LAUNCHER_RECOVER,
     LAUNCHER_RECOVER_PARAMETERS,
     StrategyRegistryType,
+    before_batch_transfer,
     check_ddp_overrides,
     current_hook,
     ddp_kwargs,
@@ -201,6 +202,40 @@ def test_running_hook_lets_log_work_and_reset_logged_results_drops_it(tmp_path: 
         assert "probe" not in t.callback_metrics and "probe" not in t.progress_bar_metrics
     else:  # without the reset the value would reach the first step's metrics
         assert t.callback_metrics["probe"].item() == 123.0
+
+
+class TaggingModule(Tiny):
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return ("module", dataloader_idx, batch) if isinstance(batch, str) else batch
+
+
+class TaggingData(L.LightningDataModule):
+    def train_dataloader(self) -> Any:
+        return loader()
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return ("datamodule", dataloader_idx, batch) if isinstance(batch, str) else batch
+
+
+class BeforeTransferProbe(L.Callback):
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seen = before_batch_transfer(pl_module, "batch", 0)
+
+
+@pytest.mark.parametrize("datamodule", [False, True])
+def test_before_batch_transfer_calls_the_hook_the_training_loop_calls(
+    tmp_path: Path, datamodule: bool
+) -> None:
+    """The module's ``on_before_batch_transfer``, or the datamodule's where it defines one (Lightning's choice)."""
+    probe = BeforeTransferProbe()
+    t = trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[probe])
+    if datamodule:
+        t.fit(TaggingModule(), datamodule=TaggingData())
+    else:
+        t.fit(TaggingModule(), loader())
+    assert probe.seen == ("datamodule" if datamodule else "module", 0, "batch")
+    assert before_batch_transfer(TaggingModule(), "batch") == ("module", 0, "batch")  # no Trainer: its own
 
 
 def test_set_module_device_changes_device_without_moving_tensors() -> None:

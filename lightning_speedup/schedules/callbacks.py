@@ -34,7 +34,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_speedup._compat import logged_step
+from lightning_speedup._compat import batches_stepped, logged_step
 from lightning_speedup.schedules.functional import (
     ANNEAL_STRATEGIES,
     DECAY_SHAPES,
@@ -150,7 +150,13 @@ class LRScheduleCallback(Callback):
         # Run state (filled in on_fit_start, checkpointed).
         self._optimizers: list[torch.optim.Optimizer] = []
         self._total: int = 0
+        # The run's step (in the units of trainer.estimated_stepping_batches) at which the schedule began: 0,
+        # or where a fresh schedule joined a Trainer that had trained already.
+        self._start: int = 0
         self._steps: list[int] = []
+        # The global step of each optimizer's last counted step: an optimizer that evaluates its closure
+        # several times per step (LBFGS) calls on_before_optimizer_step each time.
+        self._counted_at: list[int | None] = []
         self._peaks: list[list[float]] = []
         self._momenta: list[list[tuple[float, float]]] = []
         self._use_beta1: list[bool] = []
@@ -323,6 +329,7 @@ class LRScheduleCallback(Callback):
             self._warn_if_max_steps_counts_every_optimizer(trainer, pl_module, total)
             self.check_total_steps(total)
             self._total = total
+            self._start = 0
             # A Trainer that has trained already is at its global step only from on_train_start on (a resume
             # restores the loops after on_fit_start); a fresh schedule is sized to the steps to come there.
             self._sized_by_estimate = self.total_steps is None
@@ -331,12 +338,15 @@ class LRScheduleCallback(Callback):
             self._peaks = self._resolve_peaks(trainer, pl_module, n_groups)
         self._last_logged_step = None
         self._warned_overrun = False
+        self._counted_at = [None] * len(optimizers)
         self._apply_all()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._sized_by_estimate and trainer.global_step > 0:
-            self._total = self._remaining_steps(trainer.global_step, self._total)
+        done = self._steps_done(trainer, pl_module)
+        if self._sized_by_estimate and done > 0:
+            self._total = self._remaining_steps(done, self._total)
+            self._start = done
             self.check_total_steps(self._total)
         self._sized_by_estimate = False
         # A resumed run has just had its optimizer state (and the param groups in it) restored.
@@ -363,6 +373,9 @@ class LRScheduleCallback(Callback):
         index = next((i for i, o in enumerate(self._optimizers) if o is optimizer), None)
         if index is None:
             return  # an optimizer created after fit started; not ours to schedule
+        if self._counted_at[index] == trainer.global_step:
+            return  # the closure ran again within the same optimizer step
+        self._counted_at[index] = trainer.global_step
         if self._steps[index] >= self._total and not self._warned_overrun:
             self._warned_overrun = True
             rank_zero_warn(
@@ -388,6 +401,7 @@ class LRScheduleCallback(Callback):
         return {
             "version": 1,
             "total_steps": self._total,
+            "start_step": self._start,
             "steps": list(self._steps),
             "peak_lrs": [list(p) for p in self._peaks],
             "auto_lr": self._auto_lr,
@@ -480,6 +494,14 @@ class LRScheduleCallback(Callback):
                 f"{name}(total_steps=...) with the number of steps each optimizer takes."
             )
 
+    def _steps_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """The steps of the run done before this fit, in the units of ``trainer.estimated_stepping_batches``:
+        the global step, except where several optimizers step by hand: Lightning counts every optimizer's
+        steps in the global step, and batches in the estimate."""
+        if not pl_module.automatic_optimization and len(self._optimizers) > 1:
+            return batches_stepped(trainer)
+        return trainer.global_step
+
     def _remaining_steps(self, done: int, total: int) -> int:
         """A fresh schedule on a Trainer that has already trained (a second fit, or a resume from a checkpoint
         without this schedule's state) covers the steps still to come, not the whole run again."""
@@ -487,11 +509,11 @@ class LRScheduleCallback(Callback):
         remaining = total - done
         if remaining < 1:
             raise ValueError(
-                f"{name} starts at global step {done}, but the run is estimated at {total} steps, so no step is "
+                f"{name} starts {done} steps into the run, but the run is estimated at {total} steps, so no step is "
                 f"left to schedule. Raise max_epochs/max_steps, or pass {name}(total_steps=...)."
             )
         rank_zero_warn(
-            f"{name}: the Trainer is at global step {done} and the checkpoint (if any) holds no state of this "
+            f"{name}: the Trainer is {done} steps into the run and the checkpoint (if any) holds no state of this "
             f"schedule, so a fresh schedule covers the {remaining} steps still to come (of {total}). Pass "
             f"{name}(total_steps=...) to choose its length."
         )
@@ -554,9 +576,14 @@ class LRScheduleCallback(Callback):
                 "configure_optimizers, or start the schedule afresh by not loading this checkpoint."
             )
         self._total = int(state["total_steps"])
+        self._start = int(state.get("start_step", 0))
         self._steps = [int(s) for s in state["steps"]]
         self._peaks = [[float(v) for v in row] for row in state["peak_lrs"]]
         self._auto_lr = state.get("auto_lr")
+        if self.total_steps is None:
+            total -= (
+                self._start
+            )  # a schedule that joined the run late covers the run's steps from its start on
         resized = total != self._total and self.can_resize(max(self._steps), self._total, total)
         if resized:
             rank_zero_info(
@@ -580,7 +607,8 @@ class LRScheduleCallback(Callback):
         if self.total_steps is None and total != self._total:
             rank_zero_warn(
                 f"{type(self).__name__}: the checkpoint's schedule is {self._total} steps long but this run is "
-                f"estimated at {total}; the schedule continues as checkpointed ({self._total} steps)."
+                f"estimated at {total}{f' from step {self._start}, where the schedule began' if self._start else ''}; "
+                f"the schedule continues as checkpointed ({self._total} steps)."
             )
 
     def _apply(self, index: int) -> None:

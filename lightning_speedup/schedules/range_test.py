@@ -22,7 +22,7 @@ import copy
 import json
 import math
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,11 +174,16 @@ def _clone(value: Any) -> Any:
 
 class TrainingStateSnapshot:
     """Copies of the module's tensors, the optimizers' state and hyper-parameters, the AMP grad
-    scaler, the modules' train/eval flags and the RNG states; :meth:`restore` writes them back in
+    scaler, the modules' train/eval flags, the RNG states and the given generators (the training
+    loaders'); :meth:`restore` writes them back in
     place, so references held elsewhere (the optimizer's params, LightningOptimizer) stay valid."""
 
     def __init__(
-        self, module: nn.Module, optimizers: list[torch.optim.Optimizer], scaler: Any = None
+        self,
+        module: nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        scaler: Any = None,
+        generators: Iterable[torch.Generator] = (),
     ) -> None:
         self.module, self.optimizers, self.scaler = module, optimizers, scaler
         # named_* with remove_duplicate=False would copy tied weights twice; once is enough.
@@ -195,6 +200,9 @@ class TrainingStateSnapshot:
         ]
         self.scaler_state = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
         self.rng = _rng_state()
+        # A seeded DataLoader(generator=...) draws its shuffle order and workers' base seed from its own
+        # generator, which the global RNG state does not cover.
+        self.generators = [(g, g.get_state()) for g in generators]
         self.fresh_metrics = self._fresh_metrics(module)
 
     @staticmethod
@@ -229,6 +237,8 @@ class TrainingStateSnapshot:
         if self.scaler is not None:
             self.scaler.load_state_dict(self.scaler_state)
         _set_rng_state(self.rng)
+        for generator, state in self.generators:
+            generator.set_state(state)
         for metric in self.fresh_metrics:
             metric.reset()  # type: ignore[operator]
 
@@ -283,10 +293,7 @@ def _private_loader(loader: DataLoader) -> DataLoader:
     )
 
 
-def _endless_batches(trainer: pl.Trainer) -> Iterator[tuple[Any, int, int]]:
-    from lightning.pytorch.utilities.combined_loader import CombinedLoader
-    from lightning_utilities.core.apply_func import apply_to_collection
-
+def _training_loaders(trainer: pl.Trainer) -> Any:
     if trainer.train_dataloader is None:
         # The loaders are built lazily: with max_steps (or total_steps) nothing has asked for them before
         # on_fit_start. Load them the way trainer.estimated_stepping_batches does.
@@ -294,6 +301,31 @@ def _endless_batches(trainer: pl.Trainer) -> Iterator[tuple[Any, int, int]]:
     iterables = trainer.train_dataloader
     if iterables is None:
         raise ValueError("The LR range test needs a training dataloader, and the Trainer has none.")
+    return iterables
+
+
+def _loader_generators(iterables: Any) -> list[torch.Generator]:
+    """The distinct generators of the loaders in ``iterables``: the loader's own and its samplers'."""
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    found: dict[int, torch.Generator] = {}
+
+    def collect(loader: DataLoader) -> DataLoader:
+        batch_sampler = loader.batch_sampler
+        for owner in (loader, loader.sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
+            generator = getattr(owner, "generator", None)
+            if isinstance(generator, torch.Generator):
+                found.setdefault(id(generator), generator)
+        return loader
+
+    apply_to_collection(iterables, DataLoader, collect)
+    return list(found.values())
+
+
+def _endless_batches(iterables: Any) -> Iterator[tuple[Any, int, int]]:
+    from lightning.pytorch.utilities.combined_loader import CombinedLoader
+    from lightning_utilities.core.apply_func import apply_to_collection
+
     combined = CombinedLoader(
         apply_to_collection(iterables, DataLoader, _private_loader), mode="max_size_cycle"
     )
@@ -340,6 +372,8 @@ def run_range_test(
     from lightning.pytorch.plugins.precision.precision import Precision
     from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 
+    from lightning_speedup._compat import before_batch_transfer
+
     if not pl_module.automatic_optimization:
         raise ValueError(
             "The LR range test ('auto') needs automatic optimization; this module steps its optimizers itself. "
@@ -368,8 +402,9 @@ def run_range_test(
     from lightning_speedup.data.gpu_augment import GPUAugment
 
     augmenters = [cb for cb in trainer.callbacks if isinstance(cb, GPUAugment)]
-    snapshot = TrainingStateSnapshot(pl_module, optimizers, scaler)
-    batches = _endless_batches(trainer)
+    loaders = _training_loaders(trainer)
+    snapshot = TrainingStateSnapshot(pl_module, optimizers, scaler, _loader_generators(loaders))
+    batches = _endless_batches(loaders)
     try:
         with _training_step_scope(trainer, pl_module), torch.enable_grad():
             pl_module.train()
@@ -381,6 +416,10 @@ def run_range_test(
                 total = torch.zeros((), device=strategy.root_device)
                 for micro in range(accumulate):
                     batch, batch_idx, dataloader_idx = next(batches)
+                    # The training loop's path to training_step: the precision's input conversion, the
+                    # on_before_batch_transfer hook, then the transfer (which runs on_after_batch_transfer).
+                    batch = precision.convert_input(batch)
+                    batch = before_batch_transfer(pl_module, batch, dataloader_idx)
                     batch = strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
                     for augmenter in augmenters:
                         augmenter.augment_outside_stream(trainer, batch, len(losses) * accumulate + micro)

@@ -212,11 +212,51 @@ def test_a_schedule_added_to_a_trained_trainer_covers_the_steps_to_come(how: str
         ckpt = tmp_path / "no-schedule.ckpt"
         first.save_checkpoint(ckpt)
         trainer = make_trainer(max_epochs=3, callbacks=[recorder, schedule])
-    with pytest.warns(UserWarning, match=r"global step 10 .* covers the 20 steps still to come \(of 30\)"):
+    with pytest.warns(
+        UserWarning, match=r"10 steps into the run .* covers the 20 steps still to come \(of 30\)"
+    ):
         trainer.fit(Regressor("sgd") if ckpt else trainer.lightning_module, loader, ckpt_path=ckpt)
     assert schedule.schedule_total_steps == 20 and schedule.steps_taken == [20]
     expected = [0.1 * warmup_cosine(t, 20, warmup=0.1) for t in range(20)]
     assert [lrs[0] for lrs, _ in recorder.of(0)] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_late_schedule_counts_batches_where_several_optimizers_step_by_hand(tmp_path: Path) -> None:
+    """Lightning's global step counts both optimizers' steps (15 after a 10-batch epoch here: the second steps
+    every other batch), the run's estimate counts batches: the schedule covers the 20 batches to come."""
+    loader = regression_loader(n_batches=10)
+    first = make_trainer(max_epochs=1)
+    first.fit(TwoOptimizers(), loader)
+    assert first.global_step == 15
+    ckpt = tmp_path / "no-schedule.ckpt"
+    first.save_checkpoint(ckpt)
+    schedule = WarmupCosine(peak_lr=0.1, warmup=0.1)
+    with pytest.warns(
+        UserWarning, match=r"10 steps into the run .* covers the 20 steps still to come \(of 30\)"
+    ):
+        make_trainer(max_epochs=3, callbacks=[schedule]).fit(TwoOptimizers(), loader, ckpt_path=ckpt)
+    assert schedule.schedule_total_steps == 20 and schedule.steps_taken == [20, 10]
+
+
+class LBFGSRegressor(Regressor):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
+
+
+def test_an_optimizer_that_runs_its_closure_several_times_advances_the_schedule_once_per_step() -> None:
+    """LBFGS evaluates the closure up to max_iter times per step, and Lightning calls on_before_optimizer_step
+    after each evaluation: the schedule counted each one and ran out early."""
+    recorder, schedule = Recorder(), WarmupCosine(peak_lr=0.1, warmup=0.2)
+    trainer = make_trainer(max_epochs=1, callbacks=[recorder, schedule])
+    trainer.fit(LBFGSRegressor(), regression_loader(n_batches=10))
+    assert trainer.global_step == 10 and schedule.steps_taken == [10]
+    assert len(recorder.records) > 10  # several evaluations per step did happen
+    # every evaluation of step t saw step t's LR
+    per_step: dict[float, int] = {}
+    for lrs, _ in recorder.of(0):
+        per_step[lrs[0]] = per_step.get(lrs[0], 0) + 1
+    expected = [0.1 * warmup_cosine(t, 10, warmup=0.2) for t in range(10)]
+    assert sorted(per_step) == pytest.approx(sorted(set(expected)), rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,6 +335,44 @@ def test_warmup_stable_decay_resumed_in_its_stable_phase_takes_the_new_length(tm
     with pytest.warns(UserWarning, match=r"schedule is 12 steps long but this run is estimated at 30"):
         trainer.fit(Regressor("sgd"), regression_loader(n_batches=6), ckpt_path=in_decay)
     assert schedule.schedule_total_steps == 12
+
+
+def test_a_schedule_that_joined_late_resumes_exactly_and_resizes_from_where_it_began(tmp_path: Path) -> None:
+    """A WarmupStableDecay added after 20 steps covers steps 20-59 of a 6-epoch run. Its checkpoint held only
+    its own 40 steps, so an unchanged resume looked like a 60-step run: the stable phase was "resized" to 60
+    steps and the run ended before its decay. Now the resume continues exactly, and a longer run resizes the
+    schedule to the steps from where it began."""
+    loader = regression_loader(n_batches=10)
+    first = make_trainer(max_epochs=2)
+    first.fit(Regressor("sgd"), loader)
+    plain = tmp_path / "plain.ckpt"
+    first.save_checkpoint(plain)
+
+    def wsd() -> WarmupStableDecay:
+        return WarmupStableDecay(peak_lr=0.1, warmup=0.1, decay=0.3, decay_shape="linear")
+
+    recorder, schedule = Recorder(), wsd()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    trainer = make_trainer(
+        max_epochs=6, callbacks=[recorder, schedule, checkpoint], enable_checkpointing=True
+    )
+    with pytest.warns(UserWarning, match="covers the 40 steps still to come"):
+        trainer.fit(Regressor("sgd"), loader, ckpt_path=plain)
+    assert schedule.schedule_total_steps == 40
+    stable = tmp_path / "ckpt" / "epoch=2-step=30.ckpt"  # 10 steps into the schedule: stable phase
+
+    resumed, schedule = Recorder(), wsd()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*WarmupStableDecay")
+        make_trainer(max_epochs=6, callbacks=[resumed, schedule]).fit(
+            Regressor("sgd"), loader, ckpt_path=stable
+        )
+    assert schedule.schedule_total_steps == 40 and schedule.steps_taken == [40]
+    assert resumed.records == recorder.records[10:]
+
+    longer = wsd()
+    make_trainer(max_epochs=8, callbacks=[longer]).fit(Regressor("sgd"), loader, ckpt_path=stable)
+    assert longer.schedule_total_steps == 60 and longer.steps_taken == [60]
 
 
 def test_resume_with_another_schedule_class_is_refused(tmp_path: Path) -> None:

@@ -249,3 +249,84 @@ def test_range_test_batches_pass_through_gpu_augment_and_leave_its_stream_alone(
     explicit_model, _, _ = run(result.lr)
     for a, b in zip(auto_model.state_dict().values(), explicit_model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+class BatchOrder(L.Callback):
+    def __init__(self) -> None:
+        self.first_labels: list[int] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int
+    ) -> None:
+        self.first_labels.append(int(batch[1][0]))
+
+
+def test_a_seeded_loaders_shuffle_order_is_restored_after_the_sweep(fashion_loader: DataLoader) -> None:
+    """``DataLoader(generator=...)`` draws each epoch's permutation from its own generator, which the global
+    RNG state does not cover: the sweep used to advance it, so training after it saw another batch order
+    than a run given the chosen LR directly."""
+    settings = LRRangeTest(min_lr=1e-5, max_lr=10.0, num_steps=30)
+
+    def run(max_lr: Any) -> tuple[SmallNet, OneCycle, BatchOrder, torch.Generator]:
+        torch.manual_seed(3)
+        generator = torch.Generator().manual_seed(123)
+        loader = DataLoader(fashion_loader.dataset, batch_size=64, shuffle=True, generator=generator)
+        model, order = SmallNet(), BatchOrder()
+        schedule = OneCycle(max_lr=max_lr, range_test=settings if max_lr == "auto" else None)
+        make_trainer(max_epochs=2, callbacks=[schedule, order]).fit(model, loader)
+        return model, schedule, order, generator
+
+    auto_model, auto, auto_order, auto_generator = run("auto")
+    assert auto.range_test_result is not None and len(auto.range_test_result.losses) > 20  # > one epoch
+    explicit_model, _, explicit_order, explicit_generator = run(auto.range_test_result.lr)
+    assert auto_order.first_labels == explicit_order.first_labels
+    assert torch.equal(auto_generator.get_state(), explicit_generator.get_state())
+    for a, b in zip(auto_model.state_dict().values(), explicit_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+class DictBatches(Regressor):
+    """Its loader yields dicts; ``on_before_batch_transfer`` (the module's or its datamodule's) turns them
+    into the ``(x, y)`` tuples ``training_step`` takes, as the training loop calls it."""
+
+    def __init__(self, own_hook: bool) -> None:
+        super().__init__("adam", (1e-3,))
+        self.own_hook = own_hook
+        self.sweep_dtypes: set[torch.dtype] = set()
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return (batch["x"], batch["y"]) if self.own_hook else batch
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        self.sweep_dtypes.add(batch[0].dtype)
+        return super().training_step(batch, batch_idx)
+
+
+class DictData(L.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        x, y = regression_loader(n_batches=10).dataset.tensors
+        return DataLoader([{"x": a, "y": b} for a, b in zip(x, y)], batch_size=4)
+
+
+class DictDataWithHook(DictData):
+    """Lightning calls a datamodule's hook instead of the module's when the datamodule defines one."""
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch["x"], batch["y"]
+
+
+@pytest.mark.parametrize("hook", ["module", "datamodule"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true", "64-true"])
+def test_sweep_batches_take_the_training_loops_path_to_training_step(hook: str, precision: str) -> None:
+    """The precision plugin's ``convert_input`` and the ``on_before_batch_transfer`` hook run on the sweep's
+    batches as on the training batches (the sweep used to skip both: float32 inputs met bf16 or float64
+    weights, and dict batches reached ``training_step``)."""
+    model = DictBatches(own_hook=hook == "module")
+    data = DictData() if hook == "module" else DictDataWithHook()
+    schedule = OneCycle(max_lr="auto", range_test=LRRangeTest(min_lr=1e-4, max_lr=1.0, num_steps=15))
+    trainer = make_trainer(max_epochs=1, precision=precision, callbacks=[schedule])
+    trainer.fit(model, datamodule=data)
+    assert schedule.range_test_result is not None and len(schedule.range_test_result.losses) >= 10
+    expected = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "64-true": torch.float64}[precision]
+    assert model.sweep_dtypes == {expected}
+    assert trainer.global_step == 10
