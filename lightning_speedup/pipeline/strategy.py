@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -42,6 +43,7 @@ from typing_extensions import override
 from lightning_speedup._chain import chain_method
 from lightning_speedup._compat import (
     StrategyRegistryType,
+    ddp_layer_sync,
     launch_with_main_process_hook,
     optimizer_to_device,
     set_module_device,
@@ -289,6 +291,13 @@ class PipelineStrategy(CleanExitDDPStrategy):
                 f"({self.pipeline_size}); set pipeline_size to a divisor or change devices/num_nodes."
             )
         self._check_microbatches(self.schedule_name, self.n_microbatches, self.pipeline_size)
+        if ddp_layer_sync(self) is not None:
+            raise ValueError(
+                "PipelineStrategy does not support Trainer(sync_batchnorm=True): it would be ignored, since each "
+                "stage runs its layers one micro-batch at a time and replicas share no batch statistics. Remove "
+                "sync_batchnorm=True; a BatchNorm then normalises each micro-batch alone, as with gradient "
+                "accumulation in one process."
+            )
         if trainer.state.fn == TrainerFn.FITTING and not module.automatic_optimization:
             # The strategy runs the schedule in place of training_step, so a manual training_step (which steps
             # the optimizers itself) would never run: no optimizer step, and max_steps never reached.
@@ -408,7 +417,11 @@ class PipelineStrategy(CleanExitDDPStrategy):
             )
         stages = [
             pipelining.PipelineStage(
-                self._stage_modules[s], s, self.plan.num_stages, self.root_device, group=self._pp_group
+                _Stage(self._stage_modules[s], first=s == 0, device=self.root_device),
+                s,
+                self.plan.num_stages,
+                self.root_device,
+                group=self._pp_group,
             )
             for s in sorted(self._stage_modules)
         ]
@@ -608,21 +621,24 @@ class PipelineStrategy(CleanExitDDPStrategy):
         assert self.plan is not None
         mb = x.tensor_split(self.n_microbatches)[0]
         total = 0.0
-        for s in sorted(self._stage_modules):
-            stage = self._stage_modules[s]
-            inp = self._stage_input_shape_probe(s, mb)
-            params = [p for p in stage.parameters() if p.requires_grad]
-            for rep in range(2):  # the first call warms up
-                probe = inp.detach().requires_grad_(inp.is_floating_point())
-                self._sync()
-                t0 = time.perf_counter()
-                with self.precision_plugin.train_step_context():
-                    out = stage(probe)
-                targets = [t for t in (*params, probe) if t.requires_grad]
-                torch.autograd.grad(out.float().sum(), targets, allow_unused=True)
-                self._sync()
-                if rep:
-                    total += time.perf_counter() - t0
+        # Measuring must not train: the stages' buffers (BatchNorm's running statistics) and the random number
+        # generators (dropout, the random probe inputs) are as before afterwards.
+        with _side_effect_free(self._stage_modules.values(), self.root_device):
+            for s in sorted(self._stage_modules):
+                stage = self._stage_modules[s]
+                inp = self._stage_input_shape_probe(s, mb)
+                params = [p for p in stage.parameters() if p.requires_grad]
+                for rep in range(2):  # the first call warms up
+                    probe = inp.detach().requires_grad_(inp.is_floating_point())
+                    self._sync()
+                    t0 = time.perf_counter()
+                    with self.precision_plugin.train_step_context():
+                        out = stage(probe)
+                    targets = [t for t in (*params, probe) if t.requires_grad]
+                    torch.autograd.grad(out.float().sum(), targets, allow_unused=True)
+                    self._sync()
+                    if rep:
+                        total += time.perf_counter() - t0
         return total
 
     def _stage_input_shape_probe(self, s: int, mb: Tensor) -> Tensor:
@@ -911,6 +927,75 @@ def _owned_state_names(
 
 def _to_cpu(value: Any) -> Any:
     return value.detach().cpu() if isinstance(value, Tensor) else value
+
+
+@contextmanager
+def _side_effect_free(modules: Iterable[nn.Module], device: torch.device) -> Iterator[None]:
+    """A forward run for its shapes or its time only: afterwards the modules' buffers (BatchNorm's running
+    statistics and batch count) and the CPU's and ``device``'s random number generators are as before.
+
+    The forward updates copies of the buffers, and the modules get their own tensors back untouched: writing the
+    old values back in place would change tensors that the forward's autograd graph saved (torch's pipelining
+    differentiates the shape-finding forward too)."""
+    swapped: list[tuple[nn.Module, str, Tensor]] = []
+    cuda = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    try:
+        for module in modules:
+            for owner in module.modules():
+                for name, buffer in list(owner.named_buffers(recurse=False)):
+                    if buffer.device.type != "meta":
+                        setattr(owner, name, buffer.clone())
+                        swapped.append((owner, name, buffer))
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        for owner, name, buffer in reversed(swapped):  # reversed: a module listed twice gets its own tensor
+            setattr(owner, name, buffer)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity forward; the gradient it passes back is contiguous."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+class _Stage(nn.Module):
+    """What a ``PipelineStage`` runs: the stage's layers, with two guards around them.
+
+    * torch's ``PipelineStage`` learns its activations' shapes from one forward before the first micro-batch (on
+      the real micro-batch in the first stage, on uninitialised memory in later ones, in training mode). That
+      forward is side-effect free here: a BatchNorm in a later stage took running statistics from garbage (NaN
+      after fit), and every BatchNorm counted one batch too many and dropout drew random numbers for it.
+    * The gradient a later stage sends back is contiguous: a first layer that transposes its input (a Conv1d
+      over ``(B, T, C)``) gives a strided input gradient, from which torch builds the previous stage's receive
+      buffer, and gloo refuses to send a strided tensor.
+
+    Parameter names are unchanged: the strategy keeps the unwrapped stage modules and their names.
+    """
+
+    def __init__(self, layers: nn.Module, first: bool, device: torch.device) -> None:
+        super().__init__()
+        self.layers, self.first, self.device = layers, first, device
+        self._shapes_known = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.first and x.requires_grad:
+            x = _ContiguousGrad.apply(x)
+        if self._shapes_known:
+            return self.layers(x)
+        self._shapes_known = True
+        with _side_effect_free([self.layers], self.device):
+            return self.layers(x)
 
 
 def _one_tensor_out(index: int) -> Callable[[nn.Module, Any, Any], None]:

@@ -248,3 +248,32 @@ class FailsOnTrainStart(TinyLM):
 
     def on_train_start(self) -> None:
         raise ValueError("failed on purpose before the first step")
+
+
+class ChannelBatchNorm(nn.Module):
+    """BatchNorm over the channels of ``(B, T, C)``: it transposes its input, so its input gradient is strided."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(WIDTH)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(x.transpose(1, 2)).transpose(1, 2).contiguous()
+
+
+class BatchNormLM(TinyLM):
+    """TinyLM with a BatchNorm that opens the second of two stages (its running statistics are state that every
+    forward changes)."""
+
+    def __init__(self) -> None:
+        super().__init__(n_blocks=3)
+        self.norm = ChannelBatchNorm()
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = idx
+        for layer in self.pipeline_layers():
+            x = layer(x)
+        return x
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        return [self.embed, *self.blocks[:2], self.norm, *self.blocks[2:], self.head]

@@ -19,6 +19,7 @@ from lightning_speedup import PipelineStrategy
 from lightning_speedup.pipeline import SCHEDULES
 from lightning_speedup.pipeline.strategy import adjacent_local_stages_problem
 from tests.pipeline.common import (
+    BatchNormLM,
     FailsOnTrainStart,
     PredictLM,
     ReplicaShards,
@@ -77,6 +78,25 @@ def test_schedule_matches_single_process(schedule: str, reference: Path, tmp_pat
     assert 0.0 <= metrics["pipeline/bubble"] <= 1.0
     assert metrics["pipeline/bubble_theory"] == pytest.approx(1 / 5 / STAGES_PER_RANK[schedule])
     assert metrics["pipeline/samples_per_s"] > 0
+
+
+def test_batchnorm_in_a_later_stage_trains_like_micro_batched_single_process(tmp_path: Path) -> None:
+    """A BatchNorm opening stage 1, whose layer transposes its input: the reference is one process taking the
+    same 4 micro-batches of 2 as 4 accumulated batches. torch's shape-finding forward ran the stage on
+    uninitialised memory and left NaN running statistics, and measuring the bubble (metrics_every) ran more
+    forwards; the transposed layer's strided input gradient made gloo refuse to send it."""
+
+    def model() -> BatchNormLM:
+        L.seed_everything(0, verbose=False)  # the same initial weights in both runs
+        return BatchNormLM()
+
+    ref = fit(tmp_path / "ref", model=model(), data=loader(batch_size=2), accumulate_grad_batches=4)
+    run = fit(tmp_path / "pp", strategy=_pp("1f1b", metrics_every=1), devices=2, model=model(), data=loader())
+    a, b = final_state(ref), final_state(run)
+    assert int(b["norm.bn.num_batches_tracked"]) == 16  # 4 steps x 4 micro-batches, not one more
+    assert list(a) == list(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
 
 
 def test_pipeline_times_data_parallel(tmp_path: Path) -> None:
@@ -420,6 +440,11 @@ def test_bad_input_gets_a_clear_error(
 ) -> None:
     with pytest.raises(error, match=match):
         _fit_one_process(model, strategy, data)
+
+
+def test_sync_batchnorm_is_refused_instead_of_ignored() -> None:
+    with pytest.raises(ValueError, match=r"does not support Trainer\(sync_batchnorm=True\)"):
+        _fit_one_process(BatchNormLM(), PipelineStrategy("1f1b", n_microbatches=2), sync_batchnorm=True)
 
 
 def test_adjacent_local_stages_are_refused_on_a_torch_that_cannot_run_them() -> None:
