@@ -302,6 +302,18 @@ class LRScheduleCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         name = type(self).__name__
+        if trainer.limit_train_batches == 0:  # Lightning skips training: there is no run to schedule
+            rank_zero_warn(
+                f"{name}: limit_train_batches=0, so no training step runs and the schedule does nothing."
+            )
+            self._optimizers, self._steps, self._counted_at, self._total, self._sized_by_estimate = (
+                [],
+                [],
+                [],
+                0,
+                False,
+            )
+            return
         if trainer.lr_scheduler_configs:
             kinds = ", ".join(type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs)
             raise ValueError(

@@ -238,6 +238,19 @@ def test_a_late_schedule_counts_batches_where_several_optimizers_step_by_hand(tm
     assert schedule.schedule_total_steps == 20 and schedule.steps_taken == [20, 10]
 
 
+@pytest.mark.parametrize("make", [lambda: OneCycle(max_lr="auto"), lambda: WarmupStableDecay(peak_lr=0.5)])
+def test_limit_train_batches_0_validates_and_the_schedule_warns_that_it_does_nothing(make: Any) -> None:
+    """Lightning skips training with limit_train_batches=0 (a validation-only debugging run); the schedule used to
+    raise that it could not tell the run's length."""
+    model = Regressor("sgd", (0.1,))
+    trainer = make_trainer(max_epochs=2, limit_train_batches=0, limit_val_batches=2, callbacks=[make()])
+    model.validation_step = lambda batch, batch_idx: None  # type: ignore[method-assign]
+    with pytest.warns(UserWarning, match="limit_train_batches=0, so no training step runs"):
+        trainer.fit(model, regression_loader(), regression_loader())
+    assert trainer.global_step == 0 and model.training_steps == 0
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1
+
+
 class LBFGSRegressor(Regressor):
     def configure_optimizers(self) -> Any:
         return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
