@@ -45,6 +45,7 @@ from lightning_speedup.quantization.qat import (
     QATConfig,
     QATConv2d,
     QATLinear,
+    _replace_everywhere,
     _set_submodule,
     prepare,
     qat_modules,
@@ -201,11 +202,13 @@ def convert(
             disabled[0],
         )
     picked: Counter[str] = Counter()
+    replacements: dict[int, nn.Module] = {}
     for name, module in list(qat_modules(model)):
         new, chosen = _convert_layer(name, module, backend, dtype)
         new.train(module.training)
-        _set_submodule(model, name, new)
+        replacements[id(module)] = new
         picked[chosen] += 1
+    _replace_everywhere(model, replacements)
     if dtype is not None:
         _cast_float_tensors(model, dtype)
     if backend == "auto":
@@ -417,6 +420,19 @@ def load(
             )  # type: ignore[call-arg]
         new.train(target.training)
         _set_submodule(model, name, new)
+    # The rest of the model in the dtypes it was saved in (convert(dtype=...) casts it): loading into the
+    # fresh model's float32 tensors would cast it back and leave it unable to take the inputs it took.
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for key, value in blob["state_dict"].items():
+        tensor = own.get(key)
+        if (
+            tensor is not None
+            and isinstance(value, torch.Tensor)
+            and tensor.is_floating_point()
+            and value.is_floating_point()
+            and tensor.dtype != value.dtype
+        ):
+            tensor.data = tensor.data.to(value.dtype)
     missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
     quantized_prefixes = tuple(n + "." for n in header["layers"])
     missing = [k for k in missing if not k.startswith(quantized_prefixes)]

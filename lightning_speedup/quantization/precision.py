@@ -25,6 +25,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -162,13 +163,38 @@ class QATPrecision(Precision):
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         # In place: DDPStrategy.setup ignores the return value of convert_module.
+        trained = [m for _, m in qat_modules(module)]
         prepare(module, self.config, enabled=self.fake_quant_active)
         self._model = module
         if self._pending_state is not None:
             self._load_module_state(self._pending_state)
             self._pending_state = None
+        elif trained:
+            self._continue_from(trained)
         self._apply_schedule()
         return module
+
+    def _continue_from(self, layers: list[nn.Module]) -> None:
+        """A model whose QAT layers an earlier Trainer switched on (validated, tested or trained further with a new
+        plugin): the schedule continues from the phase they are in, instead of switching fake quantization off and
+        unfreezing the scales at its step 0. A checkpoint restored afterwards sets the step it saved."""
+        step = self._step
+        if any(m.fake_quant_enabled for m in layers):  # type: ignore[attr-defined]
+            step = max(step, self.start_step)
+        frozen = any(m.scales_frozen for m in layers)  # type: ignore[attr-defined]
+        if frozen and self.freeze_step is not None:
+            step = max(step, self.freeze_step)
+        elif frozen:
+            rank_zero_warn(
+                "QATPrecision: the model's QAT scales are frozen (by an earlier run), and this plugin has "
+                "freeze_step=None, so it unfreezes them. Pass the freeze_step the model was trained with to keep them."
+            )
+        if step != self._step:
+            rank_zero_info(
+                f"QATPrecision: the model's QAT layers are already on (prepared and switched on by an earlier run); "
+                f"the schedule continues from that phase (step {step}) instead of switching them back."
+            )
+            self._step = step
 
     @override
     def connect(

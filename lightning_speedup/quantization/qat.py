@@ -51,6 +51,30 @@ _CONV_ATTRS = (
 )  # fmt: skip
 
 
+def _accept_float_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Lets a float state dict (the plain layer's ``weight`` and ``bias`` only) load into a prepared layer.
+
+    Lightning saves checkpoints float-shaped (``QATPrecision`` keeps the QAT state apart) and loads them strictly
+    into the model, which after a ``fit`` in the same process still holds its QAT layers (``trainer.test(
+    ckpt_path="best")``). The missing QAT entries are filled in: the scales derived from the incoming weights as
+    ``prepare`` derives them, the flags as they are; the plugin restores the checkpoint's own scales and flags
+    afterwards. A state dict that has any QAT entry of the layer, or no weight, is loaded as it is.
+    """
+    assert isinstance(module, _FakeQuantMixin)
+    weight = state_dict.get(prefix + "weight")
+    qat_keys = [prefix + k for k in ("frozen_scale", "weight_scale", "_extra_state")]
+    if not isinstance(weight, Tensor) or any(k in state_dict for k in qat_keys):
+        return
+    with torch.no_grad():
+        derived = absmax_scale(weight.to(module.weight.device, torch.float32), module.spec)
+    state_dict[prefix + "frozen_scale"] = (
+        derived if module.scales_frozen else module.frozen_scale.detach().clone()
+    )
+    if module.weight_scale is not None:
+        state_dict[prefix + "weight_scale"] = derived
+    state_dict[prefix + "_extra_state"] = module.get_extra_state()
+
+
 class _FakeQuantMixin:
     """Shared state and weight fake quantization of :class:`QATLinear` and :class:`QATConv2d`."""
 
@@ -72,6 +96,7 @@ class _FakeQuantMixin:
             self.weight_scale = nn.Parameter(absmax_scale(self.weight, spec))
         else:
             self.register_parameter("weight_scale", None)  # type: ignore[attr-defined]
+        self.register_load_state_dict_pre_hook(_accept_float_state)  # type: ignore[attr-defined]
 
     def current_scale(self) -> Tensor | None:
         """The scale the forward uses: frozen snapshot, learned scale, or None (absmax of the weight)."""
@@ -84,9 +109,12 @@ class _FakeQuantMixin:
         return None
 
     def effective_scale(self) -> Tensor:
-        """The scale (detached float32) the next forward would quantize with."""
+        """The scale (detached float32) the next forward would quantize with. A learnable scale that was never
+        switched on (fake quantization off, scales not frozen) is stale: enabling re-initialises it from the
+        weights, so the absmax of the weights is what it would start from."""
         scale = self.current_scale()
-        return absmax_scale(self.weight, self.spec) if scale is None else scale.detach().float()
+        stale = self.weight_scale is not None and not self.fake_quant_enabled and not self.scales_frozen
+        return absmax_scale(self.weight, self.spec) if scale is None or stale else scale.detach().float()
 
     def quantized_weight(self) -> Tensor:
         """The fake-quantized weight (differentiable, straight-through)."""
@@ -328,6 +356,15 @@ class QATConfig:
                 )
             return weights
         if isinstance(weights, QuantSpec):
+            extra = ["activations"] if activations is not None else []
+            extra += ["group_size"] if group_size is not None else []
+            extra += ["scale"] if scale != "absmax" else []
+            if extra:
+                raise ValueError(
+                    f"Got a QuantSpec and also {', '.join(extra)}; the QuantSpec sets the whole recipe "
+                    f"({weights.describe()}, scale={weights.scale}). Put them in it (QuantSpec.create(...)) or pass "
+                    "the format name instead."
+                )
             weights, activations, group_size, scale = (
                 weights.weights, weights.activations, weights.group_size, weights.scale,
             )  # fmt: skip
@@ -420,6 +457,14 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _replace_everywhere(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
+    """Install ``replacements[id(old)]`` under every name of each replaced module: a layer registered twice (shared
+    weights, ``self.a = self.b = nn.Linear(...)``) would otherwise keep its old type under its second name."""
+    names = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if id(m) in replacements]
+    for name, old in names:
+        _set_submodule(model, name, replacements[id(old)])
+
+
 def prepare(
     model: nn.Module,
     weights: str | int | QuantSpec | QATConfig,
@@ -460,6 +505,7 @@ def prepare(
     weight_only_convs: list[str] = []
     selected = select_layers(model, config.include, config.exclude, config.exclude_first_last)
     skipped: list[str] = []
+    replacements: dict[int, nn.Module] = {}
     for name, module in selected:
         if isinstance(module, (QATLinear, QATConv2d)):
             if module.spec != spec:
@@ -483,7 +529,8 @@ def prepare(
             continue
         if isinstance(module, nn.Conv2d) and spec.activations:
             weight_only_convs.append(name)
-        _set_submodule(model, name, _QAT_FOR[type(module)].from_float(module, spec, enabled))
+        replacements[id(module)] = _QAT_FOR[type(module)].from_float(module, spec, enabled)
+    _replace_everywhere(model, replacements)
     if len(skipped) == len(selected):
         raise ValueError(
             f"none of the {len(selected)} selected layers can be quantized to {spec.describe()} (group size does "
@@ -508,8 +555,7 @@ def qat_modules(model: nn.Module) -> Iterator[tuple[str, QATLinear | QATConv2d]]
 
 def to_float(model: nn.Module) -> nn.Module:
     """Swap every QAT layer back to its plain float layer, in place (the inverse of :func:`prepare`)."""
-    for name, module in list(qat_modules(model)):
-        _set_submodule(model, name, module.to_float())
+    _replace_everywhere(model, {id(m): m.to_float() for _, m in qat_modules(model)})
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import subprocess
@@ -24,9 +25,11 @@ from lightning_speedup.quantization import (
     freeze_scales,
     load,
     prepare,
+    qat_modules,
     quantize,
     quantized_layers,
     save,
+    to_float,
     weight_bytes,
 )
 
@@ -172,6 +175,46 @@ def test_dtype_casts_the_rest_of_the_model() -> None:
     real = quantize(_mlp(), "int4", dtype=torch.bfloat16)
     assert real[0].weight.dtype == torch.bfloat16 and real[2].scale.dtype == torch.float32
     assert real(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_a_model_saved_in_another_dtype_loads_in_it(tmp_path: Path) -> None:
+    """convert(dtype=bfloat16) casts the float layers too; load() copied them into the fresh model's float32
+    tensors, so the loaded model took neither bfloat16 nor float32 inputs."""
+    real = quantize(_mlp(), "int4", dtype=torch.bfloat16)
+    save(real, tmp_path / "bf16.pt")
+    loaded = load(tmp_path / "bf16.pt", _mlp())
+    assert loaded[0].weight.dtype == torch.bfloat16
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), real(x))
+
+
+def test_lsq_layers_never_switched_on_convert_with_the_trained_weights_absmax() -> None:
+    """A learnable scale is initialised when fake quantization switches on; one that never did (start_step not
+    reached) still held the scale of the weights at prepare time, which clipped the trained weights."""
+    net = prepare(_mlp(), "int4", scale="lsq", enabled=False)
+    with torch.no_grad():
+        for _, layer in qat_modules(net):
+            layer.weight.mul_(3.0)  # training moved the weights
+    real = convert(net, "torch")
+    plain = quantize(to_float(copy.deepcopy(net)), "int4")
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert torch.equal(real(x), plain(x))
+
+
+def test_a_layer_registered_under_two_names_is_converted_under_both() -> None:
+    shared = nn.Linear(64, 64)
+    net = nn.Sequential(nn.Linear(64, 64), shared, nn.ReLU(), shared, nn.Linear(64, 4))
+    prepare(net, "int4")
+    assert type(net[1]) is type(net[3]) and net[1] is net[3]
+    real = convert(net, "torch")
+    assert isinstance(real[1], TorchQuantizedLinear) and real[1] is real[3]
+    # a failed prepare leaves no layer swapped
+    failing = nn.Sequential(nn.Linear(8, 64), nn.Linear(64, 48), nn.Linear(48, 64), nn.Linear(64, 4))
+    with pytest.raises(ValueError, match="does not divide"):
+        prepare(failing, "int4", indivisible="error")
+    assert not list(qat_modules(failing))
 
 
 @pytest.mark.parametrize(("weights", "activations", "backend", "exact"), CASES)

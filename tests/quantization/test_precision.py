@@ -141,6 +141,43 @@ def test_resume_mid_qat_is_bitwise_exact(tmp_path: Path, fmnist: Any) -> None:
     assert "net.2.weight_scale" in saved["QATPrecision"]["qat_state"]
 
 
+class Evaluated(FlatClassifier):
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("test_loss", F.cross_entropy(self(batch[0]).float(), batch[1]))
+
+
+def test_a_trained_model_tests_from_its_checkpoint_and_a_new_plugin_keeps_its_qat_on(
+    tmp_path: Path, fmnist: Any
+) -> None:
+    """``fit`` then ``trainer.test(ckpt_path=...)`` on the same model: the checkpoint's float-shaped state dict was
+    loaded strictly into the model that still held its QAT layers (missing frozen_scale, weight_scale, ...). And a
+    new Trainer with a new plugin (its schedule at step 0) switched the trained model's fake quantization off and
+    unfroze its scales, so it validated the float model and convert() gave another model."""
+    torch.manual_seed(0)
+    model, data = Evaluated(), _loader(fmnist.x_train[:2048], fmnist.y_train[:2048])
+
+    def plugin() -> QATPrecision:
+        return QATPrecision("int4", base="32-true", start_step=10, freeze_step=24, scale="lsq")
+
+    trainer = _trainer(tmp_path, [plugin()], max_epochs=2)
+    trainer.fit(model, data)
+    ckpt = tmp_path / "trained.ckpt"
+    trainer.save_checkpoint(ckpt)
+    layer = model.net[2]
+    assert layer.fake_quant_enabled and layer.scales_frozen
+    scale = layer.frozen_scale.clone()
+    [from_memory] = _trainer(tmp_path, [plugin()]).test(model, data)
+    [from_checkpoint] = trainer.test(model, data, ckpt_path=str(ckpt))
+    assert from_checkpoint == from_memory
+    assert layer.fake_quant_enabled and layer.scales_frozen and torch.equal(layer.frozen_scale, scale)
+
+    fresh = (
+        Evaluated()
+    )  # a new process's model: plain layers, the QAT state from the checkpoint's plugin state
+    [from_new_model] = _trainer(tmp_path, [plugin()]).test(fresh, data, ckpt_path=str(ckpt))
+    assert from_new_model == from_memory and torch.equal(fresh.net[2].frozen_scale, scale)
+
+
 def test_resume_with_another_recipe_is_refused(tmp_path: Path, fmnist: Any) -> None:
     first, _ = _fit(tmp_path, fmnist, epochs=1)
     ckpt = tmp_path / "int4.ckpt"

@@ -203,6 +203,27 @@ def test_spec_objects_are_accepted() -> None:
     assert net[2].spec == spec
 
 
+def test_recipe_arguments_beside_a_spec_are_refused_instead_of_dropped() -> None:
+    spec = QuantSpec.create("int4")
+    with pytest.raises(ValueError, match="Got a QuantSpec and also activations, group_size, scale"):
+        prepare(_mlp(), spec, "int8", group_size=128, scale="lsq")
+    with pytest.raises(ValueError, match="Got a QuantSpec and also group_size"):
+        QATPrecision(spec, group_size=128)
+
+
+def test_a_float_state_dict_loads_into_a_prepared_model() -> None:
+    """The plain model's keys (weight, bias) load strictly; the QAT scales follow the loaded weights."""
+    source = _mlp()
+    net = prepare(_mlp(), "int4", scale="lsq")
+    net.load_state_dict(source.state_dict())
+    assert torch.equal(net[2].weight, source[2].weight)
+    assert torch.equal(net[2].weight_scale, prepare(source, "int4", scale="lsq")[2].weight_scale)
+    with pytest.raises(
+        RuntimeError, match="Missing key"
+    ):  # a state dict without the weights is still refused
+        net.load_state_dict({k: v for k, v in source.state_dict().items() if k != "2.weight"})
+
+
 def test_one_config_object_is_validated_once_and_equals_the_keyword_form() -> None:
     config = QATConfig(4, group_size=32, exclude=["0"], exclude_first_last=False)
     assert (
