@@ -27,6 +27,7 @@ does not line up with the buckets of a resumed one. The hooks here:
 
 # No `from __future__ import annotations` here: DDP checks a hook's annotations against the real
 # `dist.GradBucket` and `Future[Tensor]` objects and rejects their string forms.
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,6 +286,16 @@ class _Step:
             mats = new((len(idx), rows, cols), dtype=self.dtype, device=device)
             if state.error_feedback and fed:
                 torch._foreach_copy_([mats[j] for j, _ in fed], [e for _, e in fed])
+            stale = [k for k in idx if k in state.q_memory and tuple(state.q_memory[k].shape) != (cols, r)]
+            if stale and state.warm_start:
+                warnings.warn(
+                    f"PowerSGD: the warm-start matrices of {len(stale)} parameter(s) were saved with rank "
+                    f"{state.q_memory[stale[0]].shape[1]}, but this run uses rank {r} for them: they start from a "
+                    "fresh random Q (the error feedback is kept).",
+                    stacklevel=2,
+                )
+                for k in stale:
+                    del state.q_memory[k]
             q = torch.stack(
                 [
                     (

@@ -514,6 +514,29 @@ def test_powersgd_start_iter_counts_the_global_step_after_a_ddp_checkpoint(
     assert dumps[0]["comm_stats"].get("compression_ratio", 0) > 1, dumps[0]["comm_stats"]
 
 
+def test_powersgd_resumed_with_another_rank_uses_the_new_rank(shakespeare_path: Path, tmp_path: Path) -> None:
+    """A rank-1 checkpoint resumed with rank=2: the saved warm-start matrices (rank 1) were reused as they were, so
+    the run stayed at rank 1 without a word. Now they start afresh at the new rank (the error feedback is kept)."""
+    from lightning_speedup.distributed.averaging import CHECKPOINT_KEY
+
+    kw = {"module": CharMLP, "n_train": 320, "limit_val_batches": 0, "enable_checkpointing": True}
+
+    def powersgd(rank: int) -> lsd.CompressedDDPStrategy:
+        return lsd.CompressedDDPStrategy(compression="powersgd", rank=rank, start_iter=1, start_method="fork")
+
+    def q_ranks(ckpt: Path) -> set[int]:
+        saved = torch.load(ckpt, weights_only=False)[CHECKPOINT_KEY]["ranks"]
+        return {int(q.shape[1]) for state in saved for q in state["q_memory"].values()}
+
+    first = ModelCheckpoint(dirpath=tmp_path / "r1", filename="{epoch}", save_top_k=-1)
+    _fit("r1", powersgd(1), 2, shakespeare_path, tmp_path, max_epochs=1, callbacks=[first], **kw)
+    assert q_ranks(tmp_path / "r1" / "epoch=0.ckpt") == {1}
+    second = ModelCheckpoint(dirpath=tmp_path / "r2", filename="{epoch}", save_top_k=-1)
+    _fit("r2", powersgd(2), 2, shakespeare_path, tmp_path, max_epochs=2, callbacks=[second],
+         ckpt_path=str(tmp_path / "r1" / "epoch=0.ckpt"), **kw)  # fmt: skip
+    assert q_ranks(tmp_path / "r2" / "epoch=1.ckpt") == {2}
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
