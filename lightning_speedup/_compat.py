@@ -223,18 +223,38 @@ LAUNCHER_RECOVER = "_recover_results_in_main_process"
 LAUNCHER_RECOVER_PARAMETERS = ("worker_output", "trainer")
 
 
+_COMM_STATS = "lightning_speedup.comm_stats"
+
+
 class _HookedLauncher(_MultiProcessingLauncher):
-    """Lightning's spawn/fork/forkserver launcher that calls ``before_load(module)`` in the launching process
-    just before the workers' trained weights are loaded back into ``module``."""
+    """Lightning's spawn/fork/forkserver launcher that calls ``before_load(module)`` (if given) in the launching
+    process just before the workers' trained weights are loaded back into ``module``, and brings rank 0's
+    ``strategy.comm_stats`` back to the launching process's strategy (``_worker_comm_stats``)."""
 
     def __init__(self, strategy: DDPStrategy, start_method: str, before_load: Any) -> None:
         super().__init__(strategy, start_method=start_method)  # type: ignore[arg-type]
-        self.before_load = before_load  # a module-level function: spawn pickles the launcher
+        self.before_load = before_load  # a module-level function or None: spawn pickles the launcher
 
     def _recover_results_in_main_process(self, worker_output: Any, trainer: pl.Trainer) -> None:
-        if trainer.lightning_module is not None and worker_output.weights_path is not None:
+        if (
+            self.before_load is not None
+            and trainer.lightning_module is not None
+            and worker_output.weights_path
+        ):
             self.before_load(trainer.lightning_module)
         super()._recover_results_in_main_process(worker_output, trainer)
+
+    def get_extra_results(self, trainer: pl.Trainer) -> dict[str, Any]:
+        extra = super().get_extra_results(trainer)
+        stats = getattr(trainer.strategy, "comm_stats", None)
+        if isinstance(stats, dict):
+            extra[_COMM_STATS] = dict(stats)
+        return extra
+
+    def update_main_process_results(self, trainer: pl.Trainer, extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)
+        if _COMM_STATS in extra and hasattr(trainer.strategy, "_worker_comm_stats"):
+            trainer.strategy._worker_comm_stats = extra[_COMM_STATS]
 
 
 def launch_with_main_process_hook(strategy: DDPStrategy, before_load: Any) -> None:
@@ -248,5 +268,7 @@ def launch_with_main_process_hook(strategy: DDPStrategy, before_load: Any) -> No
     nothing public runs in the launching process between the workers' end and that load.
     """
     launcher = strategy.launcher
-    if isinstance(launcher, _MultiProcessingLauncher) and not isinstance(launcher, _HookedLauncher):
+    if isinstance(launcher, _HookedLauncher):
+        launcher.before_load = before_load
+    elif isinstance(launcher, _MultiProcessingLauncher):
         strategy._launcher = _HookedLauncher(strategy, launcher._start_method, before_load)

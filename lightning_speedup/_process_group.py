@@ -16,6 +16,8 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
+from lightning_speedup._compat import launch_with_main_process_hook
+
 __all__ = ["CleanExitDDPStrategy", "destroy_process_group_at_exit"]
 
 _registered = False
@@ -55,6 +57,8 @@ class CleanExitDDPStrategy(DDPStrategy):
                 "(the default)."
             )
         super()._configure_launcher()
+        # spawn/fork: the launching process's strategy never trains; its comm_stats come back from rank 0
+        launch_with_main_process_hook(self, None)
 
     @override
     def setup_distributed(self) -> None:

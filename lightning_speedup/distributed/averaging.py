@@ -242,6 +242,9 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
         self._params: FlatBuckets | None = None
         self._buffers: FlatBuckets | None = None
         self._timer: CommTimer | None = None
+        self._worker_comm_stats: dict[str, float] | None = (
+            None  # rank 0's, in a launching process (spawn, fork)
+        )
         self._step = 0
         self._fit_start_step = 0
         self._in_consensus = True
@@ -357,6 +360,7 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
         self._timer = CommTimer(self.root_device)
         # comm_stats are the totals of one fit: a second fit on the same Trainer starts them over
         self._bytes_total, self._comm_seconds_total, self._last_consensus = 0, 0.0, None
+        self._worker_comm_stats = None
         self._in_consensus = True
         self._broadcast_from_rank_zero(module)
         self._on_setup()
@@ -452,7 +456,10 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
     @property
     def comm_stats(self) -> dict[str, float]:
         """Totals of the current (or last) fit: bytes sent, seconds communicating, optimizer steps, last consensus
-        distance (NaN if none was measured). Each ``fit`` starts them from zero, a resumed one too."""
+        distance (NaN if none was measured). Each ``fit`` starts them from zero, a resumed one too. After a
+        ``start_method="spawn"`` (or ``"fork"``) fit, the launching process holds rank 0's."""
+        if self._worker_comm_stats is not None:
+            return dict(self._worker_comm_stats)
         if self._timer is not None:
             self._comm_seconds_total += self._timer.pop_seconds(wait=True)
         return {

@@ -171,6 +171,9 @@ class CompressedDDPStrategy(CleanExitDDPStrategy):
         self.cuda_graphs = cuda_graphs
         self.log_metrics = log_metrics
         self._hook_state: LowPrecisionState | PowerSGDState | None = None
+        self._worker_comm_stats: dict[str, float] | None = (
+            None  # rank 0's, in a launching process (spawn, fork)
+        )
         self._resume: dict[str, Any] | None = None
         self._bytes_reported = 0
         self._hook_state_loaded = False
@@ -202,6 +205,7 @@ class CompressedDDPStrategy(CleanExitDDPStrategy):
             self.model.register_comm_hook(self._hook_state, low_precision_hook)
         self._bytes_reported = 0
         self._hook_state_loaded = False
+        self._worker_comm_stats = None
 
     @override
     def on_train_start(self) -> None:
@@ -240,7 +244,10 @@ class CompressedDDPStrategy(CleanExitDDPStrategy):
     @property
     def comm_stats(self) -> dict[str, float]:
         """Totals of the current (or last) fit: gradient bytes sent by this process (and PowerSGD's compression
-        ratio). Each ``fit`` starts them from zero (``setup`` registers a fresh hook state)."""
+        ratio). Each ``fit`` starts them from zero (``setup`` registers a fresh hook state). After a
+        ``start_method="spawn"`` (or ``"fork"``) fit, the launching process holds rank 0's."""
+        if self._worker_comm_stats is not None:
+            return dict(self._worker_comm_stats)
         state = self._hook_state
         stats = {"bytes_sent": float(state.bytes_sent) if state is not None else 0.0}
         if isinstance(state, PowerSGDState) and state.numel_after:

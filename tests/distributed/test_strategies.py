@@ -459,6 +459,36 @@ def test_comm_stats_are_the_totals_of_each_fit(shakespeare_path: Path, tmp_path:
     run_processes(_comm_stats_of_two_fits, 2, str(shakespeare_path), str(tmp_path), make)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: lsd.LocalSGDStrategy(sync_every=2, start_method="fork"),
+        lambda: lsd.CompressedDDPStrategy(compression="powersgd", rank=1, start_iter=1, start_method="fork"),
+    ],
+    ids=["local_sgd", "powersgd"],
+)
+def test_comm_stats_reach_the_launching_process_after_a_fork_or_spawn_fit(
+    shakespeare_path: Path, tmp_path: Path, make: Any
+) -> None:
+    """With start_method fork or spawn the launching process's strategy never trains: its comm_stats read zeros.
+    Now rank 0's come back through the launcher (a worker saves its own for comparison)."""
+
+    class SaveStats(L.Callback):
+        @override
+        def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.global_rank == 0:
+                torch.save(trainer.strategy.comm_stats, tmp_path / "rank0.pt")
+
+    L.seed_everything(0, verbose=False)
+    train, _, vocab = loaders(shakespeare_path, n_train=320)
+    t = trainer(make(), 2, tmp_path, callbacks=[SaveStats()], max_steps=4, limit_val_batches=0)
+    t.fit(CharMLP(vocab), train)
+    stats, rank0 = t.strategy.comm_stats, torch.load(tmp_path / "rank0.pt")
+    assert stats["bytes_sent"] > 0 and stats.keys() == rank0.keys()
+    assert all(stats[k] == rank0[k] or (math.isnan(stats[k]) and math.isnan(rank0[k])) for k in stats)
+    assert stats.get("steps", 4) == 4
+
+
 class _RanksAgreeDump(_RanksAgree):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
