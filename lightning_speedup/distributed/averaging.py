@@ -242,9 +242,8 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
         self._params: FlatBuckets | None = None
         self._buffers: FlatBuckets | None = None
         self._timer: CommTimer | None = None
-        self._worker_comm_stats: dict[str, float] | None = (
-            None  # rank 0's, in a launching process (spawn, fork)
-        )
+        # rank 0's comm_stats, in a launching process that did not train (start_method spawn or fork)
+        self._worker_comm_stats: dict[str, float] | None = None
         self._step = 0
         self._fit_start_step = 0
         self._in_consensus = True

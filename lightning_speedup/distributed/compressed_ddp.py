@@ -171,9 +171,8 @@ class CompressedDDPStrategy(CleanExitDDPStrategy):
         self.cuda_graphs = cuda_graphs
         self.log_metrics = log_metrics
         self._hook_state: LowPrecisionState | PowerSGDState | None = None
-        self._worker_comm_stats: dict[str, float] | None = (
-            None  # rank 0's, in a launching process (spawn, fork)
-        )
+        # rank 0's comm_stats, in a launching process that did not train (start_method spawn or fork)
+        self._worker_comm_stats: dict[str, float] | None = None
         self._resume: dict[str, Any] | None = None
         self._bytes_reported = 0
         self._hook_state_loaded = False

@@ -66,7 +66,7 @@ def _accept_float_state(module: nn.Module, state_dict: dict[str, Any], prefix: s
     if not isinstance(weight, Tensor) or any(k in state_dict for k in qat_keys):
         return
     with torch.no_grad():
-        derived = absmax_scale(weight.to(module.weight.device, torch.float32), module.spec)
+        derived = absmax_scale(weight.to(module.weight.device), module.spec)  # float32, as prepare() makes it
     state_dict[prefix + "frozen_scale"] = (
         derived if module.scales_frozen else module.frozen_scale.detach().clone()
     )

@@ -306,13 +306,9 @@ class LRScheduleCallback(Callback):
             rank_zero_warn(
                 f"{name}: limit_train_batches=0, so no training step runs and the schedule does nothing."
             )
-            self._optimizers, self._steps, self._counted_at, self._total, self._sized_by_estimate = (
-                [],
-                [],
-                [],
-                0,
-                False,
-            )
+            # No optimizer to schedule: every other hook does nothing, and state_dict() is empty.
+            self._optimizers, self._steps, self._counted_at = [], [], []
+            self._total, self._sized_by_estimate = 0, False
             return
         if trainer.lr_scheduler_configs:
             kinds = ", ".join(type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs)
@@ -593,9 +589,8 @@ class LRScheduleCallback(Callback):
         self._peaks = [[float(v) for v in row] for row in state["peak_lrs"]]
         self._auto_lr = state.get("auto_lr")
         if self.total_steps is None:
-            total -= (
-                self._start
-            )  # a schedule that joined the run late covers the run's steps from its start on
+            # A schedule that joined the run late covers the run's steps from its start on.
+            total -= self._start
         resized = total != self._total and self.can_resize(max(self._steps), self._total, total)
         if resized:
             rank_zero_info(
