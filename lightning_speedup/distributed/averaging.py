@@ -57,6 +57,7 @@ from lightning_speedup.distributed.collectives import (
     CommTimer,
     Traffic,
     average_,
+    block_mean_,
     broadcast_,
     consensus_distance,
 )
@@ -383,9 +384,13 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
             return model  # no DDP wrapper: no reducer, no per-step gradient all-reduce
         device_ids = self.determine_ddp_device_ids()
         ctx = torch.cuda.stream(torch.cuda.Stream()) if device_ids is not None else nullcontext()
+        # Every process keeps its own buffers (BatchNorm statistics of its own batches), as in flat mode; they are
+        # averaged over all processes wherever the parameters are (_average_buffers). DDP's default would instead
+        # copy the block's first process's buffers into the others before every forward. One block is plain DDP.
+        kwargs = {"broadcast_buffers": self._comm.size == 1, **ddp_kwargs(self)}
         with ctx:
             return DistributedDataParallel(
-                module=model, device_ids=device_ids, process_group=self._comm.shard_group, **ddp_kwargs(self)
+                module=model, device_ids=device_ids, process_group=self._comm.shard_group, **kwargs
             )
 
     @override
@@ -436,11 +441,19 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
         self._params.pack()
         self._buffers.pack()
         traffic = average_(self._params.buckets, self._comm, compress, reference)
-        traffic += average_(self._buffers.buckets, self._comm)
+        traffic += self._average_buffers()
         self._params.unpack()
         self._buffers.unpack()
         self._in_consensus = True
         return traffic
+
+    def _average_buffers(self) -> Traffic:
+        """Average the packed floating buffers over all processes: over the block first (hierarchical mode, where
+        each process updated its own), then across blocks."""
+        assert self._buffers is not None and self._comm is not None
+        if self._comm.size == 1:  # one block is plain DDP: its buffers are its first process's (broadcast)
+            return Traffic()
+        return block_mean_(self._buffers.buckets, self._comm) + average_(self._buffers.buckets, self._comm)
 
     def consensus_distance(self) -> float:
         """``sqrt(mean_i ||x_i - x_mean||^2)`` of the parameters over the algorithm group (collective)."""
@@ -486,7 +499,7 @@ class ParameterAveragingStrategy(CleanExitDDPStrategy):
         self._buffers.pack()
         self._stash = (self._params.clone_buckets(), self._buffers.clone_buckets())
         average_(self._params.buckets, self._comm)
-        average_(self._buffers.buckets, self._comm)
+        self._average_buffers()
         self._params.unpack()
         self._buffers.unpack()
 

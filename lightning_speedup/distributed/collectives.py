@@ -228,6 +228,24 @@ def average_(
 
 
 @torch.no_grad()
+def block_mean_(flats: Sequence[Tensor], comm: CommGroup) -> Traffic:
+    """Replace every bucket with its mean over this process's block (in place); nothing when not hierarchical.
+
+    Buffers that each process updates from its own batches (BatchNorm's running statistics) differ inside a
+    block, unlike the parameters that the block's DDP keeps identical. Averaging them over the block first makes
+    a following :func:`average_` (which takes each shard from one process per block) the mean over all processes.
+    """
+    if comm.num_shards == 1:
+        return Traffic()
+    nbytes = 0
+    for flat in flats:
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=comm.shard_group)
+        flat.div_(comm.num_shards)
+        nbytes += flat.numel() * flat.element_size()
+    return Traffic(intra=_ring_bytes(nbytes, comm.num_shards))
+
+
+@torch.no_grad()
 def broadcast_(flats: Sequence[Tensor], src: int = 0) -> Traffic:
     """Copy global rank ``src``'s buckets to every process (one broadcast per bucket)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

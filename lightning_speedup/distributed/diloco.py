@@ -183,7 +183,7 @@ class DiLoCoStrategy(ParameterAveragingStrategy):
         for theta, flat in zip(self._outer, self._params.buckets, strict=True):
             flat.copy_(theta)
             theta.grad = None
-        traffic += average_(self._buffers.buckets, self._comm)
+        traffic += self._average_buffers()
         self._params.unpack()
         self._buffers.unpack()
         self._in_consensus = True

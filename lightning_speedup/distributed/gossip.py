@@ -28,7 +28,7 @@ from lightning_speedup._compat import StrategyRegistryType
 from lightning_speedup._registry import registered_strategy
 from lightning_speedup._validation import check_bool, check_int
 from lightning_speedup.distributed.averaging import ParameterAveragingStrategy
-from lightning_speedup.distributed.collectives import NeighborExchange, Traffic
+from lightning_speedup.distributed.collectives import NeighborExchange, Traffic, block_mean_
 from lightning_speedup.distributed.compression import check_compression
 from lightning_speedup.distributed.topology import TOPOLOGIES, Topology
 
@@ -106,9 +106,14 @@ class GossipSGDStrategy(ParameterAveragingStrategy):
 
     @torch.no_grad()
     def _start(self, step_index: int) -> Traffic:
-        assert self._exchange is not None
+        assert self._exchange is not None and self._buffers is not None and self._comm is not None
         self._pack()
-        return self._exchange.start(self._flats(), step_index)
+        # hierarchical: a block gossips as one member, so its processes' own buffers (BatchNorm statistics) are
+        # averaged over the block first; then every shard the block sends holds the block's mean
+        traffic = block_mean_(self._buffers.buckets, self._comm)
+        if traffic.total:
+            self._buffers.unpack()
+        return traffic + self._exchange.start(self._flats(), step_index)
 
     @override
     def on_train_start(self) -> None:
