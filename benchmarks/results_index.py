@@ -4,7 +4,8 @@
     python benchmarks/results_index.py --check    # exit 1 if the committed index is stale
 
 One row per entry of each topic folder (a JSON file, or a folder of bench runs), with the GPU, date,
-torch/Lightning versions and commit read from the entry's own environment record.
+torch/Lightning versions and commit read from the entry's own environment record; for a folder of bench
+runs, the days and commits of all its runs (a bench resumed in later calls spans several).
 """
 
 from __future__ import annotations
@@ -80,6 +81,19 @@ def _benchmark(record: Any, default: str) -> str:
     return record.get("benchmark") or (Path(script).stem if isinstance(script, str) else default)
 
 
+def _spans(folder: Path) -> tuple[list[str], list[str]]:
+    """The sorted days and the commits (in order of first use) of the bench runs under ``folder``."""
+    envs = []
+    for path in sorted(folder.rglob("runs/*.json")):
+        env = _environment(json.loads(path.read_text()))
+        if env:
+            envs.append(env)
+    envs.sort(key=lambda e: str(e.get("date") or ""))
+    days = sorted({str(e["date"])[:10] for e in envs if e.get("date")})
+    commits = list(dict.fromkeys(str(e["git_commit"]) for e in envs if e.get("git_commit")))
+    return days, commits
+
+
 def _row(topic: str, entry: Path) -> str:
     env, benchmark = _record_of(entry)
     name = entry.name + ("/" if entry.is_dir() else "")
@@ -93,6 +107,10 @@ def _row(topic: str, entry: Path) -> str:
         f", Lightning {env['lightning']}" if env.get("lightning") else ""
     )
     commit = env.get("git_commit") or env.get("commit") or "-"
+    if entry.is_dir():  # a bench resumed in later calls: the days and commits of all its runs
+        days, commits = _spans(entry)
+        date = " to ".join(dict.fromkeys([days[0], days[-1]])) if days else date
+        commit = ", ".join(commits) or commit
     return f"| [`{topic}/{name}`]({topic}/{name}) | {benchmark or '-'} | {machine} | {date} | {versions} | {commit} |"
 
 

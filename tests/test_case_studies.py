@@ -185,16 +185,24 @@ def test_ablation_lists_each_step_both_directions_and_the_seeds() -> None:
     text = cs.ablation_block("fashion-mnist", cs.RESULTS, 4.54)
     steps, without = (block.splitlines()[2:] for block in text.split("\n\n")[:2])
     assert len(steps) == 10 and steps[0].startswith(
-        "| `baseline` | - | 43.1 s (39.0-47.2) | 1.00x | - | 14, 11 |"
+        "| `baseline` | - | 39.0 s (37.0-47.2) | 1.00x | - | 14, 11, 12 |"
     )
-    assert "| bf16 | 51.2 s (49.8-52.6) | 0.84x | +8.1 s |" in text
+    assert "| bf16 | 49.8 s (47.7-52.6) | 0.78x | +10.8 s |" in text
     # `speedup` adds the technique the reverse half takes away last.
-    assert steps[-1].startswith("| `speedup` | fused-optimizer | 6.8 s | 6.32x | -0.3 s |")
+    assert steps[-1].startswith("| `speedup` | fused-optimizer | 6.6 s (6.0-6.8) | 5.94x | -0.5 s |")
     assert len(without) == 9
-    assert without[1].startswith("| batch | 15.2 s | +8.4 s | 2.83x | 8 |")
-    assert "| drop-last, cuda-graphs | 8.3 s | +1.5 s | 5.17x | 9 |" in text
-    assert "1 to 2 seed(s) per step, not the 3 the command asked for" in text
+    assert without[1].startswith("| batch | 15.2 s (15.2-18.5) | +8.7 s | 2.56x | 8, 8, 8 |")
+    assert "| drop-last, cuda-graphs | 8.4 s (8.3-11.6) | +1.8 s | 4.66x | 9, 9, 9 |" in text
+    # resumed a day later at another commit: both are named, with their runs
+    assert "2026-12-05 and 2026-12-06, commits 730ae06 (21 runs) and 33ec8b2 (36 runs)" in text
+    assert "3 seed(s) per step." in text and "not the 3 the command asked for" not in text
     assert "Not run" not in text
+
+
+def test_the_ablations_speedups_are_set_against_the_goals() -> None:
+    text = cs.ablation_goals_sentence(cs.RESULTS, 4.54, prefix="")
+    assert "5.94x on fashion-mnist (3 seeds, NVIDIA H200" in text and "6.10x on char-lm (3 seeds" in text
+    assert text.endswith("By that measurement the goal of 8x on fashion-mnist is **not met**.")
 
 
 def test_ablation_of_the_lm_shows_a_step_that_missed_the_target() -> None:

@@ -40,6 +40,16 @@ def test_committed_index_is_the_generated_one() -> None:
     assert index.INDEX.read_text() == index.render(), "run: python benchmarks/results_index.py"
 
 
+def test_a_bench_folder_resumed_in_later_calls_lists_the_days_and_commits_of_all_its_runs() -> None:
+    index = _results_index()
+    folder = index.RESULTS / "headline" / "2026-12-05-h200-ablation-fashion"  # 21 runs, then 36 a day later
+    assert index._spans(folder) == (["2026-12-05", "2026-12-06"], ["730ae06", "33ec8b2"])
+    row = next(line for line in index.render().splitlines() if "2026-12-05-h200-ablation-fashion/`" in line)
+    assert row.endswith(
+        "| 2026-12-05 to 2026-12-06 | torch 2.11.0+cu130, Lightning 2.6.6 | 730ae06, 33ec8b2 |"
+    )
+
+
 def test_index_lists_every_entry() -> None:
     index = _results_index()
     text = index.render()
