@@ -107,12 +107,35 @@ def _output_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+class _FollowsModuleCasts(nn.Module):
+    """A quantized layer under ``model.to(dtype)`` / ``.half()`` / ``.bfloat16()``: its compute dtype
+    (``weight_dtype``) follows the cast, as a float layer's weight would, while its scales keep the dtype its
+    kernel needs (``_scale_buffers``). Without this, the cast turned the float32 scales to bf16 and left the
+    dequantized weight float32, so the layer refused the bf16 input. Moves between devices change nothing else."""
+
+    _scale_buffers: ClassVar[tuple[str, ...]] = ("scale",)
+    weight_dtype: torch.dtype
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        before = {n: b for n in self._scale_buffers if (b := self._buffers.get(n)) is not None}
+        out = super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:  # the old values, where the cast put the new ones
+                self._buffers[name] = old.to(new.device, copy=True)
+        # What the cast does to a floating tensor of the compute dtype (an empty one: no copy, no device memory).
+        probe = fn(torch.empty(0, dtype=self.weight_dtype))
+        if isinstance(probe, Tensor) and probe.is_floating_point():
+            self.weight_dtype = probe.dtype
+        return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Linear layers
 # --------------------------------------------------------------------------------------------------
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(_FollowsModuleCasts):
     """Base class of the real low-bit Linear layers. ``backend`` names the kernel family."""
 
     backend: ClassVar[str] = ""
@@ -226,6 +249,7 @@ class TinyGemmLinear(QuantizedLinear):
 
     backend = "tinygemm"
     devices = ("cuda",)
+    _scale_buffers = ("scales_and_zeros",)  # bf16: the kernel's layout
 
     def __init__(
         self,
@@ -517,7 +541,7 @@ BACKENDS: dict[str, type[QuantizedLinear]] = {
 # --------------------------------------------------------------------------------------------------
 
 
-class QuantizedConv2d(nn.Module):
+class QuantizedConv2d(_FollowsModuleCasts):
     """Weight-only low-bit storage for ``nn.Conv2d``; ``forward`` dequantizes and runs ``F.conv2d``."""
 
     backend: ClassVar[str] = "torch"

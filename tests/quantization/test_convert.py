@@ -177,6 +177,38 @@ def test_dtype_casts_the_rest_of_the_model() -> None:
     assert real(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize(("weights", "activations"), [("int8", None), ("int4", None), ("int8", "int8")])
+def test_casting_a_converted_model_equals_converting_to_that_dtype(
+    weights: str, activations: str | None
+) -> None:
+    """model.to(torch.bfloat16) after convert() casts the quantized layers' scales too, and left their compute
+    dtype float32: the forward refused the bf16 input (mat2 float). The layers now follow the cast as float layers
+    do, scales kept float32: the same model as convert(dtype=torch.bfloat16), and .float() undoes it."""
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(8, 8, 2, stride=2), nn.Flatten(), nn.Linear(8 * 4 * 4, 64), nn.ReLU(),
+                                nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))  # fmt: skip
+    spec = {"exclude_first_last": False}
+
+    def converted(dtype: torch.dtype | None) -> nn.Module:
+        return convert(
+            prepare(copy.deepcopy(float_model), weights, activations, **spec), "torch", dtype=dtype
+        )
+
+    cast, direct = converted(None).to(torch.bfloat16), converted(torch.bfloat16)
+    x = torch.randn(4, 8, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(cast(x.bfloat16()), direct(x.bfloat16()))
+    layers = [m for m in cast.modules() if isinstance(m, (TorchQuantizedLinear, QuantizedConv2d))]
+    assert len(layers) == 4 and all(m.weight_dtype == torch.bfloat16 for m in layers)
+    assert all(m.scale.dtype == torch.float32 for m in layers)
+    assert cast.state_dict().keys() == direct.state_dict().keys()
+    assert all(torch.equal(v, direct.state_dict()[k]) for k, v in cast.state_dict().items())
+    back = cast.float()
+    with torch.no_grad():
+        assert back(x).dtype == torch.float32
+    assert all(m.weight_dtype == torch.float32 for m in layers)
+
+
 def test_a_model_saved_in_another_dtype_loads_in_it(tmp_path: Path) -> None:
     """convert(dtype=bfloat16) casts the float layers too; load() copied them into the fresh model's float32
     tensors, so the loaded model took neither bfloat16 nor float32 inputs."""
