@@ -67,7 +67,17 @@ class _CompilableModule(L.LightningModule):
             self._forward = torch.compile(self.net.forward, mode=self.compile_mode)
 
     @override
+    def __getstate__(self) -> dict[str, Any]:
+        # The compiled forward is bound to this instance's `net`: a copy (copy.deepcopy, quantize(model))
+        # sharing it would run the original's weights, and pickling it fails. Copies compile their own.
+        state = super().__getstate__()
+        state["_forward"] = None
+        return state
+
+    @override
     def forward(self, x: Tensor) -> Tensor:
+        if self._forward is None and self.compile_model:
+            self.configure_model()  # a copy or an unpickled module compiles its own forward on first use
         if self._forward is None:
             return self.net(x)
         if self.compile_mode == "reduce-overhead":

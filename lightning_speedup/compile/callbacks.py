@@ -5,6 +5,7 @@ artifact cache, ``auto`` by measurement), :class:`EagerCUDAGraphs` (CUDA graphs 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import math
 import time
@@ -14,10 +15,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_speedup._compat import batches_stepped
 from lightning_speedup._validation import check_int
 from lightning_speedup.compile.core import (
     MODES,
@@ -25,14 +28,17 @@ from lightning_speedup.compile.core import (
     ArtifactCache,
     CompileDecision,
     CompileRecord,
+    already_compiled,
     cache_key,
     compile_model,
+    compiled_calls,
     decide_compile,
     device_name,
     expected_costs,
     find_regions,
     median,
     sdpa_backend_enums,
+    uncompile,
 )
 
 log = logging.getLogger(__name__)
@@ -46,20 +52,61 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _batches_left(trainer: L.Trainer, batch_idx: int) -> float:
-    """Training batches the run has left after batch ``batch_idx`` of this epoch, whichever of ``max_steps``
-    (optimizer steps x ``accumulate_grad_batches``) and ``max_epochs`` ends it first; ``inf`` when neither
-    bounds it (a run bounded by time)."""
+def _time_left(trainer: L.Trainer) -> float | None:
+    """Seconds of training the Trainer's ``Timer`` (``Trainer(max_time=...)``) has left, or None without one."""
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, Timer):
+            left = cb.time_remaining("train")
+            if left is not None:
+                return max(left, 0.0)
+    return None
+
+
+def _batches_left(
+    trainer: L.Trainer,
+    batch_idx: int,
+    steps_per_batch: float | None = None,
+    eager_batch_s: float | None = None,
+) -> float:
+    """Training batches the run has left after batch ``batch_idx`` of this epoch, whichever of ``max_steps``,
+    ``max_epochs`` and ``max_time`` ends it first; ``inf`` when none bounds it.
+
+    ``max_steps`` counts optimizer steps (``global_step``): under automatic optimization one per
+    ``accumulate_grad_batches`` batches; under manual optimization ``steps_per_batch``, the optimizer steps
+    per batch measured so far (each of several optimizers counts). ``max_time`` leaves the remaining time
+    over ``eager_batch_s``, the measured eager batch."""
     accumulate = trainer.accumulate_grad_batches
     done = batch_idx + 1  # batches of this epoch run so far
     left = math.inf
     if trainer.max_steps != -1:
-        # global_step counts optimizer steps; the current one has `done % accumulate` of its batches behind it
-        left = (trainer.max_steps - trainer.global_step) * accumulate - done % accumulate
+        steps_left = trainer.max_steps - trainer.global_step
+        if steps_per_batch is None:
+            # the current optimizer step has `done % accumulate` of its batches behind it
+            left = steps_left * accumulate - done % accumulate
+        elif steps_per_batch > 0:
+            left = math.ceil(steps_left / steps_per_batch)
     per_epoch = trainer.num_training_batches
     if trainer.max_epochs is not None and trainer.max_epochs != -1 and math.isfinite(per_epoch):
         left = min(left, per_epoch * (trainer.max_epochs - trainer.current_epoch) - done)
+    time_left = _time_left(trainer)
+    if time_left is not None and eager_batch_s is not None and eager_batch_s > 0:
+        left = min(left, math.floor(time_left / eager_batch_s))
     return max(float(left), 0.0)
+
+
+def _check_backend(backend: Any) -> None:
+    """A ``ValueError`` for a backend name Dynamo does not know, with the closest names."""
+    if not isinstance(backend, str):
+        if callable(backend):
+            return  # a custom backend (a compiler function)
+        raise ValueError(f"Compile(backend={backend!r}) must be a backend name or a compiler function.")
+    known = sorted(set(torch._dynamo.list_backends(exclude_tags=())) | {"inductor", *_BACKENDS_OFF_CUDA})
+    if backend not in known:
+        close = difflib.get_close_matches(backend, known, n=3)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"Compile(backend={backend!r}) is not a torch.compile backend.{hint} Known backends: {known}."
+        )
 
 
 class Compile(Callback):
@@ -79,14 +126,19 @@ class Compile(Callback):
             that is not a submodule class of the LightningModule fails at the start of ``fit``.
         mode: ``torch.compile`` mode (``None``, ``"default"``, ``"reduce-overhead"``, ``"max-autotune"``, ...).
         backend: ``"inductor"`` (CUDA only here; elsewhere the callback warns once and does nothing) or
-            ``"eager"`` / ``"aot_eager"`` (anywhere; for tests and debugging).
+            ``"eager"`` / ``"aot_eager"`` (anywhere; for tests and debugging); another Dynamo backend name
+            (``torch._dynamo.list_backends(exclude_tags=())``) runs on CUDA only. An unknown name fails here,
+            and so does a ``mode`` with a backend other than Inductor (which alone reads it).
         cache: keep compiled artifacts across processes (``torch.compiler.save_cache_artifacts``).
         cache_dir: where; default ``$LIGHTNING_SPEEDUP_COMPILE_CACHE`` or ``~/.cache/lightning_speedup/compile``.
         measure_steps: eager steps timed by ``auto`` (after one unmeasured warm-up step) and compiled steps
             timed afterwards for the cache's record; each step is one training batch.
 
     One callback may serve several fits (of a new Trainer or the same): each fit starts afresh, with its own
-    key, decision and timings.
+    key, decision and timings. The compilation lasts for the fit: at its end (``teardown``, or when it raises)
+    the modules it compiled are uncompiled, so copies, ``torch.save(model)`` and later fits or evaluations
+    use the plain model (a later fit compiles again, from torch's caches). A model already compiled by the
+    user is trained as it is, with a warning, without measuring, deciding or a cache record.
     """
 
     def __init__(
@@ -106,6 +158,17 @@ class Compile(Callback):
             )
         if mode not in MODES:
             raise ValueError(f"Compile(mode={mode!r}): torch.compile's modes are {list(MODES)}.")
+        _check_backend(backend)
+        if mode is not None and backend != "inductor":
+            raise ValueError(
+                f"Compile(mode={mode!r}, backend={backend!r}): mode is an Inductor setting, which backend "
+                f"{backend!r} ignores; pass mode=None, or backend='inductor'."
+            )
+        if cache_dir is not None and not cache:
+            rank_zero_warn(
+                f"Compile(cache_dir={cache_dir!r}, cache=False): cache_dir does nothing without the cache; "
+                "pass cache=True to use it, or leave cache_dir out."
+            )
         check_int("measure_steps", measure_steps, 1, "steps timed per variant", prefix="Compile: ")
         if regions is not None and (isinstance(regions, str) or not all(isinstance(r, str) for r in regions)):
             raise ValueError(f"Compile(regions={regions!r}) must be a list of class names, e.g. ['Block'].")
@@ -132,6 +195,11 @@ class Compile(Callback):
         self._compiled_times: list[float] = []
         self._compile_step_s: float | None = None
         self._artifacts_hit = False
+        # What this fit compiled (undone at teardown), and the counters at its first batch.
+        self._modules: list[nn.Module] = []
+        self._global_step0 = 0
+        self._batches0 = 0
+        self._calls0 = 0
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -140,9 +208,14 @@ class Compile(Callback):
         self._reset()
         device = trainer.strategy.root_device
         self._active = device.type == "cuda" or self.backend in _BACKENDS_OFF_CUDA
-        if not self._active:
+        if not self._active and self.backend == "inductor":
             rank_zero_warn(
                 f"Compile: Inductor on {device.type} is not where compiling pays for itself here; training "
+                "uncompiled. (backend='eager' or 'aot_eager' runs anywhere, for tests.)"
+            )
+        elif not self._active:
+            rank_zero_warn(
+                f"Compile(backend={self.backend!r}) runs on CUDA only here; on {device.type} training "
                 "uncompiled. (backend='eager' or 'aot_eager' runs anywhere, for tests.)"
             )
 
@@ -154,7 +227,9 @@ class Compile(Callback):
             find_regions(pl_module, self.regions)  # raises ValueError listing the classes present
 
     def _compile(self, pl_module: L.LightningModule) -> None:
-        compile_model(pl_module, self.scope, self.regions, mode=self.mode, backend=self.backend)
+        self._modules = compile_model(
+            pl_module, self.scope, self.regions, mode=self.mode, backend=self.backend
+        )
         self.compiled = True
 
     @override
@@ -164,6 +239,19 @@ class Compile(Callback):
         if not self._active:
             return
         if self._key is None:
+            compiled = already_compiled(pl_module)
+            if compiled:
+                # Its "eager" steps would be compiled ones: measuring, deciding or recording would be wrong.
+                self._active = False
+                rank_zero_warn(
+                    f"Compile: {type(pl_module).__name__} is already compiled ({', '.join(compiled[:5])}), "
+                    "by torch.compile or nn.Module.compile outside this callback; training it as it is, "
+                    "without measuring, deciding or writing a cache record. Remove that compile call to "
+                    "let Compile do it, or remove the callback."
+                )
+                return
+            self._global_step0 = trainer.global_step
+            self._batches0 = batches_stepped(trainer)
             # The key needs the input shapes, first known here; compilation is lazy, so artifacts loaded now
             # are found by the first compiled call.
             self._key = cache_key(
@@ -183,6 +271,8 @@ class Compile(Callback):
                 rank_zero_info(
                     f"Compile: compiled ({self.scope}, mode={self.mode}); artifact cache {'hit' if hit else 'miss'}."
                 )
+        # Calls of the compiled modules so far (validation may have run some), to see this step's.
+        self._calls0 = compiled_calls(self._modules)
         _sync(pl_module.device)
         self._t0 = time.perf_counter()
 
@@ -197,18 +287,38 @@ class Compile(Callback):
         self._steps += 1
         if self.compiled:
             if self._compile_step_s is None:
+                if compiled_calls(self._modules) == self._calls0:
+                    self._warn_nothing_compiled(pl_module)
+                    return
                 self._compile_step_s = elapsed
-                self._save_artifacts()
+                self._save_artifacts(trainer)
             else:
                 self._compiled_times.append(elapsed)
                 if len(self._compiled_times) == self.measure_steps:
-                    self._write_record()
+                    self._write_record(trainer)
             return
         if self._steps == 1:
             return  # the first eager step pays one-off costs (allocator, cuDNN autotuning)
         self._eager.append(elapsed)
         if self.auto and len(self._eager) == self.measure_steps and self.decision is None:
             self._decide(trainer, pl_module, batch_idx)
+
+    def _warn_nothing_compiled(self, pl_module: L.LightningModule) -> None:
+        """The first compiled step never called a compiled module: stop measuring, record nothing."""
+        self._active = False
+        if self.scope == "full":
+            how = (
+                f"training_step never calls the LightningModule itself: scope='full' compiles "
+                f"{type(pl_module).__name__}.__call__, which runs only when training_step calls self(...), not "
+                "a submodule (self.net(...)). Call self(...) in training_step, or use scope='regional'"
+            )
+        else:
+            names = sorted({type(m).__name__ for m in self._modules})
+            how = (
+                f"the compiled blocks ({names}) did not run in the training step. Name the blocks the "
+                "training step runs with regions=[...], or use scope='full'"
+            )
+        rank_zero_warn(f"Compile({self.scope}): nothing was compiled, {how}.")
 
     def _done_measuring(self) -> bool:
         if self.auto and self.decision is not None and not self.decision.compile:
@@ -219,7 +329,12 @@ class Compile(Callback):
         assert self._key is not None
         # Steps are timed per training batch, so the steps left are counted in batches too (with gradient
         # accumulation an optimizer step is several of them).
-        remaining = _batches_left(trainer, batch_idx)
+        steps_per_batch = None
+        if not pl_module.automatic_optimization:
+            # Each optimizer's step counts in global_step; batches_stepped counts this batch after this hook.
+            batches = batches_stepped(trainer) - self._batches0 + 1
+            steps_per_batch = (trainer.global_step - self._global_step0) / batches
+        remaining = _batches_left(trainer, batch_idx, steps_per_batch, median(self._eager))
         record = self.cache.read_record(self._key) if self.cache is not None else None
         compile_s, speedup, source = expected_costs(self.scope, record, self._artifacts_hit)
         self.decision = decide_compile(
@@ -230,12 +345,15 @@ class Compile(Callback):
         if self.decision.compile:
             self._compile(pl_module)
 
-    def _save_artifacts(self) -> None:
-        if self.cache is not None and self._key is not None:
+    def _save_artifacts(self, trainer: L.Trainer) -> None:
+        # One writer per host (every rank compiled the same code): the others would only rewrite the file.
+        if self.cache is not None and self._key is not None and trainer.local_rank == 0:
             self.cache.save_artifacts(self._key)
 
-    def _write_record(self) -> None:
+    def _write_record(self, trainer: L.Trainer) -> None:
         if self.cache is None or self._key is None or not self._eager or self._compile_step_s is None:
+            return
+        if trainer.local_rank != 0:
             return
         compiled = median(self._compiled_times)
         eager = median(self._eager)
@@ -246,7 +364,25 @@ class Compile(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Validation compiled its own (eval, no-grad) graphs after the first save: store them too.
         if self._active and self.compiled:
-            self._save_artifacts()
+            self._save_artifacts(trainer)
+
+    def _uncompile(self) -> None:
+        uncompile(self._modules)
+        self._modules = []
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Undo the in-place compilation: the next fit starts from an uncompiled model (and times eager steps
+        # as eager), and what the user does with the trained model (copy, quantize, torch.save, evaluate) runs
+        # the plain module. Compiling it again in a later fit reuses torch's caches.
+        if stage == "fit":
+            self._uncompile()
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._uncompile()
 
 
 class EagerCUDAGraphs(Callback):
@@ -353,6 +489,8 @@ class SDPABackends(Callback):
     """
 
     def __init__(self, backends: Sequence[str] = ("flash", "efficient", "math")) -> None:
+        if not isinstance(backends, str):
+            backends = tuple(backends)  # read once: a generator would be empty the second time
         self._enums = sdpa_backend_enums(backends)
         self.backends = tuple(backends)
         self._stack: contextlib.ExitStack | None = None

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import uuid
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -85,6 +86,70 @@ def find_regions(model: nn.Module, regions: Sequence[str] | None = None) -> list
     return [m for m in chosen if id(m) not in inner]
 
 
+class _CompiledCall:
+    """A module's compiled ``_call_impl`` (what ``nn.Module.compile`` stores), counting its calls.
+
+    ``torch.compile(module._call_impl)`` is bound to ``module``, and ``LightningModule.__getstate__`` (unlike
+    ``nn.Module``'s) keeps ``_compiled_call_impl``: a deep copy of a compiled LightningModule would run the
+    original's weights, and pickling it fails. Copies and pickles of this wrapper are ``None``, so a copy of
+    the module runs its own weights, uncompiled.
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return type(None), ()  # unpickles as None
+
+
+def compile_in_place(module: nn.Module, **compile_kwargs: Any) -> None:
+    """``module.compile(**compile_kwargs)`` (in place, state_dict keys unchanged), except that copies and
+    pickles of ``module`` run uncompiled instead of calling the original's compiled call."""
+    module._compiled_call_impl = _CompiledCall(torch.compile(module._call_impl, **compile_kwargs))
+
+
+def uncompile(modules: Iterable[nn.Module]) -> None:
+    """Undo :func:`compile_in_place` on ``modules`` (a later compile reuses torch's caches)."""
+    for m in modules:
+        if isinstance(getattr(m, "_compiled_call_impl", None), _CompiledCall):
+            m._compiled_call_impl = None
+
+
+def compiled_calls(modules: Iterable[nn.Module]) -> int:
+    """How often the calls compiled by :func:`compile_in_place` on ``modules`` ran."""
+    return sum(
+        m._compiled_call_impl.calls
+        for m in modules
+        if isinstance(getattr(m, "_compiled_call_impl", None), _CompiledCall)
+    )
+
+
+def already_compiled(model: nn.Module) -> list[str]:
+    """What in ``model`` was compiled before :func:`compile_model` ran: submodules compiled in place
+    (``nn.Module.compile``), ``torch.compile``'d submodules (``OptimizedModule``) and compiled functions held
+    as attributes (``self._forward = torch.compile(self.net.forward)``), by qualified name."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    found = []
+    for name, m in model.named_modules():
+        label = name or type(model).__name__
+        if getattr(m, "_compiled_call_impl", None) is not None or isinstance(m, OptimizedModule):
+            found.append(label)
+            continue
+        for attr, value in vars(m).items():
+            if callable(value) and hasattr(value, "_torchdynamo_orig_callable"):
+                found.append(f"{label}.{attr}")
+    return found
+
+
 def compile_regions(
     model: nn.Module,
     regions: Sequence[str] | None = None,
@@ -99,10 +164,10 @@ def compile_regions(
     found = find_regions(model, regions)
     if not found:
         log.info("No repeated submodule class in %s: compiling the whole model.", type(model).__name__)
-        model.compile(mode=mode, backend=backend, fullgraph=fullgraph)
+        compile_in_place(model, mode=mode, backend=backend, fullgraph=fullgraph)
         return [model]
     for m in found:
-        m.compile(mode=mode, backend=backend, fullgraph=fullgraph)
+        compile_in_place(m, mode=mode, backend=backend, fullgraph=fullgraph)
     return found
 
 
@@ -115,7 +180,7 @@ def compile_model(
 ) -> list[nn.Module]:
     """``strategy`` "full" compiles ``model`` in place, "regional" its repeated blocks."""
     if strategy == "full":
-        model.compile(mode=mode, backend=backend)
+        compile_in_place(model, mode=mode, backend=backend)
         return [model]
     if strategy == "regional":
         return compile_regions(model, regions, mode=mode, backend=backend)
@@ -161,13 +226,16 @@ def cache_key(
     fullgraph: bool = False,
     precision: str | None = None,
 ) -> str:
-    """A hex digest of what changes the compiled code or its speed: the module tree (classes and names),
-    every parameter's and buffer's name, shape and dtype, the input shapes and dtypes, the compile mode,
-    strategy, backend, regions and ``fullgraph``, the training precision (autocast changes the graphs), the
-    torch version and the device name."""
-    tree = [[name, type(m).__qualname__] for name, m in model.named_modules()]
+    """A hex digest of what changes the compiled code or its speed: the module tree (classes, names and each
+    module's ``extra_repr``, its configuration: dropout ``p``, GELU's ``approximate``, ...), every
+    parameter's and buffer's name, shape and dtype and every parameter's ``requires_grad`` (a frozen part
+    has no backward), the input shapes and dtypes, the compile mode, strategy, backend, regions and
+    ``fullgraph``, the training precision (autocast changes the graphs), the torch version and the device
+    name."""
+    tree = [[name, type(m).__qualname__, m.extra_repr()] for name, m in model.named_modules()]
     tensors = [
-        [name, list(t.shape), str(t.dtype)] for name, t in (*model.named_parameters(), *model.named_buffers())
+        [name, list(t.shape), str(t.dtype), t.requires_grad]
+        for name, t in (*model.named_parameters(), *model.named_buffers())
     ]
     payload = {
         "tree": tree,
@@ -218,7 +286,8 @@ class ArtifactCache:
 
     def _write(self, path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+        # Unique across processes and hosts sharing the directory (a pid alone is not).
+        tmp = path.with_suffix(path.suffix + f".tmp{uuid.uuid4().hex}")
         tmp.write_bytes(data)
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
 

@@ -320,11 +320,27 @@ def test_auto_logs_its_decision(tmp_path, caplog: pytest.LogCaptureFixture) -> N
     torch._dynamo.reset()
 
 
+class _CompiledAtTrainEnd(L.Callback):
+    """Records which modules are compiled in place at the end of training (before the fit's teardown)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.names = _compiled_names(pl_module)
+
+
+def _compiled_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
 def test_compile_always_regional_trains_with_eager_backend(tmp_path) -> None:
     torch._dynamo.reset()
     cb = Compile(backend="eager", measure_steps=2, cache_dir=str(tmp_path / "cache"))
-    model = _fit(cb, 5, tmp_path)
-    assert cb.compiled and all(b._compiled_call_impl is not None for b in model.net.blocks)
+    probe = _CompiledAtTrainEnd()
+    model = _fit(cb, 5, tmp_path, before=(probe,))
+    assert cb.compiled and probe.names == ["net.blocks.0", "net.blocks.1"]
+    assert _compiled_names(model) == []  # undone at the end of the fit
     torch._dynamo.reset()
 
 
@@ -334,9 +350,10 @@ def test_compile_reused_for_a_second_fit_starts_afresh(tmp_path) -> None:
     torch._dynamo.reset()
     cache = str(tmp_path / "cache")
     cb = Compile(backend="eager", measure_steps=2, cache_dir=cache)
-    first, second = _fit(cb, 4, tmp_path), _fit(cb, 4, tmp_path)
-    for model in (first, second):
-        assert all(b._compiled_call_impl is not None for b in model.net.blocks)
+    for _ in range(2):
+        probe = _CompiledAtTrainEnd()
+        _fit(cb, 4, tmp_path, before=(probe,))
+        assert probe.names == ["net.blocks.0", "net.blocks.1"]
 
     auto = Compile(auto=True, backend="eager", measure_steps=2, cache_dir=cache)
     _fit(auto, 6, tmp_path)  # decides after 3 batches (1 warm-up + 2 timed)
@@ -439,3 +456,258 @@ def test_compile_from_lightning_cli_yaml() -> None:
     )
     (cb,) = parser.instantiate_classes(cfg).callbacks
     assert isinstance(cb, Compile) and cb.auto and cb.scope == "regional" and cb.regions == ["Block"]
+
+
+# --- the fit's compilation does not outlive it; what auto counts; what is checked -----------------------
+
+
+@pytest.mark.parametrize("scope", ["full", "regional"])
+def test_compiled_fit_leaves_copies_and_pickles_of_the_model_independent(tmp_path, scope: str) -> None:
+    """After a compiled fit the model is uncompiled: a deep copy (quantize, EMA, best-model copies) runs its
+    own weights, not the original's compiled call, and torch.save(model) works. Copies made during the fit
+    run their own weights too."""
+    import copy
+    import io
+
+    class _CopyDuringFit(L.Callback):
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            self.copy = copy.deepcopy(pl_module)
+
+    torch._dynamo.reset()
+    during = _CopyDuringFit()
+    model = _fit(Compile(scope=scope, backend="aot_eager", cache=False), 2, tmp_path, before=(during,))
+    assert _compiled_names(model) == []
+    x = torch.randint(0, 11, (2, 8))
+    model.eval()
+    for twin in (copy.deepcopy(model), during.copy):
+        twin.eval()
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.zero_()
+            assert not torch.allclose(twin(x), model(x))
+            torch.testing.assert_close(twin(x), twin.net(x))
+    torch.save(model, io.BytesIO())
+    torch.save(during.copy, io.BytesIO())
+    torch._dynamo.reset()
+
+
+def test_bench_module_copies_compile_their_own_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bench module built with compile=True: a deep copy runs its own weights and pickles."""
+    import copy
+    import io
+
+    from lightning_speedup.bench.modules import CharLM
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager"))  # fast on CPU
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CharLM(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0, compile=True)
+    model.configure_model()
+    model.eval()
+    x = torch.randint(0, 11, (2, 8))
+    with torch.no_grad():
+        ref = model(x)
+        twin = copy.deepcopy(model)
+        for p in twin.parameters():
+            p.zero_()
+        assert not torch.allclose(twin(x), ref)
+        torch.testing.assert_close(twin(x), twin.net(x))
+        assert twin._forward is not None and twin._forward is not model._forward  # compiled its own
+    torch.save(model, io.BytesIO())
+    torch._dynamo.reset()
+
+
+class _CompiledAtTrainStart(L.Callback):
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.names = _compiled_names(pl_module)
+
+
+def test_auto_second_fit_of_the_same_model_measures_it_uncompiled(tmp_path) -> None:
+    """A second fit of a model compiled by the first starts uncompiled, so auto measures eager steps."""
+    torch._dynamo.reset()
+    cache = str(tmp_path / "cache")
+    data = torch.randint(0, 11, (12, 9))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data[:, :-1], data[:, 1:]), batch_size=2
+    )
+    model = _LM()
+    kwargs: dict[str, Any] = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
+    L.Trainer(callbacks=[Compile(backend="eager", cache_dir=cache)], max_steps=2, **kwargs).fit(model, loader)
+    auto = Compile(auto=True, backend="eager", measure_steps=2, cache_dir=cache)
+    started = _CompiledAtTrainStart()
+    L.Trainer(callbacks=[started, auto], max_steps=6, **kwargs).fit(model, loader)
+    assert started.names == []
+    assert auto.decision is not None and "3 batches left" in auto.decision.reason
+    torch._dynamo.reset()
+
+
+def test_a_model_compiled_by_the_user_is_left_alone(tmp_path) -> None:
+    """A model the user compiled: auto's eager steps would be compiled ones, so the callback warns and
+    neither measures, decides nor writes a record."""
+    torch._dynamo.reset()
+
+    class _UserCompiled(L.Callback):
+        def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+            pl_module.net.blocks[0].compile(backend="eager")
+
+    cache = tmp_path / "cache"
+    cb = Compile(auto=True, backend="eager", measure_steps=1, cache_dir=str(cache))
+    with pytest.warns(UserWarning, match=r"_LM is already compiled \(net\.blocks\.0\).*without measuring"):
+        _fit(cb, 4, tmp_path, before=(_UserCompiled(),))
+    assert cb.decision is None and not cb.compiled and not list(cache.glob("*.json"))
+    torch._dynamo.reset()
+
+
+class _TwoOptimizers(_LM):
+    """Manual optimization stepping two optimizers every batch: global_step grows by 2 a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        a, b = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        a.zero_grad()
+        b.zero_grad()
+        self.manual_backward(loss)
+        a.step()
+        b.step()
+
+    def configure_optimizers(self) -> Any:
+        params = list(self.parameters())
+        half = len(params) // 2
+        return torch.optim.SGD(params[:half], lr=0.1), torch.optim.SGD(params[half:], lr=0.1)
+
+
+def test_auto_counts_batches_left_under_manual_optimization_with_two_optimizers(tmp_path) -> None:
+    """max_steps=10 with two optimizer steps a batch ends after 5 batches: 3 measured leave 2, not 4."""
+    torch._dynamo.reset()
+    cb = Compile(auto=True, backend="eager", measure_steps=2, cache=False)
+    data = torch.randint(0, 11, (20, 9))
+    L.Trainer(
+        callbacks=[cb],
+        accelerator="cpu",
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    ).fit(
+        _TwoOptimizers(),
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data[:, :-1], data[:, 1:]), batch_size=2),
+    )
+    assert cb.decision is not None and "2 batches left x" in cb.decision.reason
+
+
+def test_batches_left_is_bounded_by_max_time() -> None:
+    """A run bounded by Trainer(max_time=...) has the time left over the eager batch left, not inf."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from lightning_speedup.compile.callbacks import _batches_left
+
+    class _Left(Timer):
+        def time_remaining(self, stage: str = "train") -> float:
+            return 2.0
+
+    trainer = SimpleNamespace(
+        accumulate_grad_batches=1,
+        max_steps=-1,
+        global_step=3,
+        num_training_batches=math.inf,
+        max_epochs=-1,
+        current_epoch=0,
+        callbacks=[_Left(duration={"seconds": 10})],
+    )
+    assert _batches_left(trainer, 2, eager_batch_s=0.01) == 200  # type: ignore[arg-type]
+    trainer.max_steps = 50  # whichever ends the run first
+    assert _batches_left(trainer, 2, eager_batch_s=0.01) == 47  # type: ignore[arg-type]
+
+
+class _CallsNet(_LM):
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x).flatten(0, 1), y.flatten())
+
+
+def test_full_scope_warns_when_training_step_bypasses_the_module(tmp_path) -> None:
+    """scope='full' compiles the LightningModule's call; a training_step calling self.net(...) never runs it:
+    warned after the first step, and no timing record is written."""
+    torch._dynamo.reset()
+    cache = tmp_path / "cache"
+    cb = Compile(scope="full", backend="eager", measure_steps=1, cache_dir=str(cache))
+    data = torch.randint(0, 11, (8, 9))
+    with pytest.warns(UserWarning, match=r"nothing was compiled.*training_step calls self\(\.\.\.\)"):
+        L.Trainer(
+            callbacks=[cb],
+            accelerator="cpu",
+            max_steps=4,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        ).fit(
+            _CallsNet(),
+            torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(data[:, :-1], data[:, 1:]), batch_size=2
+            ),
+        )
+    assert not list(cache.glob("*.json"))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"backend": "aot-eager"},
+            r"backend='aot-eager'\) is not a torch.compile backend. Did you mean 'aot_eager'",
+        ),
+        ({"backend": 3}, "backend name or a compiler function"),
+        ({"mode": "max-autotune", "backend": "aot_eager"}, "mode is an Inductor setting"),
+    ],
+)
+def test_compile_rejects_unknown_backends_and_modes_it_ignores(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Compile(**kwargs)
+
+
+def test_compile_accepts_dynamo_backends_and_warns_about_an_unused_cache_dir(tmp_path) -> None:
+    Compile(backend="cudagraphs")
+    Compile(backend=CompileCounter())
+    with pytest.warns(UserWarning, match="cache_dir does nothing without the cache"):
+        Compile(cache=False, cache_dir=str(tmp_path))
+
+
+def test_cache_key_covers_module_configuration_and_frozen_parameters() -> None:
+    """Dropout's p, GELU's approximation and which parameters train change the graphs: another key."""
+    x = torch.randn(2, 4)
+    base = cache_key(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Dropout(0.0)), x, None, "full", "cpu")
+    assert base == cache_key(
+        nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Dropout(0.0)), x, None, "full", "cpu"
+    )
+    assert base != cache_key(
+        nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Dropout(0.3)), x, None, "full", "cpu"
+    )
+    tanh = nn.Sequential(nn.Linear(4, 4), nn.GELU(approximate="tanh"), nn.Dropout(0.0))
+    assert base != cache_key(tanh, x, None, "full", "cpu")
+    frozen = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Dropout(0.0)).requires_grad_(False)
+    assert base != cache_key(frozen, x, None, "full", "cpu")
+
+
+def test_sdpa_backends_reads_a_generator_once() -> None:
+    from lightning_speedup.compile import SDPABackends
+
+    assert SDPABackends(b for b in ["math"]).backends == ("math",)
