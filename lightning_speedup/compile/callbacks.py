@@ -391,8 +391,9 @@ class EagerCUDAGraphs(Callback):
 
     The graph replays fixed shapes: the training DataLoader must drop its last incomplete batch
     (``drop_last=True``; checked at train start). Pair it with a fused optimizer (``fused=True``), which
-    updates every parameter in one kernel. Evaluation runs the module uncompiled. On CPU it warns once and
-    does nothing. With cuDNN's benchmark mode on, the capture's warm-up iterations also autotune every
+    updates every parameter in one kernel. Evaluation runs the module uncompiled. The graphs last for the fit:
+    at its end (or when it raises) the module's own ``forward`` is back, so copies of the trained model and later
+    fits run plain modules (a later fit captures again). On CPU it warns once and does nothing. With cuDNN's benchmark mode on, the capture's warm-up iterations also autotune every
     convolution, which can cost a short run more than the graphs save (docs/methods/compile.md).
     """
 
@@ -410,10 +411,13 @@ class EagerCUDAGraphs(Callback):
         )
         self.module_attr = module_attr
         self.num_warmup_iters = num_warmup_iters
+        # Whether the last fit captured the graphs, and the seconds the capture took (warm-up iterations included).
         self.graphed = False
-        # Seconds the graph capture took (warm-up iterations included), once captured.
         self.capture_s: float | None = None
         self._hook: Any = None
+        self._graphed_module: nn.Module | None = (
+            None  # the module whose forward is the graphed one, during a fit
+        )
 
     def _module(self, pl_module: L.LightningModule) -> nn.Module:
         module = getattr(pl_module, self.module_attr, None)
@@ -436,12 +440,16 @@ class EagerCUDAGraphs(Callback):
                 "EagerCUDAGraphs replays fixed input shapes, but the training DataLoader keeps its last "
                 "incomplete batch: build it with drop_last=True."
             )
-        if self._hook is None and not self.graphed:
+        if self._hook is None and self._graphed_module is None:
+            self.graphed, self.capture_s = (
+                False,
+                None,
+            )  # each fit captures its own (a new model, or the same again)
             self._hook = module.register_forward_pre_hook(self._capture)
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         # The first training call runs eagerly; later calls replay the graphs captured here.
-        if not module.training or not torch.is_grad_enabled() or self.graphed:
+        if not module.training or not torch.is_grad_enabled() or self._graphed_module is not None:
             return
         # make_graphed_callables refuses a module with hooks: this one goes first (safe here, as the module
         # call iterates over a copy of its hooks).
@@ -460,12 +468,28 @@ class EagerCUDAGraphs(Callback):
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         self.graphed = True
+        self._graphed_module = module
 
-    @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _ungraph(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        # make_graphed_callables sets the module's forward as an instance attribute that replays graphs bound to
+        # this module's tensors; a deep copy of the model (quantize, an EMA copy) would call it and so run the
+        # original's weights. Removing it restores the class's forward: after the fit the module is plain.
+        if self._graphed_module is not None:
+            self._graphed_module.__dict__.pop("forward", None)
+            self._graphed_module = None
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._ungraph()
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._ungraph()
 
 
 class SDPABackends(Callback):

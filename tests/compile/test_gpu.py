@@ -100,6 +100,37 @@ def test_eager_cuda_graphs_train_a_gpt_like_eager() -> None:
 
 
 @pytest.mark.gpu
+def test_eager_cuda_graphs_end_with_the_fit_and_a_second_fit_captures_again() -> None:
+    """make_graphed_callables makes the module's forward an instance attribute bound to its tensors: kept after
+    the fit, a deep copy of the model (quantize, an EMA copy) ran the original's weights, and a second fit with
+    the same callback never captured. The fit now ends with the class's forward back."""
+    import copy
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8 * 32, 1, 28, 28), torch.randint(0, 10, (8 * 32,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, drop_last=True)
+    model, graphs = _Classifier(), EagerCUDAGraphs()
+
+    def fit() -> None:
+        L.Trainer(
+            accelerator="gpu", devices=1, max_epochs=1, callbacks=[graphs], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+        ).fit(model, loader)  # fmt: skip
+
+    fit()
+    assert graphs.graphed and graphs.capture_s is not None and "forward" not in model.net.__dict__
+    copied = copy.deepcopy(model).train()
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.zero_()
+        sample = x[:32].cuda()
+        assert not torch.equal(copied.net(sample), model.train().net(sample))
+    graphs.capture_s = None
+    fit()
+    assert graphs.graphed and graphs.capture_s is not None and "forward" not in model.net.__dict__
+
+
+@pytest.mark.gpu
 def test_eager_cuda_graphs_need_drop_last() -> None:
     with pytest.raises(ValueError, match="drop_last=True"):
         _fit("32-true", [EagerCUDAGraphs()], drop_last=False)
