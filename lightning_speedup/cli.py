@@ -2,8 +2,8 @@
 
 Exit status: 0 when every recipe reached its target, 3 when one did not (or a run failed),
 2 for bad input (unknown task or recipe, a target out of range, an output folder in use),
-4 when ``--time-budget`` stopped the bench early, 143 when a SIGTERM stopped it (finish either with
-``--resume``).
+4 when ``--time-budget`` stopped the bench early, 143 when a SIGTERM stopped it and 130 when a Ctrl-C
+(SIGINT) did (finish any of them with ``--resume --out FOLDER``; the demo starts over instead).
 """
 
 from __future__ import annotations
@@ -20,10 +20,16 @@ from pathlib import Path
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NOT_REACHED, EXIT_INCOMPLETE = 0, 2, 3, 4
 DEFAULT_PRICE_PER_GPU_HOUR = 4.54  # USD; source and date in --price-per-gpu-hour's help
 EXIT_TERMINATED = 128 + 15  # what a shell reports for a process ended by SIGTERM
+EXIT_INTERRUPTED = 128 + 2  # ... and by SIGINT (Ctrl-C)
 
-# The demo's reduced budget on a CPU: about 3-4 minutes for both recipes on 2 cores. ResNet-9 at a
-# quarter of its width (width 16, 0.4M parameters), 10k training / 2k test images, 4 epochs.
-CPU_DEMO = {"train_subset": 10_000, "val_subset": 2_000, "max_epochs": 4, "target": 0.80, "width": 16}
+# The demo's reduced budget on a CPU: ResNet-9 at a quarter of its width (width 16, 0.4M parameters), 10k
+# training / 2k test images, at most 4 epochs, both recipes in fp32: bf16 autocast, speedup's precision on a GPU,
+# made its run about 4x longer than baseline's on a CPU (485 s against 111 s to target, 10 minutes in all).
+# Measured 2026-12-06 on 2 cores: baseline 2 epochs, speedup (fp32) 3 epochs to target and 1.14x baseline's
+# process time; 9 minutes in all on a machine shared with other work (load about 6), which on 2 idle cores
+# (baseline's process alone: 119 s) comes to about 4-5 minutes.
+CPU_DEMO = {"train_subset": 10_000, "val_subset": 2_000, "max_epochs": 4, "target": 0.80, "width": 16,
+            "precision": "32-true", "minutes": "4-5"}  # fmt: skip
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -37,8 +43,11 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-epochs", type=int, default=None, help="epoch budget per run (default: the task's)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench-out/TASK-DATE)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
-    p.add_argument("--resume", action="store_true", help="keep the finished runs in --out and run the rest")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove an earlier bench's files from --out (runs/, caches/, bench.json, report.*; nothing "
+                   "else) and start afresh")  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished runs in --out (required) and run the rest; the settings must be the same")  # fmt: skip
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no run that would end after this many seconds (judged by the same recipe's "
                    "longest run so far); finish later with --resume")  # fmt: skip
@@ -51,7 +60,8 @@ def _add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-stop", action="store_true", help="keep training after the target is reached")
     p.add_argument("--ablation", action="store_true",
                    help="add the ablation ladder of --task: baseline plus one technique at a time up to speedup, "
-                   "then speedup minus one at a time")  # fmt: skip
+                   "then speedup minus one at a time (recipes given with --recipe keep their place, and are not "
+                   "run twice)")  # fmt: skip
     _add_cache_args(p)
 
 
@@ -131,19 +141,21 @@ def parse_model_args(pairs: Sequence[str]) -> dict[str, object]:
 
 def _bench(args: argparse.Namespace, model_kwargs: dict | None = None, command: str = "bench") -> int:
     from lightning_speedup.bench.report import check_out_dir, remove_demo_report, table, write_report
-    from lightning_speedup.bench.runner import BenchConfig, run_bench
+    from lightning_speedup.bench.runner import BenchConfig, resume_hint, run_bench
 
     if model_kwargs is None:
         model_kwargs = parse_model_args(getattr(args, "model_arg", []))
     if getattr(args, "ablation", False):
         from lightning_speedup.bench.ablation import ablation_recipes
 
-        args.recipes = list(args.recipes) + ablation_recipes(args.task)
+        # The ladder starts at baseline and passes speedup: a recipe also named with --recipe runs once, at the
+        # place --recipe gave it (the first --recipe stays the reference of the speed-up column).
+        args.recipes = list(args.recipes) + [n for n in ablation_recipes(args.task) if n not in args.recipes]
     cfg = BenchConfig(
         task=args.task, recipes=args.recipes, seeds=args.seeds, target=args.target, max_epochs=args.max_epochs,
         first_seed=getattr(args, "first_seed", 0), data_path=args.data, train_subset=args.train_subset, val_subset=args.val_subset,
         model_kwargs=model_kwargs, accelerator=args.accelerator, stop_at_target=not args.no_stop,
-        cache=getattr(args, "cache", "cold"),
+        cache=getattr(args, "cache", "cold"), precision=getattr(args, "precision", None),
     )  # fmt: skip
     cfg.resolve()  # unknown names and bad numbers fail here, before anything is written
     price = getattr(args, "price_per_gpu_hour", DEFAULT_PRICE_PER_GPU_HOUR)
@@ -152,32 +164,44 @@ def _bench(args: argparse.Namespace, model_kwargs: dict | None = None, command: 
     budget = getattr(args, "time_budget", None)
     if budget is not None and (not math.isfinite(budget) or budget < 0):
         raise ValueError(f"--time-budget must be a finite number >= 0 of seconds, got {budget}.")
+    resume = getattr(args, "resume", False)
+    if resume and args.out is None:
+        raise ValueError(
+            "--resume needs --out: the folder of the bench to finish (without --out every bench starts a new "
+            "bench-out/TASK-DATE folder). The stopped bench printed its folder; rerun with --resume --out FOLDER."
+        )
+    if resume and getattr(args, "overwrite", False):
+        raise ValueError(
+            "--resume keeps the finished runs of --out and --overwrite removes them: pass one of them."
+        )
     out = args.out or Path("bench-out") / f"{args.task}-{datetime.now():%Y%m%d-%H%M%S}"
     if out.exists() and not out.is_dir():
         raise ValueError(
             f"--out {out} is a file; --out names the folder that receives the report (new or existing)."
         )
-    resume = getattr(args, "resume", False)
     if command == "demo":
         remove_demo_report(out)  # only a report the demo wrote; anything else is refused
-    elif not resume:
-        check_out_dir(out, args.overwrite)
+        hint = "the demo cannot resume: run `lightning-speedup demo` again (it starts over)"
+    else:
+        hint = resume_hint(out)
+        if not resume:
+            check_out_dir(out, args.overwrite)
     results, meta, complete = run_bench(
-        cfg, out, resume=resume, time_budget_s=budget, keep_caches=getattr(args, "keep_caches", False)
-    )
+        cfg, out, resume=resume, time_budget_s=budget, keep_caches=getattr(args, "keep_caches", False),
+        overwrite=command != "demo" and args.overwrite, hint=hint,
+    )  # fmt: skip
     meta["command"] = command
     meta["price_per_gpu_hour"] = price
     rows = write_report(results, meta, out)
     print()
     print(table(rows, meta))
     print(f"\nreport: {out / 'report.md'}, {out / 'report.json'}, {out / 'report.png'}")
-    if meta.get("stopped") == "SIGTERM":
-        print(
-            "stopped by SIGTERM: the finished runs are saved; run the same command with --resume to finish."
-        )
-        return EXIT_TERMINATED
+    stopped = meta.get("stopped")
+    if stopped in ("SIGTERM", "SIGINT"):
+        print(f"stopped by {stopped}: the finished runs are saved in {out}; {hint}.")
+        return EXIT_TERMINATED if stopped == "SIGTERM" else EXIT_INTERRUPTED
     if not complete:
-        print("incomplete: the time budget ran out; run the same command with --resume to finish.")
+        print(f"incomplete: the time budget ran out; {hint}.")
         return EXIT_INCOMPLETE
     return EXIT_OK if all(r["all_reached"] for r in rows) else EXIT_NOT_REACHED
 
@@ -189,7 +213,7 @@ def _demo(args: argparse.Namespace) -> int:
         task="fashion-mnist", recipes=["baseline", "speedup"], seeds=args.seeds, target=None, max_epochs=None,
         out=args.out, overwrite=False, data=args.data, train_subset=None, val_subset=None,
         accelerator="auto", no_stop=False, cache=args.cache, keep_caches=args.keep_caches,
-        price_per_gpu_hour=args.price_per_gpu_hour,
+        price_per_gpu_hour=args.price_per_gpu_hour, precision=None,
     )  # fmt: skip
     model_kwargs = {}
     if torch.cuda.is_available():
@@ -197,13 +221,15 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         c = CPU_DEMO
         print(
-            f"demo: no GPU, so a reduced budget that runs in a few minutes on a CPU: ResNet-9 at width "
-            f"{c['width']}, {c['train_subset']} training / {c['val_subset']} test images, at most "
-            f"{c['max_epochs']} epochs, target val_acc {c['target']}. torch.compile is skipped on CPU. "
-            "Run it on a GPU for the real numbers."
+            f"demo: no GPU, so a reduced budget that takes about {c['minutes']} minutes on 2 idle CPU cores (longer on a "
+            f"busy machine): ResNet-9 at "
+            f"width {c['width']}, {c['train_subset']} training / {c['val_subset']} test images, at most "
+            f"{c['max_epochs']} epochs, target val_acc {c['target']}. Both recipes run in fp32 ({c['precision']}): "
+            "speedup's bf16 autocast is several times slower on a CPU, and its CUDA graphs and fused optimizer act "
+            "only on a GPU. Run it on a GPU for the real numbers."
         )
-        ns.train_subset, ns.val_subset, ns.max_epochs, ns.target = (
-            c["train_subset"], c["val_subset"], c["max_epochs"], c["target"],
+        ns.train_subset, ns.val_subset, ns.max_epochs, ns.target, ns.precision = (
+            c["train_subset"], c["val_subset"], c["max_epochs"], c["target"], c["precision"],
         )  # fmt: skip
         model_kwargs = {"width": c["width"]}
     return _bench(ns, model_kwargs, command="demo")
@@ -226,6 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileExistsError, DataError) as err:
         print(f"lightning-speedup: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except (
+        KeyboardInterrupt
+    ):  # before the first run or while writing the report; a bench's runs handle their own
+        print("lightning-speedup: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover
@@ -235,6 +266,7 @@ if __name__ == "__main__":  # pragma: no cover
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_INCOMPLETE",
+    "EXIT_INTERRUPTED",
     "EXIT_NOT_REACHED",
     "EXIT_OK",
     "EXIT_TERMINATED",

@@ -72,13 +72,64 @@ def device_label(info: dict[str, Any]) -> str:
     return info["gpu"] or f"CPU ({info['cpu_count']} cores)"
 
 
+def _uuid_key(uuid: str) -> str:
+    """``GPU-1a2b...`` (nvidia-smi, CUDA_VISIBLE_DEVICES) and ``1a2b...`` (torch) as one spelling."""
+    uuid = uuid.strip().lower()
+    return uuid[4:] if uuid.startswith("gpu-") else uuid
+
+
+def smi_index(
+    visible: str | None, smi_rows: str | None, ordinal: int = 0, uuid: str | None = None
+) -> int | None:
+    """nvidia-smi's index of the GPU this process calls CUDA device ``ordinal``, or None where it is unknown.
+
+    ``smi_rows`` is ``nvidia-smi --query-gpu=index,uuid --format=csv,noheader`` (``"0, GPU-1a2b..."`` a line);
+    ``visible`` is ``CUDA_VISIBLE_DEVICES``, whose entries are nvidia-smi indices or (prefixes of) UUIDs;
+    ``uuid`` is the device's UUID as torch reports it, the surest key where given. A MIG instance, or a UUID
+    nvidia-smi does not list, gives None: better no power reading than another GPU's.
+    """
+    rows: dict[str, int] = {}
+    for line in (smi_rows or "").splitlines():
+        index, _, row_uuid = line.partition(",")
+        if index.strip().isdigit() and row_uuid.strip():
+            rows[_uuid_key(row_uuid)] = int(index)
+    if uuid:
+        key = _uuid_key(uuid)
+        if key in rows:
+            return rows[key]
+    entries = [e.strip() for e in (visible or "").split(",")] if visible is not None else []
+    if visible is None or not visible.strip():
+        return ordinal  # every GPU visible, in nvidia-smi's order (or none at all: nothing is sampled)
+    if ordinal >= len(entries):
+        return None
+    entry = entries[ordinal]
+    if entry.isdigit():
+        return int(entry)
+    if entry.lower().startswith("mig-"):
+        return None
+    matches = [i for key, i in rows.items() if key.startswith(_uuid_key(entry))]
+    return matches[0] if len(matches) == 1 else None
+
+
+def visible_gpu_index() -> int | None:
+    """nvidia-smi's index of this process's current CUDA device (see :func:`smi_index`)."""
+    ordinal = torch.cuda.current_device()
+    uuid = None
+    with contextlib.suppress(Exception):  # torch builds without the field
+        uuid = str(torch.cuda.get_device_properties(ordinal).uuid)
+    rows = _run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"])
+    return smi_index(os.environ.get("CUDA_VISIBLE_DEVICES"), rows, ordinal, uuid)
+
+
 class PowerSampler:
     """Mean power draw of one GPU while a run trains, from ``nvidia-smi`` sampled every ``interval_s``.
 
+    ``gpu_index`` is nvidia-smi's index; None (the default): the GPU this process uses as its CUDA device, which
+    under ``CUDA_VISIBLE_DEVICES`` need not be nvidia-smi's GPU 0 (:func:`visible_gpu_index`).
     ``mean_w`` is None where ``nvidia-smi`` reports no power (a CPU, or a GPU without the sensor).
     """
 
-    def __init__(self, gpu_index: int = 0, interval_s: float = 0.5) -> None:
+    def __init__(self, gpu_index: int | None = None, interval_s: float = 0.5) -> None:
         self.gpu_index, self.interval_s = gpu_index, interval_s
         self.samples: list[float] = []
         self._stop = threading.Event()
@@ -101,7 +152,11 @@ class PowerSampler:
             self.samples.append(watts)
 
     def __enter__(self) -> PowerSampler:
-        if torch.cuda.is_available() and self._read() is not None:
+        if not torch.cuda.is_available():
+            return self
+        if self.gpu_index is None:
+            self.gpu_index = visible_gpu_index()
+        if self.gpu_index is not None and self._read() is not None:
             self._thread = threading.Thread(target=self._loop, name="power-sampler", daemon=True)
             self._thread.start()
         return self

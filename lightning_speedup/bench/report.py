@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_speedup.bench.env import device_label
-from lightning_speedup.bench.runner import RunResult, write_atomic
+from lightning_speedup.bench.runner import RunResult, describe_epoch_budgets, write_atomic
 
 REPORT_FILES = ("report.json", "report.md", "report.png")
 
@@ -21,7 +21,10 @@ def _median(xs: Sequence[float | None]) -> float | None:
 
 
 def _stats(runs: Sequence[RunResult], base: float | None) -> dict[str, Any]:
-    """Time to target of one recipe's runs of one cache kind; counted as reached only if every run was."""
+    """Time to target of one recipe's runs of one cache kind; counted as reached only if every run was. The
+    warm-up, process and power medians leave failed runs out (a run that failed at once would read as no
+    warm-up)."""
+    ok = [r for r in runs if r.error is None]
     n_reached = sum(r.reached for r in runs)
     all_reached = bool(runs) and n_reached == len(runs)
     ttts = [r.time_to_target_s for r in runs if r.reached and r.time_to_target_s is not None]
@@ -35,13 +38,15 @@ def _stats(runs: Sequence[RunResult], base: float | None) -> dict[str, Any]:
         "ttt_min_s": min(ttts) if all_reached else None,
         "ttt_max_s": max(ttts) if all_reached else None,
         "speedup": (base / ttt) if (base and ttt) else None,
-        "warmup_s": _median([r.warmup_s for r in runs]),
-        "compile_s": _median([r.compile_s for r in runs]),
-        "sanity_s": _median([r.sanity_s for r in runs]),
-        "cudagraph_s": _median([r.cudagraph_s for r in runs]),
-        "process_s": _median([r.process_s for r in runs]),
-        "startup_s": _median([r.startup_s for r in runs]),
-        "avg_power_w": _median([r.avg_power_w for r in runs]),
+        "warmup_s": _median([r.warmup_s for r in ok]),
+        "compile_s": _median([r.compile_s for r in ok]),
+        "sanity_s": _median([r.sanity_s for r in ok]),
+        "cudagraph_s": _median([r.cudagraph_s for r in ok]),
+        "process_s": _median([r.process_s for r in ok]),
+        "startup_s": _median([r.startup_s for r in ok]),
+        "avg_power_w": _median([r.avg_power_w for r in ok]),
+        # Devices per run (a strategy may train on several); files from before it was recorded: one.
+        "devices": _median([r.devices or 1 for r in ok]) or 1,
     }
 
 
@@ -67,9 +72,10 @@ def summarize(
             kinds[c]["speedup"] = (b / t) if (b and t) else None
         headline = "cold" if by_cache["cold"] or not by_cache["warm"] else "warm"
         h = kinds[headline]
-        # One device per run: its time to target in device-hours, money at the given price, and energy
-        # from the mean power nvidia-smi reported over the run.
-        gpu_h = h["ttt_median_s"] / 3600 if h["ttt_median_s"] is not None else None
+        # Time to target times the run's devices in device-hours, money at the given price, and energy from the
+        # mean power nvidia-smi reported over the run (of the run's first device, taken for each of them).
+        gpu_h = h["ttt_median_s"] * h["devices"] / 3600 if h["ttt_median_s"] is not None else None
+        ok = [r for r in runs if r.error is None]
         energy_wh = gpu_h * h["avg_power_w"] if (gpu_h is not None and h["avg_power_w"] is not None) else None
         rows.append(
             {
@@ -86,7 +92,8 @@ def summarize(
                 "warm": kinds["warm"],
                 "epochs_to_target": _median([r.epochs_to_target for r in runs if r.reached])
                 if any(r.reached for r in runs) else None,
-                "best_metric": _median([r.best_metric for r in runs]),
+                "best_metric": _median([r.best_metric for r in ok]),
+                "devices": h["devices"],
                 "warmup_s": h["warmup_s"],
                 "compile_s": h["compile_s"],
                 "sanity_s": h["sanity_s"],
@@ -96,8 +103,8 @@ def summarize(
                 "gpu_hours_to_target": gpu_h,
                 "cost_to_target": gpu_h * price if (gpu_h is not None and price is not None) else None,
                 "energy_to_target_wh": energy_wh,
-                "samples_per_s": _median([r.samples_per_s for r in runs]),
-                "peak_mem_mb": max((r.peak_mem_mb for r in runs if r.peak_mem_mb is not None), default=None),
+                "samples_per_s": _median([r.samples_per_s for r in ok]),
+                "peak_mem_mb": max((r.peak_mem_mb for r in ok if r.peak_mem_mb is not None), default=None),
                 "errors": [r.error for r in runs if r.error],
             }
         )  # fmt: skip
@@ -131,11 +138,12 @@ def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     metric = meta["metric"]
     header = (
         f"| recipe | cold: time to target (median, min-max) | speed-up | warm: time to target | speed-up | "
-        f"epochs | best {metric} | warm-up | compile | sanity check | CUDA graphs | process | samples/s | "
-        "peak mem | GPU-hours | cost | energy |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        f"epochs | epoch budget | best {metric} | warm-up | compile | sanity check | CUDA graphs | process | "
+        "samples/s | peak mem | GPU-hours | cost | energy |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [header]
+    budgets = meta.get("epoch_budgets") or {}
     for r in rows:
         if r["runs"] == 0:
             cold, warm = "not run yet", "-"
@@ -144,7 +152,7 @@ def table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(
             f"| {r['recipe']} | {cold} | {_fmt(r['cold']['speedup'], '.2f', 'x')} | {warm} | "
             f"{_fmt(r['warm']['speedup'], '.2f', 'x')} | {_fmt(r['epochs_to_target'], '.0f')} | "
-            f"{_fmt(r['best_metric'], '.4f')} | {_fmt(r['warmup_s'], '.1f', ' s')} | "
+            f"{budgets.get(r['recipe'], meta.get('max_epochs', '-'))} | {_fmt(r['best_metric'], '.4f')} | {_fmt(r['warmup_s'], '.1f', ' s')} | "
             f"{_fmt(r['compile_s'], '.1f', ' s')} | {_fmt(r['sanity_s'], '.1f', ' s')} | "
             f"{_fmt(r['cudagraph_s'], '.1f', ' s')} | {_process_cell(r)} | "
             f"{_fmt(r['samples_per_s'], ',.0f')} | "
@@ -159,15 +167,17 @@ COLUMNS = (
     "cache) start empty, as a user's first run. **warm**: a fresh process that reuses caches an earlier run of "
     "the same recipe filled. Time to target is wall time from the start of `fit` to the end of the first "
     "validation at or past the target, everything included. **speed-up**: the first recipe's median time over "
-    "this recipe's, cold against cold and warm against warm. **warm-up**: the first training step's time beyond "
+    "this recipe's, cold against cold and warm against warm. **epochs**: epochs to target (median); **epoch budget**: "
+    "the most epochs a run of the recipe may train (`--max-epochs` for every recipe, else the recipe's own, else the "
+    "task's). **warm-up**: the first training step's time beyond "
     "the median step, plus the sanity check; **compile**: seconds in Dynamo and Inductor compilation "
     "(`torch._dynamo.utils.compilation_time_metrics`); **sanity check**: the sanity-check validation (Lightning's "
     "hooks); **CUDA graphs**: `EagerCUDAGraphs`' graph capture, warm-up iterations included (Inductor's "
     "`reduce-overhead` capture is not separated from its warm-up: '-'). **process**: the run's whole process "
     "from start to exit (interpreter, imports, CUDA initialisation, set-up, fit, teardown), and in brackets its "
     "part before `fit` started; time to target leaves both out, and every run pays them. Warm-up columns are medians "
-    "of the headline (cold) runs; '-' means not measured or not applicable. **GPU-hours**: the headline median time "
-    "to target on the run's one device; **cost**: GPU-hours at the price per GPU-hour stated below the table; "
+    "of the headline (cold) runs, failed runs left out; '-' means not measured or not applicable. **GPU-hours**: the "
+    "headline median time to target times the devices a run trained on; **cost**: GPU-hours at the price per GPU-hour stated below the table; "
     "**energy**: GPU-hours times the mean power `nvidia-smi` reported over the runs (empty on a CPU)."
 )
 
@@ -187,13 +197,19 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     parts = [
         f"# Bench: {meta['task']}",
         "",
-        f"Target: {meta['metric']} {op} {meta['target']} within {meta['max_epochs']} epochs; "
+        f"Target: {meta['metric']} {op} {meta['target']} within {describe_epoch_budgets(meta)}; "
         f"seeds {meta['seeds']}; cache {meta.get('cache', 'cold')}; runs interleaved by seed, each in a fresh process.",
         what,
     ]
     data = meta.get("data")
     if data:
         parts.append(f"Data: `{data['path']}` (sha256 {data['sha256'][:16]}...).")
+    if meta.get("precision"):
+        parts.append(
+            f"Every recipe ran at precision {meta['precision']} (the recipes' own precision replaced)."
+        )
+    if meta.get("stop_at_target") is False:
+        parts.append("Runs kept training after reaching the target (`--no-stop`).")
     parts += ["", table(rows, meta), "", COLUMNS]
     if meta.get("price_per_gpu_hour") is not None:
         parts.append(f"Price: {meta['price_per_gpu_hour']} $ per GPU-hour (`--price-per-gpu-hour`).")
@@ -207,16 +223,21 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
                 + (f", failed: {f['error']}" if f.get("error") else "")
             )
     if meta.get("stopped"):
-        parts += [
-            "",
-            f"**Incomplete**: stopped by {meta['stopped']}; rerun the command with `--resume` to finish.",
-        ]
+        hint = meta.get("resume_hint") or "rerun the command with `--resume` to finish"
+        parts += ["", f"**Incomplete**: stopped by {meta['stopped']}; {hint}."]
+    commits = meta.get("commits") or {}
+    if len(commits) > 1:
+        # A resumed bench continued by a later checkout: which runs ran which code.
+        code = "commits " + ", ".join(f"{c} ({n} run{'s' if n != 1 else ''})" for c, n in commits.items())
+    else:
+        code = f"commit {env.get('git_commit')}"
     parts += [
         "",
         f"Hardware: {device_label(env)}, driver {env.get('driver')}, CUDA {env.get('cuda')}; "
-        f"torch {env['torch']}, lightning {env['lightning']}, python {env['python']}; {env['date']}; "
-        f"commit {env.get('git_commit')}.",
+        f"torch {env['torch']}, lightning {env['lightning']}, python {env['python']}; {env['date']}; {code}.",
     ]
+    if len(commits) > 1:
+        parts.append("**The runs come from several commits**: compare times only between runs of one commit.")
     if len(meta.get("environments", [])) > 1:
         machines = "; ".join(
             f"{device_label(e)} (driver {e.get('driver')}, torch {e.get('torch')})"
@@ -277,11 +298,12 @@ def plot(results: Sequence[RunResult], meta: dict[str, Any], path: Path) -> None
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse to overwrite an earlier report unless asked to."""
-    existing = [f for f in (*REPORT_FILES, "runs") if (out_dir / f).exists()]
+    existing = [f for f in (*REPORT_FILES, "runs", "bench.json") if (out_dir / f).exists()]
     if existing and not overwrite:
         raise FileExistsError(
-            f"{out_dir} already holds {', '.join(existing)} from an earlier bench. Choose another --out, "
-            "or pass --overwrite to replace them."
+            f"{out_dir} already holds {', '.join(existing)} from an earlier bench. Choose another --out, pass "
+            "--resume to finish that bench, or --overwrite to remove its files (runs/, caches/, bench.json, "
+            "report.*; nothing else) and start afresh."
         )
 
 

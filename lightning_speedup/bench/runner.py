@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -36,7 +37,7 @@ from lightning.pytorch.loggers import CSVLogger
 from typing_extensions import override
 
 from lightning_speedup.bench.env import environment
-from lightning_speedup.bench.recipes import get_recipe
+from lightning_speedup.bench.recipes import Recipe, get_recipe
 from lightning_speedup.bench.tasks import RunContext, Task, get_task
 from lightning_speedup.bench.timing import TimeToTarget
 
@@ -52,6 +53,29 @@ def _check_accelerator(name: str) -> None:
     allowed = ["auto", "gpu", *AcceleratorRegistry.available_accelerators()]
     if name not in allowed:
         raise ValueError(f"--accelerator must be one of {sorted(allowed)}, got {name!r}.")
+
+
+def _check_accelerator_available(name: str) -> None:
+    """A named accelerator that this machine lacks fails here, before any run, not inside every run."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    if name == "auto":
+        return
+    names = ["cuda", "mps"] if name == "gpu" else [name]  # Lightning's "gpu": CUDA or MPS
+    if not any(
+        AcceleratorRegistry[n]["accelerator"].is_available() for n in names if n in AcceleratorRegistry
+    ):
+        what = "CUDA or MPS GPU" if name == "gpu" else f"{name} device"
+        raise ValueError(
+            f"--accelerator {name}: this machine has no {what} that torch can use "
+            f"(torch.cuda.is_available() is {torch.cuda.is_available()}). Run the bench on a machine with one, "
+            "or pass --accelerator cpu (or leave --accelerator out: auto picks what the machine has)."
+        )
+
+
+# Tasks whose data module rounds a training subset up to whole batches (the char-LM samples random windows):
+# drop_last can never leave them without a batch.
+_WHOLE_BATCH_TASKS = ("char-lm",)
 
 
 def cache_environment(cache_dir: Path) -> dict[str, str]:
@@ -153,6 +177,18 @@ class BenchConfig:
     stop_at_target: bool = True
     first_seed: int = 0
     cache: str = "cold"
+    # Every recipe's precision replaced by this one (the demo runs fp32 on a CPU, where bf16 autocast is slow).
+    precision: str | None = None
+
+    def recipe(self, name: str, task: str) -> Recipe:
+        """Recipe ``name`` for ``task`` as this bench runs it (with the precision override, if any)."""
+        recipe = get_recipe(name).for_task(task)
+        return dataclasses.replace(recipe, precision=self.precision) if self.precision else recipe
+
+    def epochs_of(self, recipe: Recipe, task: Task) -> int:
+        """A recipe's epoch budget: an explicit --max-epochs applies to every recipe; otherwise the recipe's
+        own (a schedule's length), else the task's."""
+        return self.max_epochs or recipe.max_epochs or task.default_max_epochs
 
     def resolve(self) -> tuple[Task, list[str], float, int]:
         """Validate names and numbers up front, before any run starts."""
@@ -200,6 +236,17 @@ class BenchConfig:
                 f"--max-epochs must be >= 1 (or left out for the task's budget), got {self.max_epochs}."
             )
         _check_accelerator(self.accelerator)
+        _check_accelerator_available(self.accelerator)
+        if self.train_subset is not None and task.name not in _WHOLE_BATCH_TASKS:
+            for name in self.recipes:
+                recipe = get_recipe(name).for_task(task.name)
+                batch = task.setting(recipe, "batch_size")
+                if recipe.drop_last and self.train_subset < batch:
+                    raise ValueError(
+                        f"--train-subset {self.train_subset} is smaller than one batch of recipe {name!r} ({batch} "
+                        "samples), which drops the last partial batch (drop_last): its runs would have nothing to "
+                        f"train on. Pass --train-subset {batch} or more."
+                    )
         max_epochs = self.max_epochs or task.default_max_epochs
         if max_epochs < 1:
             raise ValueError(f"--max-epochs must be >= 1, got {max_epochs}.")
@@ -249,6 +296,12 @@ class RunResult:
     # data_and_model_s (the task's data module, model and callbacks built), trainer_s (the Trainer built) and
     # fit_until_clock_s (from calling fit to the start of time to target: data set-up, device placement).
     startup_phases: dict[str, float] | None = None
+    # The devices the run trained on (a strategy may take several): GPU-hours, cost and energy count each. None
+    # in files from before it was recorded: one device.
+    devices: int | None = None
+    # The bench settings the run ran under (``_RESUME_KEYS``): --resume loads only runs whose settings are the
+    # bench's. None in files from before they were recorded.
+    settings: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -302,11 +355,9 @@ def run_one(
     """One fit of one recipe with one seed; failures are caught and reported, never hidden. ``launched_at``
     (``time.time()`` when the bench started this run's process) gives ``startup_s``; ``phases`` (the worker's
     own, before this call) gets this call's and becomes ``startup_phases``."""
-    task, _, target, default_epochs = cfg.resolve()
-    recipe = get_recipe(recipe_name).for_task(task.name)
-    # An explicit --max-epochs applies to every recipe; otherwise a recipe's own budget (a schedule's
-    # length), else the task's.
-    max_epochs = cfg.max_epochs or recipe.max_epochs or default_epochs
+    task, _, target, _ = cfg.resolve()
+    recipe = cfg.recipe(recipe_name, task.name)
+    max_epochs = cfg.epochs_of(recipe, task)
     L.seed_everything(seed, workers=True, verbose=False)
     ctx = RunContext(
         task=task, recipe=recipe, seed=seed, data_path=cfg.data_path, train_subset=cfg.train_subset,
@@ -315,7 +366,7 @@ def run_one(
     timer = TimeToTarget(task.metric, target, task.mode, stop_at_target=cfg.stop_at_target)
     error = None
     callbacks: list[Callback] | None = None
-    startup_s = fit_called_at = None
+    startup_s = fit_called_at = devices = None
     phases = dict(phases or {})
     try:
         t0 = time.time()
@@ -343,6 +394,7 @@ def run_one(
                 enable_model_summary=False,
                 **kwargs,
             )
+            devices = trainer.num_devices * trainer.num_nodes
             fit_called_at = time.time()
             phases["trainer_s"] = fit_called_at - t0
             if launched_at is not None:
@@ -362,7 +414,8 @@ def run_one(
         phases["fit_until_clock_s"] = timer.clock_started_at - fit_called_at
     return RunResult(
         task=task.name, recipe=recipe_name, seed=seed, error=error, compile_s=_compile_seconds(),
-        cudagraph_s=_capture_seconds(callbacks), startup_s=startup_s, startup_phases=phases or None, **s,
+        cudagraph_s=_capture_seconds(callbacks), startup_s=startup_s, startup_phases=phases or None,
+        devices=devices, **s,
     )  # fmt: skip
 
 
@@ -408,39 +461,127 @@ def _compile_seconds() -> float:
     return float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))
 
 
-_RESUME_KEYS = ("task", "target", "max_epochs", "train_subset", "val_subset", "model_kwargs", "cache")
+# Settings that every run of one bench shares: bench.json records them, every run file too (``settings``), and
+# --resume refuses a folder or a run whose settings differ from the command's.
+_RESUME_KEYS = ("task", "target", "max_epochs", "train_subset", "val_subset", "model_kwargs", "cache",
+                "data_sha256", "stop_at_target", "accelerator", "precision")  # fmt: skip
+# Recorded since 2026-12-06: a bench.json or run file from before lacks them (unknown, accepted).
+_LATER_RESUME_KEYS = frozenset({"data_sha256", "stop_at_target", "accelerator", "precision"})
+_RESUME_NAMES = {"data_sha256": "data file (sha256)", "stop_at_target": "stop at target (--no-stop)",
+                 "accelerator": "--accelerator", "precision": "precision override"}  # fmt: skip
 
 
-def _check_resumable(out_dir: Path, meta: dict[str, Any]) -> None:
+def _settings(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: meta.get(k) for k in _RESUME_KEYS}
+
+
+def _differences(saved: dict[str, Any], meta: dict[str, Any]) -> str:
+    """The settings in which ``saved`` (bench.json, a run's ``settings``) differs from ``meta``, for people;
+    empty when none does."""
+    diff = []
+    for k in _RESUME_KEYS:
+        if k in _LATER_RESUME_KEYS and k not in saved:
+            continue
+        was, now = saved.get(k, "cold" if k == "cache" else None), meta.get(k)
+        if was != now:
+            if k == "data_sha256":
+                was, now = f"{str(was)[:16]}...", f"{str(now)[:16]}..."
+            diff.append(f"{_RESUME_NAMES.get(k, k)}: {was!r} there, {now!r} now")
+    return ", ".join(diff)
+
+
+def _check_resumable(out_dir: Path, meta: dict[str, Any], plan: list[tuple[int, str, str]]) -> None:
+    """bench.json and every finished run that --resume would load must have this bench's settings: a run
+    made under another target, budget or data would be reported as if it were this bench's."""
     saved_path = out_dir / "bench.json"
-    if not saved_path.exists():
-        return
-    saved = read_json(saved_path)
-    diff = [k for k in _RESUME_KEYS if saved.get(k, "cold" if k == "cache" else None) != meta.get(k)]
-    if diff:
-        changes = ", ".join(f"{k}: {saved.get(k)!r} there, {meta.get(k)!r} now" for k in diff)
-        raise ValueError(
-            f"--resume: {out_dir} holds a bench with different settings ({changes}). "
-            "Use the same arguments, or another --out."
-        )
+    if saved_path.exists():
+        changes = _differences(read_json(saved_path), meta)
+        if changes:
+            raise ValueError(
+                f"--resume: {out_dir} holds a bench with different settings ({changes}). "
+                "Use the same arguments, or another --out."
+            )
+    for seed, name, cache in plan:
+        path = out_dir / "runs" / f"{_run_file(out_dir, name, seed, cache, meta['cache'])}.json"
+        if not path.exists():
+            continue
+        run = read_json(path)
+        if run.get("error") is not None or run.get("settings") is None:
+            continue  # a failed run is run again; a file from before settings were recorded: bench.json's
+        changes = _differences(run["settings"], meta)
+        if changes:
+            raise ValueError(
+                f"--resume: {path} was run with other settings than this bench ({changes}); resuming would "
+                "report it as this bench's. Use the same arguments, or start afresh with --overwrite (it "
+                "removes the earlier runs), or choose another --out."
+            )
+
+
+# What a bench writes into its --out folder; --overwrite removes these, and nothing else.
+BENCH_OUTPUTS = ("runs", "caches", "bench.json", "report.json", "report.md", "report.png")
+
+
+def remove_bench_outputs(out_dir: Path) -> list[str]:
+    """Delete an earlier bench's own files and folders from ``out_dir`` (``BENCH_OUTPUTS``; files a user put
+    there stay) and return the names removed."""
+    removed = []
+    for name in BENCH_OUTPUTS:
+        target = out_dir / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def resume_hint(out_dir: Path) -> str:
+    """How to finish a bench that stopped early: the folder to resume is named, not left to the default."""
+    return f"rerun with --resume --out {shlex.quote(str(out_dir))} (and the same other arguments) to finish"
 
 
 class _Terminated(Exception):
-    """SIGTERM arrived: the running child was stopped and nothing more starts."""
+    """SIGTERM or SIGINT (Ctrl-C) arrived: the running child was stopped and nothing more starts."""
 
 
 class _Children:
     """The running worker, so that SIGTERM to the bench reaches it too (a scheduler may signal only the
-    main process); a SIGTERM to the whole group reaches the worker directly."""
+    main process); a SIGTERM to the whole group reaches the worker directly. Workers ignore SIGINT: a
+    Ctrl-C reaches the bench alone, which stops the worker with SIGTERM (one message, no tracebacks)."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen[str] | None = None
         self.terminated = False
+        self.signal_name: str | None = None  # the signal that stopped the bench
 
-    def on_sigterm(self, signum: int, frame: object) -> None:
+    def stop(self, signum: int) -> None:
         self.terminated = True
+        self.signal_name = self.signal_name or signal.Signals(signum).name
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+
+    def on_sigterm(self, signum: int, frame: object) -> None:
+        self.stop(signum)
+
+
+def _ignore_sigint() -> None:
+    """In the worker's process before it starts: a Ctrl-C at the terminal goes to the whole process group; the
+    bench handles it (a worker's KeyboardInterrupt would only print a second traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _drain(proc: subprocess.Popen[str], echo: Callable[[str], None]) -> int:
+    """The worker's remaining output, then its exit status; a Ctrl-C meanwhile kills it at once."""
+    while True:
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                echo(line.rstrip("\n"))
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
 
 
 def _run_in_process(
@@ -465,18 +606,24 @@ def _run_in_process(
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lightning_speedup.bench.worker", str(spec_path), str(result_path)],
-        env=env, stdout=subprocess.PIPE, text=True, bufsize=1,
+        env=env, stdout=subprocess.PIPE, text=True, bufsize=1, preexec_fn=_ignore_sigint,
     )  # fmt: skip
     children.proc = proc
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # the worker's progress lines, through this process's echo
-            echo(line.rstrip("\n"))
-        rc = proc.wait()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # the worker's progress lines, through this process's echo
+                echo(line.rstrip("\n"))
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            children.stop(signal.SIGINT)
+            _drain(proc, echo)
+            raise _Terminated from None
     finally:
         children.proc = None
     process_s = time.perf_counter() - started
     if children.terminated or rc == -signal.SIGTERM:
+        children.signal_name = children.signal_name or "SIGTERM"
         raise _Terminated
     if rc != 0 or not result_path.exists():
         error = f"the run's process exited with status {rc} before it wrote a result (see its output above)"
@@ -559,6 +706,8 @@ def run_bench(
     resume: bool = False,
     time_budget_s: float | None = None,
     keep_caches: bool = False,
+    overwrite: bool = False,
+    hint: str | None = None,
 ) -> tuple[list[RunResult], dict[str, Any], bool]:
     """Every recipe x seed, interleaved by seed so that drifts of a shared machine hit all recipes alike,
     each in its own process with its own compile caches (see the module docstring).
@@ -567,8 +716,10 @@ def run_bench(
     ``resume`` those runs are loaded instead of rerun; failed ones are rerun. With ``time_budget_s`` no
     new run starts that would end after that many seconds, judged by the same recipe's longest run so far
     (a loaded run's ``process_s``, else its ``total_s``, counts; a recipe's first run is judged by the time passed
-    alone). A SIGTERM
-    stops the running run (it is not recorded) and starts nothing more; ``meta["stopped"]`` then says why.
+    alone). A SIGTERM or a Ctrl-C (SIGINT)
+    stops the running run (it is not recorded) and starts nothing more; ``meta["stopped"]`` then says why and
+    ``meta["resume_hint"]`` (``hint``, default: --resume with this folder) how to finish. ``overwrite`` first
+    removes an earlier bench's outputs (``BENCH_OUTPUTS``) from ``out_dir``, once the folder is locked.
     Returns the results, the metadata, and whether every planned run is done.
     """
     task, recipes, target, max_epochs = cfg.resolve()
@@ -579,9 +730,21 @@ def run_bench(
     plan = _plan(cfg, recipes)
     meta = _meta(cfg, task, recipes, target, max_epochs, env)
     meta["data"] = data
+    meta["data_sha256"] = data["sha256"]
+    meta["resume_hint"] = hint or resume_hint(out_dir)
+    if resume and overwrite:
+        raise ValueError(
+            "--resume keeps the finished runs of --out and --overwrite removes them: pass one of them."
+        )
     if resume:
-        _check_resumable(out_dir, meta)
+        _check_resumable(out_dir, meta, plan)
     with OutLock(out_dir):
+        if overwrite:
+            removed = remove_bench_outputs(out_dir)
+            if removed:
+                echo(f"--overwrite: removed the earlier bench's {', '.join(removed)} from {out_dir}")
+        elif resume and not (out_dir / "bench.json").exists():
+            echo(f"--resume: {out_dir} holds no earlier bench; starting it")
         return _run_plan(cfg, out_dir, plan, meta, env, echo, resume, time_budget_s, keep_caches)
 
 
@@ -597,12 +760,15 @@ def _run_plan(
     keep_caches: bool,
 ) -> tuple[list[RunResult], dict[str, Any], bool]:
     task = get_task(cfg.task)
-    write_atomic(out_dir / "bench.json", json.dumps({k: meta[k] for k in _RESUME_KEYS}, indent=2) + "\n")
+    settings = _settings(meta)
+    write_atomic(out_dir / "bench.json", json.dumps(settings, indent=2) + "\n")
     recipes = list(meta["recipes"])
+    hint = meta["resume_hint"]
     echo(
         f"bench {task.name}: {len(recipes)} recipe(s) x {cfg.seeds} seed(s), cache {cfg.cache} = {len(plan)} "
         f"runs, target {task.metric} {'>=' if task.mode == 'max' else '<='} {meta['target']}, at most "
-        f"{meta['max_epochs']} epochs, on {env['gpu'] or 'CPU'}; each run in a fresh process"
+        f"{describe_epoch_budgets(meta)}, on {env['gpu'] or 'CPU'}; each run in a fresh process"
+        + (f"; precision {cfg.precision} for every recipe" if cfg.precision else "")
     )
     caches = out_dir / "caches"
     children = _Children()
@@ -636,9 +802,7 @@ def _run_plan(
                     if elapsed > time_budget_s
                     else f"too short for {name} (its longest run: {expected:.0f}s)"
                 )
-                echo(
-                    f"time budget of {time_budget_s:.0f}s {why}: {len(plan) - i + 1} run(s) left; rerun with --resume"
-                )
+                echo(f"time budget of {time_budget_s:.0f}s {why}: {len(plan) - i + 1} run(s) left; {hint}")
                 meta["stopped"] = "time budget"
                 return results, meta, False
             cache_dir = _cache_dir(caches, name, seed, cache, cfg.cache)
@@ -666,7 +830,7 @@ def _run_plan(
                 shutil.rmtree(cache_dir, ignore_errors=True)  # an interrupted earlier attempt's leftovers
             echo(label)
             res = _run_in_process(cfg, name, seed, out_dir / "runs" / stem, cache_dir, label, echo, children)
-            res = dataclasses.replace(res, environment=env, cache=cache)
+            res = dataclasses.replace(res, environment=env, cache=cache, settings=settings)
             longest[name] = max(longest.get(name, 0.0), time.perf_counter() - t_run)
             write_atomic(saved, json.dumps(res.to_dict(), indent=2) + "\n")
             shown = f"{res.time_to_target_s:.1f}s" if res.reached else "not reached"
@@ -677,9 +841,10 @@ def _run_plan(
             results.append(res)
             if cfg.cache != "warm" and (cache == "warm" or cfg.cache == "cold") and not keep_caches:
                 shutil.rmtree(cache_dir, ignore_errors=True)
-    except _Terminated:
-        echo("SIGTERM: the running run was stopped and is not recorded; rerun with --resume to finish")
-        meta["stopped"] = "SIGTERM"
+    except (_Terminated, KeyboardInterrupt):  # KeyboardInterrupt: a Ctrl-C while no worker ran
+        stopped = children.signal_name or "SIGINT"
+        echo(f"{stopped}: the running run was stopped and is not recorded; {hint}")
+        meta["stopped"] = stopped
         return results, meta, False
     finally:
         if previous is not None:
@@ -714,6 +879,21 @@ def _environment_of_runs(meta: dict[str, Any], results: list[RunResult]) -> None
     meta["environment"] = envs[0]
     if len(distinct) > 1:
         meta["environments"] = distinct
+    # A resumed bench may be finished by a later checkout: every commit with its number of runs.
+    commits: dict[str, int] = {}
+    for e in envs:
+        commit = str(e.get("git_commit"))
+        commits[commit] = commits.get(commit, 0) + 1
+    meta["commits"] = commits
+
+
+def describe_epoch_budgets(meta: dict[str, Any]) -> str:
+    """``"30 epochs"`` when every recipe has that budget, else each recipe's (``--max-epochs`` sets them all;
+    otherwise a recipe's own budget, e.g. its schedule's length, else the task's)."""
+    budgets = meta.get("epoch_budgets") or {}
+    if len(set(budgets.values())) <= 1:
+        return f"{next(iter(budgets.values()), meta['max_epochs'])} epochs"
+    return "each recipe's own epoch budget (" + ", ".join(f"{n} {e}" for n, e in budgets.items()) + ")"
 
 
 def _meta(
@@ -727,11 +907,15 @@ def _meta(
         "target": target,
         "max_epochs": max_epochs,
         "seeds": list(range(cfg.first_seed, cfg.first_seed + cfg.seeds)),
-        "recipes": {n: get_recipe(n).for_task(task.name).summary() for n in recipes},
+        "recipes": {n: cfg.recipe(n, task.name).summary() for n in recipes},
+        "epoch_budgets": {n: cfg.epochs_of(cfg.recipe(n, task.name), task) for n in recipes},
         "train_subset": cfg.train_subset,
         "val_subset": cfg.val_subset,
         "model_kwargs": cfg.model_kwargs,
         "data_path": cfg.data_path,
         "cache": cfg.cache,
+        "stop_at_target": cfg.stop_at_target,
+        "accelerator": cfg.accelerator,
+        "precision": cfg.precision,
         "environment": env,
     }
