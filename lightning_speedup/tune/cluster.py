@@ -66,6 +66,91 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _host_port(address: str) -> tuple[str, str] | None:
+    """``(host, port)`` of a ``host:port`` address (``[::1]:6379`` too); ``None`` for anything else
+    (``ray://host:port`` is Ray Client's server, not the cluster's GCS)."""
+    if "://" in address:
+        return None
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    return (host, port) if sep and host and port.isdigit() else None
+
+
+def _same_host(a: str, b: str) -> bool | None:
+    """Whether two host names or IPs name the same host; ``None`` when a name cannot be resolved."""
+    import socket
+
+    def ip(host: str) -> str:
+        return "127.0.0.1" if host in _LOCAL_HOSTS else socket.gethostbyname(host)
+
+    if a == b:
+        return True
+    try:
+        return ip(a) == ip(b)
+    except OSError:
+        return None
+
+
+# The address init_ray joined each cluster with, by the cluster's GCS address: the cluster may know
+# itself by another (a tunnel, a public IP in front of a private one).
+_JOINED_WITH: dict[str, str] = {}
+
+_RECONNECT_HINT = "Call ray.shutdown() first to leave it (its tasks stop), then call again."
+
+
+def _check_address(address: str, connected: str) -> None:
+    """Raise when ``address`` names another cluster than the connected one at ``connected``; warn when
+    that cannot be told (the address is then ignored)."""
+    if address == "auto" or _JOINED_WITH.get(connected) == address:
+        return
+    wanted, have = _host_port(address), _host_port(connected)
+    if wanted is not None and have is not None and wanted[1] != have[1]:
+        raise ValueError(
+            f"address={address!r}, but this process is already connected to the Ray cluster at {connected}; "
+            f"a process is connected to one cluster at a time. {_RECONNECT_HINT} Or leave address out to use "
+            "the connected cluster."
+        )
+    if wanted is not None and have is not None and _same_host(wanted[0], have[0]):
+        return
+    # "ray://..." (Ray Client), "local" (a new cluster), or the same port on a host known by another
+    # name or address (another network interface, a NAT): no reliable answer.
+    log.warning(
+        "address=%r is ignored: this process is already connected to the Ray cluster at %s and keeps using "
+        "it. If that is another cluster: %s",
+        address, connected, _RECONNECT_HINT,
+    )  # fmt: skip
+
+
+def _check_connected(address: str | None, num_cpus: int | None, num_gpus: int | None, connected: str) -> None:
+    """Raise when ``address``, ``num_cpus`` or ``num_gpus`` ask for another cluster than the one this
+    process is connected to (at ``connected``); warn when that cannot be told. The same values pass."""
+    if address is not None:
+        _check_address(address, connected)
+    if num_cpus is None and num_gpus is None:
+        return
+    total = ray.cluster_resources()
+    asked = {"num_cpus": ("CPU", num_cpus), "num_gpus": ("GPU", num_gpus)}
+    differ = [
+        f"{arg}={value} (it has {total.get(key, 0.0):g})"
+        for arg, (key, value) in asked.items()
+        if value is not None and not math.isclose(float(value), float(total.get(key, 0.0)))
+    ]
+    if differ:
+        raise ValueError(
+            f"{' and '.join(differ)}, but this process is already connected to a Ray cluster ({connected}) "
+            f"and num_cpus/num_gpus only size a new local cluster. {_RECONNECT_HINT} Or leave them out to "
+            "use the connected cluster."
+        )
+
+
+def _check_no_size_with_address(address: str | None, num_cpus: int | None, num_gpus: int | None) -> None:
+    if address is not None and (num_cpus is not None or num_gpus is not None):
+        raise ValueError(
+            "num_cpus/num_gpus size a new local cluster; an existing cluster at "
+            f"address={address!r} brings its own. Leave them out or drop the address."
+        )
+
+
 def init_ray(
     address: str | None = None,
     num_cpus: int | None = None,
@@ -74,27 +159,35 @@ def init_ray(
 ) -> str:
     """Connect to a Ray cluster, starting a local one when needed; return the cluster's GCS address.
 
-    Reuses the cluster this process is already connected to. Otherwise, with ``address`` (or the
-    ``RAY_ADDRESS`` environment variable) it joins that cluster; without, it starts a local one with
-    ``num_cpus`` (default: the CPUs this process may use) and ``num_gpus`` (default: the visible CUDA
-    devices), no dashboard, and every Ray process bound to 127.0.0.1. ``init_kwargs`` go to ``ray.init``.
+    Reuses the cluster this process is already connected to (``init_kwargs`` then do nothing). Otherwise,
+    with ``address`` (or the ``RAY_ADDRESS`` environment variable) it joins that cluster; without, it
+    starts a local one with ``num_cpus`` (default: the CPUs this process may use) and ``num_gpus``
+    (default: the visible CUDA devices), no dashboard, and every Ray process bound to 127.0.0.1.
+    ``init_kwargs`` go to ``ray.init``.
+
+    Raises:
+        ValueError: ``address`` together with ``num_cpus``/``num_gpus``; or, while this process is
+            connected to a cluster, an ``address`` of another cluster or ``num_cpus``/``num_gpus`` other
+            than the connected cluster's, e.g. an address on another port (call ``ray.shutdown()``
+            first). The same values again pass; an address that cannot be compared (``ray://...``, the
+            same port on a host of another name) is ignored with a warning.
     """
     if ray.is_initialized():
-        return str(ray.get_runtime_context().gcs_address)
+        connected = str(ray.get_runtime_context().gcs_address)
+        _check_no_size_with_address(address, num_cpus, num_gpus)
+        _check_connected(address, num_cpus, num_gpus, connected)
+        return connected
     address = address or os.environ.get("RAY_ADDRESS") or None
     init_kwargs.setdefault("include_dashboard", False)
+    _check_no_size_with_address(address, num_cpus, num_gpus)
     if address is not None:
-        if num_cpus is not None or num_gpus is not None:
-            raise ValueError(
-                "num_cpus/num_gpus size a new local cluster; an existing cluster at "
-                f"address={address!r} brings its own. Leave them out or drop the address."
-            )
         host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
         if host in _LOCAL_HOSTS:
             with _bind_to_localhost():
                 ray.init(address=address, **init_kwargs)
         else:
             ray.init(address=address, **init_kwargs)
+        _JOINED_WITH[str(ray.get_runtime_context().gcs_address)] = address
     else:
         if num_gpus is None:
             import torch

@@ -38,6 +38,14 @@ class TimeToTargetObjective:
     The sweep minimises the reported key ``"time_to_target_s"``; every report also carries
     ``"reached_target"`` (0/1) and ``"projected_total_s"``.
 
+    The clock starts when the Trainer sets up ``fit`` (the callbacks' ``setup``, after the datamodule's),
+    so it includes the module's setup, the sanity check, the data loaders' start and the first steps'
+    one-time costs; time spent reporting to Tune and saving checkpoints is left out. Ray reuses a worker
+    for several trials, and costs paid once per process (CUDA context, cuDNN autotuning, compiled
+    kernels, thread pools) fall on the first trial each worker runs: with short trials that can be
+    several times a later trial's own time, and the searcher sees it as that configuration's. Make trials
+    long enough for such costs to be small, or read the times of the first trials with that in mind.
+
     Raises:
         ValueError: empty metric, ``mode`` not in {"max", "min"}, a zero or non-finite target, or
             ``penalty < 1``.

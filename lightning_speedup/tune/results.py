@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,11 +59,18 @@ def _grid_trials(grid: ResultGrid) -> list[Any]:
     return list(getattr(analysis, "trials", None) or [])
 
 
-def _trial_statuses(grid: ResultGrid) -> dict[str, str]:
+def _trial_statuses(grid: ResultGrid, interrupted: Collection[str] = ()) -> dict[str, str]:
     """Each trial's state: ``finished`` (ran to its end or was stopped by the scheduler or the
-    objective), ``error``, or ``unfinished`` (pending or running when the sweep stopped)."""
+    objective), ``error``, or ``unfinished`` (pending or running when the sweep stopped).
+
+    Ray marks a trial ``TERMINATED`` both when it ended and when an interrupted sweep (Ctrl+C) stopped it
+    while it ran; ``interrupted`` names the second kind (the sweep's monitor saw them start and not end).
+    """
     names = {"TERMINATED": "finished", "ERROR": "error"}
-    return {t.trial_id: names.get(t.status, "unfinished") for t in _grid_trials(grid)}
+    return {
+        t.trial_id: "unfinished" if t.trial_id in interrupted else names.get(t.status, "unfinished")
+        for t in _grid_trials(grid)
+    }
 
 
 def _creation_index(experiment_tag: Any) -> int | None:
@@ -103,8 +110,11 @@ class TuneResults:
         reached_target: with an objective, whether any trial reached the target; otherwise ``None``.
         metric / mode: what the sweep optimised.
         path: the sweep's directory (``storage_path/name``); pass the same name with ``resume=True``.
+        interrupted: ids of the trials that an interrupted sweep stopped while they ran (Ray marks them
+            ``TERMINATED`` like finished ones); they count as ``unfinished``.
         complete: ``False`` when the sweep stopped before all its trials (``num_samples`` per grid
-            point) finished, e.g. it was interrupted; resume it with ``resume=True``.
+            point) finished, e.g. it was interrupted (Ctrl+C), also while its last trials ran; resume it
+            with ``resume=True``.
         result_grid: Ray Tune's ``ResultGrid``.
     """
 
@@ -115,6 +125,7 @@ class TuneResults:
     searched: list[str]
     objective: TimeToTargetObjective | None = None
     path: str = ""
+    interrupted: Collection[str] = ()
     best_config: dict[str, Any] | None = field(init=False, default=None)
     best_metric: float | None = field(init=False, default=None)
     best_trial_id: str | None = field(init=False, default=None)
@@ -123,9 +134,8 @@ class TuneResults:
     complete: bool = field(init=False, default=True)
 
     def __post_init__(self) -> None:
-        finished = self.result_grid.num_terminated + self.result_grid.num_errors
-        self.complete = finished >= self.num_trials
-        self._statuses = _trial_statuses(self.result_grid)
+        self._statuses = _trial_statuses(self.result_grid, frozenset(self.interrupted))
+        self.complete = self.num_ended >= self.num_trials
         created = _creation_indices(self.result_grid)
         self._histories: dict[str, pd.DataFrame] = {}
         self._results: dict[str, Any] = {}
@@ -201,6 +211,13 @@ class TuneResults:
         self.best_trial_id, self.best_metric = trial_id, value
         self.best_config = dict(result.config or {})
         self.best_checkpoint = result.checkpoint
+
+    @property
+    def num_ended(self) -> int:
+        """Trials that finished or failed (not those an interrupted sweep stopped while they ran)."""
+        if not self._statuses:  # no trial states from Ray: count its own (an interrupted trial counts)
+            return self.result_grid.num_terminated + self.result_grid.num_errors
+        return sum(status != "unfinished" for status in self._statuses.values())
 
     @property
     def best_checkpoint_path(self) -> str | None:

@@ -15,6 +15,7 @@ Both model-based searchers start with ``n_initial`` random trials. ``"asha"`` is
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,8 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 
 from lightning_speedup.tune.callback import BUDGET_KEY
 from lightning_speedup.tune.space import SEARCHERS
+
+log = logging.getLogger(__name__)
 
 SCHEDULERS = ("asha", None)
 
@@ -59,6 +62,54 @@ def check_searcher_dependencies(searcher: Any) -> None:
                 "searcher='bayes' uses Optuna's GPSampler, which needs scipy: pip install scipy (or "
                 "pip install 'lightning-speedup[tune]'). searcher='tpe' and 'random' work without it."
             ) from err
+
+
+def check_searcher_settings(
+    searcher: str | Searcher,
+    num_samples: int,
+    n_initial: int | None,
+    seed: int | None,
+    max_concurrent: int | None,
+) -> None:
+    """Warn about a setting the searcher does nothing with, raise for one that contradicts it.
+
+    Raises:
+        ValueError: ``max_concurrent`` differs from that of a ``ConcurrencyLimiter`` passed as the searcher.
+    """
+    instance = type(searcher).__name__ if isinstance(searcher, Searcher) else None
+    limit = searcher.max_concurrent if isinstance(searcher, ConcurrencyLimiter) else None
+    if limit is not None and max_concurrent is not None and max_concurrent != limit:
+        raise ValueError(
+            f"max_concurrent={max_concurrent}, but the searcher is a ConcurrencyLimiter with "
+            f"max_concurrent={limit}, which decides. Leave max_concurrent out, or pass the searcher "
+            "without the limiter (tune_lightning wraps a Searcher in one with max_concurrent)."
+        )
+    if n_initial is not None and (instance or searcher == "random"):
+        where = (
+            f"a Searcher instance ({instance}): set its random start where you create it"
+            if instance
+            else "searcher='random'"
+        )
+        log.warning(
+            "n_initial=%d does nothing with %s. It sets how many random trials searcher='bayes' or 'tpe' "
+            "run before their model is used.",
+            n_initial, where,
+        )  # fmt: skip
+    if searcher in ("bayes", "tpe"):
+        n = n_initial if n_initial is not None else default_n_initial(num_samples)
+        if n >= num_samples:
+            log.warning(
+                "searcher=%r with %s=%d and num_samples=%d: all %d trials are random, the model is never used. "
+                "Lower n_initial below num_samples, raise num_samples, or use searcher='random'.",
+                searcher, "n_initial" if n_initial is not None else "the default n_initial", n,
+                num_samples, num_samples,
+            )  # fmt: skip
+    if seed is not None and instance:
+        log.warning(
+            "seed=%d seeds every trial but not the searcher instance (%s), which draws from its own random "
+            "state: seed it where you create it, e.g. OptunaSearch(sampler=optuna.samplers.TPESampler(seed=...)).",
+            seed, instance,
+        )  # fmt: skip
 
 
 def default_n_initial(num_samples: int) -> int:
@@ -120,18 +171,27 @@ ASHA_GRACE = 1 / 16
 ASHA_REDUCTION = 4
 
 
+def has_step_budget(trainer_kwargs: Mapping[str, Any]) -> bool:
+    """Whether ``trainer_kwargs`` bound a trial's steps: ``max_epochs`` or ``max_steps`` is a positive int.
+
+    Lightning's ``-1`` ("no limit") bounds nothing, nor does leaving both out (Lightning's default of 1000
+    epochs is not a budget the user chose).
+    """
+
+    def positive(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    return positive(trainer_kwargs.get("max_epochs")) or positive(trainer_kwargs.get("max_steps"))
+
+
 def check_asha_budget(trainer_kwargs: Mapping[str, Any]) -> None:
     """Raise unless ``trainer_kwargs`` bound a trial's steps (``max_epochs`` or ``max_steps``).
 
     Raises:
         ValueError: neither is a positive int (ASHA places its rungs on fractions of the step budget).
     """
-
-    def positive(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
     max_epochs, max_steps = trainer_kwargs.get("max_epochs"), trainer_kwargs.get("max_steps")
-    if not (positive(max_epochs) or positive(max_steps)):
+    if not has_step_budget(trainer_kwargs):
         raise ValueError(
             "scheduler='asha' places its rungs on fractions of a trial's step budget, so it needs "
             f"trainer_kwargs['max_epochs'] or trainer_kwargs['max_steps'] as a positive int (got "

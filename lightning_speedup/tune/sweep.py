@@ -36,8 +36,10 @@ from lightning_speedup.tune.searchers import (
     check_scheduler,
     check_searcher,
     check_searcher_dependencies,
+    check_searcher_settings,
     default_concurrency,
     default_n_initial,
+    has_step_budget,
     make_scheduler,
     make_searcher,
 )
@@ -61,6 +63,9 @@ DEFAULT_STORAGE = "~/ray_results"
 # the monitor callback: Ray pickles run callbacks into the sweep's state and restores copies on resume.
 _ABORTS: dict[str, MetricNotReportedError] = {}
 _ABORTS_LOCK = threading.Lock()
+# The trials that started and have not ended (finished, stopped or failed) in this run of a sweep, by
+# experiment path (a module global for the same reason): once the sweep returns, those an interrupt stopped.
+_RUNNING: dict[str, set[str]] = {}
 
 
 class SweepAbortedError(RuntimeError):
@@ -71,12 +76,28 @@ class _SweepMonitor(TuneCallback):
     """Ends the sweep at the first trial that did not log the tuned metric: every other trial would too.
     A trial that never validated ends it too while no trial has reported; once one has, only that trial
     fails (its configuration kept it from validating, e.g. a ``max_time`` it could not validate within).
+
+    Also keeps the trials that run: Ray calls ``on_trial_complete`` when a trial's function returns or the
+    scheduler stops it, but not for the trials it stops when the sweep is interrupted (Ctrl+C), which it
+    marks ``TERMINATED`` like the others (checked against Ray 2.60).
     """
 
     def __init__(self, experiment_path: str) -> None:
         self.experiment_path = experiment_path
 
+    def _ended(self, trial: Any) -> None:
+        with _ABORTS_LOCK:
+            _RUNNING.setdefault(self.experiment_path, set()).discard(str(trial.trial_id))
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        with _ABORTS_LOCK:
+            _RUNNING.setdefault(self.experiment_path, set()).add(str(trial.trial_id))
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._ended(trial)
+
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._ended(trial)
         cause = getattr(_trial_exception(trial), "cause", None)
         if not isinstance(cause, MetricNotReportedError):
             return
@@ -255,7 +276,8 @@ def tune_lightning(
             ``devices``, ``num_nodes``: the resources decide those; nor a strategy that starts processes,
             such as ``"ddp_spawn"``). Trials default to no logger, no progress bar, no model summary and
             no Lightning checkpoints; a ``ModelCheckpoint`` in ``callbacks`` (one Callback or a list)
-            turns checkpointing on.
+            turns checkpointing on, a ``LearningRateMonitor`` or ``DeviceStatsMonitor`` Lightning's
+            default logger (in the trial's folder).
         objective: :class:`TimeToTargetObjective` to tune for the fastest time to a quality target instead.
         storage_path: where sweeps are stored (default ``~/ray_results``; a URI such as ``s3://...`` or
             ``file://...`` works too, settings check included). The sweep lives in ``storage_path/name``.
@@ -268,7 +290,8 @@ def tune_lightning(
         n_initial: random trials before ``"bayes"``/``"tpe"`` model anything (default ``num_samples // 4``
             clipped to 2..10).
         address: Ray cluster to join (``"ray://host:10001"``, ``"host:6379"``); default: the one this
-            process is connected to, ``RAY_ADDRESS``, or a new local cluster.
+            process is connected to, ``RAY_ADDRESS``, or a new local cluster. While this process is
+            connected to another cluster, an error says to call ``ray.shutdown()`` first.
         checkpoint: keep each trial's best weights (weights-only, one per trial).
         tune_callbacks: extra ``ray.tune.Callback`` objects (loggers, ...). Ray stores them with the
             sweep: a resumed sweep uses those it was started with.
@@ -284,7 +307,8 @@ def tune_lightning(
             ``Searcher`` instance); metric/mode missing or given together with ``objective``; bad counts,
             seed or trainer arguments (including a process-starting strategy, or arguments with which no
             validation runs); a sweep of this name exists and ``resume`` is False; resumed settings differ
-            from the saved ones (a constant of the search space added or removed included).
+            from the saved ones (a constant of the search space added or removed included); ``address``
+            names another cluster than the one this process is connected to.
         InsufficientResourcesError: no node of the cluster can host ``resources_per_trial``.
         MetricNotReportedError: the first trial finished a validation without logging the tuned
             metric (the message lists the metrics it did log); the sweep stops there. Its subclass
@@ -300,7 +324,7 @@ def tune_lightning(
         verbose=verbose,
     )  # fmt: skip
     tuner = _build_tuner(request)
-    return _collect_results(request, _fit(tuner, request))
+    return _collect_results(request, *_fit(tuner, request))
 
 
 @dataclass(frozen=True)
@@ -418,16 +442,18 @@ def _validate_request(
     check_int("n_initial", n_initial, 1, allow_none=True)
     check_int("seed", seed, 0, allow_none=True)
     check_int("verbose", verbose, 0)
+    check_searcher_settings(searcher, num_samples, n_initial, seed, max_concurrent)
     request = normalize_resources(resources_per_trial)
     checked_kwargs = check_trainer_kwargs(trainer_kwargs, request["GPU"])
-    if (
-        objective is not None
-        and checked_kwargs.get("max_epochs") is None
-        and checked_kwargs.get("max_steps") is None
-    ):
+    if objective is not None and not has_step_budget(checked_kwargs):
+        # A trial that misses the target would train for ever (max_epochs=-1), and its penalty is
+        # projected from the fraction of its step budget done.
         raise ValueError(
-            "objective=TimeToTargetObjective needs a finite step budget to project a trial's full run "
-            "time: set trainer_kwargs['max_epochs'] or trainer_kwargs['max_steps']."
+            "objective=TimeToTargetObjective needs a finite step budget, to end a trial that misses the "
+            "target and to project its full run time: set trainer_kwargs['max_epochs'] or "
+            "trainer_kwargs['max_steps'] to a positive int (got max_epochs="
+            f"{checked_kwargs.get('max_epochs')!r}, max_steps={checked_kwargs.get('max_steps')!r}; -1 is "
+            "Lightning's 'no limit')."
         )
     scheduler_obj = make_scheduler(scheduler, checked_kwargs)
     if name is not None and (not isinstance(name, str) or not name or "/" in name or name in (".", "..")):
@@ -511,6 +537,7 @@ def _build_tuner(req: _SweepRequest) -> tune.Tuner:
         )
     with _ABORTS_LOCK:
         _ABORTS.pop(experiment_path, None)
+        _RUNNING.pop(experiment_path, None)
     if exists:
         _check_resume_settings(experiment_path, req.settings())
         tuner = _restore(experiment_path, trainable, req.search_space)
@@ -547,9 +574,10 @@ def _build_tuner(req: _SweepRequest) -> tune.Tuner:
     )
 
 
-def _fit(tuner: tune.Tuner, req: _SweepRequest) -> ResultGrid:
-    """Run the sweep; a trial that did not log the tuned metric ends it with ``MetricNotReportedError``
-    (``NoValidationError`` for one that never validated, while no trial has reported)."""
+def _fit(tuner: tune.Tuner, req: _SweepRequest) -> tuple[ResultGrid, set[str]]:
+    """Run the sweep; return its grid and the trials an interruption stopped while they ran. A trial that
+    did not log the tuned metric ends it with ``MetricNotReportedError`` (``NoValidationError`` for one
+    that never validated, while no trial has reported)."""
     experiment_path = req.experiment_path
     try:
         with _quiet_forced_snapshots(), _quiet_ray(req.verbose):
@@ -557,17 +585,19 @@ def _fit(tuner: tune.Tuner, req: _SweepRequest) -> ResultGrid:
     except Exception:
         with _ABORTS_LOCK:
             aborted = _ABORTS.pop(experiment_path, None)
+            _RUNNING.pop(experiment_path, None)
         if aborted is not None:
             raise type(aborted)(str(aborted)) from None
         raise
     with _ABORTS_LOCK:
         aborted = _ABORTS.pop(experiment_path, None)
+        interrupted = _RUNNING.pop(experiment_path, set())
     if aborted is not None:
         raise type(aborted)(str(aborted))
-    return grid
+    return grid, interrupted
 
 
-def _collect_results(req: _SweepRequest, grid: ResultGrid) -> TuneResults:
+def _collect_results(req: _SweepRequest, grid: ResultGrid, interrupted: set[str]) -> TuneResults:
     """Wrap the finished grid; raise if every trial failed, warn about failures and an unfinished sweep."""
     expected = req.num_samples * grid_size(req.search_space)
     results = TuneResults(
@@ -578,6 +608,7 @@ def _collect_results(req: _SweepRequest, grid: ResultGrid) -> TuneResults:
         searched=req.searched,
         objective=req.objective,
         path=req.experiment_path,
+        interrupted=interrupted,
     )
     errors = results.errors
     if errors and len(errors) == len(grid):
@@ -590,7 +621,7 @@ def _collect_results(req: _SweepRequest, grid: ResultGrid) -> TuneResults:
         log.warning(
             "The sweep stopped before its %d trials finished (%d did). Continue it with "
             "tune_lightning(..., storage_path=%r, name=%r, resume=True).",
-            expected, grid.num_terminated + grid.num_errors, req.storage, req.name,
+            expected, results.num_ended, req.storage, req.name,
         )  # fmt: skip
     return results
 

@@ -5,7 +5,9 @@ assigned (Ray exports it as the only visible CUDA device, so ``devices=1`` is th
 fractional request such as ``{"gpu": 0.25}``), or the CPU with as many torch threads as CPUs reserved.
 Defaults keep trials quiet and light: no logger (Tune records every reported metric), no progress bar,
 no model summary, no Lightning checkpoints (the report callback keeps the best weights); a
-``ModelCheckpoint`` or progress-bar callback of the user's turns its feature back on.
+``ModelCheckpoint`` or progress-bar callback of the user's turns its feature back on, and a
+``LearningRateMonitor`` or ``DeviceStatsMonitor`` (which log through the Trainer's logger) Lightning's
+default logger, which writes under the trial's folder.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch import Callback
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ModelCheckpoint, ProgressBar
 
 from lightning_speedup.tune.callback import NO_VALIDATION_CAUSES, NoValidationError, TuneReportCallback
 from lightning_speedup.tune.objective import TimeToTargetObjective
@@ -40,8 +42,14 @@ TRIAL_DEFAULTS: dict[str, Any] = {
 }
 
 
-# Trial defaults that a callback of the user's turns back on (Lightning refuses the callback otherwise).
-_ENABLED_BY = {"enable_checkpointing": ModelCheckpoint, "enable_progress_bar": ProgressBar}
+# Trial defaults that a callback of the user's turns back on (Lightning refuses the callback otherwise): the
+# monitors log through the Trainer's logger, and logger=True is Lightning's default one (TensorBoard, or CSV
+# without it) under the trial's folder.
+_ENABLED_BY: dict[str, type[Callback] | tuple[type[Callback], ...]] = {
+    "enable_checkpointing": ModelCheckpoint,
+    "enable_progress_bar": ProgressBar,
+    "logger": (LearningRateMonitor, DeviceStatsMonitor),
+}
 # Start methods of Lightning's launchers that run training in processes they start.
 _SPAWNING_START_METHODS = ("spawn", "fork", "forkserver")
 
@@ -246,8 +254,9 @@ def make_trainer(
     """The trial's Trainer: quiet defaults, the user's arguments, the placement, then the callbacks
     (``trainer_kwargs``'s, the trial's own, and the report callback last).
 
-    A ``ModelCheckpoint`` (or progress bar) among the callbacks turns Lightning checkpointing (or the
-    progress bar) on, unless ``trainer_kwargs`` sets it explicitly."""
+    A ``ModelCheckpoint`` (or progress bar, or ``LearningRateMonitor``/``DeviceStatsMonitor``) among the
+    callbacks turns Lightning checkpointing (or the progress bar, or Lightning's default logger, under
+    ``root_dir``) on, unless ``trainer_kwargs`` sets it explicitly."""
     user = copy.deepcopy(dict(trainer_kwargs))
     callbacks = [
         *as_callback_list(user.pop("callbacks", None), "trainer_kwargs['callbacks']"),

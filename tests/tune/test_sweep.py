@@ -57,6 +57,43 @@ def test_local_cluster_listens_on_localhost_only(ray_cluster: str) -> None:
     assert ray.cluster_resources()["CPU"] == 2
 
 
+def test_init_ray_while_connected_refuses_another_cluster_and_passes_the_same_one_again(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An address or size of another cluster was ignored: the sweep ran on the connected cluster."""
+    port = ray_cluster.rsplit(":", 1)[1]
+    # A notebook re-runs its cells: nothing, or the same cluster again, keeps the connection.
+    for kwargs in (
+        {},
+        {"num_cpus": 2},
+        {"num_gpus": 0},
+        {"address": ray_cluster},
+        {"address": f"localhost:{port}"},
+    ):
+        assert init_ray(**kwargs) == ray_cluster, kwargs
+    with pytest.raises(
+        ValueError, match=r"num_cpus=4 \(it has 2\), but this process is already connected.*ray\.shutdown\(\)"
+    ):
+        init_ray(num_cpus=4)
+    with pytest.raises(ValueError, match=r"num_gpus=1 \(it has 0\)"):
+        init_ray(num_gpus=1)
+    with pytest.raises(ValueError, match=r"num_cpus/num_gpus size a new local cluster"):
+        init_ray(address=ray_cluster, num_cpus=2)
+    space = {"lr": tune.loguniform(1e-4, 1e-2), "data_dir": str(fashion_mnist_dir)}
+    with pytest.raises(
+        ValueError, match=r"address='10\.255\.255\.1:6379', but .*already connected.*ray\.shutdown\(\)"
+    ):
+        tune_lightning(
+            build_mlp, space, "val_acc", "max", 1, scheduler=None, address="10.255.255.1:6379",
+            trainer_kwargs={"max_epochs": 1}, storage_path=tmp_path, name="elsewhere", **QUIET,
+        )  # fmt: skip
+    assert not (tmp_path / "elsewhere").exists()
+    with caplog.at_level("WARNING", logger="lightning_speedup.tune"):
+        assert init_ray(address="ray://10.255.255.1:10001") == ray_cluster
+    assert "address='ray://10.255.255.1:10001' is ignored" in caplog.text and "ray.shutdown()" in caplog.text
+    assert ray.get_runtime_context().gcs_address == ray_cluster
+
+
 @pytest.mark.parametrize("searcher", ["bayes", "tpe", "random"])
 def test_four_trial_sweep_finds_best_reported_config(
     ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path, searcher: str
@@ -186,6 +223,48 @@ def _interrupted_sweep(
     done = first.dataframe().query("status == 'finished'")
     assert len(done) == finished
     return first, done
+
+
+class _InterruptAtReport(tune.Callback):
+    """Sends this process SIGINT (as Ctrl+C does) at the first report of the ``n``-th trial, which then runs."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.started, self.sent = n, 0, False
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.started += 1
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        if self.started >= self.n and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_while_the_last_trial_runs_leaves_the_sweep_incomplete_with_the_resume_call(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl+C while the last trial runs: Ray stops it and marks it TERMINATED, as it marks a trial that
+    ran to its end, so the results called it finished and the sweep complete (no resume call given),
+    although it had done one of its two epochs."""
+    space = {
+        "lr": tune.loguniform(1e-4, 3e-2),
+        "data_dir": str(fashion_mnist_dir),
+        "n_train": 512,
+        "n_val": 256,
+    }
+    with caplog.at_level("WARNING", logger="lightning_speedup.tune"):
+        results = tune_lightning(
+            build_mlp, space, "val_acc", "max", 2, searcher="random", scheduler=None, seed=0, max_concurrent=1,
+            trainer_kwargs={"max_epochs": 2}, storage_path=tmp_path, name="ctrl_c",
+            tune_callbacks=[_InterruptAtReport(2)], **QUIET,
+        )  # fmt: skip
+    df = results.dataframe()
+    assert df["status"].tolist() == ["finished", "unfinished"] and df["iterations"].tolist() == [2, 1]
+    assert not results.complete and "INCOMPLETE" in repr(results)
+    assert (
+        f"(1 did). Continue it with tune_lightning(..., storage_path={str(tmp_path)!r}, name='ctrl_c', resume=True)"
+        in caplog.text
+    )
 
 
 def test_resume_after_interrupt_does_not_rerun_finished_trials(
@@ -357,6 +436,28 @@ def test_a_single_model_checkpoint_callback_keeps_lightning_checkpoints_and_verb
     printed = capfd.readouterr()
     for line in ("Configuration for experiment", "View detailed results", "Wrote the latest version"):
         assert line not in printed.out + printed.err
+
+
+def test_a_learning_rate_monitor_gets_a_logger_in_the_trials_folder(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    """Trials default to logger=False, which Lightning refuses for a LearningRateMonitor: every trial failed."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    space = {
+        "lr": tune.loguniform(1e-4, 1e-2),
+        "data_dir": str(fashion_mnist_dir),
+        "n_train": 512,
+        "n_val": 256,
+    }
+    results = tune_lightning(
+        build_mlp, space, "val_acc", "max", 1, searcher="random", scheduler=None,
+        trainer_kwargs={"max_epochs": 1, "log_every_n_steps": 1, "callbacks": [LearningRateMonitor()]},
+        storage_path=tmp_path, name="lr_monitor", **QUIET,
+    )  # fmt: skip
+    assert results.complete and not results.errors and results.best_metric is not None
+    trial_dir = tmp_path / "lr_monitor" / f"trial_{results.best_trial_id}"
+    assert list(trial_dir.glob("lightning_logs/version_0/*")), "the logger writes under the trial's folder"
 
 
 def test_metric_no_trial_reports_stops_the_sweep_and_lists_logged_keys(

@@ -4,18 +4,20 @@ and the searchers' reproducibility (driven through Ray's Searcher interface, as 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
 pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'lightning-speedup[tune]'")
 import ray
 import torch
 from ray import tune
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from lightning_speedup.tune import (
@@ -27,7 +29,12 @@ from lightning_speedup.tune import (
     validate_search_space,
 )
 from lightning_speedup.tune.callback import BUDGET_KEY, CHECKPOINT_FILE
-from lightning_speedup.tune.searchers import default_concurrency, make_scheduler, make_searcher
+from lightning_speedup.tune.searchers import (
+    check_searcher_settings,
+    default_concurrency,
+    make_scheduler,
+    make_searcher,
+)
 from lightning_speedup.tune.space import (
     constant_paths,
     describe_search_space,
@@ -88,8 +95,12 @@ def _noop_build(config: dict[str, Any]) -> Any:
          r"callbacks'\] must hold Lightning Callbacks, got str"),
         ({"trainer_kwargs": {"max_epochs": 2, "enable_checkpointing": False, "callbacks": ModelCheckpoint()}},
          ValueError, "enable_checkpointing=False and a ModelCheckpoint"),
+        ({"trainer_kwargs": {"max_epochs": 2, "logger": False, "callbacks": [LearningRateMonitor()]}},
+         ValueError, r"logger=False and a LearningRateMonitor.*Remove logger=False"),
         ({"searcher": OptunaSearch(), "search_space": {"lr": tune.grid_search([1e-3, 1e-2])}}, ValueError,
          r"'lr'.*grid_search.*Searcher instance \(OptunaSearch\)"),
+        ({"searcher": ConcurrencyLimiter(OptunaSearch(), max_concurrent=2), "max_concurrent": 3}, ValueError,
+         r"max_concurrent=3, but the searcher is a ConcurrencyLimiter with max_concurrent=2"),
         ({"resources_per_trial": {"gpu": 2}}, ValueError, "one device"),
         ({"resources_per_trial": {"cpu": -1}}, ValueError, ">= 0"),
         ({"resume": True}, ValueError, "resume=True needs the name"),
@@ -110,6 +121,23 @@ def test_bad_input_is_rejected_before_ray_starts(kwargs: dict[str, Any], error: 
 def test_objective_needs_a_step_budget() -> None:
     with pytest.raises(ValueError, match=r"max_epochs.*max_steps"):
         tune_lightning(_noop_build, SPACE, objective=TimeToTargetObjective(), scheduler=None)
+
+
+@pytest.mark.parametrize(
+    "trainer_kwargs",
+    [{"max_epochs": -1}, {"max_steps": -1}, {"max_epochs": -1, "max_steps": -1}, {"max_epochs": 0}],
+)
+def test_objective_refuses_an_unlimited_step_budget(trainer_kwargs: dict[str, Any]) -> None:
+    """Lightning's -1 means no limit: a trial that never reached the target never ended."""
+    with pytest.raises(ValueError, match=r"finite step budget.*positive int.*-1 is Lightning's 'no limit'"):
+        tune_lightning(
+            _noop_build,
+            SPACE,
+            objective=TimeToTargetObjective(),
+            scheduler=None,
+            trainer_kwargs=trainer_kwargs,
+        )
+    assert not ray.is_initialized()
 
 
 def test_validate_search_space_returns_searched_names() -> None:
@@ -152,6 +180,37 @@ def test_asha_rungs_are_fractions_of_the_step_budget(trainer_kwargs: dict[str, A
     asha = make_scheduler("asha", trainer_kwargs)
     assert asha._time_attr == BUDGET_KEY and asha._max_t == 1.0
     assert [milestone for milestone, _ in asha._brackets[0]._rungs if milestone < 1] == [0.25, 0.0625]
+
+
+@pytest.mark.parametrize(
+    ("searcher", "kwargs", "warned"),
+    [
+        ("random", {"n_initial": 3}, r"n_initial=3 does nothing with searcher='random'"),
+        (OptunaSearch(), {"n_initial": 3}, r"n_initial=3 does nothing with a Searcher instance \(OptunaSearch\)"),
+        ("bayes", {"n_initial": 8}, r"searcher='bayes' with n_initial=8 and num_samples=8: all 8 trials are random"),
+        ("tpe", {"num_samples": 2}, r"searcher='tpe' with the default n_initial=2 and num_samples=2: all 2 trials"),
+        (OptunaSearch(), {"seed": 1}, r"seed=1 seeds every trial but not the searcher instance \(OptunaSearch\)"),
+        ("bayes", {"n_initial": 7, "seed": 1}, None),
+        ("random", {"seed": 1}, None),
+        (ConcurrencyLimiter(OptunaSearch(), max_concurrent=2), {"max_concurrent": 2}, None),
+    ],
+)  # fmt: skip
+def test_searcher_settings_that_do_nothing_are_warned_about(
+    searcher: Any, kwargs: dict[str, Any], warned: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    args: dict[str, Any] = {
+        "num_samples": 8,
+        "n_initial": None,
+        "seed": None,
+        "max_concurrent": None,
+        **kwargs,
+    }
+    with caplog.at_level("WARNING", logger="lightning_speedup.tune"):
+        check_searcher_settings(searcher, **args)
+    if warned is None:
+        assert not caplog.records
+    else:
+        assert len(caplog.records) == 1 and re.search(warned, caplog.text), caplog.text
 
 
 def test_default_concurrency_keeps_bayes_nearly_sequential() -> None:
@@ -391,9 +450,9 @@ def test_build_may_return_per_trial_callbacks(fashion_mnist_dir: Path) -> None:
 
 
 def test_trial_trainer_gets_placement_defaults_and_every_callback(tmp_path: Path) -> None:
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary
+    from lightning.pytorch.callbacks import ModelSummary
 
-    user_cb, trial_cb = ModelSummary(), LearningRateMonitor()
+    user_cb, trial_cb = ModelSummary(), EarlyStopping("val_acc", mode="max")
     report = TuneReportCallback("val_acc", "max", report=_Sink())
     kwargs = {"max_epochs": 2, "callbacks": [user_cb], "enable_progress_bar": True}
     trainer = make_trainer(kwargs, [trial_cb], report, gpus=0, root_dir=str(tmp_path))
@@ -405,7 +464,7 @@ def test_trial_trainer_gets_placement_defaults_and_every_callback(tmp_path: Path
     assert trainer.logger is None and trainer.checkpoint_callback is None  # quiet, light defaults
     assert trainer.progress_bar_callback is not None  # ... that the user's arguments override
     names = [type(cb) for cb in trainer.callbacks]
-    assert names.index(ModelSummary) < names.index(LearningRateMonitor) < names.index(TuneReportCallback)
+    assert names.index(ModelSummary) < names.index(EarlyStopping) < names.index(TuneReportCallback)
     assert trainer.default_root_dir == str(tmp_path)
     assert kwargs["callbacks"] == [user_cb]  # the caller's dict is not consumed
 
