@@ -272,14 +272,16 @@ def _fit(
     tmp_path,
     batches: int | None = None,
     before: tuple[L.Callback, ...] = (),
+    module: type[_LM] | None = None,
     **trainer_kwargs: Any,
 ) -> _LM:
-    """Train a fresh 2-layer GPT for ``max_steps=steps`` on ``batches`` batches an epoch (default ``steps``),
-    with ``before``'s callbacks ahead of ``callback``; ``trainer_kwargs`` override the Trainer's."""
+    """Train a fresh 2-layer GPT (``module``, default ``_LM``) for ``max_steps=steps`` on ``batches`` batches an
+    epoch (default ``steps``), with ``before``'s callbacks ahead of ``callback``; ``trainer_kwargs`` override the
+    Trainer's."""
     torch.manual_seed(0)
     data = torch.randint(0, 11, ((batches or steps) * 2, 9))
     ds = torch.utils.data.TensorDataset(data[:, :-1], data[:, 1:])
-    model = _LM()
+    model = (module or _LM)()
     kwargs: dict[str, Any] = {
         "accelerator": "cpu",
         "max_steps": steps,
@@ -592,20 +594,7 @@ def test_auto_counts_batches_left_under_manual_optimization_with_two_optimizers(
     """max_steps=10 with two optimizer steps a batch ends after 5 batches: 3 measured leave 2, not 4."""
     torch._dynamo.reset()
     cb = Compile(auto=True, backend="eager", measure_steps=2, cache=False)
-    data = torch.randint(0, 11, (20, 9))
-    L.Trainer(
-        callbacks=[cb],
-        accelerator="cpu",
-        max_steps=10,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    ).fit(
-        _TwoOptimizers(),
-        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data[:, :-1], data[:, 1:]), batch_size=2),
-    )
+    _fit(cb, 10, tmp_path, module=_TwoOptimizers)
     assert cb.decision is not None and "2 batches left x" in cb.decision.reason
 
 
@@ -647,23 +636,8 @@ def test_full_scope_warns_when_training_step_bypasses_the_module(tmp_path) -> No
     torch._dynamo.reset()
     cache = tmp_path / "cache"
     cb = Compile(scope="full", backend="eager", measure_steps=1, cache_dir=str(cache))
-    data = torch.randint(0, 11, (8, 9))
     with pytest.warns(UserWarning, match=r"nothing was compiled.*training_step calls self\(\.\.\.\)"):
-        L.Trainer(
-            callbacks=[cb],
-            accelerator="cpu",
-            max_steps=4,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-        ).fit(
-            _CallsNet(),
-            torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(data[:, :-1], data[:, 1:]), batch_size=2
-            ),
-        )
+        _fit(cb, 4, tmp_path, module=_CallsNet)
     assert not list(cache.glob("*.json"))
     torch._dynamo.reset()
 
