@@ -478,19 +478,12 @@ def _ttt_cell(c: dict[str, Any], bold: bool = False) -> str:
 def _dates_and_commits(runs: Sequence[RunResult]) -> str:
     """The days and code versions the runs come from: "2026-12-05, commit abc1234", or, for a bench resumed in a
     later call, "2026-12-05 and 2026-12-06, commits abc1234 (21 runs) and def5678 (36 runs)"."""
-    days = sorted({str(r.environment.get("date", "?"))[:10] for r in runs if r.environment})
-    commits = Counter(str(r.environment.get("git_commit", "?")) for r in runs if r.environment)
+    envs = sorted((r.environment for r in runs if r.environment), key=lambda e: str(e.get("date", "?")))
+    days = sorted({str(e.get("date", "?"))[:10] for e in envs})
+    commits = Counter(str(e.get("git_commit", "?")) for e in envs)  # in order of first use
     if len(commits) == 1:
         return f"{' and '.join(days)}, commit {next(iter(commits))}"
-    order = sorted(
-        commits,
-        key=lambda c: min(
-            str(r.environment.get("date"))
-            for r in runs
-            if r.environment and str(r.environment.get("git_commit", "?")) == c
-        ),
-    )
-    listed = [f"{c} ({commits[c]} runs)" for c in order]
+    listed = [f"{c} ({n} runs)" for c, n in commits.items()]
     return f"{' and '.join(days)}, commits {', '.join(listed[:-1])} and {listed[-1]}"
 
 

@@ -23,11 +23,8 @@ EXIT_TERMINATED = 128 + 15  # what a shell reports for a process ended by SIGTER
 EXIT_INTERRUPTED = 128 + 2  # ... and by SIGINT (Ctrl-C)
 
 # The demo's reduced budget on a CPU: ResNet-9 at a quarter of its width (width 16, 0.4M parameters), 10k
-# training / 2k test images, at most 4 epochs, both recipes in fp32: bf16 autocast, speedup's precision on a GPU,
-# made its run about 4x longer than baseline's on a CPU (485 s against 111 s to target, 10 minutes in all).
-# Measured 2026-12-06 on 2 cores: baseline 2 epochs, speedup (fp32) 3 epochs to target and 1.14x baseline's
-# process time; 9 minutes in all on a machine shared with other work (load about 6), which on 2 idle cores
-# (baseline's process alone: 119 s) comes to about 4-5 minutes.
+# training / 2k test images, at most 4 epochs, both recipes in fp32 (bf16 autocast, speedup's precision on a
+# GPU, is several times slower on a CPU). "minutes" is the time the demo states for 2 idle cores.
 CPU_DEMO = {"train_subset": 10_000, "val_subset": 2_000, "max_epochs": 4, "target": 0.80, "width": 16,
             "precision": "32-true", "minutes": "4-5"}  # fmt: skip
 
@@ -170,10 +167,6 @@ def _bench(args: argparse.Namespace, model_kwargs: dict | None = None, command: 
             "--resume needs --out: the folder of the bench to finish (without --out every bench starts a new "
             "bench-out/TASK-DATE folder). The stopped bench printed its folder; rerun with --resume --out FOLDER."
         )
-    if resume and getattr(args, "overwrite", False):
-        raise ValueError(
-            "--resume keeps the finished runs of --out and --overwrite removes them: pass one of them."
-        )
     out = args.out or Path("bench-out") / f"{args.task}-{datetime.now():%Y%m%d-%H%M%S}"
     if out.exists() and not out.is_dir():
         raise ValueError(
@@ -221,9 +214,9 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         c = CPU_DEMO
         print(
-            f"demo: no GPU, so a reduced budget that takes about {c['minutes']} minutes on 2 idle CPU cores (longer on a "
-            f"busy machine): ResNet-9 at "
-            f"width {c['width']}, {c['train_subset']} training / {c['val_subset']} test images, at most "
+            f"demo: no GPU, so a reduced budget that takes about {c['minutes']} minutes on 2 idle CPU cores "
+            f"(longer on a busy machine): ResNet-9 at width {c['width']}, {c['train_subset']} training / "
+            f"{c['val_subset']} test images, at most "
             f"{c['max_epochs']} epochs, target val_acc {c['target']}. Both recipes run in fp32 ({c['precision']}): "
             "speedup's bf16 autocast is several times slower on a CPU, and its CUDA graphs and fused optimizer act "
             "only on a GPU. Run it on a GPU for the real numbers."
@@ -252,9 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileExistsError, DataError) as err:
         print(f"lightning-speedup: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (
-        KeyboardInterrupt
-    ):  # before the first run or while writing the report; a bench's runs handle their own
+    except KeyboardInterrupt:
+        # before the first run or while writing the report; a bench's runs handle their own
         print("lightning-speedup: interrupted (Ctrl-C)", file=sys.stderr)
         return EXIT_INTERRUPTED
 

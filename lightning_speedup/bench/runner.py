@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -239,7 +240,7 @@ class BenchConfig:
         _check_accelerator_available(self.accelerator)
         if self.train_subset is not None and task.name not in _WHOLE_BATCH_TASKS:
             for name in self.recipes:
-                recipe = get_recipe(name).for_task(task.name)
+                recipe = self.recipe(name, task.name)
                 batch = task.setting(recipe, "batch_size")
                 if recipe.drop_last and self.train_subset < batch:
                     raise ValueError(
@@ -572,14 +573,19 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _echo_until_exit(proc: subprocess.Popen[str], echo: Callable[[str], None]) -> int:
+    """Pass the worker's progress lines through ``echo``; its exit status once it has ended."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        echo(line.rstrip("\n"))
+    return proc.wait()
+
+
 def _drain(proc: subprocess.Popen[str], echo: Callable[[str], None]) -> int:
     """The worker's remaining output, then its exit status; a Ctrl-C meanwhile kills it at once."""
     while True:
         try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                echo(line.rstrip("\n"))
-            return proc.wait()
+            return _echo_until_exit(proc, echo)
         except KeyboardInterrupt:
             proc.kill()
 
@@ -611,10 +617,7 @@ def _run_in_process(
     children.proc = proc
     try:
         try:
-            assert proc.stdout is not None
-            for line in proc.stdout:  # the worker's progress lines, through this process's echo
-                echo(line.rstrip("\n"))
-            rc = proc.wait()
+            rc = _echo_until_exit(proc, echo)
         except KeyboardInterrupt:
             children.stop(signal.SIGINT)
             _drain(proc, echo)
@@ -880,11 +883,7 @@ def _environment_of_runs(meta: dict[str, Any], results: list[RunResult]) -> None
     if len(distinct) > 1:
         meta["environments"] = distinct
     # A resumed bench may be finished by a later checkout: every commit with its number of runs.
-    commits: dict[str, int] = {}
-    for e in envs:
-        commit = str(e.get("git_commit"))
-        commits[commit] = commits.get(commit, 0) + 1
-    meta["commits"] = commits
+    meta["commits"] = dict(Counter(str(e.get("git_commit")) for e in envs))
 
 
 def describe_epoch_budgets(meta: dict[str, Any]) -> str:

@@ -375,8 +375,7 @@ class Compile(Callback):
         # Undo the in-place compilation: the next fit starts from an uncompiled model (and times eager steps
         # as eager), and what the user does with the trained model (copy, quantize, torch.save, evaluate) runs
         # the plain module. Compiling it again in a later fit reuses torch's caches.
-        if stage == "fit":
-            self._uncompile()
+        self._uncompile()
 
     @override
     def on_exception(
@@ -392,9 +391,10 @@ class EagerCUDAGraphs(Callback):
     The graph replays fixed shapes: the training DataLoader must drop its last incomplete batch
     (``drop_last=True``; checked at train start). Pair it with a fused optimizer (``fused=True``), which
     updates every parameter in one kernel. Evaluation runs the module uncompiled. The graphs last for the fit:
-    at its end (or when it raises) the module's own ``forward`` is back, so copies of the trained model and later
-    fits run plain modules (a later fit captures again). On CPU it warns once and does nothing. With cuDNN's benchmark mode on, the capture's warm-up iterations also autotune every
-    convolution, which can cost a short run more than the graphs save (docs/methods/compile.md).
+    at its end (or when it raises) the module's own ``forward`` is back, so copies of the trained model and
+    later fits run plain modules (a later fit captures again). On CPU it warns once and does nothing. With
+    cuDNN's benchmark mode on, the capture's warm-up iterations also autotune every convolution, which can
+    cost a short run more than the graphs save (docs/methods/compile.md).
     """
 
     def __init__(self, module_attr: str = "net", num_warmup_iters: int = 3) -> None:
@@ -415,9 +415,8 @@ class EagerCUDAGraphs(Callback):
         self.graphed = False
         self.capture_s: float | None = None
         self._hook: Any = None
-        self._graphed_module: nn.Module | None = (
-            None  # the module whose forward is the graphed one, during a fit
-        )
+        # The module whose forward is the graphed one, during a fit.
+        self._graphed_module: nn.Module | None = None
 
     def _module(self, pl_module: L.LightningModule) -> nn.Module:
         module = getattr(pl_module, self.module_attr, None)
@@ -441,10 +440,8 @@ class EagerCUDAGraphs(Callback):
                 "incomplete batch: build it with drop_last=True."
             )
         if self._hook is None and self._graphed_module is None:
-            self.graphed, self.capture_s = (
-                False,
-                None,
-            )  # each fit captures its own (a new model, or the same again)
+            # Each fit captures its own (a new model, or the same again).
+            self.graphed, self.capture_s = False, None
             self._hook = module.register_forward_pre_hook(self._capture)
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...]) -> None:
