@@ -41,6 +41,17 @@ def ray_cluster() -> Any:
     ray.shutdown()
 
 
+def _small_space(data_dir: Path, **constants: Any) -> dict[str, Any]:
+    """The learning rate searched on 512 training and 256 validation images, plus ``constants``."""
+    return {
+        "lr": tune.loguniform(1e-4, 1e-2),
+        "data_dir": str(data_dir),
+        "n_train": 512,
+        "n_val": 256,
+        **constants,
+    }
+
+
 def _markers(folder: Path) -> dict[str, int]:
     """Trial id -> how many times build() ran for it."""
     counts: dict[str, int] = {}
@@ -360,10 +371,7 @@ def test_a_trial_that_never_validates_fails_naming_the_likely_causes(
     and while no trial has reported (every other trial would likely do the same) the sweep stops there."""
     markers = tmp_path / "markers"
     markers.mkdir()
-    space = {
-        "lr": tune.loguniform(1e-4, 1e-2), "data_dir": str(fashion_mnist_dir), "n_train": 512, "n_val": 256,
-        "validate": False, "marker_dir": str(markers),
-    }  # fmt: skip
+    space = _small_space(fashion_mnist_dir, validate=False, marker_dir=str(markers))
     kwargs: dict[str, Any] = dict(
         searcher="random", scheduler=None, max_concurrent=1, trainer_kwargs={"max_epochs": 1}, storage_path=tmp_path,
         **QUIET,
@@ -390,12 +398,7 @@ def test_a_trial_that_never_validates_fails_naming_the_likely_causes(
 def test_a_file_uri_storage_path_keeps_and_checks_the_settings_like_a_local_path(
     ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
-    space = {
-        "lr": tune.loguniform(1e-4, 1e-2),
-        "data_dir": str(fashion_mnist_dir),
-        "n_train": 512,
-        "n_val": 256,
-    }
+    space = _small_space(fashion_mnist_dir)
     kwargs: dict[str, Any] = dict(
         searcher="random", scheduler=None, seed=0, trainer_kwargs={"max_epochs": 1},
         storage_path=f"file://{tmp_path}/sweeps", name="uri", **QUIET,
@@ -420,12 +423,7 @@ def test_a_single_model_checkpoint_callback_keeps_lightning_checkpoints_and_verb
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     ckpt_dir = tmp_path / "lightning"
-    space = {
-        "lr": tune.loguniform(1e-4, 1e-2),
-        "data_dir": str(fashion_mnist_dir),
-        "n_train": 512,
-        "n_val": 256,
-    }
+    space = _small_space(fashion_mnist_dir)
     results = tune_lightning(
         build_mlp, space, "val_acc", "max", 1, searcher="random", scheduler=None,
         trainer_kwargs={"max_epochs": 1, "callbacks": ModelCheckpoint(dirpath=ckpt_dir, filename="best")},
@@ -444,12 +442,7 @@ def test_a_learning_rate_monitor_gets_a_logger_in_the_trials_folder(
     """Trials default to logger=False, which Lightning refuses for a LearningRateMonitor: every trial failed."""
     from lightning.pytorch.callbacks import LearningRateMonitor
 
-    space = {
-        "lr": tune.loguniform(1e-4, 1e-2),
-        "data_dir": str(fashion_mnist_dir),
-        "n_train": 512,
-        "n_val": 256,
-    }
+    space = _small_space(fashion_mnist_dir)
     results = tune_lightning(
         build_mlp, space, "val_acc", "max", 1, searcher="random", scheduler=None,
         trainer_kwargs={"max_epochs": 1, "log_every_n_steps": 1, "callbacks": [LearningRateMonitor()]},
