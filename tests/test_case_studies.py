@@ -301,3 +301,21 @@ def test_the_second_corpus_reports_each_seed_and_the_goal(results_copy: Path) ->
     runs = (results_copy / cs.SECOND_CORPUS_FOLDER / "second-corpus" / "runs").glob("speedup-seed*.json")
     _rewrite(runs, lambda run: run.update(reached=True, time_to_target_s=18.9))
     assert f"is **met**: {120.29375005100019 / 18.9:.2f}x" in cs.second_corpus_block(results_copy, 4.54)
+
+
+def test_the_second_corpus_longer_schedule_is_set_against_its_own_calls_baseline(results_copy: Path) -> None:
+    """The 50-epoch `speedup` and the `baseline` it ran beside sit in two folders; the speed-up is between them,
+    not against the first call's `baseline`."""
+    text = cs.second_corpus_block(results_copy, 4.54)
+    assert "| `baseline` | 123.5 s (104.0-207.5) | 1.00x | 1.1971, 1.1996, 1.1966 | 53, 106, 63 |" in text
+    assert (
+        f"| `speedup`, 50 epochs | 18.2 s (18.2-18.9) | {123.47066941900005 / 18.20302559099997:.2f}x |"
+        in text
+    )
+    assert "With that schedule the goal is **met**: 6.78x." in text
+    assert "--recipe speedup --max-epochs 50 --first-seed N --seeds 1" in text
+    # A folder whose `speedup` ran with another schedule than the text says is refused, not reported.
+    folder = results_copy / cs.SECOND_CORPUS_LONGER / "second-corpus-speedup-50ep"
+    _rewrite([folder / "report.json"], lambda meta: meta.update(max_epochs=40))
+    with pytest.raises(ValueError, match=r"expected `speedup` with 50 epochs at target 1\.2"):
+        cs.second_corpus_block(results_copy, 4.54)

@@ -26,7 +26,7 @@ SETS = {
     "quant-charlm",
     "process-startup",
     "second-corpus",
-    "second-corpus-schedule",
+    "second-corpus-paired",
     "ablation-fashion",
     "ablation-charlm",
     "compile-candidates",
