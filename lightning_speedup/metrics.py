@@ -39,7 +39,14 @@ def log_number(module: L.LightningModule, name: str, value: float, **kwargs: Any
     from pageable host memory blocks until the GPU's stream has drained (``torch.tensor(x,
     device="cuda")`` synchronises), which every step keeps the host from running ahead of the GPU.
     Logged as a CPU tensor, the value stays on the host and reaches loggers and the progress bar the same.
+
+    With ``sync_dist=True`` the number is passed to ``module.log`` as it is: Lightning all-reduces a logged
+    tensor on the device it lies on, and the process group of a GPU run (NCCL) cannot reduce a CPU tensor,
+    so Lightning makes the tensor on the module's device itself (and that copy syncs, as the reduction does).
     """
+    if kwargs.get("sync_dist"):
+        module.log(name, float(value), **kwargs)
+        return
     module.log(name, _host_scalar(value), **kwargs)
 
 
@@ -75,9 +82,10 @@ class AsyncProgressBarMetrics(Callback):
     training it shows the last step's values. A Python number logged without ``sync_dist`` is logged as
     a CPU tensor (:func:`log_number`), so it no longer costs a blocking copy to the device.
 
-    Calls it leaves as they are: metrics that also log on epoch (``on_epoch=True``), calls outside the
-    training-batch hooks (validation syncs once per validation run), and everything on a non-CUDA device
-    (there ``.item()`` does not wait for anything; it logs that once).
+    Calls it leaves as they are: calls with ``sync_dist=True`` (they sync with the other ranks anyway, and
+    the progress bar must show the reduced value), metrics that also log on epoch (``on_epoch=True``), calls
+    outside the training-batch hooks (validation syncs once per validation run), and everything on a
+    non-CUDA device (there ``.item()`` does not wait for anything; it logs that once).
 
     Measured trade-off: ``docs/methods/gpu-data.md``.
 
@@ -116,11 +124,20 @@ class AsyncProgressBarMetrics(Callback):
             on_epoch: bool | None = None,
             **kwargs: Any,
         ) -> None:
-            if (
-                isinstance(value, numbers.Number)
-                and not isinstance(value, bool)
-                and not kwargs.get("sync_dist")
-            ):
+            if kwargs.get("sync_dist"):
+                # Lightning reduces a clone of the value, so a copy of the caller's tensor would put the
+                # rank's own value in the progress bar; the reduction syncs anyway, so nothing is deferred.
+                original(
+                    name,
+                    value,
+                    prog_bar=prog_bar,
+                    logger=logger,
+                    on_step=on_step,
+                    on_epoch=on_epoch,
+                    **kwargs,
+                )
+                return
+            if isinstance(value, numbers.Number) and not isinstance(value, bool):
                 value = _host_scalar(value)  # as log_number logs it
             step_only = _running_hook(module) in _TRAIN_STEP_HOOKS and on_step is not False and not on_epoch
             if prog_bar and step_only and isinstance(value, Tensor) and value.is_cuda and value.numel() == 1:

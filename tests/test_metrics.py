@@ -6,13 +6,16 @@ tests/data/test_gpu_data_gpu.py.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -91,6 +94,77 @@ def test_the_wrapper_passes_everything_but_cuda_step_metrics_through() -> None:
     lr, kwargs = names["lr"]
     assert isinstance(lr, Tensor) and lr.device.type == "cpu" and lr.item() == 0.25 and kwargs["prog_bar"]
     assert names["reduced"][0] == 3.0 and names["flag"][0] is True  # reduced numbers and bools as they were
+
+
+class OnCuda(Tensor):
+    """A CPU tensor that says it is on CUDA: what a metric logged in a GPU run looks like to the wrapper."""
+
+    @property
+    def is_cuda(self) -> bool:  # type: ignore[override]
+        return True
+
+
+def test_reduced_metrics_are_passed_through_and_shown_reduced() -> None:
+    # Lightning reduces a clone of a sync_dist value, so a deferred copy of the caller's tensor showed the rank's
+    # own value in the progress bar; a reduced metric keeps prog_bar and is not copied.
+    calls: dict[str, dict[str, Any]] = {}
+
+    def record(name: str, value: Any, **kwargs: Any) -> None:
+        calls[name] = kwargs
+
+    module = LoggingModel()
+    module._current_fx_name = "training_step"
+    callback = AsyncProgressBarMetrics()
+    copied: list[str] = []
+    callback._copy = lambda name, value: copied.append(name)  # type: ignore[method-assign]
+    log = callback._log(module, record)
+    log("local", torch.tensor(1.0).as_subclass(OnCuda), prog_bar=True)
+    log("reduced", torch.tensor(1.0).as_subclass(OnCuda), prog_bar=True, sync_dist=True)
+    assert calls["local"]["prog_bar"] is False  # deferred, as before
+    assert calls["reduced"]["prog_bar"] is True and calls["reduced"]["sync_dist"] is True
+    assert copied == ["local"]
+
+
+def test_log_number_with_sync_dist_leaves_the_tensor_to_lightning() -> None:
+    # A CPU tensor logged with sync_dist would be all-reduced on the CPU, which NCCL (a GPU run) cannot do.
+    calls: dict[str, tuple[Any, dict[str, Any]]] = {}
+    module = LoggingModel()
+    module.log = lambda name, value, **kwargs: calls.update({name: (value, kwargs)})  # type: ignore[method-assign]
+    log_number(module, "reduced", 3, sync_dist=True)
+    log_number(module, "local", 3)
+    assert calls["reduced"] == (3.0, {"sync_dist": True}) and isinstance(calls["reduced"][0], float)
+    local = calls["local"][0]
+    assert isinstance(local, Tensor) and local.device.type == "cpu" and local.dtype == torch.float64
+
+
+class LogsItsRank(LoggingModel):
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        log_number(self, "rank_number", float(self.global_rank), sync_dist=True)
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+
+class WritesMetrics(L.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics["rank_number"]
+        result = {"value": value.item(), "dtype": str(value.dtype), "device": value.device.type}
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+def test_log_number_with_sync_dist_logs_the_mean_over_ranks_under_ddp(tmp_path: Path) -> None:
+    data = DataLoader(TensorDataset(torch.randn(16, 4), torch.arange(16) % 2), batch_size=4)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="fork"), max_steps=2, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        callbacks=[WritesMetrics(tmp_path)],
+    )  # fmt: skip
+    trainer.fit(LogsItsRank(), data)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # Rank 0 logs 0, rank 1 logs 1. The tensor is Lightning's own (default dtype, the module's device), not the
+    # float64 host tensor of a log_number without sync_dist.
+    assert ranks == [{"value": 0.5, "dtype": str(torch.get_default_dtype()), "device": "cpu"}] * 2
 
 
 class Arrival:

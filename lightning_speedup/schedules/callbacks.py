@@ -62,6 +62,8 @@ from lightning_speedup.schedules.range_test import (
 
 PeakLR = float | Sequence[float] | Literal["auto"] | None
 Momentum = float | Sequence[float]
+# The momentum at the peak LR / at the lowest LR when cycle_momentum=True and none is given (torch's OneCycleLR's).
+DEFAULT_BASE_MOMENTUM, DEFAULT_MAX_MOMENTUM = 0.85, 0.95
 
 
 def _lightning_log_step(trainer: pl.Trainer) -> int | None:
@@ -104,7 +106,9 @@ class LRScheduleCallback(Callback):
         total_steps: schedule length in optimizer steps; ``None`` (default) takes
             ``trainer.estimated_stepping_batches``.
         cycle_momentum: move momentum (SGD ``momentum``, Adam-family ``betas[0]``) inversely to the LR.
-        base_momentum / max_momentum: momentum at the peak LR / at the lowest LR (float or one per group).
+        base_momentum / max_momentum: momentum at the peak LR / at the lowest LR (float or one per group);
+            ``None`` means 0.85 / 0.95. Only with ``cycle_momentum=True``: without it momentum is left as the
+            optimizer has it, so a value given there is refused rather than ignored.
         range_test: settings of the range test for ``"auto"`` (default ``LRRangeTest()``).
         log_values: log the LR (and momentum) under ``schedule/...`` at the Trainer's logging steps.
         peak_name: the argument's name in messages (``max_lr`` or ``peak_lr``).
@@ -116,8 +120,8 @@ class LRScheduleCallback(Callback):
         *,
         total_steps: int | None,
         cycle_momentum: bool,
-        base_momentum: Momentum,
-        max_momentum: Momentum,
+        base_momentum: Momentum | None,
+        max_momentum: Momentum | None,
         range_test: LRRangeTest | None,
         log_values: bool,
         peak_name: str = "peak_lr",
@@ -133,6 +137,20 @@ class LRScheduleCallback(Callback):
         if not isinstance(cycle_momentum, bool):
             raise ValueError(f"cycle_momentum must be True or False, got {cycle_momentum!r}.")
         self.cycle_momentum = cycle_momentum
+        given = {
+            k: v
+            for k, v in (("base_momentum", base_momentum), ("max_momentum", max_momentum))
+            if v is not None
+        }
+        if given and not cycle_momentum:
+            raise ValueError(
+                f"{type(self).__name__}: {', '.join(f'{k}={v!r}' for k, v in given.items())} given with "
+                "cycle_momentum=False, where the momentum stays as the optimizer has it, so it would do nothing. "
+                f"Pass cycle_momentum=True to cycle the momentum, or drop {' and '.join(given)}."
+            )
+        # The resolved values (also when not cycling) are what state_dict's settings record.
+        base_momentum = DEFAULT_BASE_MOMENTUM if base_momentum is None else base_momentum
+        max_momentum = DEFAULT_MAX_MOMENTUM if max_momentum is None else max_momentum
         self.base_momentum = self._validated_momentum("base_momentum", base_momentum)
         self.max_momentum = self._validated_momentum("max_momentum", max_momentum)
         if cycle_momentum:
@@ -403,6 +421,10 @@ class LRScheduleCallback(Callback):
         self._apply_all()
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._warn_if_an_optimizer_stopped_short(trainer)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         if not self._total:
             return {}
@@ -500,6 +522,38 @@ class LRScheduleCallback(Callback):
                 f"Lightning counts max_steps={trainer.max_steps} over the steps of all of them, so the schedule "
                 f"of {total} steps per optimizer may run only part of its length. Pass "
                 f"{name}(total_steps=...) with the number of steps each optimizer takes."
+            )
+
+    def _warn_if_an_optimizer_stopped_short(self, trainer: pl.Trainer) -> None:
+        """Warn for each optimizer that took fewer steps than the schedule has, in a run that lasted the schedule's
+        whole length: an optimizer stepping on only some batches (manual optimization: a GAN's generator, a critic
+        stepped every n batches, gradients accumulated by hand), whose LR then ends mid-schedule.
+
+        A run stopped early (early stopping, ``max_time``) leaves every optimizer short and is not warned about.
+        """
+        if not self._total or batches_stepped(trainer) - self._start < self._total:
+            return
+        name = type(self).__name__
+        short = [i for i, steps in enumerate(self._steps) if steps < self._total]
+        length = (
+            f"The schedule's length is total_steps={self.total_steps}, more than this optimizer's steps."
+            if self.total_steps is not None
+            else "The schedule's length comes from trainer.estimated_stepping_batches, which counts training "
+            "batches, and this optimizer did not step on every batch."
+        )
+        also = ""
+        if len(set(self._steps)) > 1:
+            also = (
+                f" One length serves every optimizer, and they took {self._steps} steps: size it to the one "
+                "whose schedule matters most, or step every optimizer on the same batches."
+            )
+        for i in short:
+            k = self._steps[i]
+            rank_zero_warn(
+                f"{name}: optimizer {i} ({type(self._optimizers[i]).__name__}) took only {k} of the schedule's "
+                f"{self._total} steps, so its LR stopped {k / self._total:.0%} of the way through the schedule "
+                f"instead of at its end. {length} Pass {name}(total_steps={k}) to fit the schedule to its "
+                f"steps.{also}"
             )
 
     def _steps_done(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
@@ -650,7 +704,8 @@ class OneCycle(LRScheduleCallback):
         pct_start: fraction of the run spent raising the LR, in (0, 1).
         anneal_strategy: ``"cos"`` or ``"linear"``.
         cycle_momentum: cycle momentum / ``betas[0]`` inversely to the LR (torch's default: True).
-        base_momentum, max_momentum: momentum at the peak / at the start and end.
+        base_momentum, max_momentum: momentum at the peak / at the start and end (``None``: 0.85 / 0.95);
+            only with ``cycle_momentum=True``.
         div_factor: initial LR = max_lr / div_factor.
         final_div_factor: final LR = initial LR / final_div_factor.
         three_phase: torch's three-phase variant (up, symmetric down, then annihilation).
@@ -659,7 +714,8 @@ class OneCycle(LRScheduleCallback):
 
     Raises:
         ValueError: ``pct_start`` outside (0, 1), a non-positive LR or factor, momentum outside
-            [0, 1), an unknown ``anneal_strategy``, ``three_phase`` with ``pct_start > 0.5``; in
+            [0, 1), a momentum given with ``cycle_momentum=False``, an unknown ``anneal_strategy``,
+            ``three_phase`` with ``pct_start > 0.5``; in
             ``setup``/``on_fit_start`` (before any step): an unbounded run, a module that also
             returns a scheduler, a run too short for the phases, or a diverging range test.
     """
@@ -672,8 +728,8 @@ class OneCycle(LRScheduleCallback):
         pct_start: float = 0.3,
         anneal_strategy: AnnealStrategy = "cos",
         cycle_momentum: bool = True,
-        base_momentum: Momentum = 0.85,
-        max_momentum: Momentum = 0.95,
+        base_momentum: Momentum | None = None,
+        max_momentum: Momentum | None = None,
         div_factor: float = 25.0,
         final_div_factor: float = 1e4,
         three_phase: bool = False,
@@ -779,8 +835,8 @@ class WarmupCosine(LRScheduleCallback):
         min_lr_ratio: float = 0.0,
         total_steps: int | None = None,
         cycle_momentum: bool = False,
-        base_momentum: Momentum = 0.85,
-        max_momentum: Momentum = 0.95,
+        base_momentum: Momentum | None = None,
+        max_momentum: Momentum | None = None,
         range_test: LRRangeTest | None = None,
         log_values: bool = True,
     ) -> None:
@@ -857,8 +913,8 @@ class WarmupStableDecay(LRScheduleCallback):
         min_lr_ratio: float = 0.0,
         total_steps: int | None = None,
         cycle_momentum: bool = False,
-        base_momentum: Momentum = 0.85,
-        max_momentum: Momentum = 0.95,
+        base_momentum: Momentum | None = None,
+        max_momentum: Momentum | None = None,
         range_test: LRRangeTest | None = None,
         log_values: bool = True,
     ) -> None:

@@ -125,8 +125,9 @@ def check_one_cycle(total_steps: int, pct_start: float, three_phase: bool) -> No
     phases = _one_cycle_phases(total_steps, pct_start, three_phase)
     start = 0.0
     for i, phase in enumerate(phases):
-        # A first phase that ends before step 0 is skipped by torch (tiny runs); that is harmless.
-        skipped = i == 0 and phase.end_step < 0
+        # torch gives each step the first phase that ends at or after it, so a phase that ends before step 0 (in a
+        # short run the first, or the first two of three) is never used; the next one starts where it ended.
+        skipped = phase.end_step < 0
         if not skipped and phase.end_step - start <= 0:
             raise ValueError(
                 f"One-cycle phase {i + 1} of {len(phases)} has length {phase.end_step - start:g} steps for "

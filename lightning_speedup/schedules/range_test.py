@@ -173,10 +173,10 @@ def _clone(value: Any) -> Any:
 
 
 class TrainingStateSnapshot:
-    """Copies of the module's tensors, the optimizers' state and hyper-parameters, the AMP grad
-    scaler, the modules' train/eval flags, the RNG states and the given generators (the training
-    loaders'); :meth:`restore` writes them back in
-    place, so references held elsewhere (the optimizer's params, LightningOptimizer) stay valid."""
+    """Copies of the module's tensors and of every other tensor the optimizers train (values and grads), the
+    optimizers' state and hyper-parameters, the AMP grad scaler, the modules' train/eval flags, the RNG states
+    and the given generators (the training loaders'); :meth:`restore` writes them back in place, so references
+    held elsewhere (the optimizer's params, LightningOptimizer) stay valid."""
 
     def __init__(
         self,
@@ -189,7 +189,18 @@ class TrainingStateSnapshot:
         # named_* with remove_duplicate=False would copy tied weights twice; once is enough.
         self.tensors = [(t, t.detach().clone()) for _, t in module.named_parameters()]
         self.tensors += [(b, b.detach().clone()) for _, b in module.named_buffers()]
-        self.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in module.parameters()]
+        # The optimizers may also train tensors the module does not register (a learnable temperature held as a
+        # plain attribute, a tensor of a helper object): the sweep changes them too.
+        trained = list(module.parameters())
+        seen = {id(t) for t, _ in self.tensors}
+        for opt in optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        trained.append(p)
+                        self.tensors.append((p, p.detach().clone()))
+        self.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in trained]
         self.modes = [(m, m.training) for m in module.modules()]
         self.opt_state = [
             {p: {k: _clone(v) for k, v in st.items()} for p, st in opt.state.items()} for opt in optimizers

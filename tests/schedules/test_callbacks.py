@@ -123,7 +123,8 @@ class TwoOptimizers(Regressor):
 def test_groups_keep_their_ratio_and_each_optimizer_has_its_own_clock() -> None:
     recorder, callback = Recorder(), WarmupCosine(peak_lr=0.1, warmup=0.2, cycle_momentum=True)
     trainer = make_trainer(max_epochs=2, callbacks=[recorder, callback])
-    trainer.fit(TwoOptimizers(), regression_loader(n_batches=10))
+    with pytest.warns(UserWarning, match=r"optimizer 1 \(Adam\) took only 10"):
+        trainer.fit(TwoOptimizers(), regression_loader(n_batches=10))
     total = 20
     # Largest base LR (0.02) peaks at 0.1; the others keep their ratio to it.
     assert callback.peak_lrs == [[0.1, pytest.approx(0.01)], [pytest.approx(0.05)]]
@@ -194,6 +195,34 @@ def test_manual_optimization_with_several_optimizers_and_max_steps_warns() -> No
         trainer.fit(TwoOptimizers(), regression_loader(n_batches=10))
 
 
+class StopAfterFirstEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+def test_an_optimizer_that_steps_on_fewer_batches_than_the_run_is_warned_about_at_the_end() -> None:
+    """The schedule is sized in batches (Lightning's estimate under manual optimization); an optimizer that steps
+    every other batch ended the run halfway through it, mid-decay, and nothing said so."""
+    schedule = WarmupCosine(peak_lr=0.1, warmup=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(max_epochs=2, callbacks=[schedule]).fit(TwoOptimizers(), regression_loader(n_batches=10))
+    assert schedule.schedule_total_steps == 20 and schedule.steps_taken == [20, 10]
+    short = [str(w.message) for w in caught if "took only" in str(w.message)]
+    assert len(short) == 1, short
+    assert "optimizer 1 (Adam) took only 10 of the schedule's 20 steps" in short[0]
+    assert "50% of the way through" in short[0] and "Pass WarmupCosine(total_steps=10)" in short[0]
+
+    # A run stopped early (early stopping, max_time) leaves every optimizer short, as asked: no warning.
+    schedule = WarmupCosine(peak_lr=0.1, warmup=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(max_epochs=2, callbacks=[schedule, StopAfterFirstEpoch()])
+        trainer.fit(TwoOptimizers(), regression_loader(n_batches=10))
+    assert schedule.steps_taken == [10, 5]
+    assert not [w for w in caught if "took only" in str(w.message)]
+
+
 @pytest.mark.parametrize("how", ["second-fit", "checkpoint-without-schedule"])
 def test_a_schedule_added_to_a_trained_trainer_covers_the_steps_to_come(how: str, tmp_path: Path) -> None:
     """Before, it started the whole schedule again at the Trainer's global step: a second warmup, and a run that
@@ -231,11 +260,17 @@ def test_a_late_schedule_counts_batches_where_several_optimizers_step_by_hand(tm
     ckpt = tmp_path / "no-schedule.ckpt"
     first.save_checkpoint(ckpt)
     schedule = WarmupCosine(peak_lr=0.1, warmup=0.1)
-    with pytest.warns(
-        UserWarning, match=r"10 steps into the run .* covers the 20 steps still to come \(of 30\)"
-    ):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         make_trainer(max_epochs=3, callbacks=[schedule]).fit(TwoOptimizers(), loader, ckpt_path=ckpt)
+    said = [str(w.message) for w in caught if "WarmupCosine" in str(w.message)]
+    assert any(
+        "10 steps into the run" in m and "covers the 20 steps still to come (of 30)" in m for m in said
+    )
     assert schedule.schedule_total_steps == 20 and schedule.steps_taken == [20, 10]
+    # The optimizer that steps every other batch runs half the schedule, and the end of training says so.
+    short = [m for m in said if "took only" in m]
+    assert len(short) == 1 and "optimizer 1 (Adam) took only 10 of the schedule's 20 steps" in short[0]
 
 
 @pytest.mark.parametrize("make", [lambda: OneCycle(max_lr="auto"), lambda: WarmupStableDecay(peak_lr=0.5)])
@@ -459,11 +494,41 @@ def test_logged_values_match_learning_rate_monitor(tmp_path: Path) -> None:
             lambda: WarmupCosine(cycle_momentum=True, base_momentum=[0.8, 0.9], max_momentum=0.85),
             r"base_momentum=0.9 is above max_momentum=0.85 \(param group 1\)",
         ),
+        (
+            lambda: WarmupCosine(peak_lr=0.1, base_momentum=0.5, max_momentum=0.99),
+            r"WarmupCosine: base_momentum=0.5, max_momentum=0.99 given with cycle_momentum=False, .* would do "
+            r"nothing. Pass cycle_momentum=True to cycle the momentum, or drop base_momentum and max_momentum",
+        ),
+        (
+            lambda: WarmupStableDecay(base_momentum=[0.8, 0.85]),
+            r"base_momentum=\[0.8, 0.85\] given with cycle_momentum=False",
+        ),
+        (
+            lambda: OneCycle(max_lr=0.1, cycle_momentum=False, max_momentum=0.95),
+            r"OneCycle: max_momentum=0.95 given with cycle_momentum=False.* or drop max_momentum\.",
+        ),
     ],
 )
 def test_bad_arguments_are_rejected_at_construction(make: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_momentum_defaults_apply_when_cycling_and_no_momentum_is_given_otherwise() -> None:
+    """base_momentum/max_momentum default to None (0.85/0.95 when cycling), so a value given without
+    cycle_momentum=True is refused (above) instead of ignored, and every use without one works as before."""
+    for schedule in (
+        OneCycle(max_lr=0.1),
+        WarmupCosine(cycle_momentum=True),
+        OneCycle(max_lr=0.1, cycle_momentum=False),
+    ):
+        assert (schedule.base_momentum, schedule.max_momentum) == (0.85, 0.95)
+    assert WarmupStableDecay(cycle_momentum=True, base_momentum=0.8).base_momentum == 0.8
+    recorder = Recorder()
+    make_trainer(max_epochs=1, callbacks=[recorder, WarmupCosine(peak_lr=0.1)]).fit(
+        Regressor("sgd", momentum=0.5), regression_loader(n_batches=10)
+    )
+    assert {moms[0] for _, moms in recorder.of(0)} == {0.5}  # not cycling: the optimizer's own momentum
 
 
 @pytest.mark.parametrize(

@@ -196,6 +196,40 @@ def test_range_test_refuses_manual_optimization() -> None:
     assert trainer.global_step == 0
 
 
+class WithTemperature(Regressor):
+    """Trains a tensor the module does not register (a learnable temperature kept as a plain attribute)."""
+
+    def __init__(self) -> None:
+        super().__init__("sgd")
+        self.log_temp = torch.zeros(1, requires_grad=True)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self(x) * self.log_temp.exp(), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([*self.parameters(), self.log_temp], lr=0.1, momentum=0.9)
+
+
+class SeesTemperature(L.Callback):
+    """Placed after the schedule: the temperature and its grad when training starts (the sweep is over)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.value = pl_module.log_temp.detach().clone()
+        self.grad = pl_module.log_temp.grad.clone()
+
+
+def test_range_test_restores_tensors_the_optimizer_trains_outside_the_module() -> None:
+    """Before, only the module's parameters and buffers were restored: the temperature kept the sweep's value."""
+    model = WithTemperature()
+    model.log_temp.grad = torch.full((1,), 0.5)
+    seen = SeesTemperature()
+    schedule = OneCycle(max_lr="auto", range_test=LRRangeTest(min_lr=1e-4, max_lr=10.0, num_steps=20))
+    make_trainer(max_epochs=1, callbacks=[schedule, seen]).fit(model, regression_loader(n_batches=10))
+    assert schedule.range_test_result is not None and len(schedule.range_test_result.losses) >= 10
+    assert seen.value.tolist() == [0.0] and seen.grad.tolist() == [0.5]
+
+
 @pytest.mark.parametrize(
     ("schedule_kwargs", "trainer_kwargs"),
     [({}, {"max_epochs": None, "max_steps": 10}), ({"total_steps": 10}, {"max_epochs": 1})],
