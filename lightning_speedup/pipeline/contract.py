@@ -19,7 +19,7 @@ holding its submodules), so parameter names stay those of the full model.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_speedup.pipeline.partition import StagePlan
 
-__all__ = ["PipelineLayers", "collect_layers", "split_batch"]
+__all__ = ["PipelineLayers", "collect_layers", "retie_", "shared_parameters", "split_batch"]
 
 _CONTRACT = (
     "define `pipeline_layers(self) -> list[nn.Module]` (the model's layers in order, each mapping one tensor to "
@@ -45,6 +45,9 @@ class PipelineLayers:
     names: list[str]
     owner: dict[int, list[int]]  # id(parameter) -> indices of the layers that hold it
     param_names: dict[int, str]
+    # The names of each parameter the module holds under several names (tied weights), as found before any layer
+    # moved: moving one layer at a time to or from the meta device gives each name its own parameter.
+    ties: list[list[str]] = field(default_factory=list)
 
     def check_stages(self, plan: StagePlan) -> None:
         """A parameter used by layers of two stages would need its gradients joined across processes."""
@@ -70,12 +73,15 @@ class PipelineLayers:
         else:
             layer.to(device)
 
-    def materialized_copy(self, layer: nn.Module) -> nn.Module:
-        """A device-ready copy of ``layer`` for measuring (the original is left as it is)."""
+    def materialized_copy(self, layer: nn.Module, device: torch.device) -> nn.Module:
+        """A copy of ``layer`` on ``device`` for measuring (the original is left as it is); a layer built on the
+        meta device is allocated there and initialised."""
         twin = copy.deepcopy(layer)
-        if any(t.device.type == "meta" for t in twin.parameters()):
-            twin.to_empty(device="cpu")
+        if holds_meta(twin):
+            twin.to_empty(device=device)
             self._init(twin)
+        else:
+            twin.to(device)
         return twin
 
     init_hook: Any = None
@@ -130,8 +136,32 @@ def collect_layers(module: LightningModule) -> PipelineLayers:
         )
     names = [sub_names.get(id(m), f"{type(m).__name__}[{i}]") for i, m in enumerate(layers)]
     return PipelineLayers(
-        layers, names, owner, param_names, init_hook=getattr(module, "pipeline_init_weights", None)
+        layers,
+        names,
+        owner,
+        param_names,
+        ties=shared_parameters(module),
+        init_hook=getattr(module, "pipeline_init_weights", None),
     )
+
+
+def shared_parameters(module: nn.Module) -> list[list[str]]:
+    """The names of each parameter that ``module`` holds under more than one name (tied weights), one list per
+    parameter, in ``named_parameters`` order."""
+    names: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def retie_(module: nn.Module, ties: list[list[str]]) -> None:
+    """Make every name of each group in ``ties`` (see :func:`shared_parameters`) hold the first name's parameter
+    again, after moves that gave each name its own copy."""
+    for first, *rest in ties:
+        shared = module.get_parameter(first)
+        for name in rest:
+            owner, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(owner), attr, shared)
 
 
 def batch_inputs(module: LightningModule, batch: Any) -> Tensor:
@@ -157,13 +187,29 @@ def batch_inputs(module: LightningModule, batch: Any) -> Tensor:
 
 
 def split_batch(module: LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
-    """``(inputs, target)`` of a batch: ``module.pipeline_batch(batch)`` if defined, else ``batch[0], batch[1]``."""
+    """``(inputs, target)`` of a batch: ``module.pipeline_batch(batch)`` if defined, else ``batch[0], batch[1]`` of
+    a list or tuple.
+
+    Raises:
+        TypeError: the batch is not such a sequence (a dict, say) and the module defines no ``pipeline_batch``, or
+            the pair is not two tensors.
+    """
     custom = getattr(module, "pipeline_batch", None)
-    pair = custom(batch) if callable(custom) else (batch[0], batch[1])
-    x, y = pair
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+    pair: Any = None
+    if callable(custom):
+        pair = custom(batch)
+    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        pair = (batch[0], batch[1])
+    if not (
+        isinstance(pair, (list, tuple))
+        and len(pair) == 2
+        and isinstance(pair[0], Tensor)
+        and isinstance(pair[1], Tensor)
+    ):
         raise TypeError(
-            "A pipelined batch must give (inputs, target) tensors; define pipeline_batch(batch) on your "
-            "LightningModule to pick them out of other batch layouts."
+            f"A pipelined batch must give (inputs, target) tensors; got a {type(batch).__name__} batch"
+            + (" from which pipeline_batch returned no such pair" if callable(custom) else "")
+            + ". Define pipeline_batch(batch) -> (inputs, target) on your LightningModule to pick them out of "
+            "other batch layouts (a dict, say)."
         )
-    return x, y
+    return pair[0], pair[1]

@@ -125,19 +125,21 @@ def layer_times(
     example: Tensor,
     device: torch.device,
     repeats: int = 3,
-    materialize: Callable[[nn.Module], nn.Module] | None = None,
+    materialize: Callable[[nn.Module, torch.device], nn.Module] | None = None,
 ) -> list[float]:
     """Median forward+backward seconds of each layer on ``device``, fed the previous layer's output.
 
-    Layers are measured one at a time (``materialize`` builds a device copy of a layer that lives on
-    the meta device), so a model too large for one device can still be measured. Gradients go to
-    ``torch.autograd.grad``, never into ``.grad``, so measuring leaves the model untouched.
+    Layers are measured one at a time: ``materialize(layer, device)`` gives a copy of the layer on ``device``
+    (allocating one that lives on the meta device), so a model too large for one device, or still on the CPU
+    or the meta device, can be measured. Without it the layers are used as they are and must be on ``device``
+    already. Gradients go to ``torch.autograd.grad``, never into ``.grad``, so measuring leaves the model
+    untouched.
     """
     times: list[float] = []
     x = example.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for layer in layers:
-        owned = materialize(layer) if materialize is not None else layer
+        owned = materialize(layer, device) if materialize is not None else layer
         params = [p for p in owned.parameters() if p.requires_grad]
         samples = []
         out = x

@@ -57,6 +57,7 @@ from lightning_speedup.pipeline.contract import (
     batch_inputs,
     collect_layers,
     holds_meta,
+    retie_,
     split_batch,
 )
 from lightning_speedup.pipeline.p2p import forward_only
@@ -111,14 +112,41 @@ def adjacent_local_stages_problem(
     )
 
 
-def _materialize_on_cpu(module: LightningModule) -> None:
+def _materialize_on_cpu(module: LightningModule, ties: list[list[str]] | None = None) -> None:
     """Give each declared layer still on the meta device CPU storage, initialised as the stages initialise
     theirs (``pipeline_init_weights`` or ``reset_parameters``), so that loading the full model's weights into
-    it fills it; non-persistent buffers, which no state dict carries, keep their initial values."""
+    it fills it; non-persistent buffers, which no state dict carries, keep their initial values.
+
+    Allocating one layer at a time gives each name of a tied parameter its own copy: the names in ``ties``
+    (default: the module's ties as they are now) share one parameter again afterwards."""
     layers = collect_layers(module)
+    ties = layers.ties if ties is None else ties
     for layer in layers.modules:
         if holds_meta(layer):
             layers.materialize_(layer, torch.device("cpu"))
+    retie_(module, ties)
+
+
+# The subgroups this process created, by their ranks, with the default group they were made in. Every setup (each
+# fit, validate, test and predict) reuses them: new ones each time piled up in a long-lived process (a notebook,
+# rank 0 under popen), each holding its own communicators once used. They end with the default group.
+_subgroups: dict[tuple[int, ...], Any] = {}
+_subgroups_world: list[Any] = [None]
+
+
+def _subgroup(ranks: list[int]) -> Any:
+    """The process group of ``ranks``, made on first use and reused while the default group lives.
+
+    ``new_group`` must be called by every process in the same order: every process sets up the same runs, so
+    every process finds the same groups here and makes the same new ones."""
+    world = dist.group.WORLD
+    if _subgroups_world[0] is not world:  # a new default group: the old subgroups went with the old one
+        _subgroups.clear()
+        _subgroups_world[0] = world
+    key = tuple(ranks)
+    if key not in _subgroups:
+        _subgroups[key] = dist.new_group(ranks)
+    return _subgroups[key]
 
 
 @registered_strategy
@@ -148,7 +176,8 @@ class PipelineStrategy(CleanExitDDPStrategy):
             micro-batches for the schedule. Checks that need the model or the world size run in ``setup``:
             more stages than layers, a world size not divisible by ``pipeline_size``, a module without
             ``pipeline_layers()``, parameters shared between stages, parameters outside the declared layers, a
-            module with manual optimization; at the start of training, a DataLoader whose last batch is short.
+            module with manual optimization, fp16 training with a loss scaler (``precision="16-mixed"``; use
+            ``"bf16-mixed"``); at the start of training, a DataLoader whose last batch is short.
     """
 
     strategy_name = "pipeline"
@@ -222,6 +251,8 @@ class PipelineStrategy(CleanExitDDPStrategy):
         self._pp_group: dist.ProcessGroup | None = None
         self._dp_group: dist.ProcessGroup | None = None
         self._pp_ranks: list[int] = []
+        self._dp_ranks: list[int] = []
+        self._ties: list[list[str]] = []
         self._owned_params: list[nn.Parameter] = []
         self._owned_names: set[str] = set()
         self._batch_shapes: tuple[Any, ...] | None = None
@@ -307,6 +338,19 @@ class PipelineStrategy(CleanExitDDPStrategy):
                 "training_step, so its manual optimizer steps would never run. Remove the line (return the loss "
                 "and let Lightning step the optimizer) or train without the pipeline."
             )
+        if (
+            trainer.state.fn == TrainerFn.FITTING
+            and getattr(self.precision_plugin, "scaler", None) is not None
+        ):
+            # The schedule runs backward inside training_step, from the unscaled loss: the scaler would divide the
+            # true gradients by its scale (SGD barely moves, clipping never triggers), and each stage's scaler
+            # would skip steps on its own overflows only, so the stages would drift apart.
+            raise ValueError(
+                "PipelineStrategy does not support fp16 mixed precision with a loss scaler (precision='16-mixed' "
+                f"gives {type(self.precision_plugin).__name__} a GradScaler): the pipeline schedule runs backward "
+                "itself, from the unscaled loss, so the scaler would shrink every gradient by its scale. Use "
+                "precision='bf16-mixed' (bfloat16 needs no loss scaling) or '32-true'."
+            )
         self._batch_shapes = None  # a new fit may bring batches of another size
         self._microbatch_compute_s = None
         self._make_groups()
@@ -315,6 +359,7 @@ class PipelineStrategy(CleanExitDDPStrategy):
         self.precision_plugin.convert_module(module)
         layers = collect_layers(module)
         self._layers = layers.modules
+        self._ties = layers.ties  # found before any layer moves; moving one at a time unties them
         self.plan = self._plan(layers)
         rank_zero_info(
             f"PipelineStrategy ({self.schedule_name}, {self.pipeline_size} process(es) per pipeline x "
@@ -340,17 +385,18 @@ class PipelineStrategy(CleanExitDDPStrategy):
 
     def _make_groups(self) -> None:
         p, world = self.pipeline_size, self.world_size
-        # Every process creates every group, in the same order (a collective requirement of new_group).
+        # Every process asks for every group, in the same order (a collective requirement of new_group).
         for d in range(world // p):
             ranks = list(range(d * p, (d + 1) * p))
-            group = dist.new_group(ranks)
+            group = _subgroup(ranks)
             if self.global_rank in ranks:
                 self._pp_group, self._pp_ranks = group, ranks
         for i in range(p):
             ranks = list(range(i, world, p))
-            group = dist.new_group(ranks)
+            group = _subgroup(ranks)
             if self.global_rank in ranks:
                 self._dp_group = group if len(ranks) > 1 else None
+                self._dp_ranks = ranks
 
     def _plan(self, layers: PipelineLayers) -> StagePlan:
         num_stages = self.pipeline_size * self.stages_per_rank
@@ -389,13 +435,16 @@ class PipelineStrategy(CleanExitDDPStrategy):
                 layers.materialize_(layer, self.root_device)
             else:
                 layer.to("meta")
+        module = self.lightning_module
+        assert module is not None
+        # Moving layers one at a time to or from the meta device gave each name of a tied parameter its own copy
+        # (ties lie within one stage: all on this device, or all on the meta device).
+        retie_(module, self._ties)
         self._stage_modules = {
             s: nn.Sequential(*layers.modules[self.plan.bounds[s][0] : self.plan.bounds[s][1]])
             for s in sorted(mine)
         }
         owned_ids = {id(p) for s in mine for p in self._stage_modules[s].parameters()}
-        module = self.lightning_module
-        assert module is not None
         self._owned_params = [p for p in module.parameters() if id(p) in owned_ids]
         self._owned_names = _owned_state_names(module, layers.modules, self._stage_modules.values())
         # A layer must map one tensor to one tensor; a tuple output would otherwise fail deep inside the stage
@@ -404,6 +453,25 @@ class PipelineStrategy(CleanExitDDPStrategy):
             layers.modules[i].register_forward_hook(_one_tensor_out(i)) for i in sorted(owned_layers)
         ]
         set_module_device(module, self.root_device)
+        self._broadcast_from_first_replica(module)
+
+    def _broadcast_from_first_replica(self, module: LightningModule) -> None:
+        """Give every replica of this process's stages the parameters and buffers of the first replica, as DDP does
+        when it wraps a model: each process builds (or initialises from the meta device) its own model, and
+        replicas that start apart never meet, since they only average gradients."""
+        if self._dp_group is None:
+            return
+        tensors = [t for t in (*module.parameters(), *module.buffers()) if t.device.type != "meta"]
+        with torch.no_grad():
+            sent = [t.data if t.is_contiguous() else t.data.contiguous() for t in tensors]
+            works = [
+                dist.broadcast(b, src=self._dp_ranks[0], group=self._dp_group, async_op=True) for b in sent
+            ]
+            for work in works:
+                work.wait()
+            for t, b in zip(tensors, sent):
+                if b is not t.data:
+                    t.data.copy_(b)
 
     def _build_schedule(self) -> None:
         from torch.distributed import pipelining
@@ -492,6 +560,7 @@ class PipelineStrategy(CleanExitDDPStrategy):
         assert module is not None and self.plan is not None
         x, y = split_batch(module, args[0])
         self._check_batch(x, y)
+        y = self._first_stage_targets(y)
         timed = self.metrics_every > 0 and self._optimizer_steps % self.metrics_every == 0
         if timed:
             self._sync()
@@ -657,6 +726,29 @@ class PipelineStrategy(CleanExitDDPStrategy):
         stages = getattr(self._schedule, "_stages", None) or [self._schedule._stage]
         return next(st for st in stages if st.stage_index == s)
 
+    def _first_stage_targets(self, y: Tensor) -> Tensor:
+        """The targets of the batch the first stage's process loaded, on every process of this pipeline.
+
+        Each process loads its own batch, and the last stage's loss pairs its targets with the first stage's
+        inputs. Whenever the processes' batches differ (a shuffled DataLoader without the distributed sampler, or
+        a WeightedRandomSampler, draws from each process's own random stream, which dropout in only some stages
+        moves apart; a random transform of the targets, such as mixup, differs per process), inputs would meet
+        other samples' targets. So the first stage's batch decides: one broadcast of the targets per step (labels
+        or token ids, typically smaller than one micro-batch's activations); the inputs, which only the first
+        stage reads, are its own anyway.
+        """
+        assert self.plan is not None
+        src = self._pp_ranks[self.plan.rank_of(0)]
+        if src == self._pp_ranks[self.plan.rank_of(self.plan.num_stages - 1)]:
+            return y  # first and last stage in one process (a single process, or a V): nothing to pair
+        received = (
+            y.contiguous()
+            if self.global_rank == src
+            else torch.empty_like(y, memory_format=torch.contiguous_format)
+        )
+        dist.broadcast(received, src=src, group=self._pp_group)
+        return received
+
     # ------------------------------------------------------------------ evaluation
     def _forward(self, x: Tensor) -> Tensor | None:
         """The last stage's output for inputs ``x`` on the process that holds it (None elsewhere)."""
@@ -685,6 +777,7 @@ class PipelineStrategy(CleanExitDDPStrategy):
         assert module is not None and self.plan is not None
         with context():
             x, y = split_batch(module, batch)
+            y = self._first_stage_targets(y)
             out = self._forward(x)
             metrics: dict[str, Tensor] = {}
             if out is not None:
@@ -726,7 +819,9 @@ class PipelineStrategy(CleanExitDDPStrategy):
         dist.broadcast_object_list(
             box, src=self._pp_ranks[self.plan.rank_of(self.plan.num_stages - 1)], group=self._pp_group
         )
-        return box[0]
+        prediction = box[0]
+        assert prediction is not None
+        return prediction.to(self.root_device)  # on the device, as plain Lightning returns it
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -869,7 +964,7 @@ class PipelineStrategy(CleanExitDDPStrategy):
                 # process for spawn/fork), not a pipeline of meta-device holes.
                 self._reassemble(module)
             else:  # interrupted: peers may be gone, so no collective; initialise what cannot move to the CPU
-                _materialize_on_cpu(module)
+                _materialize_on_cpu(module, self._ties)
         self._layers, self._stage_modules, self._schedule = [], {}, None
         if module is not None and holds_meta(module):
             # The run failed before this process's model was placed (a worker's setup) or before the trained
@@ -890,7 +985,7 @@ class PipelineStrategy(CleanExitDDPStrategy):
         full: dict[str, Any] = {}
         for part in parts:
             full.update(part)
-        _materialize_on_cpu(module)
+        _materialize_on_cpu(module, self._ties)
         module.load_state_dict(full, strict=False)
 
     # ------------------------------------------------------------------ strings

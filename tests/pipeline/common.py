@@ -277,3 +277,76 @@ class BatchNormLM(TinyLM):
 
     def pipeline_layers(self) -> list[nn.Module]:
         return [self.embed, *self.blocks[:2], self.norm, *self.blocks[2:], self.head]
+
+
+class ReplicaOffsetLM(TinyLM):
+    """TinyLM whose data-parallel replicas start apart, as models built in separate processes without one seed do:
+    in ``setup`` (before the strategy places the stages) each process shifts its weights by 0.01 x its replica
+    index. One process, and a pipeline's first replica, keep the weights as built."""
+
+    def setup(self, stage: str) -> None:
+        shift = getattr(self.trainer.strategy, "dp_rank", 0)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.add_(0.01 * shift)
+
+
+def tagged_rows(n: int = 32) -> TensorDataset:
+    """Rows of 8 features whose first is the sample's id / 64; the target is the row itself."""
+    x = torch.randn(n, 8, generator=torch.Generator().manual_seed(0))
+    x[:, 0] = torch.arange(n) / 64
+    return TensorDataset(x, x.clone())
+
+
+def _ids(rows: Tensor) -> list[int]:
+    return (rows[:, 0] * 64).round().int().tolist()
+
+
+class TaggedMLP(L.LightningModule):
+    """Four Linear+Tanh layers over :func:`tagged_rows`: dropout in the first layer only, so that the processes'
+    random streams (and the order a shuffled DataLoader draws from them) part after the first epoch, and the last
+    two layers, which make one stage of two, share a weight. Each process writes, per step, the sample ids of the
+    inputs it loaded and of the targets its loss saw (``tagged_rank<r>.json``), and whether the weight is still
+    shared after fit (``ties_rank<r>.json``)."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(4))
+        self.layers[0].append(nn.Dropout(0.5))
+        self.layers[3][0].weight = self.layers[2][0].weight
+        self.out = out
+        self.inputs: list[list[int]] = []
+        self.targets: dict[int, list[int]] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        return list(self.layers)
+
+    def pipeline_batch(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        self.inputs.append(_ids(batch[0]))
+        return batch[0], batch[1]
+
+    def pipeline_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        self.targets.setdefault(self.trainer.global_step, []).extend(_ids(target))
+        return F.mse_loss(output, target)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.pipeline_loss(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def on_train_end(self) -> None:
+        seen = {"inputs": self.inputs, "targets": self.targets}
+        (self.out / f"tagged_rank{self.global_rank}.json").write_text(json.dumps(seen))
+
+    def teardown(self, stage: str) -> None:  # after the strategy's teardown has reassembled the model
+        ties = {
+            "tied": self.layers[3][0].weight is self.layers[2][0].weight,
+            "parameters": sum(p.numel() for p in self.parameters()),
+        }
+        (self.out / f"ties_rank{self.global_rank}.json").write_text(json.dumps(ties))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_speedup.pipeline import (
+    PipelineLayers,
     layer_param_counts,
     layer_times,
     partition_costs,
@@ -87,3 +88,24 @@ def test_theoretical_bubble() -> None:
 def test_too_many_stages_named() -> None:
     with pytest.raises(ValueError, match="Cannot split 3 layer"):
         partition_costs([1, 2, 3], 4)
+
+
+def test_layer_times_measure_a_copy_on_the_measuring_device() -> None:
+    """balance="time" measures a copy of each layer on the stage's device, fed the example moved there. The meta
+    device stands in for a GPU: before, a layer's copy stayed on the CPU while the example moved (on a GPU:
+    "Expected all tensors to be on the same device")."""
+    with torch.device("meta"):
+        built_on_meta = nn.Linear(8, 8)
+    layers = PipelineLayers([nn.Linear(8, 8), built_on_meta], ["a", "b"], {}, {})
+    meta = torch.device("meta")
+    times = layer_times(
+        layers.modules, torch.randn(4, 8), meta, repeats=1, materialize=layers.materialized_copy
+    )
+    assert len(times) == 2
+    assert (
+        layers.modules[0].weight.device.type == "cpu" and built_on_meta.weight.device.type == "meta"
+    )  # untouched
+    on_cpu = layers.materialized_copy(built_on_meta, torch.device("cpu"))
+    assert on_cpu.weight.device.type == "cpu" and bool(
+        on_cpu.weight.abs().sum() > 0
+    )  # allocated and initialised

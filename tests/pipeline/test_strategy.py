@@ -12,8 +12,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_speedup import PipelineStrategy
 from lightning_speedup.pipeline import SCHEDULES
@@ -22,8 +23,10 @@ from tests.pipeline.common import (
     BatchNormLM,
     FailsOnTrainStart,
     PredictLM,
+    ReplicaOffsetLM,
     ReplicaShards,
     SavePredictions,
+    TaggedMLP,
     TinyLM,
     dataset,
     final_state,
@@ -32,6 +35,7 @@ from tests.pipeline.common import (
     loader,
     losses,
     needs_local_stages,
+    tagged_rows,
 )
 
 STAGES_PER_RANK = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zero_bubble": 2, "zbv": 2, "dualpipev": 2}
@@ -103,11 +107,18 @@ def test_pipeline_times_data_parallel(tmp_path: Path) -> None:
     """4 processes: 2 stages x 2 replicas, each replica half of every batch, equal single-process training,
     with two accumulated batches per step (replicas average once per optimizer step) and global-norm clipping.
     Every process logs and returns the mean of the replicas' losses, the single-process loss of the whole batch,
-    per step and for the epoch. Before, it was its own replica's half-batch loss."""
+    per step and for the epoch. Before, it was its own replica's half-batch loss.
+    The second replica's processes build other weights than the first's (ReplicaOffsetLM); each stage starts from
+    its first replica's, as under DDP. Before, the replicas trained apart from their own starts."""
+
+    def model() -> ReplicaOffsetLM:
+        L.seed_everything(0, verbose=False)  # the same weights as built in both runs
+        return ReplicaOffsetLM()
+
     kw = {"gradient_clip_val": 0.05, "accumulate_grad_batches": 2, "max_steps": 3}
-    ref = fit(tmp_path / "ref", **kw)
+    ref = fit(tmp_path / "ref", model=model(), **kw)
     run = fit(tmp_path / "pp", strategy=_pp("1f1b", pipeline_size=2, n_microbatches=2), devices=4,
-              data=ReplicaShards(), **kw)  # fmt: skip
+              model=model(), data=ReplicaShards(), **kw)  # fmt: skip
     a, b = final_state(ref), final_state(run)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
@@ -120,6 +131,30 @@ def test_pipeline_times_data_parallel(tmp_path: Path) -> None:
             assert got[key] == pytest.approx(want[key], rel=1e-6), (rank, key)
         for key in ("callback_metrics", "progress_bar"):
             assert got[key] == pytest.approx(want[key], rel=1e-6), (rank, key)
+
+
+def test_last_stage_pairs_the_first_stages_batch_and_ties_survive_fit(tmp_path: Path) -> None:
+    """Every process loads its own batch. With a shuffled DataLoader outside the distributed sampler and dropout in
+    the first stage only, the two processes' orders part in the second epoch: the last stage's loss must still
+    take the targets of the samples the first stage fed (before, it took those of its own, other samples, from
+    step 4 on, and no error said so). Weights tied inside one stage (TaggedMLP's last two layers) are still one
+    parameter after fit in every process, also in the one that did not hold that stage (before, it had two)."""
+    L.seed_everything(0, verbose=False)
+    model = TaggedMLP(tmp_path)
+    before = sum(p.numel() for p in model.parameters())
+    data = DataLoader(tagged_rows(), batch_size=8, shuffle=True, drop_last=True)
+    fit(tmp_path, strategy=_pp("1f1b", n_microbatches=2), devices=2, model=model, data=data, max_steps=-1,
+        max_epochs=2)  # fmt: skip
+    first, last = (json.loads((tmp_path / f"tagged_rank{r}.json").read_text()) for r in range(2))
+    assert len(first["inputs"]) == 8  # 2 epochs of 4 batches of 8
+    assert first["inputs"] != last["inputs"]  # the processes did load different batches
+    # The step's last 8 targets: torch's shape-finding pass may take one more loss of the first micro-batch.
+    assert [last["targets"][str(step)][-8:] for step in range(8)] == first["inputs"]
+    for rank in range(2):
+        assert json.loads((tmp_path / f"ties_rank{rank}.json").read_text()) == {
+            "tied": True,
+            "parameters": before,
+        }
 
 
 def test_clipping_and_accumulation_match_single_process(tmp_path: Path) -> None:
@@ -364,6 +399,17 @@ class _Tied(TinyLM):
         self.head.weight = self.embed.tok.weight  # (VOCAB, WIDTH) both: an embedding tied to the output head
 
 
+class _DictRows(Dataset):
+    """TinyLM's samples as ``{"x": inputs, "y": target}``."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = dataset()[i]
+        return {"x": x, "y": y}
+
+
 class _ManualOptimization(TinyLM):
     def __init__(self) -> None:
         super().__init__()
@@ -406,6 +452,22 @@ class _ManualOptimization(TinyLM):
         (_Tied(), PipelineStrategy("interleaved_1f1b", n_microbatches=2), None, ValueError, "tied weights"),
         (TinyLM(), PipelineStrategy("1f1b", pipeline_size=2), None, ValueError, "multiple of pipeline_size"),
         (TinyLM(), PipelineStrategy("1f1b", balance="time"), None, ValueError, "example_input_array"),
+        # Before, a bare KeyError: 0.
+        (
+            TinyLM(),
+            PipelineStrategy("1f1b", n_microbatches=2),
+            DataLoader(_DictRows(), batch_size=8, drop_last=True),
+            TypeError,
+            r"got a dict batch\. Define pipeline_batch\(batch\) -> \(inputs, target\)",
+        ),
+        # Before, the batch's first two samples were taken for inputs and target.
+        (
+            TinyLM(),
+            PipelineStrategy("1f1b", n_microbatches=2),
+            DataLoader(dataset().tensors[0], batch_size=8, drop_last=True),
+            TypeError,
+            r"got a Tensor batch\. Define pipeline_batch",
+        ),
         (
             _TupleOut(),
             PipelineStrategy("1f1b", n_microbatches=2),
@@ -431,6 +493,8 @@ class _ManualOptimization(TinyLM):
         "tied",
         "world-size",
         "time-without-example",
+        "dict-batch",
+        "tensor-batch",
         "tuple-output",
         "manual-optimization",
     ],
@@ -440,6 +504,29 @@ def test_bad_input_gets_a_clear_error(
 ) -> None:
     with pytest.raises(error, match=match):
         _fit_one_process(model, strategy, data)
+
+
+def test_fp16_with_a_loss_scaler_is_refused() -> None:
+    """precision="16-mixed" (here its plugin with a CPU GradScaler, as Lightning builds it on a GPU): the schedule
+    differentiates the unscaled loss, so the scaler divided the true gradients by 65536 (SGD barely moved)."""
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(
+        ValueError, match=r"fp16 mixed precision with a loss scaler.*Use precision='bf16-mixed'"
+    ):
+        _fit_one_process(TinyLM(), PipelineStrategy("1f1b", n_microbatches=2), plugins=[plugin])
+
+
+def test_runs_in_one_process_reuse_the_process_groups() -> None:
+    """Each setup (fit, validate, test, predict) asks for its pipeline and replica groups. Before, every one made
+    new groups that were never destroyed, so a long-lived process (a notebook, rank 0 under popen) piled them up;
+    now a second run, even with a new Trainer and strategy, reuses them."""
+    from torch.distributed.distributed_c10d import _world  # private: the only census of live process groups
+
+    alive = []
+    for _ in range(3):
+        _fit_one_process(TinyLM(), PipelineStrategy("1f1b", n_microbatches=2))
+        alive.append(len(_world.pg_map))
+    assert alive[0] == alive[1] == alive[2]
 
 
 def test_sync_batchnorm_is_refused_instead_of_ignored() -> None:
