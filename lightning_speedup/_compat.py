@@ -32,6 +32,7 @@ __all__ = [
     "DDP_REGISTER_HOOKS",
     "DDP_SETUP_MODEL",
     "StrategyRegistryType",
+    "batches_done_on_resume",
     "batches_stepped",
     "before_batch_transfer",
     "check_ddp_overrides",
@@ -119,6 +120,23 @@ def batches_stepped(trainer: pl.Trainer) -> int:
     attribute counts it.
     """
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def batches_done_on_resume(trainer: pl.Trainer) -> tuple[int, bool]:
+    """Training batches of the current epoch that the fit loop will count as done when it resumes from a
+    checkpoint saved now, and whether it will train one of them again.
+
+    Why: a loader that resumes mid-epoch must skip exactly the batches the loop skips; the loop's count is the
+    epoch loop's ``batch_progress`` (checkpointed with the loops), which no public attribute exposes. A checkpoint
+    saved in ``on_train_batch_end`` (``ModelCheckpoint(every_n_train_steps=...)``) has ``ready == completed + 1``:
+    Lightning >= 2.5 counts that batch as done on resume (its epoch loop has ``restarted_on_train_batch_end``);
+    older releases count ``completed`` only and train that batch again (the second value is then True).
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    progress = epoch_loop.batch_progress.current
+    if hasattr(type(epoch_loop), "restarted_on_train_batch_end"):
+        return int(progress.ready), False
+    return int(progress.completed), progress.ready != progress.completed
 
 
 def logged_step(trainer: pl.Trainer) -> int | None:

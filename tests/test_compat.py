@@ -34,6 +34,7 @@ from lightning_speedup._compat import (
     LAUNCHER_RECOVER,
     LAUNCHER_RECOVER_PARAMETERS,
     StrategyRegistryType,
+    batches_done_on_resume,
     before_batch_transfer,
     check_ddp_overrides,
     current_hook,
@@ -276,6 +277,41 @@ def test_logged_step_counts_optimizer_steps_with_accumulation(tmp_path: Path) ->
     t.fit(Tiny(), loader(n=32))  # 8 batches, 4 optimizer steps
     assert [step for step, _ in probe.seen] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert all(step == global_step for step, global_step in probe.seen)
+
+
+class _SaveMidEpoch(L.Callback):
+    """Saves a checkpoint in ``on_train_batch_end`` of one batch (as ``ModelCheckpoint(every_n_train_steps=...)``
+    does) and records what ``batches_done_on_resume`` says then; on a resumed fit, records the first batch."""
+
+    def __init__(self, path: Path, at: int) -> None:
+        self.path, self.at = path, at
+        self.said: tuple[int, bool] | None = None
+        self.first: int | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.first is None:
+            self.first = args[-1]  # batch_idx
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if args[-1] == self.at and self.said is None and trainer.current_epoch == 1:
+            trainer.save_checkpoint(self.path)
+            self.said = batches_done_on_resume(trainer)
+
+
+def test_batches_done_on_resume_is_where_the_resumed_loop_starts(tmp_path: Path) -> None:
+    """The count a mid-epoch loader resumes from is the batch the fit loop resumes at; where the release trains the
+    saved batch again (before Lightning 2.5), the function says so."""
+    path = tmp_path / "mid.ckpt"
+    saving = _SaveMidEpoch(path, at=2)
+    trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[saving]).fit(Tiny(), loader(n=32))
+    assert saving.said is not None
+    resumed = _SaveMidEpoch(tmp_path / "unused.ckpt", at=-1)
+    trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[resumed]).fit(
+        Tiny(), loader(n=32), ckpt_path=path
+    )
+    done, repeats = saving.said
+    assert resumed.first == done
+    assert done == (2 if repeats else 3)  # batches 0-2 ran before the save
 
 
 def test_logged_step_is_where_learning_rate_monitor_logs(tmp_path: Path) -> None:

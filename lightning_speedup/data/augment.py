@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_speedup._validation import check_int
+from lightning_speedup._validation import check_float, check_int
 
 __all__ = [
+    "CenterCrop",
     "ChannelsLast",
     "Compose",
     "CutMix",
@@ -140,15 +141,21 @@ def _pair(size: int | Sequence[int], op: str) -> tuple[int, int]:
 class ImageOp:
     """A batched op on images ``(B, C, H, W) -> (B', C', H', W')``.
 
-    ``random`` says whether the op draws random parameters. Deterministic ops (dtype, normalisation,
-    memory format) are what :class:`~lightning_speedup.data.gpu_augment.GPUAugment` also applies to
-    evaluation batches, so validation sees the same input distribution as training.
+    ``random`` says whether the op draws random parameters. :meth:`eval_op` is the op's evaluation
+    form, which :class:`~lightning_speedup.data.gpu_augment.GPUAugment` applies to evaluation batches
+    so that validation sees the same input distribution (and shape) as training: a deterministic op
+    (dtype, normalisation, memory format) is its own evaluation form, a random op has none unless it
+    changes the image size (:class:`RandomCrop` becomes a centre crop to the same size).
     """
 
     random: ClassVar[bool] = True
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
+
+    def eval_op(self) -> ImageOp | None:
+        """The op applied to evaluation batches in this op's place, or None to skip it there."""
+        return None if self.random else self
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -165,10 +172,10 @@ class MixOp(ImageOp):
 
     def __init__(self, alpha: float, num_classes: int | None) -> None:
         name = type(self).__name__
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-            raise ValueError(
-                f"{name}: alpha must be a number > 0 (Beta(alpha, alpha) mixing); got {alpha!r}."
-            )
+        # Finite only: Beta(inf, inf) is no distribution (MixUp got NaN weights, CutMix did nothing).
+        check_float(
+            "alpha", alpha, 0.0, prefix=f"{name}: ", hint="It is the a of Beta(a, a) mixing, e.g. 0.2."
+        )
         if num_classes is not None:
             check_int("num_classes", num_classes, 1, prefix=f"{name}: ")
         self.alpha = float(alpha)
@@ -325,6 +332,60 @@ class RandomCrop(ImageOp):
             _check_fill(self.fill, images.dtype, "RandomCrop")
         return crop_batch(images, top, left, self.size, self.padding, self.padding_mode, self.fill)
 
+    def eval_op(self) -> ImageOp:
+        """A :class:`CenterCrop` to the same size (torchvision's RandomCrop/CenterCrop convention), so that
+        evaluation batches have the training batches' shape; the identity when the crop keeps the size."""
+        return CenterCrop(self.size, self.padding, self.padding_mode, self.fill)
+
+
+class CenterCrop(ImageOp):
+    """Crop ``size`` at the centre of every image, as if it were first padded by ``padding`` on each side.
+
+    The evaluation form of :class:`RandomCrop` (same arguments): the crop starts ``(H - h) // 2`` rows
+    and ``(W - w) // 2`` columns into the image (negative: into the padding), so a crop that keeps the
+    image size returns the batch unchanged (the same tensor) and ``RandomCrop(24)``'s 24x24 training crops
+    of 28x28 images are matched by the central 24x24 at evaluation.
+
+    Raises:
+        ValueError: as :class:`RandomCrop`: bad ``size``/``padding``/``padding_mode``/``fill`` here, and at
+            call time a crop larger than the padded image or a ``fill`` the integer images cannot hold.
+    """
+
+    random: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        padding: int = 0,
+        padding_mode: PaddingMode = "constant",
+        fill: float = 0.0,
+    ) -> None:
+        self.size = _pair(size, "CenterCrop")
+        self.padding = check_int("padding", padding, 0, prefix="CenterCrop: ")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(
+                f"CenterCrop: padding_mode must be one of {_PADDING_MODES}; got {padding_mode!r}."
+            )
+        self.padding_mode: PaddingMode = padding_mode
+        self.fill = _check_fill_type(fill, "CenterCrop")
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        images = check_images(images, "CenterCrop")
+        B, _, H, W = images.shape
+        p, (h, w) = self.padding, self.size
+        if (h, w) == (H, W):
+            return images
+        if h > H + 2 * p or w > W + 2 * p:
+            raise ValueError(
+                f"CenterCrop: the crop {h}x{w} is larger than the padded image {H + 2 * p}x{W + 2 * p} "
+                f"(images of shape {tuple(images.shape)} plus padding {p} on each side); use a size of at most "
+                f"{H + 2 * p}x{W + 2 * p} or more padding."
+            )
+        # Offsets into the padded image, as crop_batch takes them.
+        top = torch.full((B,), p + (H - h) // 2, dtype=torch.long, device=images.device)
+        left = torch.full((B,), p + (W - w) // 2, dtype=torch.long, device=images.device)
+        return crop_batch(images, top, left, self.size, self.padding, self.padding_mode, self.fill)
+
 
 # ----------------------------------------------------------------------------------------------------
 # flip and cutout
@@ -453,6 +514,19 @@ class ChannelsLast(ImageOp):
         return check_images(images, "ChannelsLast").contiguous(memory_format=torch.channels_last)
 
 
+def _check_finite(name: str, value: object, prefix: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{prefix}{name} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def _per_channel(name: str, value: object) -> list[tuple[str, object]]:
+    """``value`` as ``[(name, value)]`` for a number, ``[(f"{name}[i]", v_i), ...]`` for a sequence of them."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    return [(name, value)]  # a number, or something check_float refuses by name (a str is not per-channel)
+
+
 class Normalize(ImageOp):
     """``(x - mean) / std`` per channel. uint8 input is first converted to ``dtype`` and scaled to [0, 1].
 
@@ -461,8 +535,9 @@ class Normalize(ImageOp):
     ``GPUAugment(RandomCrop(28, padding=2), RandomHorizontalFlip(), Normalize(0.286, 0.353))``.
 
     Raises:
-        ValueError: ``mean``/``std`` of different lengths, a non-positive std, or at call time a batch
-            whose channel count does not match the number of means.
+        ValueError: a mean that is not a finite number (NaN, inf, a string), a std that is not a finite
+            number > 0, ``mean``/``std`` of different lengths, or at call time a batch whose channel count
+            does not match the number of means.
     """
 
     random: ClassVar[bool] = False
@@ -470,15 +545,16 @@ class Normalize(ImageOp):
     def __init__(
         self, mean: float | Sequence[float], std: float | Sequence[float], dtype: torch.dtype = torch.float32
     ) -> None:
-        self.mean = [float(mean)] if isinstance(mean, (int, float)) else [float(m) for m in mean]
-        self.std = [float(std)] if isinstance(std, (int, float)) else [float(s) for s in std]
+        self.mean = [_check_finite(name, m, "Normalize: ") for name, m in _per_channel("mean", mean)]
+        self.std = [
+            check_float(name, s, 0.0, prefix="Normalize: ", hint="Stds are on the [0, 1] scale, e.g. 0.353.")
+            for name, s in _per_channel("std", std)
+        ]
         if not self.mean or len(self.mean) != len(self.std):
             raise ValueError(
                 f"Normalize: mean and std need the same number of channels (>= 1); got {len(self.mean)} means "
                 f"and {len(self.std)} stds."
             )
-        if any(not s > 0 for s in self.std):
-            raise ValueError(f"Normalize: every std must be > 0; got {self.std}.")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"Normalize: dtype must be a floating-point torch.dtype; got {dtype!r}.")
         self.dtype = dtype
@@ -517,12 +593,19 @@ class Normalize(ImageOp):
 _GAMMA_TRIES = 8
 
 
-def _sample_gamma(shape: float, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
-    # Marsaglia & Tsang (2000). torch's own Gamma sampler takes no generator, and per-run
-    # reproducibility needs one. Rejection is vectorised over a fixed number of candidates so the
-    # draw never syncs with the host; each candidate is accepted with probability > 0.95, so all
-    # _GAMMA_TRIES fail with probability < 4e-11 per sample, in which case the last candidate
-    # (a valid positive draw from the proposal) is used.
+def _sample_log_gamma(
+    shape: float, n: int, device: torch.device, generator: torch.Generator | None
+) -> Tensor:
+    """``n`` draws of ``log(X)``, ``X ~ Gamma(shape, 1)``, in float64.
+
+    Marsaglia & Tsang (2000). torch's own Gamma sampler takes no generator, and per-run
+    reproducibility needs one. Rejection is vectorised over a fixed number of candidates so the draw
+    never syncs with the host; each candidate is accepted with probability > 0.95, so all
+    _GAMMA_TRIES fail with probability < 4e-11 per sample, in which case the last candidate (a valid
+    positive draw from the proposal) is used. The result is a logarithm because for a small shape the
+    boost ``U ** (1 / shape)`` underflows float64 to 0 (at shape 0.005, for U < 0.03), and two zeros
+    made Beta's ``x / (x + y)`` NaN; ``log(U) / shape`` stays finite.
+    """
     boost = shape < 1.0
     k = shape + 1.0 if boost else shape
     d = k - 1.0 / 3.0
@@ -534,9 +617,10 @@ def _sample_gamma(shape: float, n: int, device: torch.device, generator: torch.G
     accept = (v > 0) & (u.log() < 0.5 * z * z + d - d * v_safe + d * v_safe.log())
     accept[-1] = True
     first = accept.to(torch.uint8).argmax(dim=0)  # first accepted candidate per sample
-    out = d * v_safe.gather(0, first.view(1, n)).view(n)
-    if boost:  # Gamma(a) = Gamma(a + 1) * U^(1/a)
-        out = out * torch.rand(n, device=device, generator=generator, dtype=torch.float64) ** (1.0 / shape)
+    out = (d * v_safe.gather(0, first.view(1, n)).view(n)).log()
+    if boost:  # Gamma(a) = Gamma(a + 1) * U^(1/a); U > 0 so that the log is finite
+        u_boost = torch.rand(n, device=device, generator=generator, dtype=torch.float64)
+        out = out + u_boost.clamp_min(torch.finfo(torch.float64).tiny).log() / shape
     return out
 
 
@@ -547,11 +631,20 @@ def sample_beta(
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """``n`` draws from Beta(alpha, beta) as float32, reproducible with ``generator`` (unlike ``torch.distributions``)."""
+    """``n`` draws from Beta(alpha, beta) as float32, reproducible with ``generator`` (unlike ``torch.distributions``).
+
+    ``X / (X + Y)`` with ``X ~ Gamma(alpha)``, ``Y ~ Gamma(beta)``, computed as ``sigmoid(log X - log Y)``:
+    finite for every finite alpha, beta > 0, however small (then most draws are 0 or 1).
+
+    Raises:
+        ValueError: ``alpha`` or ``beta`` is not a finite number > 0.
+    """
+    check_float("alpha", alpha, 0.0, prefix="sample_beta: ")
+    check_float("beta", beta, 0.0, prefix="sample_beta: ")
     device = torch.device(device)
-    x = _sample_gamma(alpha, n, device, generator)
-    y = _sample_gamma(beta, n, device, generator)
-    return (x / (x + y)).float()
+    log_x = _sample_log_gamma(alpha, n, device, generator)
+    log_y = _sample_log_gamma(beta, n, device, generator)
+    return torch.sigmoid(log_x - log_y).float()
 
 
 class MixUp(MixOp):
@@ -650,7 +743,7 @@ class Compose:
             if not isinstance(op, ImageOp):
                 raise TypeError(
                     f"Expected ops from lightning_speedup.augment (RandomCrop, RandomHorizontalFlip, Cutout, "
-                    f"Normalize, ToDtype, ChannelsLast, MixUp, CutMix) or a subclass of ImageOp/MixOp; "
+                    f"CenterCrop, Normalize, ToDtype, ChannelsLast, MixUp, CutMix) or a subclass of ImageOp/MixOp; "
                     f"got {op!r} of type {type(op).__name__}."
                 )
         self.ops: tuple[ImageOp, ...] = tuple(ops)
@@ -661,8 +754,12 @@ class Compose:
         return self._needs_labels  # read on every batch; the ops tuple never changes
 
     def deterministic(self) -> Compose | None:
-        """The ops that draw no random numbers (for evaluation batches), or None if there are none."""
-        ops = [op for op in self.ops if not op.random]
+        """The ops' evaluation forms (:meth:`ImageOp.eval_op`) in order, or None if no op has one.
+
+        Deterministic ops are kept, random ones dropped, except a :class:`RandomCrop`, which becomes a
+        :class:`CenterCrop` to the same size so that evaluation batches have the training batches' shape.
+        """
+        ops = [eval_form for op in self.ops if (eval_form := op.eval_op()) is not None]
         return Compose(*ops) if ops else None
 
     def __call__(

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_speedup._validation import check_int
+from lightning_speedup._validation import check_bool, check_int
 from lightning_speedup.data.augment import Compose, ImageOp, MixOp, batch_seed
 
 __all__ = ["GPUAugment"]
@@ -100,9 +100,10 @@ class GPUAugment(Callback):
         ])
 
     Random ops apply to training batches only. The deterministic ops (``ToDtype``, ``Normalize``,
-    ``ChannelsLast``) also apply, in order, to validation, test and predict batches when
+    ``ChannelsLast``, ``CenterCrop``) also apply, in order, to validation, test and predict batches when
     ``convert_eval`` is true, so a pipeline that ships uint8 images converts them the same way
-    everywhere. Outputs pass through the precision plugin's ``convert_input`` (as Lightning does for
+    everywhere; a ``RandomCrop`` becomes a ``CenterCrop`` to the same size there (the identity for
+    ``RandomCrop(28, padding=2)`` on 28x28 images), so evaluation batches have the training shape. Outputs pass through the precision plugin's ``convert_input`` (as Lightning does for
     the batch before transfer), so a ``"bf16-true"`` run gets bf16 images.
 
     Callback order matters only relative to other callbacks that read the batch in
@@ -117,14 +118,18 @@ class GPUAugment(Callback):
         *args: ops from :mod:`lightning_speedup.augment`, applied in order.
         ops: the same as a list, instead of positionally (the form a LightningCLI YAML config uses).
         seed: seed of the augmentation stream; ``None`` draws one from torch's global RNG at setup
-            (so ``seed_everything`` fixes it) and broadcasts rank 0's value.
+            (so ``seed_everything`` fixes it) and broadcasts rank 0's value. A fresh ``fit`` (one that
+            starts at step 0, not from a checkpoint) starts the stream over: the step counter goes back
+            to 0 and the seed to this value (``None`` draws again), as for a new callback; resuming from
+            a checkpoint restores the checkpointed seed and step.
         image_key: where the images ``(B, C, H, W)`` are in the batch: an index for tuples/lists, a
             key for dicts, an attribute name for dataclasses.
         label_key: where the labels are; needed only by MixUp/CutMix (which replace them by soft labels).
         convert_eval: apply the deterministic ops to evaluation batches too.
 
     Raises:
-        ValueError: no ops, ops given both positionally and as ``ops=``, a mixing op with ``label_key=None``, or a seed that is not an int.
+        ValueError: no ops, ops given both positionally and as ``ops=``, a mixing op with ``label_key=None``, a seed
+            that is not an int, or a ``convert_eval`` that is not a bool.
         TypeError: an op that is not from :mod:`lightning_speedup.augment` (or a subclass of its bases).
     """
 
@@ -159,6 +164,7 @@ class GPUAugment(Callback):
                     f"{name} must be an int (tuple/list index) or a str (dict key/attribute); got {key!r}."
                 )
         check_int("seed", seed, None, allow_none=True)
+        check_bool("convert_eval", convert_eval)
         self.eval_pipeline = self.pipeline.deterministic() if convert_eval else None
         self._init_seed = seed
         self.seed: int | None = seed
@@ -181,6 +187,12 @@ class GPUAugment(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.global_step == 0:
+            # A fresh fit starts the stream as a new callback would. A resumed fit loads the checkpoint's
+            # seed and step after this hook (Lightning restores callback state after setup); a second fit
+            # that continues the same Trainer (global_step > 0) continues the stream.
+            self.step = 0
+            self.seed = self._init_seed
         if self.seed is None:
             drawn = int(torch.randint(0, 2**62, (1,)).item())
             self.seed = int(trainer.strategy.broadcast(drawn, src=0))

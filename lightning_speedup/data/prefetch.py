@@ -298,6 +298,7 @@ class _CUDAPrefetchIterator(Iterator[Any]):
 
 # A stateful loader's state runs `depth` batches ahead of what the loop consumed, so resuming from it
 # would skip batches; without these, Lightning treats the wrapper as a plain (non-resumable) iterable.
+# (A loader whose state counts the batches its consumer finished gets them in PrefetchLoader.__init__.)
 _NOT_FORWARDED = frozenset({"state_dict", "load_state_dict"})
 
 
@@ -343,6 +344,13 @@ class PrefetchLoader:
         self.background = background
         self._warned_unpinned = False
         self._live: _FetchThread | None = None  # the latest iterator's fetch thread (not the iterator)
+        if getattr(loader, "counts_consumed", False):
+            # The loader's state counts the batches the loop finished (ResidentBatches under
+            # DeviceResidentDataModule), not the ones fetched ahead, so it stays true through the wrapper and a
+            # mid-epoch resume works. Instance attributes, not __getattr__: Lightning's `_Stateful` check is a
+            # runtime protocol, which Python >= 3.12 matches with inspect.getattr_static.
+            self.state_dict = loader.state_dict  # type: ignore[attr-defined]
+            self.load_state_dict = loader.load_state_dict  # type: ignore[attr-defined]
 
     def __iter__(self) -> Iterator[Any]:
         if self.device.type != "cuda":

@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_speedup._validation import check_int
+from lightning_speedup._validation import check_bool, check_int
 from lightning_speedup.data.prefetch import GPUPrefetcher, PrefetchLoader
 from lightning_speedup.data.resident import ResidentBatches
 from lightning_speedup.metrics import log_number
@@ -166,14 +166,20 @@ class DataStallMonitor(Callback):
             ``"auto"`` (CUDA on a CUDA device, host otherwise).
         log: log ``{prefix}wait_ms`` and ``{prefix}wait_fraction`` through ``LightningModule.log``.
         prefix: prefix of the logged names.
-        max_history: per-step timings kept for :meth:`summary` (the most recent ones).
+        max_history: per-step timings kept for :meth:`summary` (the most recent ones), >= 1; None keeps all.
         find_syncs: on CUDA, watch one step cycle after warm-up with ``torch.cuda.set_sync_debug_mode``
             and record where the host waited for the GPU (:attr:`sync_sites`); the warning names them.
             A sync every step keeps the host from running ahead, so the GPU waits for the host's
-            per-step work, which this monitor counts as data wait.
+            per-step work, which this monitor counts as data wait. Warnings other than the sync warnings
+            that are raised during the watched cycle are shown when it ends.
+
+    One monitor measures one fit: a fresh ``fit`` (one that starts at step 0, not from a checkpoint)
+    starts with no history, its own warm-up, its own warning and sync watch; resuming from a checkpoint
+    restores the checkpointed steps and history.
 
     Raises:
         ValueError: a threshold outside (0, 1), a window < 1, negative warmup, an unknown timing,
+            ``log`` not a bool, ``prefix`` not a str, ``max_history`` not an int >= 1 or None,
             or ``timing="cuda"`` on a non-CUDA device (at setup).
     """
 
@@ -185,7 +191,7 @@ class DataStallMonitor(Callback):
         timing: Timing = "auto",
         log: bool = True,
         prefix: str = "data/",
-        max_history: int = 100_000,
+        max_history: int | None = 100_000,
         find_syncs: bool = True,
     ) -> None:
         if not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
@@ -196,6 +202,15 @@ class DataStallMonitor(Callback):
             raise ValueError(f"timing must be 'auto', 'cuda' or 'host'; got {timing!r}.")
         if not isinstance(find_syncs, bool):
             raise TypeError(f"find_syncs must be True or False; got {find_syncs!r}.")
+        check_bool("log", log)
+        if not isinstance(prefix, str):
+            raise ValueError(
+                f"prefix must be a str (put before the logged names, e.g. 'data/'); got {prefix!r}."
+            )
+        check_int(
+            "max_history", max_history, 1, "per-step timings kept for summary()", allow_none=True,
+            hint="None keeps every step.",
+        )  # fmt: skip
         self.threshold, self.window, self.warmup_steps = float(threshold), window, warmup_steps
         self.timing: Timing = timing
         self.log_metrics, self.prefix = log, prefix
@@ -256,7 +271,21 @@ class DataStallMonitor(Callback):
                 f"DataStallMonitor(timing='cuda') needs a CUDA device; this run uses {trainer.strategy.root_device}. "
                 "Use timing='auto' or 'host'."
             )
+        if stage == "fit" and trainer.global_step == 0:
+            # A fresh fit: its start-up steps are warm-up again and its timings are its own. A resumed fit
+            # loads the checkpoint's state after this hook (Lightning restores callbacks after setup).
+            self._reset_fit_state()
         self._use_cuda = is_cuda and self.timing != "host"
+
+    def _reset_fit_state(self) -> None:
+        self._stop_sync_watch()
+        self._step = 0
+        self._mark = self._start = None
+        self._pending.clear()
+        self._recent.clear()
+        self.history.clear()
+        self.warned = False
+        self.sync_sites = None
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -289,12 +318,18 @@ class DataStallMonitor(Callback):
         self._sync_watch.__exit__(None, None, None)
         self._sync_watch = None
         sites: dict[str, float] = {}
+        others: list[warnings.WarningMessage] = []
         for caught in self._sync_caught:
             if "called a synchronizing CUDA operation" in str(caught.message):
                 site = _short_path(caught.filename) + f":{caught.lineno}"
                 sites[site] = sites.get(site, 0) + 1
+            else:
+                others.append(caught)
         self.sync_sites = dict(sorted(sites.items(), key=lambda kv: -kv[1]))
         self._sync_caught = []
+        # The watch recorded every warning of the cycle; the others are the user's, shown under their filters.
+        for caught in others:
+            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
 
     @override
     def on_train_batch_end(
@@ -342,6 +377,14 @@ class DataStallMonitor(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._stop_sync_watch()  # a run that ended inside the watched step
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning does not call teardown when fit raises: without this, the sync debug mode would stay at
+        # "warn" and every later warning of the process would be recorded here and never shown.
+        self._stop_sync_watch()
 
     # -- results ---------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_speedup import augment as ls_augment
 from lightning_speedup.data.augment import (
+    CenterCrop,
     ChannelsLast,
     Compose,
     CutMix,
@@ -526,3 +528,109 @@ def test_resume_is_bitwise_identical(tmp_path: Path) -> None:
     assert resumed_aug.seed == full_aug.seed and resumed_aug.step == full_aug.step == 4 * N // 16
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# -- small alpha, bad arguments, evaluation crops, fresh fits ----------------------------------------
+
+
+# Beta(a, a) probabilities from scipy.stats.beta(a, a).cdf: of [0.01, 0.99], and of (0, 1e-30).
+@pytest.mark.parametrize("alpha, middle, tiny", [(0.005, 0.022674, 0.353987), (0.001, 0.004583, 0.466628)])
+def test_beta_sampler_stays_finite_for_small_alpha(alpha: float, middle: float, tiny: float) -> None:
+    """For a small alpha both Gamma boosts underflowed to 0 and x / (x + y) was NaN. The draws follow
+    Beta(a, a) into its tails: the share below 1e-30 is right too (about 6 and 7 standard errors allowed)."""
+    lam = sample_beta(alpha, alpha, 100_000, generator=gen())
+    assert torch.isfinite(lam).all() and lam.min() >= 0 and lam.max() <= 1
+    assert abs((lam < 0.5).double().mean().item() - 0.5) < 0.01
+    assert abs(((lam >= 0.01) & (lam <= 0.99)).double().mean().item() - middle) < 0.003
+    assert abs((lam < 1e-30).double().mean().item() - tiny) < 0.01
+    mixed, soft = MixUp(alpha, num_classes=10)(torch.rand(512, 1, 4, 4), torch.randint(0, 10, (512,)), gen(1))
+    assert torch.isfinite(mixed).all() and torch.isfinite(soft).all()
+
+
+@pytest.mark.parametrize("alpha", [math.inf, math.nan, "0.2", True, -1.0])
+def test_mixing_ops_refuse_alpha_that_is_not_a_finite_positive_number(alpha: object) -> None:
+    for op in (MixUp, CutMix):
+        with pytest.raises(ValueError, match=rf"^{op.__name__}: alpha must be a finite number > 0, got"):
+            op(alpha, num_classes=10)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^sample_beta: beta must be a finite number > 0, got"):
+        sample_beta(0.2, alpha, 4)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "mean, std, match",
+    [
+        (math.nan, 1.0, r"^Normalize: mean must be a finite number, got nan\.$"),
+        ([0.5, math.inf], [1.0, 1.0], r"^Normalize: mean\[1\] must be a finite number, got inf\.$"),
+        ("0.5", 1.0, r"^Normalize: mean must be a finite number, got '0\.5'\.$"),
+        (0.0, math.inf, r"^Normalize: std must be a finite number > 0, got inf\."),
+        (0.0, [0.2, math.nan], r"^Normalize: std\[1\] must be a finite number > 0, got nan\."),
+        (0.0, -0.1, r"^Normalize: std must be a finite number > 0, got -0\.1\."),
+    ],
+)
+def test_normalize_refuses_non_finite_statistics(mean: object, std: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Normalize(mean, std)  # type: ignore[arg-type]
+
+
+def test_convert_eval_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match=r"^convert_eval must be True or False, got 'no'\.$"):
+        GPUAugment(Normalize(0.5, 0.5), convert_eval="no")  # type: ignore[arg-type]
+
+
+def test_center_crop_is_the_evaluation_form_of_random_crop() -> None:
+    images = torch.rand(4, 2, 28, 28)
+    # Same size: the identity (the very tensor), whatever the padding.
+    assert RandomCrop(28, padding=2).eval_op()(images) is images
+    # Smaller: the central crop, as torchvision's CenterCrop (even margins).
+    torch.testing.assert_close(RandomCrop(24).eval_op()(images), images[..., 2:26, 2:26], rtol=0, atol=0)
+    # Larger than the image: the centre of the padded image, in the crop's padding mode.
+    for mode in ("constant", "reflect"):
+        out = RandomCrop((32, 30), padding=4, padding_mode=mode).eval_op()(images)  # type: ignore[arg-type]
+        torch.testing.assert_close(out, F.pad(images, (4,) * 4, mode=mode)[..., 2:34, 3:33], rtol=0, atol=0)
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    assert CenterCrop(20)(channels_last).is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"CenterCrop: the crop 40x40 is larger than the padded image 32x32"):
+        CenterCrop(40, padding=2)(images)
+    pipeline = Compose(
+        RandomCrop(24), RandomHorizontalFlip(), Normalize(0.5, 0.5), MixUp(0.2, 10)
+    ).deterministic()
+    assert repr(pipeline) == (
+        "Compose(CenterCrop(size=(24, 24), padding=0, padding_mode='constant', fill=0.0), "
+        "Normalize(mean=[0.5], std=[0.5], dtype=torch.float32))"
+    )
+    assert ls_augment.CenterCrop is CenterCrop
+
+
+def test_evaluation_batches_have_the_training_crop_size() -> None:
+    """RandomCrop(24) on 28x28 images: validation batches are the central 24x24, the size training sees."""
+    x, y = fake_images(64)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32)
+    norm = Normalize(0.286, 0.353)
+    model = Recorder()
+    model.net = nn.Sequential(nn.Flatten(), nn.Linear(24 * 24, CLASSES))  # fails on any other size
+    trainer(max_epochs=1, callbacks=[GPUAugment(RandomCrop(24), norm, seed=0)]).fit(model, loader, loader)
+    assert {tuple(xb.shape[-2:]) for xb, _ in model.train_batches} == {(24, 24)}
+    assert len(model.val_batches) == 2
+    for i, xb in enumerate(model.val_batches):
+        assert torch.equal(xb, norm(x[i * 32 : (i + 1) * 32, :, 2:26, 2:26]))
+
+
+def _first_batch(aug: GPUAugment, global_seed: int = 0) -> Tensor:
+    L.seed_everything(global_seed, verbose=False)
+    x, y = fake_images(64)
+    model = Recorder()
+    trainer(max_epochs=1, callbacks=[aug]).fit(model, DataLoader(TensorDataset(x, y), batch_size=32))
+    return model.train_batches[0][0]
+
+
+@pytest.mark.parametrize("seed", [3, None])
+def test_a_fresh_fit_starts_the_augmentation_stream_over(seed: int | None) -> None:
+    """A callback reused for a second fit (a sweep, a notebook re-run) augments it as a new callback would:
+    step 0, the constructor's seed, or with seed=None a seed drawn again from the global RNG."""
+    aug = GPUAugment(RandomCrop(28, padding=2), RandomHorizontalFlip(), seed=seed)
+    _first_batch(aug, global_seed=0)
+    assert aug.step == 2
+    second = _first_batch(aug, global_seed=1)
+    fresh = GPUAugment(RandomCrop(28, padding=2), RandomHorizontalFlip(), seed=seed)
+    assert torch.equal(second, _first_batch(fresh, global_seed=1))
+    assert aug.step == fresh.step == 2 and aug.seed == fresh.seed

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,3 +419,80 @@ def test_prefetcher_under_ddp_uses_each_ranks_device(tmp_path: Path) -> None:
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["devices"] == ["cuda:0"] and r1["devices"] == ["cuda:1"]
     assert not set(r0["seen"]) & set(r1["seen"]) and set(r0["seen"]) | set(r1["seen"]) == set(range(64))
+
+
+# -- mid-epoch resume through the prefetcher, and the sync watch after an exception -------------------
+
+
+class _Interrupt(L.Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int
+    ) -> None:
+        if trainer.global_step == self.at:
+            raise RuntimeError(f"interrupted at step {self.at}")
+
+
+def _fit_resident_prefetched(
+    root: Path, interrupt_at: int | None = None, ckpt: str | None = None
+) -> SmallCNN:
+    L.seed_everything(0, verbose=False)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (512, 1, 28, 28), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (512,), generator=g)
+    dm = DeviceResidentDataModule((images, labels), batch_size=64, seed=3)  # 8 batches per epoch
+    model = SmallCNN()
+    callbacks: list[L.Callback] = [
+        GPUPrefetcher(depth=2),
+        GPUAugment(RandomCrop(28, padding=2), RandomHorizontalFlip(), Normalize(0.286, 0.353), seed=1),
+        L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=3
+        ),
+    ]
+    if interrupt_at is not None:
+        callbacks.append(_Interrupt(interrupt_at))
+    trainer = gpu_trainer(max_epochs=2, callbacks=callbacks, deterministic=True, enable_checkpointing=True)
+    if interrupt_at is None:
+        trainer.fit(model, dm, ckpt_path=ckpt)
+    else:
+        with pytest.raises(RuntimeError, match="interrupted at step"):
+            trainer.fit(model, dm, ckpt_path=ckpt)
+    assert isinstance(trainer.train_dataloader, PrefetchLoader) and dm.resident
+    return model
+
+
+def test_mid_epoch_resume_of_resident_data_through_the_prefetcher_is_bitwise_identical(
+    tmp_path: Path,
+) -> None:
+    """The prefetcher reads the resident batches ahead on its thread; the loader's state counts the batches the
+    loop finished, so the wrapper passes it on and a resume from the step-9 checkpoint continues at batch 1 of
+    epoch 1."""
+    full = _fit_resident_prefetched(tmp_path / "full")
+    _fit_resident_prefetched(tmp_path / "part", interrupt_at=11)
+    state = torch.load(tmp_path / "part" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 9 and state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "batches": 1}
+    ]
+    resumed = _fit_resident_prefetched(tmp_path / "resumed", ckpt=str(tmp_path / "part" / "last.ckpt"))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_an_exception_in_the_watched_step_restores_the_sync_debug_mode() -> None:
+    monitor = DataStallMonitor(warmup_steps=1, log=False)
+
+    class Failing(MLP):
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            if self.global_step == 1:  # the step cycle the monitor watches
+                assert monitor._sync_watch is not None and torch.cuda.get_sync_debug_mode() == 1
+                raise RuntimeError("the watched step failed")
+            return super().training_step(batch, batch_idx)
+
+    loader = DataLoader(PinnedBatches(4, (8, 16)), batch_size=None)
+    with pytest.raises(RuntimeError, match="the watched step failed"):
+        gpu_trainer(max_epochs=1, callbacks=[monitor]).fit(Failing(16, 1), loader)
+    assert monitor._sync_watch is None and torch.cuda.get_sync_debug_mode() == 0
+    with pytest.warns(UserWarning, match="a later warning"):
+        warnings.warn("a later warning", stacklevel=1)

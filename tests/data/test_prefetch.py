@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import gc
+import inspect
 import logging
 import pickle
 import threading
@@ -15,6 +17,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.types import _Stateful
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -27,6 +30,7 @@ from lightning_speedup.data.prefetch import (
     iter_tensors,
     map_tensors,
 )
+from lightning_speedup.data.resident import ResidentBatches
 
 Pair = namedtuple("Pair", ["left", "right"])
 
@@ -103,6 +107,17 @@ def test_prefetch_loader_forwards_dataloader_attributes() -> None:
         _ = loader.no_such_attribute
     # Not resumable mid-epoch: a stateful loader's position runs `depth` batches ahead of the loop.
     assert not hasattr(PrefetchLoader(StatefulLoader(), "cpu"), "state_dict")
+    # ...unless its state counts the batches the loop finished (resident batches under Lightning). Found as
+    # Lightning's `_Stateful` check finds it on Python >= 3.12 (statically: no __getattr__), and pickled along.
+    tensors = (torch.zeros(8, 1),)
+    counting = PrefetchLoader(
+        ResidentBatches(tensors, batch_size=2, consumed=functools.partial(int, 0)), "cpu"
+    )
+    for name in ("state_dict", "load_state_dict"):
+        assert inspect.getattr_static(counting, name) == getattr(counting.loader, name)
+    assert isinstance(counting, _Stateful) and counting.state_dict() == {"epoch": 0, "batches": 0}
+    assert pickle.loads(pickle.dumps(counting)).state_dict() == {"epoch": 0, "batches": 0}
+    assert not isinstance(PrefetchLoader(ResidentBatches(tensors, batch_size=2), "cpu"), _Stateful)
 
 
 class StatefulLoader(list):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,13 +11,19 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loops import _TrainingEpochLoop
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_speedup.data.augment import RandomCrop, RandomHorizontalFlip
 from lightning_speedup.data.gpu_augment import GPUAugment
 from lightning_speedup.data.prefetch import _install_dataloader_wrapper
-from lightning_speedup.data.resident import DeviceResidentDataModule, ResidentBatches, _format_bytes
+from lightning_speedup.data.resident import (
+    DeviceResidentDataModule,
+    ResidentBatches,
+    _format_bytes,
+    epoch_indices,
+)
 
 
 def ids(n: int) -> tuple[Tensor, Tensor]:
@@ -268,3 +275,223 @@ def test_ddp_shards_resident_data_and_draws_rank_specific_augmentation(tmp_path:
     assert len(r0["augmented"]) == len(r1["augmented"]) == 4
     for a, b in zip(r0["augmented"], r1["augmented"]):
         assert a.shape == b.shape == (8, 1, 4, 4) and not torch.equal(a, b)
+
+
+# -- mid-epoch resume -------------------------------------------------------------------------------
+
+
+def test_state_dict_resumes_the_epoch_at_the_next_batch() -> None:
+    """Without Lightning: the state says which batch of which epoch comes next, and a new loader that loads it
+    yields exactly the rest of that epoch, then the following epochs as usual."""
+    x, y = ids(50)
+    whole = ResidentBatches((x, y), batch_size=8, seed=4)
+    epochs = [[b[1] for b in whole] for _ in range(2)]  # 7 batches per epoch
+    part = ResidentBatches((x, y), batch_size=8, seed=4)
+    taken = iter(part)
+    for _ in range(3):
+        next(taken)
+    state = part.state_dict()
+    assert state == {"epoch": 0, "batches": 3}
+    resumed = ResidentBatches((x, y), batch_size=8, seed=4)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state  # loaded but not started: saved again as loaded
+    rest = [b[1] for b in resumed]
+    assert len(rest) == 4 and all(torch.equal(a, b) for a, b in zip(rest, epochs[0][3:]))
+    assert resumed.state_dict() == {"epoch": 1, "batches": 0}  # an epoch taken to its end
+    assert all(torch.equal(a, b[1]) for a, b in zip(epochs[1], resumed))
+    # A state of another epoch than the one the next iter() is of starts that epoch from its first batch.
+    other = ResidentBatches((x, y), batch_size=8, seed=4, epoch=lambda: 1)
+    other.load_state_dict({"epoch": 0, "batches": 3})
+    assert all(torch.equal(a, b[1]) for a, b in zip(epochs[1], other))
+    # A consumer that reads ahead (Lightning's loop, a prefetcher) says how many batches it finished.
+    finished = {"n": 0}
+    ahead = ResidentBatches((x, y), batch_size=8, seed=4, consumed=lambda: finished["n"])
+    taken = iter(ahead)
+    for _ in range(4):
+        next(taken)
+    finished["n"] = 2
+    assert ahead.counts_consumed and ahead.state_dict() == {"epoch": 0, "batches": 2}
+
+
+class Interrupt(L.Callback):
+    """Stops the run with an error before training step ``at``, as a crash would."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.at:
+            raise RuntimeError(f"interrupted at step {self.at}")
+
+
+class FlatIdModel(IdModel):
+    """Records the ids it trains on in one list (a resumed run starts mid-epoch, without on_train_epoch_start)."""
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        self.flat.extend(batch[1].tolist())
+        return F.cross_entropy(self.net(batch[0].flatten(1).float()), batch[1] % 2)
+
+    def on_fit_start(self) -> None:
+        self.flat: list[int] = []
+
+
+def _fit_resident(
+    root: Path, interrupt_at: int | None = None, ckpt: str | None = None
+) -> tuple[FlatIdModel, list[str]]:
+    torch.manual_seed(0)
+    x, y = ids(64)
+    dm = DeviceResidentDataModule((x, y), batch_size=8, seed=3)  # 8 batches per epoch
+    model = FlatIdModel()
+    callbacks: list[L.Callback] = [
+        GPUAugment(RandomHorizontalFlip(), seed=1),
+        L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=root, save_last=True, save_top_k=0, every_n_train_steps=3
+        ),
+    ]
+    if interrupt_at is not None:
+        callbacks.append(Interrupt(interrupt_at))
+    trainer = cpu_trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if interrupt_at is None:
+            trainer.fit(model, dm, ckpt_path=ckpt)
+        else:
+            with pytest.raises(RuntimeError, match="interrupted at step"):
+                trainer.fit(model, dm, ckpt_path=ckpt)
+    return model, [str(w.message) for w in caught]
+
+
+# Lightning < 2.5 resumes a checkpoint saved in on_train_batch_end one batch early and trains that batch again
+# (its epoch loop lacks restarted_on_train_batch_end); the resident loader follows the loop, and the data module
+# says so when it saves such a checkpoint.
+EXACT_MID_EPOCH_RESUME = hasattr(_TrainingEpochLoop, "restarted_on_train_batch_end")
+
+
+def test_mid_epoch_resume_is_bitwise_identical(tmp_path: Path) -> None:
+    """A run that crashes at step 11 and resumes from its step-9 checkpoint (batch 1 of epoch 1) trains the
+    rest of epoch 1, batch 1 onwards, and ends with the weights of an uninterrupted run."""
+    full, _ = _fit_resident(tmp_path / "full")
+    part, part_messages = _fit_resident(tmp_path / "part", interrupt_at=11)
+    state = torch.load(tmp_path / "part" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 9
+    resumed, messages = _fit_resident(tmp_path / "resumed", ckpt=str(tmp_path / "part" / "last.ckpt"))
+    assert len(full.flat) == 2 * 64 and part.flat == full.flat[: 11 * 8]
+    assert not [m for m in messages if "not resumable" in m], messages
+    if not EXACT_MID_EPOCH_RESUME:
+        assert [m for m in part_messages if "one batch early and trains that batch a second time" in m]
+        assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 0}]
+        assert resumed.flat == full.flat[8 * 8 :]  # batch 0 of epoch 1 again, as the loop counts it
+        return
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    assert resumed.flat == full.flat[9 * 8 :]  # the 7 batches after the checkpoint, nothing twice
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# -- the over-budget path and DDP --------------------------------------------------------------------
+
+
+def _first_epoch_order(budget_bytes: int | None, seed: int, global_seed: int) -> list[int]:
+    L.seed_everything(global_seed, verbose=False)
+    x, y = ids(60)
+    dm = DeviceResidentDataModule((x, y), batch_size=12, seed=seed, budget_bytes=budget_bytes)
+    model = IdModel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cpu_trainer(max_epochs=2).fit(model, dm)
+    assert dm.resident is (budget_bytes is None)
+    return model.seen[0] + model.seen[1]
+
+
+def test_over_budget_dataloader_draws_the_order_from_seed() -> None:
+    """The fallback DataLoader's order comes from ``seed`` (on the CPU it is the resident path's very order),
+    not from the global RNG."""
+    resident = _first_epoch_order(None, seed=1, global_seed=0)
+    assert _first_epoch_order(1000, seed=1, global_seed=0) == resident
+    assert _first_epoch_order(1000, seed=1, global_seed=7) == resident
+    assert _first_epoch_order(1000, seed=2, global_seed=0) != resident
+
+
+class UnevenBudget(DDPDataModule):
+    """Stands in for free CUDA memory that differs per rank: the data fits rank 0's budget, not rank 1's."""
+
+    def budget_for(self, device: torch.device) -> float:
+        assert self.trainer is not None
+        return math.inf if self.trainer.global_rank == 0 else 1000.0
+
+    def setup(self, stage: str) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            super().setup(stage)
+        self.setup_warnings = [str(w.message) for w in caught if "DeviceResidentDataModule" in str(w.message)]
+
+
+class DumpRank(L.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        record = {"resident": dm.resident, "seen": pl_module.seen, "warnings": dm.setup_warnings}  # type: ignore[attr-defined, union-attr]
+        torch.save(record, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def test_ddp_ranks_agree_to_fall_back_and_the_rank_over_budget_says_so(tmp_path: Path) -> None:
+    x, y = ids(64)
+    dm = UnevenBudget((x, y), batch_size=8, seed=5)
+    trainer = cpu_trainer(max_epochs=1, devices=2, strategy="ddp_fork", callbacks=[DumpRank(tmp_path)])
+    trainer.fit(IdModel(), dm)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["resident"] is False and r1["resident"] is False
+    # One DataLoader path on both ranks, sharded and ordered by the seeded sampler: every sample once.
+    for rank, record in enumerate((r0, r1)):
+        assert record["seen"][0] == epoch_indices(64, True, 5, 0, rank, 2).tolist(), rank
+    assert sorted(r0["seen"][0] + r1["seen"][0]) == list(range(64))
+    (w1,) = r1["warnings"]
+    assert "needs 4.5 KiB but the budget on cpu (rank 1 of 2) is 1,000 bytes" in w1 and "every rank" in w1
+    (w0,) = r0["warnings"]
+    assert "fits the budget on cpu (rank 0 of 2), but not that of another rank" in w0
+
+
+# -- teardown and a new Trainer ----------------------------------------------------------------------
+
+
+class CountingDecisions(DeviceResidentDataModule):
+    decisions = 0
+
+    def budget_for(self, device: torch.device) -> float:
+        self.decisions += 1
+        return super().budget_for(device)
+
+
+class FailingModel(IdModel):
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        raise RuntimeError("the step failed")
+
+
+def test_every_teardown_releases_the_device_copies_and_a_new_trainer_decides_again() -> None:
+    x, y = ids(48)
+    dm = CountingDecisions((x, y), (x[:16], y[:16]), batch_size=8)
+    cpu_trainer().validate(IdModel(), dm, verbose=False)
+    assert dm.decisions == 1 and dm.resident
+    assert dm._train_on_device is None and dm._val_on_device is None and not dm._prepared
+    cpu_trainer(max_epochs=1).fit(IdModel(), dm)
+    assert dm.decisions == 2 and dm._train_on_device is None
+    # A fit that raises gets no teardown; the next Trainer decides again instead of reusing that setup.
+    with pytest.raises(RuntimeError, match="the step failed"):
+        cpu_trainer(max_epochs=1).fit(FailingModel(), dm)
+    assert dm._prepared and dm.decisions == 3
+    model = IdModel()
+    cpu_trainer(max_epochs=1).fit(model, dm)
+    assert dm.decisions == 4 and sorted(model.seen[0]) == list(range(48))
+
+
+@pytest.mark.parametrize("name", ["shuffle", "drop_last"])
+def test_flags_must_be_bools(name: str) -> None:
+    x, y = ids(50)
+    with pytest.raises(ValueError, match=rf"^{name} must be True or False, got 'no'\.$"):
+        DeviceResidentDataModule((x, y), batch_size=8, **{name: "no"})
+    with pytest.raises(ValueError, match=rf"^ResidentBatches: {name} must be True or False, got 'no'\.$"):
+        ResidentBatches((x, y), batch_size=8, **{name: "no"})

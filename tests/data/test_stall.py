@@ -181,3 +181,82 @@ def test_bad_arguments() -> None:
         DataStallMonitor(find_syncs="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"timing='cuda'.*needs a CUDA device"):
         run(DataStallMonitor(timing="cuda"), load_s=0.0, compute_s=0.0, steps=1)
+
+
+def test_bad_flags_and_history_are_clear_errors() -> None:
+    for kwargs, match in (
+        (
+            {"max_history": 0},
+            r"^max_history must be an int >= 1 or None \(per-step timings kept for summary\(\)\)",
+        ),
+        ({"max_history": -1}, "max_history must be an int >= 1 or None"),
+        ({"max_history": 10.0}, "max_history must be an int >= 1 or None"),
+        ({"log": "no"}, r"^log must be True or False, got 'no'\.$"),
+        ({"prefix": 3}, r"^prefix must be a str"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            DataStallMonitor(**kwargs)  # type: ignore[arg-type]
+    assert DataStallMonitor(max_history=None).history.maxlen is None
+
+
+class SlowFirstBatch(SlowBatches):
+    """The first batch of every pass takes ``delay`` seconds (worker start-up, autotuning), the rest none."""
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        if i == 0:
+            time.sleep(self.delay)
+        return torch.randn(4, 8), torch.arange(4) % 2
+
+
+def test_a_reused_monitor_measures_each_fresh_fit_on_its_own() -> None:
+    """A second fit gets its own warm-up: its slow start-up step is not recorded and does not warn, and the
+    history holds its steps only, as a new monitor's would."""
+    monitor = DataStallMonitor(threshold=0.5, window=2, warmup_steps=2, log=False)
+    run(monitor, load_s=0.0, compute_s=0.0, steps=6)
+    first = list(monitor.history)
+    loader = DataLoader(SlowFirstBatch(6, 0.3), batch_size=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = L.Trainer(
+            accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[monitor],
+        )  # fmt: skip
+        trainer.fit(Model(), loader)
+    assert not [w for w in caught if "DataStallMonitor" in str(w.message)] and not monitor.warned
+    assert [t.step for t in monitor.history] == [2, 3, 4, 5] and monitor._step == 6
+    assert all(t.wait < 0.3 for t in monitor.history) and list(monitor.history) != first
+
+
+def test_an_exception_in_the_watched_cycle_ends_the_sync_watch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning calls on_exception, not teardown, when fit raises. The watch must end there: restore the sync
+    debug mode and stop recording the process's warnings (and show the ones it recorded that are not sync
+    warnings). The CPU build of torch has no sync debug mode, so only its two functions are stood in for;
+    the CUDA path runs in test_gpu_data_gpu.py."""
+    mode = {"value": 0}
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: mode["value"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda value: mode.__setitem__("value", value))
+    monitor = DataStallMonitor(warmup_steps=0, log=False)
+
+    class StartWatch(L.Callback):  # where the monitor starts it on CUDA: inside the step cycle
+        def on_train_batch_start(self, *args: Any) -> None:
+            monitor._start_sync_watch()
+
+    class Failing(Model):
+        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+            warnings.warn("a warning of the user's step", stacklevel=1)
+            raise RuntimeError("the watched step failed")
+
+    loader = DataLoader(SlowBatches(2, 0.0), batch_size=None)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, callbacks=[monitor, StartWatch()],
+    )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="the watched step failed"):
+            trainer.fit(Failing(), loader)
+        assert monitor._sync_watch is None and mode["value"] == 0 and monitor.sync_sites == {}
+        warnings.warn("a later warning", stacklevel=1)
+    messages = [str(w.message) for w in caught]
+    assert "a warning of the user's step" in messages and "a later warning" in messages
+    assert monitor._sync_caught == []
