@@ -277,7 +277,50 @@ def crop_batch(
     return out
 
 
-class RandomCrop(ImageOp):
+class _Crop(ImageOp):
+    """The arguments and checks :class:`RandomCrop` and :class:`CenterCrop` share: a crop of ``size`` from the
+    image padded by ``padding`` on each side."""
+
+    def __init__(
+        self,
+        size: int | Sequence[int],
+        padding: int = 0,
+        padding_mode: PaddingMode = "constant",
+        fill: float = 0.0,
+    ) -> None:
+        name = type(self).__name__
+        self.size = _pair(size, name)
+        self.padding = check_int("padding", padding, 0, prefix=f"{name}: ")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"{name}: padding_mode must be one of {_PADDING_MODES}; got {padding_mode!r}.")
+        self.padding_mode: PaddingMode = padding_mode
+        self.fill = _check_fill_type(fill, name)
+
+    def _checked(self, images: Tensor) -> Tensor:
+        """``images`` as a (B, C, H, W) batch this crop fits."""
+        name = type(self).__name__
+        images = check_images(images, name)
+        _, _, H, W = images.shape
+        p, (h, w) = self.padding, self.size
+        if h > H + 2 * p or w > W + 2 * p:
+            raise ValueError(
+                f"{name}: the crop {h}x{w} is larger than the padded image {H + 2 * p}x{W + 2 * p} "
+                f"(images of shape {tuple(images.shape)} plus padding {p} on each side); use a size of at most "
+                f"{H + 2 * p}x{W + 2 * p} or more padding."
+            )
+        if self.padding_mode == "reflect" and (p >= H or p >= W):
+            raise ValueError(
+                f"{name}: reflect padding {p} needs images larger than {p}x{p}; got shape {tuple(images.shape)}."
+            )
+        return images
+
+    def _crop(self, images: Tensor, top: Tensor, left: Tensor) -> Tensor:
+        if self.padding_mode == "constant":
+            _check_fill(self.fill, images.dtype, type(self).__name__)
+        return crop_batch(images, top, left, self.size, self.padding, self.padding_mode, self.fill)
+
+
+class RandomCrop(_Crop):
     """Pad by ``padding`` and crop ``size`` at a uniformly random offset drawn for each sample.
 
     ``RandomCrop(28, padding=2)`` on 28x28 images is the classic "translate by up to 2 pixels"
@@ -290,47 +333,19 @@ class RandomCrop(ImageOp):
             cannot hold (not an integer in their dtype's range, e.g. -1 or 0.5 for uint8).
     """
 
-    def __init__(
-        self,
-        size: int | Sequence[int],
-        padding: int = 0,
-        padding_mode: PaddingMode = "constant",
-        fill: float = 0.0,
-    ) -> None:
-        self.size = _pair(size, "RandomCrop")
-        self.padding = check_int("padding", padding, 0, prefix="RandomCrop: ")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(
-                f"RandomCrop: padding_mode must be one of {_PADDING_MODES}; got {padding_mode!r}."
-            )
-        self.padding_mode: PaddingMode = padding_mode
-        self.fill = _check_fill_type(fill, "RandomCrop")
-
     def sample(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Per-sample (top, left) offsets into the padded image, each (B,) int64."""
-        images = check_images(images, "RandomCrop")
+        images = self._checked(images)
         _check_generator(generator, images.device, "RandomCrop")
         B, _, H, W = images.shape
         p, (h, w) = self.padding, self.size
-        if h > H + 2 * p or w > W + 2 * p:
-            raise ValueError(
-                f"RandomCrop: the crop {h}x{w} is larger than the padded image {H + 2 * p}x{W + 2 * p} "
-                f"(images of shape {tuple(images.shape)} plus padding {p} on each side); use a size of at most "
-                f"{H + 2 * p}x{W + 2 * p} or more padding."
-            )
-        if self.padding_mode == "reflect" and (p >= H or p >= W):
-            raise ValueError(
-                f"RandomCrop: reflect padding {p} needs images larger than {p}x{p}; got shape {tuple(images.shape)}."
-            )
         top = torch.randint(0, H + 2 * p - h + 1, (B,), device=images.device, generator=generator)
         left = torch.randint(0, W + 2 * p - w + 1, (B,), device=images.device, generator=generator)
         return top, left
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         top, left = self.sample(images, generator)
-        if self.padding_mode == "constant":
-            _check_fill(self.fill, images.dtype, "RandomCrop")
-        return crop_batch(images, top, left, self.size, self.padding, self.padding_mode, self.fill)
+        return self._crop(images, top, left)
 
     def eval_op(self) -> ImageOp:
         """A :class:`CenterCrop` to the same size (torchvision's RandomCrop/CenterCrop convention), so that
@@ -338,7 +353,7 @@ class RandomCrop(ImageOp):
         return CenterCrop(self.size, self.padding, self.padding_mode, self.fill)
 
 
-class CenterCrop(ImageOp):
+class CenterCrop(_Crop):
     """Crop ``size`` at the centre of every image, as if it were first padded by ``padding`` on each side.
 
     The evaluation form of :class:`RandomCrop` (same arguments): the crop starts ``(H - h) // 2`` rows
@@ -353,38 +368,16 @@ class CenterCrop(ImageOp):
 
     random: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        size: int | Sequence[int],
-        padding: int = 0,
-        padding_mode: PaddingMode = "constant",
-        fill: float = 0.0,
-    ) -> None:
-        self.size = _pair(size, "CenterCrop")
-        self.padding = check_int("padding", padding, 0, prefix="CenterCrop: ")
-        if padding_mode not in _PADDING_MODES:
-            raise ValueError(
-                f"CenterCrop: padding_mode must be one of {_PADDING_MODES}; got {padding_mode!r}."
-            )
-        self.padding_mode: PaddingMode = padding_mode
-        self.fill = _check_fill_type(fill, "CenterCrop")
-
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        images = check_images(images, "CenterCrop")
+        images = self._checked(images)
         B, _, H, W = images.shape
         p, (h, w) = self.padding, self.size
         if (h, w) == (H, W):
             return images
-        if h > H + 2 * p or w > W + 2 * p:
-            raise ValueError(
-                f"CenterCrop: the crop {h}x{w} is larger than the padded image {H + 2 * p}x{W + 2 * p} "
-                f"(images of shape {tuple(images.shape)} plus padding {p} on each side); use a size of at most "
-                f"{H + 2 * p}x{W + 2 * p} or more padding."
-            )
         # Offsets into the padded image, as crop_batch takes them.
         top = torch.full((B,), p + (H - h) // 2, dtype=torch.long, device=images.device)
         left = torch.full((B,), p + (W - w) // 2, dtype=torch.long, device=images.device)
-        return crop_batch(images, top, left, self.size, self.padding, self.padding_mode, self.fill)
+        return self._crop(images, top, left)
 
 
 # ----------------------------------------------------------------------------------------------------
