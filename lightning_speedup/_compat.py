@@ -128,15 +128,18 @@ def batches_done_on_resume(trainer: pl.Trainer) -> tuple[int, bool]:
 
     Why: a loader that resumes mid-epoch must skip exactly the batches the loop skips; the loop's count is the
     epoch loop's ``batch_progress`` (checkpointed with the loops), which no public attribute exposes. A checkpoint
-    saved in ``on_train_batch_end`` (``ModelCheckpoint(every_n_train_steps=...)``) has ``ready == completed + 1``:
-    Lightning >= 2.5 counts that batch as done on resume (its epoch loop has ``restarted_on_train_batch_end``);
-    older releases count ``completed`` only and train that batch again (the second value is then True).
+    saved in ``on_train_batch_end`` (``ModelCheckpoint(every_n_train_steps=...)``) has the batch processed but not
+    completed (the epoch loop's own test, ``update_restart_stage``): Lightning >= 2.5 counts that batch as done on
+    resume (``restarted_on_train_batch_end``); older releases count ``completed`` only and train that batch again
+    (the second value is then True). A checkpoint saved earlier in a batch (``OnExceptionCheckpoint`` after an
+    error in ``training_step``, a requeue signal) has it unprocessed: every release trains it again, rightly.
     """
     epoch_loop = trainer.fit_loop.epoch_loop
-    progress = epoch_loop.batch_progress.current
+    total, current = epoch_loop.batch_progress.total, epoch_loop.batch_progress.current
+    at_batch_end = total.started == total.ready and total.processed == total.started == total.completed + 1
     if hasattr(type(epoch_loop), "restarted_on_train_batch_end"):
-        return int(progress.ready), False
-    return int(progress.completed), progress.ready != progress.completed
+        return int(current.completed) + int(at_batch_end), False
+    return int(current.completed), at_batch_end
 
 
 def logged_step(trainer: pl.Trainer) -> int | None:

@@ -514,7 +514,10 @@ def _check_finite(name: str, value: object, prefix: str) -> float:
 
 
 def _per_channel(name: str, value: object) -> list[tuple[str, object]]:
-    """``value`` as ``[(name, value)]`` for a number, ``[(f"{name}[i]", v_i), ...]`` for a sequence of them."""
+    """``value`` as ``[(name, value)]`` for a number, ``[(f"{name}[i]", v_i), ...]`` for a sequence of them (a
+    list, a tuple, a 1-D tensor or array; a 0-D one or a numpy scalar is a number)."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()  # tensors and numpy values as Python numbers and lists
     if isinstance(value, Sequence) and not isinstance(value, str):
         return [(f"{name}[{i}]", v) for i, v in enumerate(value)]
     return [(name, value)]  # a number, or something check_float refuses by name (a str is not per-channel)

@@ -108,7 +108,7 @@ class LRScheduleCallback(Callback):
         cycle_momentum: move momentum (SGD ``momentum``, Adam-family ``betas[0]``) inversely to the LR.
         base_momentum / max_momentum: momentum at the peak LR / at the lowest LR (float or one per group);
             ``None`` means 0.85 / 0.95. Only with ``cycle_momentum=True``: without it momentum is left as the
-            optimizer has it, so a value given there is refused rather than ignored.
+            optimizer has it, so a value other than the default given there is refused rather than ignored.
         range_test: settings of the range test for ``"auto"`` (default ``LRRangeTest()``).
         log_values: log the LR (and momentum) under ``schedule/...`` at the Trainer's logging steps.
         peak_name: the argument's name in messages (``max_lr`` or ``peak_lr``).
@@ -137,10 +137,15 @@ class LRScheduleCallback(Callback):
         if not isinstance(cycle_momentum, bool):
             raise ValueError(f"cycle_momentum must be True or False, got {cycle_momentum!r}.")
         self.cycle_momentum = cycle_momentum
+        # The defaults themselves are accepted: LightningCLI writes every argument into the configs it saves, and
+        # those of earlier releases (whose defaults were these values) must still load.
         given = {
             k: v
-            for k, v in (("base_momentum", base_momentum), ("max_momentum", max_momentum))
-            if v is not None
+            for k, v, default in (
+                ("base_momentum", base_momentum, DEFAULT_BASE_MOMENTUM),
+                ("max_momentum", max_momentum, DEFAULT_MAX_MOMENTUM),
+            )
+            if v is not None and v != default
         }
         if given and not cycle_momentum:
             raise ValueError(

@@ -572,6 +572,25 @@ def test_normalize_refuses_non_finite_statistics(mean: object, std: object, matc
         Normalize(mean, std)  # type: ignore[arg-type]
 
 
+def test_normalize_takes_statistics_as_tensors_and_arrays() -> None:
+    """Per-channel statistics as a 1-D tensor or numpy array (as computed from a data set) are per-channel lists,
+    and 0-D ones and numpy scalars are numbers: the same op as from Python floats."""
+    np = pytest.importorskip("numpy")
+    images = torch.rand(2, 3, 4, 4)
+    reference = Normalize([0.1, 0.2, 0.3], [0.5, 0.6, 0.7])(images)
+    for mean, std in (
+        (
+            torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64),
+            torch.tensor([0.5, 0.6, 0.7], dtype=torch.float64),
+        ),
+        (np.array([0.1, 0.2, 0.3]), np.array([0.5, 0.6, 0.7])),
+    ):
+        assert torch.equal(Normalize(mean, std)(images), reference)
+    assert Normalize(np.float32(0.5), torch.tensor(0.25)).std == [0.25]
+    with pytest.raises(ValueError, match=r"mean\[1\] must be a finite number, got nan"):
+        Normalize(torch.tensor([0.1, math.nan]), 0.5)
+
+
 def test_convert_eval_must_be_a_bool() -> None:
     with pytest.raises(ValueError, match=r"^convert_eval must be True or False, got 'no'\.$"):
         GPUAugment(Normalize(0.5, 0.5), convert_eval="no")  # type: ignore[arg-type]

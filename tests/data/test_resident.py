@@ -390,6 +390,51 @@ def test_mid_epoch_resume_is_bitwise_identical(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
 
 
+class CrashInStep(FlatIdModel):
+    """Fails inside ``training_step`` of step ``at`` (an OOM, a NaN check): the batch is started, not trained."""
+
+    def __init__(self, at: int | None) -> None:
+        super().__init__()
+        self.at = at
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        if self.global_step == self.at:
+            raise RuntimeError(f"failed at step {self.at}")
+        return super().training_step(batch, batch_idx)
+
+
+def _fit_after_crash(root: Path, at: int | None = None, ckpt: str | None = None) -> CrashInStep:
+    torch.manual_seed(0)
+    x, y = ids(64)
+    dm = DeviceResidentDataModule((x, y), batch_size=8, seed=3)
+    model = CrashInStep(at)
+    callbacks = [L.pytorch.callbacks.OnExceptionCheckpoint(dirpath=root)]
+    trainer = cpu_trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=True, limit_val_batches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if at is None:
+            trainer.fit(model, dm, ckpt_path=ckpt)
+        else:
+            with pytest.raises(RuntimeError, match="failed at step"):
+                trainer.fit(model, dm, ckpt_path=ckpt)
+    return model
+
+
+def test_a_checkpoint_saved_inside_a_failed_step_resumes_at_that_batch(tmp_path: Path) -> None:
+    """``OnExceptionCheckpoint`` saves inside the failed step (batch 3 of epoch 1, started but not trained): the
+    loop trains that batch again on resume, on every Lightning release, and the loader must hand it out again
+    (counting it as done lost it: 8 samples never trained)."""
+    full = _fit_after_crash(tmp_path / "full")
+    part = _fit_after_crash(tmp_path / "part", at=11)
+    state = torch.load(tmp_path / "part" / "on_exception.ckpt", weights_only=False)
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 3}]
+    resumed = _fit_after_crash(tmp_path / "resumed", ckpt=str(tmp_path / "part" / "on_exception.ckpt"))
+    assert part.flat == full.flat[: 11 * 8]
+    assert resumed.flat == full.flat[11 * 8 :]
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 # -- the over-budget path and DDP --------------------------------------------------------------------
 
 

@@ -504,8 +504,8 @@ def test_logged_values_match_learning_rate_monitor(tmp_path: Path) -> None:
             r"base_momentum=\[0.8, 0.85\] given with cycle_momentum=False",
         ),
         (
-            lambda: OneCycle(max_lr=0.1, cycle_momentum=False, max_momentum=0.95),
-            r"OneCycle: max_momentum=0.95 given with cycle_momentum=False.* or drop max_momentum\.",
+            lambda: OneCycle(max_lr=0.1, cycle_momentum=False, max_momentum=0.9),
+            r"OneCycle: max_momentum=0.9 given with cycle_momentum=False.* or drop max_momentum\.",
         ),
     ],
 )
@@ -521,6 +521,9 @@ def test_momentum_defaults_apply_when_cycling_and_no_momentum_is_given_otherwise
         OneCycle(max_lr=0.1),
         WarmupCosine(cycle_momentum=True),
         OneCycle(max_lr=0.1, cycle_momentum=False),
+        # The defaults themselves, as the configs LightningCLI saved with earlier releases write them.
+        WarmupCosine(base_momentum=0.85, max_momentum=0.95),
+        WarmupStableDecay(cycle_momentum=False, base_momentum=0.85, max_momentum=0.95),
     ):
         assert (schedule.base_momentum, schedule.max_momentum) == (0.85, 0.95)
     assert WarmupStableDecay(cycle_momentum=True, base_momentum=0.8).base_momentum == 0.8
