@@ -124,23 +124,21 @@ class AsyncProgressBarMetrics(Callback):
             on_epoch: bool | None = None,
             **kwargs: Any,
         ) -> None:
-            if kwargs.get("sync_dist"):
-                # Lightning reduces a clone of the value, so a copy of the caller's tensor would put the
-                # rank's own value in the progress bar; the reduction syncs anyway, so nothing is deferred.
-                original(
-                    name,
-                    value,
-                    prog_bar=prog_bar,
-                    logger=logger,
-                    on_step=on_step,
-                    on_epoch=on_epoch,
-                    **kwargs,
-                )
-                return
-            if isinstance(value, numbers.Number) and not isinstance(value, bool):
+            # A call with sync_dist passes through as it is: Lightning reduces a clone of the value, so a copy
+            # of the caller's tensor would put the rank's own value in the progress bar, and the reduction
+            # syncs anyway, so nothing would be gained by deferring it.
+            synced = bool(kwargs.get("sync_dist"))
+            if not synced and isinstance(value, numbers.Number) and not isinstance(value, bool):
                 value = _host_scalar(value)  # as log_number logs it
             step_only = _running_hook(module) in _TRAIN_STEP_HOOKS and on_step is not False and not on_epoch
-            if prog_bar and step_only and isinstance(value, Tensor) and value.is_cuda and value.numel() == 1:
+            if (
+                prog_bar
+                and step_only
+                and not synced
+                and isinstance(value, Tensor)
+                and value.is_cuda
+                and value.numel() == 1
+            ):
                 original(
                     name, value, prog_bar=False, logger=logger, on_step=on_step, on_epoch=on_epoch, **kwargs
                 )

@@ -103,8 +103,9 @@ class GPUAugment(Callback):
     ``ChannelsLast``, ``CenterCrop``) also apply, in order, to validation, test and predict batches when
     ``convert_eval`` is true, so a pipeline that ships uint8 images converts them the same way
     everywhere; a ``RandomCrop`` becomes a ``CenterCrop`` to the same size there (the identity for
-    ``RandomCrop(28, padding=2)`` on 28x28 images), so evaluation batches have the training shape. Outputs pass through the precision plugin's ``convert_input`` (as Lightning does for
-    the batch before transfer), so a ``"bf16-true"`` run gets bf16 images.
+    ``RandomCrop(28, padding=2)`` on 28x28 images), so evaluation batches have the training shape.
+    Outputs pass through the precision plugin's ``convert_input`` (as Lightning does for the batch
+    before transfer), so a ``"bf16-true"`` run gets bf16 images.
 
     Callback order matters only relative to other callbacks that read the batch in
     ``on_train_batch_start``: they see it augmented if they come after this one. In a tuple batch the

@@ -357,10 +357,8 @@ class DeviceResidentDataModule(L.LightningDataModule):
                 )
         self.budget_bytes = budget_bytes
         self.resident: bool | None = None  # set in setup: which path the last setup took
-        self._prepared = False
-        self._prepared_for: tuple[int, torch.device] | None = (
-            None  # (id of the Trainer, device) of that setup
-        )
+        # (id of the Trainer, device) of the setup that holds the current decision; None: none holds one.
+        self._prepared_for: tuple[int, torch.device] | None = None
         self._warned_repeat = False
         self.device = torch.device("cpu")
         self._train_on_device: tuple[Tensor, ...] | None = None
@@ -425,7 +423,7 @@ class DeviceResidentDataModule(L.LightningDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         key = (id(trainer), device)
-        if self._prepared and self._prepared_for == key:
+        if self._prepared_for == key:
             return
         self._release()  # a setup for another Trainer or device (e.g. after a fit that raised) decides again
         self.device = device
@@ -462,13 +460,16 @@ class DeviceResidentDataModule(L.LightningDataModule):
                 f"budget_fraction) to hold it on the device.",
                 stacklevel=2,
             )
-        self._prepared = True
         self._prepared_for = key
 
     def _release(self) -> None:
         self._train_on_device = self._val_on_device = None
-        self._prepared = False
         self._prepared_for = None
+
+    @property
+    def _prepared(self) -> bool:
+        """Whether a setup has decided the path and not been torn down since."""
+        return self._prepared_for is not None
 
     def _rank_world(self) -> tuple[int, int, Callable[[], int] | None]:
         trainer = self.trainer
